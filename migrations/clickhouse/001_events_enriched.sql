@@ -1,0 +1,13 @@
+-- engagement.events_enriched for ClickHouse 20.1 and newer (DateTime64).
+-- `setup` replaces {database} and {table} with [clickhouse] database and table.
+CREATE DATABASE IF NOT EXISTS {database};
+
+CREATE TABLE IF NOT EXISTS {database}.{table} (
+  event_id Int64, content_id Int64, user_id Int64,
+  event_type LowCardinality(String), event_ts DateTime64(6, 'UTC'),
+  duration_ms Nullable(Int32), device Nullable(String),
+  content_type Nullable(String), length_seconds Nullable(Int32),
+  engagement_seconds Nullable(Float64), engagement_pct Nullable(Float64),
+  source_lsn UInt64
+) ENGINE = ReplacingMergeTree(source_lsn)
+ORDER BY (content_id, event_id);

@@ -1,0 +1,301 @@
+//! The sled state store: checkpoint, dimension, identity and dead-letter queue.
+//!
+//! Contract: the stored checkpoint never moves backward, and the dimension stored beside
+//! it is always the `content` table as of that checkpoint — both are written in one atomic
+//! sled batch and flushed before Postgres hears of the checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::enrich::{ContentRow, DimChange, Dimension};
+use crate::types::Lsn;
+
+const KEY_CHECKPOINT: &[u8] = b"m:checkpoint";
+const KEY_IDENTITY: &[u8] = b"m:identity";
+const KEY_LAST_COMMIT: &[u8] = b"m:last_commit_us";
+const CONTENT_PREFIX: &[u8] = b"c:";
+
+/// Which Postgres cluster, database and slot this state belongs to (SPEC §3 "Safety").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub system_id: String,
+    pub database: String,
+    pub slot: String,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "system {} database {:?} slot {:?}",
+            self.system_id, self.database, self.slot
+        )
+    }
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    db: sled::Db,
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Open (creating when missing) the store in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<StateStore> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the state directory {}; check [state] dir and its permissions",
+                dir.display()
+            )
+        })?;
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .cache_capacity(8 * 1024 * 1024)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
+                    anyhow::anyhow!(
+                        "state directory {} is in use by another engagement-cdc process; stop it first or use another [state] dir",
+                        dir.display()
+                    )
+                } else {
+                    anyhow::anyhow!(
+                        "cannot open the state store in {}: {text}; check the directory, or move it aside and run setup again",
+                        dir.display()
+                    )
+                }
+            })?;
+        Ok(StateStore {
+            db,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn checkpoint(&self) -> anyhow::Result<Lsn> {
+        Ok(self
+            .db
+            .get(KEY_CHECKPOINT)?
+            .map(|v| Lsn(u64_from(&v)))
+            .unwrap_or_default())
+    }
+
+    /// Commit time (µs since 1970) of the last checkpointed transaction, when known.
+    pub fn last_commit_us(&self) -> anyhow::Result<Option<i64>> {
+        Ok(self
+            .db
+            .get(KEY_LAST_COMMIT)?
+            .map(|v| u64_from(&v) as i64))
+    }
+
+    pub fn identity(&self) -> anyhow::Result<Option<Identity>> {
+        match self.db.get(KEY_IDENTITY)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v).context(
+                "the identity in the state store is unreadable; move the state directory aside and run setup again",
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+        self.db
+            .insert(KEY_IDENTITY, serde_json::to_vec(identity)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether a dimension copy was ever stored (an empty `content` table is a copy too).
+    pub fn has_dimension(&self) -> anyhow::Result<bool> {
+        Ok(self.db.get(b"m:dimension")?.is_some())
+    }
+
+    pub fn load_dimension(&self) -> anyhow::Result<Dimension> {
+        let mut rows = Vec::new();
+        for item in self.db.scan_prefix(CONTENT_PREFIX) {
+            let (_, v) = item?;
+            rows.push(
+                serde_json::from_slice::<ContentRow>(&v)
+                    .context("a content row in the state store is unreadable")?,
+            );
+        }
+        Ok(Dimension::from_rows(rows))
+    }
+
+    /// Replace the whole dimension and set the checkpoint, atomically (`setup`'s copy).
+    pub fn replace_dimension(
+        &self,
+        rows: &[ContentRow],
+        checkpoint: Lsn,
+    ) -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.db.scan_prefix(CONTENT_PREFIX) {
+            let (k, _) = item?;
+            batch.remove(k);
+        }
+        for row in rows {
+            batch.insert(content_key(row.content_id), serde_json::to_vec(row)?);
+        }
+        batch.insert(b"m:dimension", b"1".as_slice());
+        batch.insert(KEY_CHECKPOINT, &checkpoint.0.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Advance the checkpoint to `lsn` with the dimension changes of the transactions up to
+    /// it, in one atomic batch, and flush. Never moves backward: an `lsn` at or below the
+    /// stored one is refused when it carries changes, and ignored otherwise.
+    pub async fn commit(
+        &self,
+        lsn: Lsn,
+        changes: &[DimChange],
+        last_commit_us: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let current = self.checkpoint()?;
+        if lsn <= current {
+            if changes.is_empty() {
+                return Ok(());
+            }
+            bail!("refusing to move the checkpoint backward from {current} to {lsn}");
+        }
+        // Net effect first: a sled batch keeps one operation per key, and a truncate
+        // must also drop rows upserted earlier in the same list.
+        let mut truncated = false;
+        let mut net: std::collections::BTreeMap<i64, Option<&ContentRow>> = Default::default();
+        for change in changes {
+            match change {
+                DimChange::Upsert(row) => {
+                    net.insert(row.content_id, Some(row));
+                }
+                DimChange::Delete(id) => {
+                    net.insert(*id, None);
+                }
+                DimChange::Truncate => {
+                    truncated = true;
+                    net.clear();
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        if truncated {
+            for item in self.db.scan_prefix(CONTENT_PREFIX) {
+                let (k, _) = item?;
+                batch.remove(k);
+            }
+        }
+        for (id, row) in net {
+            match row {
+                Some(row) => batch.insert(content_key(id), serde_json::to_vec(row)?),
+                None => batch.remove(content_key(id)),
+            }
+        }
+        batch.insert(KEY_CHECKPOINT, &lsn.0.to_be_bytes());
+        if let Some(t) = last_commit_us {
+            batch.insert(KEY_LAST_COMMIT, &(t as u64).to_be_bytes());
+        }
+        self.db.apply_batch(batch)?;
+        self.db
+            .flush_async()
+            .await
+            .context("cannot flush the state store to disk")?;
+        Ok(())
+    }
+
+    /// The dead-letter queue's tree.
+    pub fn dlq_tree(&self) -> anyhow::Result<sled::Tree> {
+        Ok(self.db.open_tree("dlq")?)
+    }
+
+    pub fn generate_id(&self) -> anyhow::Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+}
+
+/// Order-preserving key for a signed id (sign bit flipped, big-endian).
+fn content_key(id: i64) -> Vec<u8> {
+    let mut k = CONTENT_PREFIX.to_vec();
+    k.extend_from_slice(&((id as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
+
+fn u64_from(v: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&v[..8]);
+    u64::from_be_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, len: i32) -> ContentRow {
+        ContentRow {
+            content_id: id,
+            content_type: Some("video".into()),
+            length_seconds: Some(len),
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoint_and_dimension_move_together_and_never_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(store.checkpoint().unwrap(), Lsn(0));
+        assert!(!store.has_dimension().unwrap());
+        store.replace_dimension(&[row(1, 300), row(2, 120)], Lsn(100)).unwrap();
+        store
+            .commit(
+                Lsn(200),
+                &[DimChange::Upsert(row(1, 10)), DimChange::Delete(2)],
+                Some(42),
+            )
+            .await
+            .unwrap();
+        assert!(store
+            .commit(Lsn(150), &[DimChange::Truncate], None)
+            .await
+            .is_err());
+        store.commit(Lsn(150), &[], None).await.unwrap();
+        drop(store);
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(store.checkpoint().unwrap(), Lsn(200));
+        assert_eq!(store.last_commit_us().unwrap(), Some(42));
+        let dim = store.load_dimension().unwrap();
+        assert_eq!(dim.len(), 1);
+        assert_eq!(dim.get(1).unwrap().length_seconds, Some(10));
+        store
+            .commit(Lsn(300), &[DimChange::Truncate, DimChange::Upsert(row(-7, 1))], None)
+            .await
+            .unwrap();
+        let dim = store.load_dimension().unwrap();
+        assert_eq!(dim.len(), 1);
+        assert!(dim.get(-7).is_some());
+    }
+
+    #[tokio::test]
+    async fn identity_persists_and_truncate_drops_earlier_upserts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let identity = Identity {
+            system_id: "1".into(),
+            database: "d".into(),
+            slot: "s".into(),
+        };
+        store.set_identity(&identity).unwrap();
+        store
+            .commit(Lsn(5), &[DimChange::Upsert(row(9, 1)), DimChange::Truncate], None)
+            .await
+            .unwrap();
+        drop(store);
+        let store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(store.identity().unwrap(), Some(identity));
+        assert!(store.load_dimension().unwrap().is_empty());
+    }
+}

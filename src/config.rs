@@ -1,0 +1,700 @@
+//! Typed configuration: the TOML file, `ENGAGEMENT_CDC__SECTION__KEY` overrides, defaults
+//! that match the local stack (`scripts/stack.sh`), and validation.
+//!
+//! Loading is three steps: read the file into a TOML table, lay the environment overrides
+//! over it (each typed by the key's default, so `ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS=abc`
+//! is an error that names the variable), then deserialize with unknown keys rejected and
+//! run [`Config::validate`]. Every failure is a [`UsageError`] (exit code 2).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::UsageError;
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "ENGAGEMENT_CDC__";
+
+/// Used when `--config` is not given and this file exists in the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "engagement-cdc.toml";
+
+/// A string that is never printed: `Debug` and `Display` show `***` when it is set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub state: StateConfig,
+    pub pipeline: PipelineConfig,
+    /// `None` when the section is absent: the sink is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clickhouse: Option<ClickHouseConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConfig>,
+    pub stdout: StdoutConfig,
+    pub server: ServerConfig,
+}
+
+impl Default for Config {
+    /// No file: Postgres and the state directory of the local stack, no sinks.
+    fn default() -> Self {
+        Config {
+            postgres: PostgresConfig::default(),
+            state: StateConfig::default(),
+            pipeline: PipelineConfig::default(),
+            clickhouse: None,
+            redis: None,
+            http: None,
+            stdout: StdoutConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq-style URL; the password in it is never printed (see [`PostgresConfig::redacted_url`]).
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    pub events_table: String,
+    pub content_table: String,
+    pub status_interval_ms: u64,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("events_table", &self.events_table)
+            .field("content_table", &self.content_table)
+            .field("status_interval_ms", &self.status_interval_ms)
+            .finish()
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:55432/engagement".into(),
+            slot: "engagement_cdc".into(),
+            publication: "engagement_cdc".into(),
+            events_table: "public.engagement_events".into(),
+            content_table: "public.content".into(),
+            status_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("./.engagement-cdc"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub max_batch_rows: usize,
+    pub max_batch_delay_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_batch_rows: 10_000,
+            max_batch_delay_ms: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    pub enabled: bool,
+    pub url: String,
+    pub database: String,
+    pub table: String,
+    pub user: String,
+    pub password: Secret,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            enabled: true,
+            url: "http://127.0.0.1:58123".into(),
+            database: "engagement".into(),
+            table: "events_enriched".into(),
+            user: "default".into(),
+            password: Secret::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub enabled: bool,
+    pub url: String,
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            enabled: true,
+            url: "redis://127.0.0.1:56379".into(),
+            key_prefix: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpMode {
+    Batch,
+    PerEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    BestEffort,
+    FailFast,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub url: String,
+    pub mode: HttpMode,
+    pub max_batch_events: usize,
+    pub concurrency: usize,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub on_failure: OnFailure,
+    pub auth_token: Secret,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            url: "http://127.0.0.1:58000/events".into(),
+            mode: HttpMode::Batch,
+            max_batch_events: 500,
+            concurrency: 8,
+            timeout_ms: 2000,
+            max_retries: 5,
+            on_failure: OnFailure::BestEffort,
+            auth_token: Secret::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdoutConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:59187".into(),
+        }
+    }
+}
+
+/// Where the configuration came from, for messages.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Defaults,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Defaults => f.write_str("built-in defaults"),
+        }
+    }
+}
+
+impl Config {
+    /// Every section present with its defaults: the schema that types environment overrides
+    /// and the reference that `docs/configuration.md` is checked against.
+    pub fn all_sections() -> Config {
+        Config {
+            clickhouse: Some(ClickHouseConfig::default()),
+            redis: Some(RedisConfig::default()),
+            http: Some(HttpConfig::default()),
+            ..Config::default()
+        }
+    }
+
+    /// Load from `path` (or `./engagement-cdc.toml` when present), apply the process
+    /// environment's overrides, validate.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Source), UsageError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// As [`Config::load`], with the environment given (tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<(Config, Source), UsageError> {
+        let (text, source) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    UsageError::new(format!(
+                        "cannot read configuration file {}: {e}; check the path given to --config",
+                        p.display()
+                    ))
+                })?;
+                (text, Source::File(p.to_path_buf()))
+            }
+            None => {
+                let p = Path::new(DEFAULT_CONFIG_FILE);
+                match std::fs::read_to_string(p) {
+                    Ok(text) => (text, Source::File(p.to_path_buf())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        (String::new(), Source::Defaults)
+                    }
+                    Err(e) => {
+                        return Err(UsageError::new(format!(
+                            "cannot read configuration file {}: {e}",
+                            p.display()
+                        )))
+                    }
+                }
+            }
+        };
+        let config = Self::from_toml_with_env(&text, env, &source)?;
+        Ok((config, source))
+    }
+
+    /// Parse TOML text, lay the overrides over it, deserialize and validate.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: &[(String, String)],
+        source: &Source,
+    ) -> Result<Config, UsageError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            UsageError::new(format!(
+                "configuration file {source} is not valid TOML: {}; fix the syntax at that place",
+                one_line(&e.to_string())
+            ))
+        })?;
+        apply_env_overrides(&mut table, env)?;
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            UsageError::new(format!(
+                "configuration ({source}) is invalid: {}; see docs/configuration.md for the keys and their types",
+                one_line(&e.to_string())
+            ))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that deserialization cannot express: URLs, ranges, names.
+    pub fn validate(&self) -> Result<(), UsageError> {
+        let pg = &self.postgres;
+        tokio_postgres::Config::from_str(&pg.url).map_err(|e| {
+            UsageError::new(format!(
+                "postgres.url {:?} is not a valid PostgreSQL URL ({e}); expected postgres://USER[:PASSWORD]@HOST:PORT/DATABASE",
+                redact_url(&pg.url)
+            ))
+        })?;
+        check_identifier("postgres.slot", &pg.slot)?;
+        check_identifier("postgres.publication", &pg.publication)?;
+        QualifiedTable::parse("postgres.events_table", &pg.events_table)?;
+        QualifiedTable::parse("postgres.content_table", &pg.content_table)?;
+        check_range("postgres.status_interval_ms", pg.status_interval_ms, 10, 3_600_000)?;
+        if self.state.dir.as_os_str().is_empty() {
+            return Err(UsageError::new(
+                "state.dir is empty; set it to a directory for the engine's sled store",
+            ));
+        }
+        check_range(
+            "pipeline.max_batch_rows",
+            self.pipeline.max_batch_rows as u64,
+            1,
+            1_000_000,
+        )?;
+        check_range(
+            "pipeline.max_batch_delay_ms",
+            self.pipeline.max_batch_delay_ms,
+            0,
+            60_000,
+        )?;
+        if let Some(ch) = &self.clickhouse {
+            check_http_url("clickhouse.url", &ch.url)?;
+            check_identifier("clickhouse.database", &ch.database)?;
+            check_identifier("clickhouse.table", &ch.table)?;
+        }
+        if let Some(r) = &self.redis {
+            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+                return Err(UsageError::new(format!(
+                    "redis.url {:?} is not a Redis URL; expected redis://HOST:PORT[/DB]",
+                    redact_url(&r.url)
+                )));
+            }
+        }
+        if let Some(h) = &self.http {
+            check_http_url("http.url", &h.url)?;
+            check_range("http.max_batch_events", h.max_batch_events as u64, 1, 100_000)?;
+            check_range("http.concurrency", h.concurrency as u64, 1, 1024)?;
+            check_range("http.timeout_ms", h.timeout_ms, 1, 600_000)?;
+            check_range("http.max_retries", h.max_retries as u64, 0, 100)?;
+        }
+        self.server.listen.parse::<SocketAddr>().map_err(|_| {
+            UsageError::new(format!(
+                "server.listen {:?} is not an address; expected IP:PORT such as 127.0.0.1:59187",
+                self.server.listen
+            ))
+        })?;
+        Ok(())
+    }
+
+    pub fn clickhouse(&self) -> Option<&ClickHouseConfig> {
+        self.clickhouse.as_ref().filter(|c| c.enabled)
+    }
+    pub fn redis(&self) -> Option<&RedisConfig> {
+        self.redis.as_ref().filter(|c| c.enabled)
+    }
+    pub fn http(&self) -> Option<&HttpConfig> {
+        self.http.as_ref().filter(|c| c.enabled)
+    }
+}
+
+/// `schema.table` (or `table`, meaning `public.table`), each part a plain identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QualifiedTable {
+    pub schema: String,
+    pub name: String,
+}
+
+impl QualifiedTable {
+    pub fn parse(key: &str, value: &str) -> Result<QualifiedTable, UsageError> {
+        let (schema, name) = match value.split_once('.') {
+            Some((s, n)) => (s, n),
+            None => ("public", value),
+        };
+        check_identifier(key, schema)?;
+        check_identifier(key, name)?;
+        Ok(QualifiedTable {
+            schema: schema.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Quoted for SQL: `"public"."engagement_events"`.
+    pub fn quoted(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema, self.name)
+    }
+}
+
+impl fmt::Display for QualifiedTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+fn check_identifier(key: &str, value: &str) -> Result<(), UsageError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !value.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(UsageError::new(format!(
+            "{key} {value:?} is not a plain identifier; use 1-63 lower-case letters, digits and underscores, not starting with a digit"
+        )))
+    }
+}
+
+fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), UsageError> {
+    if value < min || value > max {
+        Err(UsageError::new(format!(
+            "{key} = {value} is out of range; use a value from {min} to {max}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
+    let rest = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
+        _ => Err(UsageError::new(format!(
+            "{key} {:?} is not an HTTP URL; expected http://HOST:PORT[/PATH]",
+            redact_url(value)
+        ))),
+    }
+}
+
+/// A URL with any password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let after = &url[scheme_end + 3..];
+    let authority_end = after.find('/').unwrap_or(after.len());
+    let authority = &after[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &after[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Lay `ENGAGEMENT_CDC__SECTION__KEY=value` over the table, typing each value by the key's
+/// default. An unknown section or key is an error naming the variable.
+fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), UsageError> {
+    let schema = toml::Table::try_from(Config::all_sections())
+        .expect("the default configuration serializes to TOML");
+    let mut vars: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path = &name[ENV_PREFIX.len()..];
+        let Some((section, key)) = path.split_once("__") else {
+            return Err(UsageError::new(format!(
+                "environment variable {name} does not name a key; use {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}POSTGRES__URL"
+            )));
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let Some(default) = schema
+            .get(&section)
+            .and_then(|s| s.as_table())
+            .and_then(|s| s.get(&key))
+        else {
+            return Err(UsageError::new(format!(
+                "environment variable {name} names no configuration key ({section}.{key}); see docs/configuration.md for the keys"
+            )));
+        };
+        let value = typed_value(name, raw, default)?;
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(UsageError::new(format!(
+                "configuration key {section} must be a section ([{section}]), not a value"
+            )));
+        };
+        section_table.insert(key, value);
+    }
+    Ok(())
+}
+
+fn typed_value(name: &str, raw: &str, default: &toml::Value) -> Result<toml::Value, UsageError> {
+    let bad = |what: &str| {
+        UsageError::new(format!(
+            "environment variable {name}={raw:?} is not {what}; set it to {what}"
+        ))
+    };
+    Ok(match default {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim()
+                .parse::<i64>()
+                .map_err(|_| bad("an integer"))?,
+        ),
+        toml::Value::Boolean(_) => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+            "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+            _ => return Err(bad("true or false")),
+        },
+        toml::Value::Float(_) => {
+            toml::Value::Float(raw.trim().parse::<f64>().map_err(|_| bad("a number"))?)
+        }
+        _ => toml::Value::String(raw.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn parse(text: &str, pairs: &[(&str, &str)]) -> Result<Config, UsageError> {
+        Config::from_toml_with_env(text, &env(pairs), &Source::Defaults)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults_without_sinks() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.postgres.url, "postgres://postgres@127.0.0.1:55432/engagement");
+        assert_eq!(c.pipeline.max_batch_rows, 10_000);
+        assert!(c.clickhouse().is_none() && c.redis().is_none() && c.http().is_none());
+    }
+
+    #[test]
+    fn a_present_section_turns_its_sink_on_unless_disabled() {
+        let c = parse("[redis]\n[clickhouse]\nenabled = false\n", &[]).unwrap();
+        assert_eq!(c.redis().unwrap().url, "redis://127.0.0.1:56379");
+        assert!(c.clickhouse().is_none());
+        assert!(c.clickhouse.is_some());
+    }
+
+    #[test]
+    fn the_shipped_example_file_is_the_spec_defaults() {
+        let text = include_str!("../engagement-cdc.toml");
+        let c = parse(text, &[]).unwrap();
+        assert_eq!(c, Config::all_sections());
+    }
+
+    #[test]
+    fn env_overrides_are_typed_by_the_key() {
+        let c = parse(
+            "[pipeline]\nmax_batch_rows = 5\n",
+            &[
+                ("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS", "77"),
+                ("ENGAGEMENT_CDC__POSTGRES__URL", "postgres://u:pw@h:1/d"),
+                ("ENGAGEMENT_CDC__HTTP__MODE", "per_event"),
+                ("ENGAGEMENT_CDC__STDOUT__ENABLED", "true"),
+                ("ENGAGEMENT_CDC__CLICKHOUSE__PASSWORD", "12345"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.pipeline.max_batch_rows, 77);
+        assert_eq!(c.postgres.url, "postgres://u:pw@h:1/d");
+        assert_eq!(c.http().unwrap().mode, HttpMode::PerEvent);
+        assert!(c.stdout.enabled);
+        assert_eq!(c.clickhouse().unwrap().password.expose(), "12345");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = parse("[postgres]\nslott = \"x\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("slott"), "{e}");
+        let e = parse("[kafka]\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("kafka"), "{e}");
+        let e = parse("", &[("ENGAGEMENT_CDC__REDIS__HOST", "x")]).unwrap_err();
+        assert!(e.to_string().contains("ENGAGEMENT_CDC__REDIS__HOST"), "{e}");
+        let e = parse("", &[("ENGAGEMENT_CDC__REDIS", "x")]).unwrap_err();
+        assert!(e.to_string().contains("does not name a key"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let e = parse("", &[("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS", "many")]).unwrap_err();
+        assert!(e.to_string().contains("is not an integer"), "{e}");
+        let e = parse("[pipeline]\nmax_batch_rows = 0\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        let e = parse("[http]\nmode = \"stream\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("stream"), "{e}");
+        let e = parse("[postgres]\nslot = \"Bad-Name\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("postgres.slot"), "{e}");
+        let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = parse("[postgres\nurl=", &[]).unwrap_err();
+        assert!(e.to_string().contains("not valid TOML"), "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let c = parse(
+            "[postgres]\nurl = \"postgres://app:hunter2@db:5432/x\"\n[clickhouse]\npassword = \"hunter2\"\n[http]\nauth_token = \"hunter2\"\n",
+            &[],
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("redis://127.0.0.1:1"), "redis://127.0.0.1:1");
+    }
+
+    #[test]
+    fn qualified_tables() {
+        let t = QualifiedTable::parse("k", "engagement_events").unwrap();
+        assert_eq!(t.to_string(), "public.engagement_events");
+        let t = QualifiedTable::parse("k", "app.events").unwrap();
+        assert_eq!(t.quoted(), "\"app\".\"events\"");
+        assert!(QualifiedTable::parse("k", "a.b.c").is_err());
+    }
+}

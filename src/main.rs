@@ -1,0 +1,93 @@
+//! The `engagement-cdc` command line: parse, load the configuration, call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use engagement_cdc::config::Config;
+use engagement_cdc::error::{exit_code, one_line, UsageError};
+
+#[derive(Parser)]
+#[command(
+    name = "engagement-cdc",
+    version,
+    about = "Stream new engagement_events rows from a Postgres slot, enrich them with content, deliver them to ClickHouse, Redis and an HTTP API.",
+    after_help = "Configuration: --config FILE (default ./engagement-cdc.toml when present); every key can be overridden by ENGAGEMENT_CDC__<SECTION>__<KEY>. See docs/configuration.md."
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check Postgres, create the publication and slot, copy the content dimension, apply the ClickHouse migration, record the identity. Safe to run again.
+    Setup,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::from(exit_code(&err) as u8)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENGAGEMENT_CDC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let (config, source) = Config::load(path)?;
+    tracing::debug!("configuration from {source}");
+    Ok(config)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    match cli.command {
+        Command::Setup => {
+            let config = load_config(cli.config.as_deref())?;
+            runtime.block_on(async {
+                let report = engagement_cdc::setup::setup(&config).await?;
+                for line in &report.lines {
+                    println!("{line}");
+                }
+                println!("setup done");
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(dead_code)]
+fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError::new(message).into()
+}

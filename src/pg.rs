@@ -1,0 +1,287 @@
+//! Ordinary (non-replication) Postgres connections and the checks `setup` and `run` make:
+//! every failure is one line that says what failed, why, and what to do.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{redact_url, PostgresConfig, QualifiedTable};
+use crate::source::schema::{locate, RequiredColumn, CONTENT_COLUMNS, EVENT_COLUMNS};
+
+/// Where and as whom we connect, for messages (never the password).
+pub fn describe(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "{host}:{port} (user {:?}, database {:?})",
+                c.get_user().unwrap_or("?"),
+                c.get_dbname().unwrap_or("?")
+            )
+        }
+        Err(_) => redact_url(url),
+    }
+}
+
+/// Connect, spawning the connection task. Errors say what to check.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| anyhow!("postgres.url {:?} is invalid: {e}", redact_url(url)))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.application_name("engagement-cdc");
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| explain_connect_error(&e, url))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("postgres connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Turn a connection error into one actionable line.
+pub fn explain_connect_error(e: &tokio_postgres::Error, url: &str) -> anyhow::Error {
+    let target = describe(url);
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::INVALID_PASSWORD {
+            return anyhow!(
+                "Postgres at {target} rejected the credentials: {}; fix the user or password in [postgres] url (ENGAGEMENT_CDC__POSTGRES__URL)",
+                db.message()
+            );
+        }
+        if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            return anyhow!(
+                "Postgres at {target} refused the connection: {}; check the user in [postgres] url and the server's pg_hba.conf",
+                db.message()
+            );
+        }
+        if *code == SqlState::INVALID_CATALOG_NAME {
+            return anyhow!(
+                "Postgres at {target}: {}; create the database or fix the database name in [postgres] url",
+                db.message()
+            );
+        }
+        if *code == SqlState::TOO_MANY_CONNECTIONS {
+            return anyhow!(
+                "Postgres at {target} has no free connections: {}; raise max_connections or close idle sessions",
+                db.message()
+            );
+        }
+        return anyhow!("Postgres at {target} refused the connection: {}", db.message());
+    }
+    let text = error_text(e);
+    if text.contains("password missing") {
+        return anyhow!(
+            "Postgres at {target} asks for a password and none is configured; put it in [postgres] url as postgres://USER:PASSWORD@HOST:PORT/DB"
+        );
+    }
+    if text.contains("refused") {
+        return anyhow!(
+            "cannot connect to Postgres at {target}: connection refused; is the server running and listening there? check [postgres] url (ENGAGEMENT_CDC__POSTGRES__URL)"
+        );
+    }
+    if text.contains("timed out") || text.contains("timeout") {
+        return anyhow!(
+            "cannot connect to Postgres at {target}: timed out; check the host, port and network"
+        );
+    }
+    anyhow!("cannot connect to Postgres at {target}: {text}; check [postgres] url")
+}
+
+/// The innermost useful text of an error chain.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// What `setup` and `run` need to know about the server.
+#[derive(Debug, Clone)]
+pub struct ServerFacts {
+    pub version_num: i32,
+    pub version: String,
+    pub wal_level: String,
+    pub can_replicate: bool,
+    pub user: String,
+    pub database: String,
+}
+
+pub async fn server_facts(client: &Client) -> anyhow::Result<ServerFacts> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+                    current_setting('wal_level'), current_user::text, current_database()::text,
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .context("cannot read the server's settings")?;
+    Ok(ServerFacts {
+        version_num: row.get(0),
+        version: row.get(1),
+        wal_level: row.get(2),
+        user: row.get(3),
+        database: row.get(4),
+        can_replicate: row.get::<_, Option<bool>>(5).unwrap_or(false),
+    })
+}
+
+/// Version ≥ 14, `wal_level = logical`, a role that may replicate.
+pub fn check_server(facts: &ServerFacts) -> anyhow::Result<()> {
+    if facts.version_num < 140_000 {
+        bail!(
+            "PostgreSQL {} is too old: engagement-cdc needs 14 or newer; upgrade the server",
+            facts.version
+        );
+    }
+    if facts.wal_level != "logical" {
+        bail!(
+            "Postgres wal_level is '{}', but logical replication needs 'logical'; run ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+            facts.wal_level
+        );
+    }
+    if !facts.can_replicate {
+        bail!(
+            "role {:?} may not replicate; run ALTER ROLE \"{}\" WITH REPLICATION; as a superuser (or connect as a role that has it)",
+            facts.user,
+            facts.user
+        );
+    }
+    Ok(())
+}
+
+/// The table exists and has every required column with an accepted type.
+pub async fn check_table<const N: usize>(
+    client: &Client,
+    table: &QualifiedTable,
+    required: &[RequiredColumn; N],
+) -> anyhow::Result<()> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid::oid
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("cannot read the columns of {table}"))?;
+    if rows.is_empty() {
+        bail!(
+            "table {table} does not exist in this database; create it (migrations/postgres/ has the schema) or fix the table name in [postgres]"
+        );
+    }
+    let columns: Vec<(String, u32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    locate(&table.to_string(), required, &columns)
+        .map_err(|e| anyhow!("{e}; fix the table or the [postgres] table names"))?;
+    Ok(())
+}
+
+pub async fn check_source_tables(client: &Client, pg: &PostgresConfig) -> anyhow::Result<()> {
+    let events = QualifiedTable::parse("postgres.events_table", &pg.events_table)?;
+    let content = QualifiedTable::parse("postgres.content_table", &pg.content_table)?;
+    check_table(client, &events, &EVENT_COLUMNS).await?;
+    check_table(client, &content, &CONTENT_COLUMNS).await?;
+    Ok(())
+}
+
+/// A logical slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub slot_type: String,
+    pub database: Option<String>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub wal_status: Option<String>,
+    pub active: bool,
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<SlotInfo>> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text, confirmed_flush_lsn::text, wal_status, active
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .context("cannot read pg_replication_slots")?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        slot_type: r.get(1),
+        database: r.get(2),
+        confirmed_flush_lsn: r.get(3),
+        wal_status: r.get(4),
+        active: r.get(5),
+    }))
+}
+
+/// The slot can be streamed by us: logical, pgoutput, this database, not invalidated.
+pub fn check_slot(slot: &str, info: &SlotInfo, database: &str) -> anyhow::Result<()> {
+    if info.slot_type != "logical" || info.plugin.as_deref() != Some("pgoutput") {
+        bail!(
+            "replication slot {slot:?} is not a logical pgoutput slot (type {}, plugin {}); use another [postgres] slot name",
+            info.slot_type,
+            info.plugin.as_deref().unwrap_or("none")
+        );
+    }
+    if info.database.as_deref() != Some(database) {
+        bail!(
+            "replication slot {slot:?} belongs to database {:?}, not {database:?}; use another slot name or connect to that database",
+            info.database.as_deref().unwrap_or("?")
+        );
+    }
+    if info.wal_status.as_deref() == Some("lost") {
+        bail!(
+            "replication slot {slot:?} is invalidated (wal_status = 'lost'): the WAL it needed was removed and changes since its last confirmed position may be missing; drop it (SELECT pg_drop_replication_slot('{slot}')), run `engagement-cdc setup`, then `engagement-cdc backfill` from the last commit time that `engagement-cdc status` shows"
+        );
+    }
+    Ok(())
+}
+
+/// Tables of a publication, as `schema.table`.
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .context("cannot read pg_publication")?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .context("cannot read pg_publication_tables")?;
+    Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+}

@@ -1,0 +1,274 @@
+//! `engagement-cdc setup` (SPEC §10): check Postgres, create the publication and the slot
+//! when missing, copy the `content` dimension, apply the ClickHouse migration, record the
+//! identity. Running it again changes nothing.
+
+use anyhow::{anyhow, bail, Context};
+use pgwire_replication::ReplicationClient;
+
+use crate::checkpoint::{Identity, StateStore};
+use crate::config::{Config, QualifiedTable};
+use crate::enrich::ContentRow;
+use crate::pg;
+use crate::sinks::clickhouse;
+use crate::source::replication_config;
+use crate::types::Lsn;
+
+/// What `setup` did, for its report and for tests.
+#[derive(Debug, Default)]
+pub struct SetupReport {
+    pub lines: Vec<String>,
+    pub created_publication: bool,
+    pub created_slot: bool,
+    pub copied_content_rows: Option<usize>,
+}
+
+impl SetupReport {
+    fn say(&mut self, line: impl Into<String>) {
+        self.lines.push(line.into());
+    }
+}
+
+pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
+    let mut report = SetupReport::default();
+    let pgc = &config.postgres;
+    let client = pg::connect(&pgc.url).await?;
+    let facts = pg::server_facts(&client).await?;
+    pg::check_server(&facts)?;
+    report.say(format!(
+        "postgres: {} {} (wal_level = logical, role {:?} may replicate)",
+        pg::describe(&pgc.url),
+        facts.version,
+        facts.user
+    ));
+    pg::check_source_tables(&client, pgc).await?;
+    let events = QualifiedTable::parse("postgres.events_table", &pgc.events_table)?;
+    let content = QualifiedTable::parse("postgres.content_table", &pgc.content_table)?;
+    report.say(format!("source tables: {events} and {content} have the required columns"));
+
+    // The publication must exist before the slot: pgoutput looks publications up as of each
+    // change's position, so changes older than the publication could not be decoded.
+    match pg::publication_tables(&client, &pgc.publication).await? {
+        None => {
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION \"{}\" FOR TABLE {}, {}",
+                    pgc.publication,
+                    events.quoted(),
+                    content.quoted()
+                ))
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot create publication {:?}: {}; create it as the table owner: CREATE PUBLICATION {} FOR TABLE {events}, {content};",
+                        pgc.publication,
+                        db_message(&e),
+                        pgc.publication
+                    )
+                })?;
+            report.created_publication = true;
+            report.say(format!(
+                "publication {:?} created for {events}, {content}",
+                pgc.publication
+            ));
+        }
+        Some(tables) => {
+            let missing: Vec<String> = [&events, &content]
+                .iter()
+                .map(|t| t.to_string())
+                .filter(|t| !tables.contains(t))
+                .collect();
+            if !missing.is_empty() {
+                bail!(
+                    "publication {:?} exists but does not include {}; run ALTER PUBLICATION {} ADD TABLE {};",
+                    pgc.publication,
+                    missing.join(", "),
+                    pgc.publication,
+                    missing.join(", ")
+                );
+            }
+            report.say(format!("publication {:?} exists", pgc.publication));
+        }
+    }
+
+    let store = StateStore::open(&config.state.dir)?;
+    let slot = pg::slot_info(&client, &pgc.slot).await?;
+
+    // One replication session: IDENTIFY_SYSTEM, and CREATE_REPLICATION_SLOT with an exported
+    // snapshot when the slot is missing. The snapshot lives while this session is idle.
+    let mut repl = ReplicationClient::connect_gated(replication_config(pgc)?)
+        .await
+        .map_err(|e| anyhow!("cannot open a replication connection: {e}"))?;
+    let system = repl
+        .identify_system()
+        .await
+        .map_err(|e| explain_replication_error(&e, &pgc.url))?;
+    let identity = Identity {
+        system_id: system.system_id.clone(),
+        database: facts.database.clone(),
+        slot: pgc.slot.clone(),
+    };
+    if let Some(recorded) = store.identity()? {
+        if recorded != identity {
+            bail!(
+                "state directory {} belongs to {recorded}, not to {identity}; use another [state] dir for this server, or move the old one aside",
+                config.state.dir.display()
+            );
+        }
+    }
+
+    match slot {
+        Some(info) => {
+            pg::check_slot(&pgc.slot, &info, &facts.database)?;
+            drop(repl);
+            report.say(format!(
+                "slot {:?} exists (confirmed_flush_lsn {})",
+                pgc.slot,
+                info.confirmed_flush_lsn.as_deref().unwrap_or("-")
+            ));
+            if !store.has_dimension()? {
+                // A slot we did not create: no snapshot to copy at, so copy what is there now.
+                let rows = copy_content(&client, &content, None).await?;
+                let checkpoint = info
+                    .confirmed_flush_lsn
+                    .as_deref()
+                    .and_then(|l| l.parse::<Lsn>().ok())
+                    .unwrap_or_default();
+                store.replace_dimension(&rows, checkpoint)?;
+                report.copied_content_rows = Some(rows.len());
+                report.say(format!(
+                    "WARNING: slot {:?} was not created by this setup, so {content} ({} rows) was copied as it is now, not at the slot's position; events streamed from before now may be joined with newer content values",
+                    pgc.slot,
+                    rows.len()
+                ));
+            }
+        }
+        None => {
+            if store.has_dimension()? && store.identity()?.is_some() {
+                report.say(format!(
+                    "WARNING: slot {:?} was missing and is created anew: changes committed since the last checkpoint ({}) may be missing; run `engagement-cdc backfill` over that time",
+                    pgc.slot,
+                    store.checkpoint()?
+                ));
+            }
+            let rows = repl
+                .simple_query(&format!(
+                    "CREATE_REPLICATION_SLOT \"{}\" LOGICAL pgoutput EXPORT_SNAPSHOT",
+                    pgc.slot
+                ))
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot create replication slot {:?}: {e}; check max_replication_slots and that the role may replicate",
+                        pgc.slot
+                    )
+                })?;
+            let row = rows
+                .first()
+                .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no row"))?;
+            let text = |i: usize| {
+                row.get(i)
+                    .and_then(|v| v.as_ref())
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+            };
+            let consistent_point: Lsn = text(1)
+                .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no consistent point"))?
+                .parse()
+                .map_err(|e: String| anyhow!(e))?;
+            let snapshot = text(2)
+                .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
+            let rows = copy_content(&client, &content, Some(&snapshot)).await?;
+            drop(repl);
+            store.replace_dimension(&rows, consistent_point)?;
+            report.created_slot = true;
+            report.copied_content_rows = Some(rows.len());
+            report.say(format!(
+                "slot {:?} created at {consistent_point}; {content} copied at its snapshot ({} rows)",
+                pgc.slot,
+                rows.len()
+            ));
+        }
+    }
+
+    if let Some(ch) = config.clickhouse() {
+        let (layout, version) = clickhouse::migrate(ch).await?;
+        report.say(format!(
+            "clickhouse: {}.{} ready on ClickHouse {version} ({} layout)",
+            ch.database,
+            ch.table,
+            match layout {
+                clickhouse::Layout::Modern => "DateTime64",
+                clickhouse::Layout::Legacy => "legacy DateTime + event_ts_us",
+            }
+        ));
+    }
+
+    if store.identity()?.is_none() {
+        store.set_identity(&identity)?;
+    }
+    report.say(format!(
+        "state: {} records {identity}, checkpoint {}",
+        config.state.dir.display(),
+        store.checkpoint()?
+    ));
+    Ok(report)
+}
+
+/// `content` rows, at `snapshot` when given (the slot's exported snapshot).
+async fn copy_content(
+    client: &tokio_postgres::Client,
+    content: &QualifiedTable,
+    snapshot: Option<&str>,
+) -> anyhow::Result<Vec<ContentRow>> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    if let Some(s) = snapshot {
+        client
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{s}'"))
+            .await
+            .with_context(|| format!("cannot use the slot's snapshot {s}"))?;
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT content_id::int8, content_type::text, length_seconds::int4 FROM {}",
+                content.quoted()
+            ),
+            &[],
+        )
+        .await
+        .with_context(|| format!("cannot copy {content}"))?;
+    client.batch_execute("COMMIT").await?;
+    Ok(rows
+        .iter()
+        .map(|r| ContentRow {
+            content_id: r.get(0),
+            content_type: r.get::<_, Option<String>>(1).map(Into::into),
+            length_seconds: r.get(2),
+        })
+        .collect())
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| pg::error_text(e))
+}
+
+/// A replication-connection error as one actionable line.
+pub fn explain_replication_error(e: &pgwire_replication::PgWireError, url: &str) -> anyhow::Error {
+    use pgwire_replication::PgWireError as E;
+    let target = pg::describe(url);
+    match e {
+        E::Auth(m) => anyhow!(
+            "Postgres at {target} rejected the replication login: {m}; fix the user or password in [postgres] url"
+        ),
+        E::Io(io) => anyhow!(
+            "cannot open a replication connection to Postgres at {target}: {io}; is the server running? check [postgres] url"
+        ),
+        E::Server(m) if m.contains("pg_hba") => anyhow!(
+            "Postgres at {target} does not allow replication connections for this user: {m}; add a `host replication` line to pg_hba.conf"
+        ),
+        other => anyhow!("replication connection to Postgres at {target} failed: {other}"),
+    }
+}

@@ -1,0 +1,235 @@
+//! Sink A — ClickHouse (SPEC §5): the version-aware schema (`setup` applies it) and the
+//! RowBinary insert of each batch.
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::config::{redact_url, ClickHouseConfig};
+
+const MIGRATION: &str = include_str!("../../migrations/clickhouse/001_events_enriched.sql");
+const MIGRATION_LEGACY: &str =
+    include_str!("../../migrations/clickhouse/001_events_enriched_legacy.sql");
+
+/// Which table layout the server has: `DateTime64` from 20.1 on, the legacy one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Modern,
+    /// `event_ts DateTime('UTC')` plus `event_ts_us Int64`, `event_type String`.
+    Legacy,
+}
+
+impl Layout {
+    /// From `SELECT version()`, e.g. `18.16.1` or `24.3.2.23`.
+    pub fn for_version(version: &str) -> anyhow::Result<Layout> {
+        let mut parts = version.split('.');
+        let major: u32 = parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("cannot read ClickHouse version {version:?}"))?;
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Ok(if (major, minor) >= (20, 1) {
+            Layout::Modern
+        } else {
+            Layout::Legacy
+        })
+    }
+
+    /// The expected columns and their ClickHouse types, in table order.
+    pub fn columns(self) -> Vec<(&'static str, &'static str)> {
+        let mut cols = vec![
+            ("event_id", "Int64"),
+            ("content_id", "Int64"),
+            ("user_id", "Int64"),
+            (
+                "event_type",
+                match self {
+                    Layout::Modern => "LowCardinality(String)",
+                    Layout::Legacy => "String",
+                },
+            ),
+            (
+                "event_ts",
+                match self {
+                    Layout::Modern => "DateTime64(6, 'UTC')",
+                    Layout::Legacy => "DateTime('UTC')",
+                },
+            ),
+            ("duration_ms", "Nullable(Int32)"),
+            ("device", "Nullable(String)"),
+            ("content_type", "Nullable(String)"),
+            ("length_seconds", "Nullable(Int32)"),
+            ("engagement_seconds", "Nullable(Float64)"),
+            ("engagement_pct", "Nullable(Float64)"),
+            ("source_lsn", "UInt64"),
+        ];
+        if self == Layout::Legacy {
+            cols.push(("event_ts_us", "Int64"));
+        }
+        cols
+    }
+
+    fn migration(self) -> &'static str {
+        match self {
+            Layout::Modern => MIGRATION,
+            Layout::Legacy => MIGRATION_LEGACY,
+        }
+    }
+}
+
+/// A client for `[clickhouse]`; validation off, as 18.16 needs (SPEC §13).
+pub fn client(cfg: &ClickHouseConfig) -> clickhouse::Client {
+    let mut c = clickhouse::Client::default()
+        .with_url(cfg.url.trim_end_matches('/'))
+        .with_user(&cfg.user)
+        .with_validation(false)
+        .with_compression(clickhouse::Compression::None);
+    if !cfg.password.is_empty() {
+        c = c.with_password(cfg.password.expose());
+    }
+    c
+}
+
+/// One line for a ClickHouse error: unreachable, rejected credentials, or the server's text.
+pub fn explain(err: &clickhouse::error::Error, cfg: &ClickHouseConfig) -> anyhow::Error {
+    let url = redact_url(&cfg.url);
+    let text = crate::pg::error_text(err);
+    if matches!(err, clickhouse::error::Error::Network(_)) {
+        if text.contains("refused") || text.contains("Connect") || text.contains("connect") {
+            return anyhow!(
+                "cannot reach ClickHouse at {url}: connection refused; is it running? check [clickhouse] url (ENGAGEMENT_CDC__CLICKHOUSE__URL)"
+            );
+        }
+        return anyhow!("cannot reach ClickHouse at {url}: {text}; check [clickhouse] url");
+    }
+    if text.contains("Code: 516") || text.contains("Code: 192") || text.contains("Code: 193") {
+        return anyhow!(
+            "ClickHouse at {url} rejected user {:?}: {}; fix [clickhouse] user and password",
+            cfg.user,
+            first_line(&text)
+        );
+    }
+    if matches!(err, clickhouse::error::Error::TimedOut) {
+        return anyhow!("ClickHouse at {url} did not answer in time; check its load and the network");
+    }
+    anyhow!("ClickHouse at {url}: {}", first_line(&text))
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+pub async fn server_version(
+    client: &clickhouse::Client,
+    cfg: &ClickHouseConfig,
+) -> anyhow::Result<String> {
+    client
+        .query("SELECT version()")
+        .fetch_one::<String>()
+        .await
+        .map_err(|e| explain(&e, cfg))
+}
+
+/// Create the database and table when missing (the layout for this server's version), then
+/// check that the table has every column the engine writes with the right type.
+pub async fn migrate(cfg: &ClickHouseConfig) -> anyhow::Result<(Layout, String)> {
+    let client = client(cfg);
+    let version = server_version(&client, cfg).await?;
+    let layout = Layout::for_version(&version)?;
+    let sql = layout
+        .migration()
+        .replace("{database}", &cfg.database)
+        .replace("{table}", &cfg.table);
+    for statement in split_statements(&sql) {
+        client
+            .query(&statement)
+            .execute()
+            .await
+            .map_err(|e| explain(&e, cfg))
+            .with_context(|| format!("cannot apply the ClickHouse migration to {}.{}", cfg.database, cfg.table))?;
+    }
+    check_table(&client, cfg, layout).await?;
+    Ok((layout, version))
+}
+
+/// The table has each column of `layout` with the same type; extra columns are allowed.
+pub async fn check_table(
+    client: &clickhouse::Client,
+    cfg: &ClickHouseConfig,
+    layout: Layout,
+) -> anyhow::Result<()> {
+    let rows: Vec<(String, String)> = client
+        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+        .bind(&cfg.database)
+        .bind(&cfg.table)
+        .fetch_all()
+        .await
+        .map_err(|e| explain(&e, cfg))?;
+    if rows.is_empty() {
+        bail!(
+            "ClickHouse table {}.{} does not exist; run `engagement-cdc setup`",
+            cfg.database,
+            cfg.table
+        );
+    }
+    for (name, ty) in layout.columns() {
+        match rows.iter().find(|(n, _)| n == name) {
+            None => bail!(
+                "ClickHouse table {}.{} has no column {name:?} ({ty}); add it, or drop the table and run `engagement-cdc setup`",
+                cfg.database,
+                cfg.table
+            ),
+            Some((_, actual)) if normalize_type(actual) != normalize_type(ty) => bail!(
+                "ClickHouse column {}.{}.{name} is {actual}, but the engine writes {ty}; alter it, or drop the table and run `engagement-cdc setup`",
+                cfg.database,
+                cfg.table
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn normalize_type(t: &str) -> String {
+    t.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// Statements of a migration file: comments dropped, split at `;`.
+fn split_statements(sql: &str) -> Vec<String> {
+    let without_comments: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_follows_the_version() {
+        assert_eq!(Layout::for_version("18.16.1").unwrap(), Layout::Legacy);
+        assert_eq!(Layout::for_version("19.17.4.11").unwrap(), Layout::Legacy);
+        assert_eq!(Layout::for_version("20.1.2.4").unwrap(), Layout::Modern);
+        assert_eq!(Layout::for_version("24.3.2.23").unwrap(), Layout::Modern);
+        assert!(Layout::for_version("x").is_err());
+    }
+
+    #[test]
+    fn migrations_split_into_two_statements_each() {
+        for layout in [Layout::Modern, Layout::Legacy] {
+            let stmts = split_statements(layout.migration());
+            assert_eq!(stmts.len(), 2, "{stmts:?}");
+            assert!(stmts[0].starts_with("CREATE DATABASE IF NOT EXISTS {database}"));
+            assert!(stmts[1].contains("ReplacingMergeTree(source_lsn)"));
+            for (name, _) in layout.columns() {
+                assert!(stmts[1].contains(name), "{name} missing from the migration");
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The destinations. Each sink is one file; all of them implement [`Sink`].
+
+pub mod clickhouse;
