@@ -89,10 +89,7 @@ impl StateStore {
 
     /// Commit time (µs since 1970) of the last checkpointed transaction, when known.
     pub fn last_commit_us(&self) -> anyhow::Result<Option<i64>> {
-        Ok(self
-            .db
-            .get(KEY_LAST_COMMIT)?
-            .map(|v| u64_from(&v) as i64))
+        Ok(self.db.get(KEY_LAST_COMMIT)?.map(|v| u64_from(&v) as i64))
     }
 
     pub fn identity(&self) -> anyhow::Result<Option<Identity>> {
@@ -129,11 +126,7 @@ impl StateStore {
     }
 
     /// Replace the whole dimension and set the checkpoint, atomically (`setup`'s copy).
-    pub fn replace_dimension(
-        &self,
-        rows: &[ContentRow],
-        checkpoint: Lsn,
-    ) -> anyhow::Result<()> {
+    pub fn replace_dimension(&self, rows: &[ContentRow], checkpoint: Lsn) -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
         for item in self.db.scan_prefix(CONTENT_PREFIX) {
             let (k, _) = item?;
@@ -249,7 +242,9 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(store.checkpoint().unwrap(), Lsn(0));
         assert!(!store.has_dimension().unwrap());
-        store.replace_dimension(&[row(1, 300), row(2, 120)], Lsn(100)).unwrap();
+        store
+            .replace_dimension(&[row(1, 300), row(2, 120)], Lsn(100))
+            .unwrap();
         store
             .commit(
                 Lsn(200),
@@ -271,7 +266,11 @@ mod tests {
         assert_eq!(dim.len(), 1);
         assert_eq!(dim.get(1).unwrap().length_seconds, Some(10));
         store
-            .commit(Lsn(300), &[DimChange::Truncate, DimChange::Upsert(row(-7, 1))], None)
+            .commit(
+                Lsn(300),
+                &[DimChange::Truncate, DimChange::Upsert(row(-7, 1))],
+                None,
+            )
             .await
             .unwrap();
         let dim = store.load_dimension().unwrap();
@@ -290,7 +289,11 @@ mod tests {
         };
         store.set_identity(&identity).unwrap();
         store
-            .commit(Lsn(5), &[DimChange::Upsert(row(9, 1)), DimChange::Truncate], None)
+            .commit(
+                Lsn(5),
+                &[DimChange::Upsert(row(9, 1)), DimChange::Truncate],
+                None,
+            )
             .await
             .unwrap();
         drop(store);

@@ -360,7 +360,12 @@ impl Config {
         check_identifier("postgres.publication", &pg.publication)?;
         QualifiedTable::parse("postgres.events_table", &pg.events_table)?;
         QualifiedTable::parse("postgres.content_table", &pg.content_table)?;
-        check_range("postgres.status_interval_ms", pg.status_interval_ms, 10, 3_600_000)?;
+        check_range(
+            "postgres.status_interval_ms",
+            pg.status_interval_ms,
+            10,
+            3_600_000,
+        )?;
         if self.state.dir.as_os_str().is_empty() {
             return Err(UsageError::new(
                 "state.dir is empty; set it to a directory for the engine's sled store",
@@ -393,7 +398,12 @@ impl Config {
         }
         if let Some(h) = &self.http {
             check_http_url("http.url", &h.url)?;
-            check_range("http.max_batch_events", h.max_batch_events as u64, 1, 100_000)?;
+            check_range(
+                "http.max_batch_events",
+                h.max_batch_events as u64,
+                1,
+                100_000,
+            )?;
             check_range("http.concurrency", h.concurrency as u64, 1, 1024)?;
             check_range("http.timeout_ms", h.timeout_ms, 1, 600_000)?;
             check_range("http.max_retries", h.max_retries as u64, 0, 100)?;
@@ -521,7 +531,10 @@ fn one_line(s: &str) -> String {
 
 /// Lay `ENGAGEMENT_CDC__SECTION__KEY=value` over the table, typing each value by the key's
 /// default. An unknown section or key is an error naming the variable.
-fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), UsageError> {
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), UsageError> {
     let schema = toml::Table::try_from(Config::all_sections())
         .expect("the default configuration serializes to TOML");
     let mut vars: Vec<&(String, String)> = env
@@ -567,11 +580,9 @@ fn typed_value(name: &str, raw: &str, default: &toml::Value) -> Result<toml::Val
         ))
     };
     Ok(match default {
-        toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim()
-                .parse::<i64>()
-                .map_err(|_| bad("an integer"))?,
-        ),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(raw.trim().parse::<i64>().map_err(|_| bad("an integer"))?)
+        }
         toml::Value::Boolean(_) => match raw.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
             "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
@@ -603,7 +614,10 @@ mod tests {
     fn empty_file_gives_defaults_without_sinks() {
         let c = parse("", &[]).unwrap();
         assert_eq!(c, Config::default());
-        assert_eq!(c.postgres.url, "postgres://postgres@127.0.0.1:55432/engagement");
+        assert_eq!(
+            c.postgres.url,
+            "postgres://postgres@127.0.0.1:55432/engagement"
+        );
         assert_eq!(c.pipeline.max_batch_rows, 10_000);
         assert!(c.clickhouse().is_none() && c.redis().is_none() && c.http().is_none());
     }

@@ -255,7 +255,7 @@ pub fn write_decimal(out: &mut Vec<u8>, value: i64, scale: u32) {
         out.push(b'0');
         return;
     }
-    while frac % 10 == 0 {
+    while frac.is_multiple_of(10) {
         frac /= 10;
         digits -= 1;
     }
@@ -445,8 +445,14 @@ mod tests {
     fn timestamps() {
         assert_eq!(rfc3339_us(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339_us(1_767_882_112_000_000), "2026-01-08T14:21:52Z");
-        assert_eq!(rfc3339_us(1_767_882_112_000_001), "2026-01-08T14:21:52.000001Z");
-        assert_eq!(rfc3339_us(1_767_882_112_163_702), "2026-01-08T14:21:52.163702Z");
+        assert_eq!(
+            rfc3339_us(1_767_882_112_000_001),
+            "2026-01-08T14:21:52.000001Z"
+        );
+        assert_eq!(
+            rfc3339_us(1_767_882_112_163_702),
+            "2026-01-08T14:21:52.163702Z"
+        );
         assert_eq!(rfc3339_us(-1), "1969-12-31T23:59:59.999999Z");
         assert_eq!(rfc3339_us(951_782_400_000_000), "2000-02-29T00:00:00Z");
     }

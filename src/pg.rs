@@ -84,7 +84,10 @@ pub fn explain_connect_error(e: &tokio_postgres::Error, url: &str) -> anyhow::Er
                 db.message()
             );
         }
-        return anyhow!("Postgres at {target} refused the connection: {}", db.message());
+        return anyhow!(
+            "Postgres at {target} refused the connection: {}",
+            db.message()
+        );
     }
     let text = error_text(e);
     if text.contains("password missing") {

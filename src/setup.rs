@@ -43,7 +43,9 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     pg::check_source_tables(&client, pgc).await?;
     let events = QualifiedTable::parse("postgres.events_table", &pgc.events_table)?;
     let content = QualifiedTable::parse("postgres.content_table", &pgc.content_table)?;
-    report.say(format!("source tables: {events} and {content} have the required columns"));
+    report.say(format!(
+        "source tables: {events} and {content} have the required columns"
+    ));
 
     // The publication must exist before the slot: pgoutput looks publications up as of each
     // change's position, so changes older than the publication could not be decoded.
@@ -174,8 +176,8 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                 .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no consistent point"))?
                 .parse()
                 .map_err(|e: String| anyhow!(e))?;
-            let snapshot = text(2)
-                .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
+            let snapshot =
+                text(2).ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
             let rows = copy_content(&client, &content, Some(&snapshot)).await?;
             drop(repl);
             store.replace_dimension(&rows, consistent_point)?;

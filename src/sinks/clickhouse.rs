@@ -108,7 +108,9 @@ pub fn explain(err: &clickhouse::error::Error, cfg: &ClickHouseConfig) -> anyhow
         );
     }
     if matches!(err, clickhouse::error::Error::TimedOut) {
-        return anyhow!("ClickHouse at {url} did not answer in time; check its load and the network");
+        return anyhow!(
+            "ClickHouse at {url} did not answer in time; check its load and the network"
+        );
     }
     anyhow!("ClickHouse at {url}: {}", first_line(&text))
 }
@@ -144,7 +146,12 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> anyhow::Result<(Layout, String)>
             .execute()
             .await
             .map_err(|e| explain(&e, cfg))
-            .with_context(|| format!("cannot apply the ClickHouse migration to {}.{}", cfg.database, cfg.table))?;
+            .with_context(|| {
+                format!(
+                    "cannot apply the ClickHouse migration to {}.{}",
+                    cfg.database, cfg.table
+                )
+            })?;
     }
     check_table(&client, cfg, layout).await?;
     Ok((layout, version))

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test suite: formatting, lints, then unit and integration tests against real servers
+# (each test starts its own PostgreSQL, Redis and ClickHouse on free loopback ports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"

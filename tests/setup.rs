@@ -1,0 +1,304 @@
+//! `engagement-cdc setup` and the errors of a misconfigured environment, against real servers.
+
+mod support;
+
+use support::*;
+
+fn ch_section(ch: &ClickHouse) -> String {
+    format!("[clickhouse]\nurl = \"{}\"\n", ch.url())
+}
+
+#[test]
+fn setup_twice_succeeds_and_changes_nothing() {
+    let pg = Postgres::start();
+    let ch = ClickHouse::start();
+    let cfg = TestConfig::new(&pg.url("engagement"), &ch_section(&ch));
+
+    let first = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(
+        first
+            .stdout
+            .contains("publication \"engagement_cdc\" created"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains("slot \"engagement_cdc\" created"),
+        "{}",
+        first.stdout
+    );
+    assert!(
+        first.stdout.contains("copied at its snapshot (3 rows)"),
+        "{}",
+        first.stdout
+    );
+    let slot_before = pg.psql(
+        "engagement",
+        "SELECT slot_name, plugin, confirmed_flush_lsn FROM pg_replication_slots",
+    );
+    assert!(
+        slot_before.starts_with("engagement_cdc|pgoutput|"),
+        "{slot_before}"
+    );
+    assert_eq!(
+        pg.psql(
+            "engagement",
+            "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = 'engagement_cdc'"
+        ),
+        "content,engagement_events"
+    );
+    assert_eq!(
+        ch.query("SELECT name FROM system.columns WHERE database = 'engagement' AND table = 'events_enriched' AND name IN ('event_ts_us', 'source_lsn') ORDER BY name"),
+        "event_ts_us\nsource_lsn"
+    );
+
+    let second = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(second.code, 0, "{second:?}");
+    assert!(
+        second
+            .stdout
+            .contains("publication \"engagement_cdc\" exists"),
+        "{}",
+        second.stdout
+    );
+    assert!(
+        second.stdout.contains("slot \"engagement_cdc\" exists"),
+        "{}",
+        second.stdout
+    );
+    assert!(!second.stdout.contains("created"), "{}", second.stdout);
+    let slot_after = pg.psql(
+        "engagement",
+        "SELECT slot_name, plugin, confirmed_flush_lsn FROM pg_replication_slots",
+    );
+    assert_eq!(slot_before, slot_after);
+    assert_eq!(
+        pg.psql("engagement", "SELECT count(*) FROM pg_publication"),
+        "1"
+    );
+}
+
+#[test]
+fn setup_uses_names_and_credentials_the_user_chose() {
+    let pg = Postgres::start();
+    pg.create_database("appdb", true);
+    pg.psql(
+        "postgres",
+        "CREATE ROLE app LOGIN REPLICATION PASSWORD 's3cret'; GRANT ALL ON DATABASE appdb TO app",
+    );
+    pg.psql(
+        "appdb",
+        "ALTER TABLE content OWNER TO app; ALTER TABLE engagement_events OWNER TO app",
+    );
+    let url = format!("postgres://app:s3cret@127.0.0.1:{}/appdb", pg.port);
+    let cfg = TestConfig::new(&url, "");
+    // Names through the environment, as a user of the compose file would.
+    let env = [
+        ("ENGAGEMENT_CDC__POSTGRES__URL", url.as_str()),
+        ("ENGAGEMENT_CDC__POSTGRES__SLOT", "my_slot"),
+        ("ENGAGEMENT_CDC__POSTGRES__PUBLICATION", "my_pub"),
+    ];
+    let run = cli(Some(&cfg.path), &["setup"], &env);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        pg.psql(
+            "appdb",
+            "SELECT slot_name || ' ' || plugin FROM pg_replication_slots"
+        ),
+        "my_slot pgoutput"
+    );
+    assert_eq!(
+        pg.psql("appdb", "SELECT pubname FROM pg_publication"),
+        "my_pub"
+    );
+    assert!(!run.stdout.contains("s3cret") && !run.stderr.contains("s3cret"));
+    let again = cli(Some(&cfg.path), &["setup"], &env);
+    assert_eq!(again.code, 0, "{again:?}");
+}
+
+#[test]
+fn wrong_password_is_one_clear_line() {
+    let pg = Postgres::start();
+    pg.psql(
+        "postgres",
+        "CREATE ROLE app LOGIN REPLICATION PASSWORD 'right'",
+    );
+    let url = format!("postgres://app:wrong@127.0.0.1:{}/engagement", pg.port);
+    let cfg = TestConfig::new(&url, "");
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(line.contains("rejected the credentials"), "{line}");
+    assert!(line.contains("[postgres] url"), "{line}");
+    assert!(
+        !run.stderr.contains("wrong"),
+        "the password must not be printed: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn postgres_unreachable_is_one_clear_line() {
+    let cfg = TestConfig::new(
+        &format!("postgres://postgres@127.0.0.1:{}/engagement", free_port()),
+        "",
+    );
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("connection refused") && line.contains("is the server running"),
+        "{line}"
+    );
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+}
+
+#[test]
+fn wal_level_replica_says_how_to_fix_it() {
+    let pg = Postgres::start_with(PgOptions {
+        wal_level: "replica",
+        ..Default::default()
+    });
+    pg.create_database("engagement", true);
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(line.contains("wal_level is 'replica'"), "{line}");
+    assert!(
+        line.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{line}"
+    );
+    assert_eq!(
+        pg.psql("engagement", "SELECT count(*) FROM pg_publication"),
+        "0"
+    );
+}
+
+#[test]
+fn missing_table_and_missing_column_are_named() {
+    let pg = Postgres::start();
+    pg.create_database("empty", false);
+    let cfg = TestConfig::new(&pg.url("empty"), "");
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line()
+            .contains("table public.engagement_events does not exist"),
+        "{}",
+        run.stderr
+    );
+
+    pg.psql(
+        "engagement",
+        "ALTER TABLE engagement_events DROP COLUMN device",
+    );
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(line.contains("no column \"device\""), "{line}");
+
+    pg.psql(
+        "engagement",
+        "ALTER TABLE engagement_events ADD COLUMN device TEXT",
+    );
+    pg.psql(
+        "engagement",
+        "ALTER TABLE content ALTER COLUMN length_seconds TYPE numeric",
+    );
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("length_seconds") && line.contains("numeric"),
+        "{line}"
+    );
+}
+
+#[test]
+fn clickhouse_unreachable_is_one_clear_line() {
+    let pg = Postgres::start();
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!("[clickhouse]\nurl = \"http://127.0.0.1:{}\"\n", free_port()),
+    );
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("cannot reach ClickHouse") && line.contains("[clickhouse] url"),
+        "{line}"
+    );
+}
+
+#[test]
+fn state_of_another_database_is_refused() {
+    // Test servers are copies of one initdb and share a system identifier, so the other
+    // identity here is another database; the check compares system, database and slot.
+    let pg = Postgres::start();
+    pg.create_database("other", true);
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    assert_eq!(cli(Some(&cfg.path), &["setup"], &[]).code, 0);
+    let url2 = pg.url("other");
+    let run = cli(
+        Some(&cfg.path),
+        &["setup"],
+        &[("ENGAGEMENT_CDC__POSTGRES__URL", url2.as_str())],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line().contains("belongs to system"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn malformed_configuration_exits_2() {
+    let dir = TestDir::new("badconfig");
+    let path = dir.path.join("bad.toml");
+    std::fs::write(&path, "[postgres\nurl = 1").unwrap();
+    let run = cli(Some(&path), &["setup"], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.error_line().contains("not valid TOML"),
+        "{}",
+        run.stderr
+    );
+
+    std::fs::write(&path, "[postgres]\nslott = \"x\"\n").unwrap();
+    let run = cli(Some(&path), &["setup"], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.error_line().contains("unknown field `slott`"),
+        "{}",
+        run.stderr
+    );
+
+    std::fs::write(&path, "").unwrap();
+    let run = cli(
+        Some(&path),
+        &["setup"],
+        &[("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS", "lots")],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.error_line()
+            .contains("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS"),
+        "{}",
+        run.stderr
+    );
+
+    let run = cli(Some(&dir.path.join("missing.toml")), &["setup"], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.error_line().contains("cannot read configuration file"),
+        "{}",
+        run.stderr
+    );
+
+    let run = cli(None, &["no-such-command"], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+}

@@ -1,0 +1,745 @@
+//! Test support: each test starts its own PostgreSQL, Redis and ClickHouse on free loopback
+//! ports under a private temporary directory (never the developer's stack), and can stop,
+//! hang (SIGSTOP), resume and restart any of them mid-test. Servers are stopped when their
+//! handle is dropped, also when a test panics.
+//!
+//! Also here: running the `engagement-cdc` binary (to completion, or in the background with
+//! its stdout collected), and waiting for a state with a deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A fresh directory for one server or test, removed on drop.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(label: &str) -> TestDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("ecdc-test-{}-{}-{label}", std::process::id(), n));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+        }
+        TestDir { path }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Poll `check` until it returns `Some`, or panic after `timeout` naming what was awaited.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn as_postgres(program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// An initdb'd data directory made once per test process and copied for each server.
+fn pg_template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        remove_stale_templates();
+        let dir = std::env::temp_dir().join(format!("ecdc-test-{}-pgtemplate", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            run_checked(
+                Command::new("chown").args(["postgres:", dir.to_str().unwrap()]),
+                "chown",
+            );
+        }
+        let data = dir.join("data");
+        run_checked(
+            as_postgres(&format!("{PG_BIN}/initdb")).args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ]),
+            "initdb",
+        );
+        // Trust for the superuser; passwords (SCRAM) for every other role, so wrong
+        // credentials can be tested.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host replication postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host replication all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        data
+    })
+}
+
+/// Templates left by test processes that are gone.
+fn remove_stale_templates() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ecdc-test-")
+            .and_then(|r| r.strip_suffix("-pgtemplate"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    pub wal_level: &'static str,
+    pub extra_conf: String,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            wal_level: "logical",
+            extra_conf: String::new(),
+        }
+    }
+}
+
+/// A private PostgreSQL 15 server.
+pub struct Postgres {
+    pub port: u16,
+    pub data: PathBuf,
+    dir: TestDir,
+}
+
+impl Postgres {
+    /// Started with `wal_level = logical` and the database `engagement` holding the tables
+    /// of `migrations/postgres/`.
+    pub fn start() -> Postgres {
+        let pg = Postgres::start_with(PgOptions::default());
+        pg.create_database("engagement", true);
+        pg
+    }
+
+    pub fn start_with(opts: PgOptions) -> Postgres {
+        let dir = TestDir::new("pg");
+        let data = dir.path.join("data");
+        run_checked(
+            Command::new("cp").args([
+                "-a",
+                pg_template().to_str().unwrap(),
+                data.to_str().unwrap(),
+            ]),
+            "copy the template data directory",
+        );
+        let port = free_port();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = {}\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n\
+             synchronous_commit = on\ntimezone = 'UTC'\nshared_buffers = 32MB\n{}",
+            dir.path.display(),
+            opts.wal_level,
+            opts.extra_conf
+        )
+        .unwrap();
+        if is_root() {
+            run_checked(
+                Command::new("chown").args(["-R", "postgres:", dir.path.to_str().unwrap()]),
+                "chown",
+            );
+        }
+        let pg = Postgres { port, data, dir };
+        pg.start_server();
+        pg
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .expect("run pg_ctl")
+    }
+
+    fn start_server(&self) {
+        let log = self.dir.path.join("postgres.log");
+        let out = self.pg_ctl(&["-l", log.to_str().unwrap(), "-w", "-t", "30", "start"]);
+        if !out.status.success() {
+            panic!(
+                "postgres did not start: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Fast shutdown (disconnects clients, like a restart by an operator).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Start again after [`Postgres::stop`], on the same port and data.
+    pub fn restart(&self) {
+        self.stop();
+        self.start_server();
+    }
+
+    pub fn resume(&self) {
+        self.start_server();
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn create_database(&self, name: &str, with_tables: bool) {
+        self.psql("postgres", &format!("CREATE DATABASE {name}"));
+        if with_tables {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let mut files: Vec<_> = std::fs::read_dir(root.join("migrations/postgres"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            for f in files {
+                run_checked(
+                    Command::new("psql")
+                        .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                        .args([
+                            "-U",
+                            "postgres",
+                            "-d",
+                            name,
+                            "-v",
+                            "ON_ERROR_STOP=1",
+                            "-q",
+                            "-f",
+                        ])
+                        .arg(&f),
+                    "apply a postgres migration",
+                );
+            }
+        }
+    }
+
+    /// Run SQL with psql; returns unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = run_checked(
+            Command::new("psql")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-Atq",
+                    "-c",
+                    sql,
+                ]),
+            &format!("psql {sql:?}"),
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+}
+
+/// A server run as our child process, so it can be killed, hung and restarted.
+struct ChildServer {
+    child: Option<Child>,
+    make: Box<dyn Fn() -> Command + Send + Sync>,
+}
+
+impl ChildServer {
+    fn spawn(&mut self) {
+        let child = (self.make)()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("server running").id() as i32
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A private Redis (AOF on, so a restart keeps the data).
+pub struct Redis {
+    pub port: u16,
+    server: ChildServer,
+    _dir: TestDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let dir = TestDir::new("redis");
+        let port = free_port();
+        let path = dir.path.clone();
+        let mut server = ChildServer {
+            child: None,
+            make: Box::new(move || {
+                let mut c = Command::new("redis-server");
+                c.args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+                .arg("--dir")
+                .arg(&path);
+                c
+            }),
+        };
+        server.spawn();
+        let r = Redis {
+            port,
+            server,
+            _dir: dir,
+        };
+        r.wait_ready();
+        r
+    }
+
+    fn wait_ready(&self) {
+        wait_for("redis to answer PING", Duration::from_secs(10), || {
+            let out = Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "PING"])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// redis-cli with arguments; returns its raw output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    pub fn hang(&self) {
+        unsafe { libc::kill(self.server.pid(), libc::SIGSTOP) };
+    }
+    pub fn resume(&self) {
+        unsafe { libc::kill(self.server.pid(), libc::SIGCONT) };
+    }
+    pub fn stop(&mut self) {
+        self.server.kill();
+    }
+    pub fn start_again(&mut self) {
+        self.server.spawn();
+        self.wait_ready();
+    }
+}
+
+/// A private ClickHouse (the Debian package's server, 18.16 here).
+pub struct ClickHouse {
+    pub http_port: u16,
+    server: ChildServer,
+    _dir: TestDir,
+}
+
+impl ClickHouse {
+    pub fn start() -> ClickHouse {
+        let dir = TestDir::new("clickhouse");
+        let http_port = free_port();
+        let tcp_port = free_port();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/clickhouse");
+        let config = std::fs::read_to_string(root.join("config.xml"))
+            .unwrap()
+            .replace("@DIR@", dir.path.to_str().unwrap())
+            .replace("@HTTP_PORT@", &http_port.to_string())
+            .replace("@TCP_PORT@", &tcp_port.to_string());
+        for sub in ["log", "data", "tmp"] {
+            std::fs::create_dir_all(dir.path.join(sub)).unwrap();
+        }
+        std::fs::write(dir.path.join("config.xml"), config).unwrap();
+        std::fs::copy(root.join("users.xml"), dir.path.join("users.xml")).unwrap();
+        let config_path = dir.path.join("config.xml");
+        let mut server = ChildServer {
+            child: None,
+            make: Box::new(move || {
+                let mut c = Command::new("clickhouse-server");
+                c.arg(format!("--config-file={}", config_path.display()));
+                c
+            }),
+        };
+        server.spawn();
+        let ch = ClickHouse {
+            http_port,
+            server,
+            _dir: dir,
+        };
+        ch.wait_ready();
+        ch
+    }
+
+    fn wait_ready(&self) {
+        wait_for(
+            "clickhouse to answer /ping",
+            Duration::from_secs(20),
+            || {
+                http_get(self.http_port, "/ping")
+                    .filter(|b| b.trim() == "Ok.")
+                    .map(|_| ())
+            },
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Run a query over HTTP; returns the TSV answer, or panics with the server's error.
+    pub fn query(&self, sql: &str) -> String {
+        let (status, body) =
+            http_post(self.http_port, "/", sql.as_bytes()).expect("clickhouse reachable");
+        assert_eq!(status, 200, "clickhouse query {sql:?} failed: {body}");
+        body.trim_end().to_string()
+    }
+
+    pub fn hang(&self) {
+        unsafe { libc::kill(self.server.pid(), libc::SIGSTOP) };
+    }
+    pub fn resume(&self) {
+        unsafe { libc::kill(self.server.pid(), libc::SIGCONT) };
+    }
+    pub fn stop(&mut self) {
+        self.server.kill();
+    }
+    pub fn start_again(&mut self) {
+        self.server.spawn();
+        self.wait_ready();
+    }
+}
+
+/// A minimal HTTP/1.0 client, so tests need no HTTP crate.
+pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n",
+        body.len()
+    )
+    .ok()?;
+    s.write_all(body).ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_request(port, "GET", path, b"").map(|(_, b)| b)
+}
+
+pub fn http_post(port: u16, path: &str, body: &[u8]) -> Option<(u16, String)> {
+    http_request(port, "POST", path, body)
+}
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_engagement-cdc")
+}
+
+/// Result of running the binary to completion.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The `error: …` line, which must be the only line on stderr that says error.
+    pub fn error_line(&self) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line in stderr: {}", self.stderr))
+    }
+}
+
+/// Run `engagement-cdc ARGS` with the configuration file and extra environment.
+pub fn cli(config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(bin());
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env("ENGAGEMENT_CDC_LOG", "warn");
+    let out = cmd.output().expect("run engagement-cdc");
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "engagement-cdc panicked: {}",
+        run.stderr
+    );
+    run
+}
+
+/// A configuration file for a test, written into its own directory.
+pub struct TestConfig {
+    pub dir: TestDir,
+    pub path: PathBuf,
+}
+
+impl TestConfig {
+    /// `[postgres]` and `[state]` for `pg`, plus the given extra TOML (sink sections).
+    pub fn new(pg_url: &str, extra: &str) -> TestConfig {
+        let dir = TestDir::new("config");
+        let path = dir.path.join("engagement-cdc.toml");
+        let state = dir.path.join("state");
+        let listen = format!("127.0.0.1:{}", free_port());
+        std::fs::write(
+            &path,
+            format!(
+                "[postgres]\nurl = \"{pg_url}\"\nstatus_interval_ms = 200\n\n[state]\ndir = \"{}\"\n\n[server]\nlisten = \"{listen}\"\n\n{extra}\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        TestConfig { dir, path }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path.join("state")
+    }
+}
+
+/// The engine running in the background; its stdout lines are collected.
+pub struct Engine {
+    child: Option<Child>,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    stderr_path: PathBuf,
+}
+
+impl Engine {
+    pub fn spawn(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Engine {
+        let stderr_path =
+            config.with_extension(format!("stderr.{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config").arg(config).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if std::env::var("ENGAGEMENT_CDC_LOG").is_err() {
+            cmd.env("ENGAGEMENT_CDC_LOG", "info");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn engagement-cdc");
+        let stdout = child.stdout.take().unwrap();
+        let lines: Arc<(Mutex<Vec<String>>, Condvar)> = Default::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (m, cv) = &*sink;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        Engine {
+            child: Some(child),
+            lines,
+            stderr_path,
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.0.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Wait until at least `n` stdout lines arrived.
+    pub fn wait_lines(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let (m, cv) = &*self.lines;
+        let deadline = Instant::now() + timeout;
+        let mut guard = m.lock().unwrap();
+        while guard.len() < n {
+            let now = Instant::now();
+            if now >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {n} lines of engine output (got {}); stderr:\n{}",
+                    guard.len(),
+                    self.stderr()
+                );
+            }
+            guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+        guard.clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let mut c = self.child.take().expect("engine running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "engine did not exit within 30 s of SIGTERM; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let c = self.child.as_mut().expect("engine running");
+        let status = wait_for("the engine to exit", timeout, || c.try_wait().unwrap());
+        self.child = None;
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
