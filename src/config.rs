@@ -712,3 +712,47 @@ mod tests {
         assert!(QualifiedTable::parse("k", "a.b.c").is_err());
     }
 }
+
+#[cfg(test)]
+mod docs_tests {
+    use super::*;
+
+    /// `docs/configuration.md` lists exactly the keys of [`Config`], each with its default
+    /// and environment variable.
+    #[test]
+    fn the_configuration_reference_matches_the_code() {
+        let doc = include_str!("../docs/configuration.md");
+        let schema = toml::Table::try_from(Config::all_sections()).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let key = cells[1].trim_matches('`');
+            documented.insert(key.to_string());
+            let (section, name) = key.split_once('.').expect("section.key");
+            let default = schema
+                .get(section)
+                .and_then(|s| s.get(name))
+                .unwrap_or_else(|| panic!("docs/configuration.md documents unknown key {key}"));
+            let shown = match default {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let doc_default = cells[2].trim_matches('`');
+            let doc_default = if doc_default == "\"\"" { "" } else { doc_default };
+            assert_eq!(doc_default, shown, "default of {key}");
+            assert_eq!(
+                cells[3].trim_matches('`'),
+                format!("{ENV_PREFIX}{}__{}", section.to_uppercase(), name.to_uppercase()),
+                "environment variable of {key}"
+            );
+        }
+        for (section, table) in &schema {
+            for name in table.as_table().unwrap().keys() {
+                assert!(
+                    documented.contains(&format!("{section}.{name}")),
+                    "{section}.{name} is missing from docs/configuration.md"
+                );
+            }
+        }
+    }
+}
