@@ -738,11 +738,19 @@ mod docs_tests {
                 other => other.to_string(),
             };
             let doc_default = cells[2].trim_matches('`');
-            let doc_default = if doc_default == "\"\"" { "" } else { doc_default };
+            let doc_default = if doc_default == "\"\"" {
+                ""
+            } else {
+                doc_default
+            };
             assert_eq!(doc_default, shown, "default of {key}");
             assert_eq!(
                 cells[3].trim_matches('`'),
-                format!("{ENV_PREFIX}{}__{}", section.to_uppercase(), name.to_uppercase()),
+                format!(
+                    "{ENV_PREFIX}{}__{}",
+                    section.to_uppercase(),
+                    name.to_uppercase()
+                ),
                 "environment variable of {key}"
             );
         }

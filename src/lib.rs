@@ -22,10 +22,15 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod enrich;
 pub mod error;
+pub mod metrics;
 pub mod pg;
+pub mod pipeline;
+pub mod server;
 pub mod setup;
 pub mod sinks;
 pub mod source;
+pub mod status;
 pub mod types;

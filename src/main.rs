@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use engagement_cdc::config::Config;
-use engagement_cdc::error::{exit_code, one_line, UsageError};
+use engagement_cdc::error::{exit_code, one_line};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,18 @@ struct Cli {
 enum Command {
     /// Check Postgres, create the publication and slot, copy the content dimension, apply the ClickHouse migration, record the identity. Safe to run again.
     Setup,
+    /// Stream from the slot to the enabled sinks until SIGINT or SIGTERM.
+    Run {
+        /// Also print each enriched event as one JSON line on stdout (logs go to stderr).
+        #[arg(long)]
+        stdout: bool,
+    },
+    /// Show the checkpoint, the slot's confirmed position and lag, wal_status, the DLQ depth and the last commit time.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,11 +95,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok::<_, anyhow::Error>(())
             })?;
         }
+        Command::Run { stdout } => {
+            let config = load_config(cli.config.as_deref())?;
+            runtime.block_on(async {
+                let shutdown = engagement_cdc::engine::shutdown_signal()?;
+                engagement_cdc::engine::run(
+                    &config,
+                    engagement_cdc::engine::RunOptions { stdout },
+                    shutdown,
+                )
+                .await
+            })?;
+        }
+        Command::Status { json } => {
+            let config = load_config(cli.config.as_deref())?;
+            let status = runtime.block_on(engagement_cdc::status::status(&config))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render_text());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[allow(dead_code)]
-fn usage(message: impl Into<String>) -> anyhow::Error {
-    UsageError::new(message).into()
 }

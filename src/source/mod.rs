@@ -1,7 +1,10 @@
 //! The replication source: the connection (`pgwire-replication`), our pgoutput decoder, and
 //! the loop that turns committed transactions into enriched batches.
 
+pub mod pgoutput;
+pub mod rows;
 pub mod schema;
+pub mod stream;
 
 use std::time::Duration;
 

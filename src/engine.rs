@@ -1,0 +1,300 @@
+//! `engagement-cdc run`: preflight checks, the sinks, the pipeline, and replication
+//! sessions with reconnects, until a shutdown signal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use pgwire_replication::{FeedbackObserver, ReplicationClient};
+use tokio::sync::{watch, Notify};
+
+use crate::checkpoint::{Identity, StateStore};
+use crate::config::{Config, QualifiedTable};
+use crate::metrics::Metrics;
+use crate::pg;
+use crate::pipeline::Pipeline;
+use crate::server::{self, EngineState};
+use crate::sinks::stdout::StdoutSink;
+use crate::sinks::{Backoff, Sink};
+use crate::source::replication_config;
+use crate::source::rows::Relations;
+use crate::source::stream::{classify, SessionEnd, Source};
+use crate::types::Lsn;
+
+/// How long a graceful shutdown waits for the sinks to make in-flight batches durable.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// `run --stdout`: the stdout sink on, whatever the configuration says.
+    pub stdout: bool,
+}
+
+/// The enabled sinks, built and checked.
+async fn build_sinks(config: &Config, opts: &RunOptions) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if config.stdout.enabled || opts.stdout {
+        sinks.push(Box::new(StdoutSink::default()));
+    }
+    for (name, on) in [
+        ("clickhouse", config.clickhouse().is_some()),
+        ("redis", config.redis().is_some()),
+        ("http", config.http().is_some()),
+    ] {
+        if on {
+            bail!(crate::error::UsageError::new(format!(
+                "the {name} sink is not available in this build; remove the [{name}] section or set enabled = false"
+            )));
+        }
+    }
+    if sinks.is_empty() {
+        bail!(crate::error::UsageError::new(
+            "no sink is enabled; add a [clickhouse], [redis], [http] or [stdout] section (or pass --stdout)"
+        ));
+    }
+    Ok(sinks)
+}
+
+pub async fn run(
+    config: &Config,
+    opts: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let pgc = &config.postgres;
+    let sinks = build_sinks(config, &opts).await?;
+    let store = StateStore::open(&config.state.dir)?;
+    let Some(identity) = store.identity()? else {
+        bail!(
+            "state directory {} has no record of a setup; run `engagement-cdc setup` first",
+            config.state.dir.display()
+        );
+    };
+    let expected = Identity {
+        slot: pgc.slot.clone(),
+        ..identity.clone()
+    };
+    if identity != expected {
+        bail!(
+            "state directory {} belongs to {identity}, but the configuration names slot {:?}; use the state directory of that slot, or run setup for it with another [state] dir",
+            config.state.dir.display(),
+            pgc.slot
+        );
+    }
+
+    // Preflight on an ordinary connection: server, tables, slot.
+    let client = pg::connect(&pgc.url).await?;
+    let facts = pg::server_facts(&client).await?;
+    pg::check_server(&facts)?;
+    pg::check_source_tables(&client, pgc).await?;
+    if facts.database != identity.database {
+        bail!(
+            "state directory {} belongs to {identity}, not to database {:?}; use another [state] dir",
+            config.state.dir.display(),
+            facts.database
+        );
+    }
+    let checkpoint = store.checkpoint()?;
+    match pg::slot_info(&client, &pgc.slot).await? {
+        None => bail!(
+            "replication slot {:?} does not exist; changes since the checkpoint {checkpoint} may be missing: run `engagement-cdc setup` to create it, then `engagement-cdc backfill` from the last commit time that `engagement-cdc status` shows",
+            pgc.slot
+        ),
+        Some(info) => {
+            pg::check_slot(&pgc.slot, &info, &facts.database)?;
+            if let Some(confirmed) = info.confirmed_flush_lsn.as_deref().and_then(|l| l.parse::<Lsn>().ok()) {
+                if confirmed > checkpoint && checkpoint != Lsn(0) {
+                    tracing::warn!(
+                        "slot {:?} was confirmed up to {confirmed} by another consumer, beyond this engine's checkpoint {checkpoint}; changes in between cannot be read again: backfill that time if events are missing",
+                        pgc.slot
+                    );
+                }
+            }
+        }
+    }
+    drop(client);
+
+    let metrics = Arc::new(Metrics::default());
+    metrics
+        .checkpoint_lsn
+        .store(checkpoint.0, Ordering::Relaxed);
+    if let Some(t) = store.last_commit_us()? {
+        metrics.last_commit_us.store(t, Ordering::Relaxed);
+    }
+    let state = Arc::new(EngineState {
+        metrics: metrics.clone(),
+        streaming: AtomicBool::new(false),
+        slot: pgc.slot.clone(),
+    });
+    let _server = server::spawn(&config.server.listen, state.clone()).await?;
+
+    let dimension = store.load_dimension()?;
+    tracing::info!(
+        "starting at checkpoint {checkpoint} with {} content rows; sinks: {}",
+        dimension.len(),
+        sinks
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut pipeline = Pipeline::start(sinks, store.clone(), metrics.clone(), checkpoint);
+    let mut source = Source {
+        relations: Relations::new(
+            QualifiedTable::parse("postgres.events_table", &pgc.events_table)?,
+            QualifiedTable::parse("postgres.content_table", &pgc.content_table)?,
+        ),
+        dimension,
+        metrics: metrics.clone(),
+        max_batch_rows: config.pipeline.max_batch_rows,
+        max_batch_delay: Duration::from_millis(config.pipeline.max_batch_delay_ms),
+    };
+
+    let feedback = Arc::new(Notify::new());
+    let observer = {
+        let feedback = feedback.clone();
+        FeedbackObserver::new(move |_| feedback.notify_waiters())
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let result: anyhow::Result<()> = loop {
+        let start = pipeline.progress().borrow().checkpoint;
+        let rc = replication_config(pgc)?
+            .with_start_lsn(start.into())
+            .with_ack_lsn(start.into())
+            .with_feedback_observer(observer.clone());
+        let mut client = match open_session(rc, &identity).await {
+            Ok(c) => c,
+            Err(SessionEnd::Fatal(e)) => break Err(e),
+            Err(SessionEnd::Lost(_)) if *shutdown.borrow() => break Ok(()),
+            Err(SessionEnd::Lost(e)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!("{:#}; retrying in {delay:?}", e);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = shutdown.changed() => break Ok(()),
+                }
+            }
+            Err(SessionEnd::Shutdown) => break Ok(()),
+        };
+        Metrics::add(&metrics.replication_sessions, 1);
+        state.streaming.store(true, Ordering::Relaxed);
+        tracing::info!("streaming slot {:?} from {start}", pgc.slot);
+        let end = source
+            .session(&mut client, &mut pipeline, start, &mut shutdown)
+            .await;
+        state.streaming.store(false, Ordering::Relaxed);
+        match end {
+            SessionEnd::Shutdown => {
+                let done = tokio::time::timeout(DRAIN_TIMEOUT, pipeline.drain()).await;
+                match done {
+                    Ok(Ok(p)) => {
+                        confirm_and_stop(
+                            &mut client,
+                            p.checkpoint,
+                            &feedback,
+                            pgc.status_interval_ms,
+                        )
+                        .await;
+                        tracing::info!("stopped at checkpoint {}", p.checkpoint);
+                        break Ok(());
+                    }
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => {
+                        let cp = pipeline.progress().borrow().checkpoint;
+                        confirm_and_stop(&mut client, cp, &feedback, pgc.status_interval_ms).await;
+                        tracing::warn!(
+                            "a sink did not finish within {DRAIN_TIMEOUT:?}; stopping at checkpoint {cp}; the rest is read again at the next start"
+                        );
+                        break Ok(());
+                    }
+                }
+            }
+            SessionEnd::Fatal(e) => {
+                client.abort();
+                break Err(e);
+            }
+            SessionEnd::Lost(e) => {
+                client.abort();
+                tracing::warn!("{e:#}; draining in-flight batches, then reconnecting");
+                // Resume exactly at the checkpoint: everything read is made durable first,
+                // and the dimension is reloaded as of that checkpoint (a transaction cut by
+                // the disconnect may have changed it in memory).
+                tokio::select! {
+                    drained = pipeline.drain() => { if let Err(e) = drained { break Err(e); } }
+                    _ = shutdown.changed() => break Ok(()),
+                }
+                source.dimension = store.load_dimension()?;
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => break Ok(()),
+                }
+            }
+        }
+        backoff.reset();
+    };
+    pipeline.close().await;
+    result
+}
+
+/// Connect, check the server's identity, start streaming.
+async fn open_session(
+    rc: pgwire_replication::ReplicationConfig,
+    identity: &Identity,
+) -> Result<ReplicationClient, SessionEnd> {
+    let mut client = ReplicationClient::connect_gated(rc)
+        .await
+        .map_err(classify)?;
+    let system = client.identify_system().await.map_err(classify)?;
+    if system.system_id != identity.system_id {
+        return Err(SessionEnd::Fatal(anyhow!(
+            "this Postgres has system identifier {}, but the state directory belongs to {identity}; point [postgres] url at that server, or use another [state] dir",
+            system.system_id
+        )));
+    }
+    client.start().await.map_err(classify)?;
+    client.wait_started().await.map_err(classify)?;
+    Ok(client)
+}
+
+/// Report the final checkpoint to Postgres and end the session: wait (bounded) until the
+/// standby status update carrying it was sent.
+async fn confirm_and_stop(
+    client: &mut ReplicationClient,
+    checkpoint: Lsn,
+    feedback: &Notify,
+    status_interval_ms: u64,
+) {
+    client.update_applied_lsn(checkpoint.into());
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(status_interval_ms + 2000);
+    loop {
+        let notified = feedback.notified();
+        if client.feedback_pending_since().is_none() {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            tracing::warn!("the final position {checkpoint} may not have reached Postgres; it is confirmed at the next start");
+            break;
+        }
+    }
+    if let Err(e) = client.shutdown().await {
+        tracing::debug!("replication session ended: {e}");
+    }
+}
+
+/// Resolve when SIGINT or SIGTERM arrives.
+pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown requested: finishing in-flight batches");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}

@@ -1,0 +1,321 @@
+//! Batching, fan-out and ack tracking → the checkpoint (SPEC §8).
+//!
+//! ```text
+//!  source ──register──────────────────────────────► tracker ──► sled (checkpoint + dimension)
+//!     │                                                ▲            │
+//!     ├──Arc<Batch>──► [bounded] ──► sink task A ──ack─┤            ▼
+//!     └──Arc<Batch>──► [bounded] ──► sink task B ──ack─┘      progress watch ──► source
+//!                                                              (update_applied_lsn)
+//! ```
+//!
+//! Each sink has its own task and a bounded queue of [`RUN_AHEAD`] batches, so a sink may
+//! run that far ahead of the slowest; when a queue is full the source waits, and with it the
+//! replication stream (back-pressure, never an unbounded queue). The tracker sees every
+//! batch registered in order and every sink's acks (each sink acks in order); the longest
+//! prefix that every sink acked is durable, and the checkpoint moves to the last commit in
+//! it, written to sled with that prefix's dimension changes before Postgres hears of it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::StateStore;
+use crate::enrich::{DimChange, EnrichedEvent};
+use crate::metrics::Metrics;
+use crate::sinks::Sink;
+use crate::types::Lsn;
+
+/// Batches a sink may hold beyond the one it is delivering.
+pub const RUN_AHEAD: usize = 4;
+
+/// A batch of enriched events, as every sink receives it.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Position in the stream of batches (and markers), from 1.
+    pub seq: u64,
+    pub events: Vec<EnrichedEvent>,
+    /// End LSN of the last transaction that committed in this batch: the checkpoint once
+    /// this batch and all before it are durable. `None` when the batch holds only part of a
+    /// transaction.
+    pub commit_end: Option<Lsn>,
+    /// Commit time (µs since 1970) of that transaction.
+    pub last_commit_us: Option<i64>,
+    /// Dimension changes of the transactions that committed in this batch, in order.
+    pub dim_changes: Vec<DimChange>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.commit_end.is_none() && self.dim_changes.is_empty()
+    }
+}
+
+/// What the tracker has made durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Every batch and marker up to this sequence number is done.
+    pub done_seq: u64,
+    /// The checkpoint in sled.
+    pub checkpoint: Lsn,
+}
+
+struct Registration {
+    seq: u64,
+    /// Sent to no sink: done as soon as everything before it is.
+    marker: bool,
+    events: usize,
+    commit_end: Option<Lsn>,
+    last_commit_us: Option<i64>,
+    dim_changes: Vec<DimChange>,
+}
+
+pub struct Pipeline {
+    senders: Vec<mpsc::Sender<Arc<Batch>>>,
+    register: mpsc::UnboundedSender<Registration>,
+    progress: watch::Receiver<Progress>,
+    failures: mpsc::UnboundedReceiver<anyhow::Error>,
+    tasks: JoinSet<()>,
+    last_seq: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    pub fn start(
+        sinks: Vec<Box<dyn Sink>>,
+        store: StateStore,
+        metrics: Arc<Metrics>,
+        checkpoint: Lsn,
+    ) -> Pipeline {
+        let (register, reg_rx) = mpsc::unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(usize, u64)>();
+        let (fail_tx, failures) = mpsc::unbounded_channel();
+        let (progress_tx, progress) = watch::channel(Progress {
+            done_seq: 0,
+            checkpoint,
+        });
+        let mut tasks = JoinSet::new();
+        let mut senders = Vec::new();
+        let n = sinks.len();
+        for (index, mut sink) in sinks.into_iter().enumerate() {
+            let (tx, mut rx) = mpsc::channel::<Arc<Batch>>(RUN_AHEAD);
+            senders.push(tx);
+            let ack = ack_tx.clone();
+            let fail = fail_tx.clone();
+            tasks.spawn(async move {
+                let mut idle = tokio::time::interval(Duration::from_secs(1));
+                idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        batch = rx.recv() => {
+                            let Some(batch) = batch else { break };
+                            if let Err(e) = sink.deliver(&batch).await {
+                                let _ = fail.send(e.context(format!("{} sink failed", sink.name())));
+                                break;
+                            }
+                            let _ = ack.send((index, batch.seq));
+                            idle.reset();
+                        }
+                        _ = idle.tick() => {
+                            if let Err(e) = sink.idle().await {
+                                let _ = fail.send(e.context(format!("{} sink failed", sink.name())));
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        drop(ack_tx);
+        let tracker_metrics = metrics.clone();
+        tasks.spawn(async move {
+            if let Err(e) = track(n, reg_rx, ack_rx, store, progress_tx, tracker_metrics).await {
+                let _ = fail_tx.send(e);
+            }
+        });
+        Pipeline {
+            senders,
+            register,
+            progress,
+            failures,
+            tasks,
+            last_seq: 0,
+            metrics,
+        }
+    }
+
+    /// Hand a batch to every sink, waiting while a sink's queue is full. A batch without
+    /// events becomes a marker (its commit and dimension changes still count).
+    pub async fn send(&mut self, mut batch: Batch) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.last_seq += 1;
+        batch.seq = self.last_seq;
+        let marker = batch.events.is_empty();
+        self.register
+            .send(Registration {
+                seq: batch.seq,
+                marker,
+                events: batch.events.len(),
+                commit_end: batch.commit_end,
+                last_commit_us: batch.last_commit_us,
+                dim_changes: std::mem::take(&mut batch.dim_changes),
+            })
+            .map_err(|_| anyhow!("the checkpoint tracker stopped"))?;
+        if marker {
+            return Ok(());
+        }
+        Metrics::add(&self.metrics.batches, 1);
+        let batch = Arc::new(batch);
+        for tx in &self.senders {
+            tokio::select! {
+                sent = tx.send(batch.clone()) => {
+                    if sent.is_err() {
+                        return Err(self.failure().await);
+                    }
+                }
+                e = self.failures.recv() => {
+                    return Err(e.unwrap_or_else(|| anyhow!("the pipeline stopped")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Let the checkpoint move to `lsn` once everything sent so far is durable (an idle
+    /// stream's keepalive position).
+    pub fn mark(&mut self, lsn: Lsn) -> anyhow::Result<()> {
+        self.last_seq += 1;
+        self.register
+            .send(Registration {
+                seq: self.last_seq,
+                marker: true,
+                events: 0,
+                commit_end: Some(lsn),
+                last_commit_us: None,
+                dim_changes: Vec::new(),
+            })
+            .map_err(|_| anyhow!("the checkpoint tracker stopped"))
+    }
+
+    /// Whether something sent is not yet durable.
+    pub fn in_flight(&self) -> bool {
+        self.progress.borrow().done_seq < self.last_seq
+    }
+
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// Wait until everything sent so far is durable, or a sink fails.
+    pub async fn drain(&mut self) -> anyhow::Result<Progress> {
+        let target = self.last_seq;
+        let mut progress = self.progress.clone();
+        tokio::select! {
+            p = progress.wait_for(|p| p.done_seq >= target) => {
+                p.map(|p| *p).map_err(|_| anyhow!("the checkpoint tracker stopped"))
+            }
+            e = self.failures.recv() => Err(e.unwrap_or_else(|| anyhow!("the pipeline stopped"))),
+        }
+    }
+
+    /// The first permanent failure of a sink or the tracker (waits until there is one).
+    pub async fn failure(&mut self) -> anyhow::Error {
+        self.failures
+            .recv()
+            .await
+            .unwrap_or_else(|| anyhow!("the pipeline stopped"))
+    }
+
+    /// Stop the sink tasks after they delivered what they hold; then the tracker.
+    pub async fn close(mut self) {
+        self.senders.clear();
+        drop(self.register);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn track(
+    sinks: usize,
+    mut reg_rx: mpsc::UnboundedReceiver<Registration>,
+    mut ack_rx: mpsc::UnboundedReceiver<(usize, u64)>,
+    store: StateStore,
+    progress_tx: watch::Sender<Progress>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mut pending: VecDeque<Registration> = VecDeque::new();
+    let mut acked = vec![0u64; sinks];
+    let mut progress = *progress_tx.borrow();
+    let mut registering = true;
+    let mut acks_open = true;
+    loop {
+        tokio::select! {
+            r = reg_rx.recv(), if registering => match r {
+                Some(r) => pending.push_back(r),
+                None => registering = false,
+            },
+            a = ack_rx.recv(), if acks_open => match a {
+                Some((sink, seq)) => acked[sink] = acked[sink].max(seq),
+                None => acks_open = false,
+            },
+            else => break,
+        }
+        let all_acked = acked.iter().copied().min().unwrap_or(u64::MAX);
+        let mut changes = Vec::new();
+        let mut new_checkpoint = progress.checkpoint;
+        let mut last_commit_us = None;
+        let mut done = progress.done_seq;
+        let mut events = 0u64;
+        while let Some(front) = pending.front() {
+            if !(front.marker || front.seq <= all_acked) {
+                break;
+            }
+            let r = pending.pop_front().expect("front exists");
+            done = r.seq;
+            events += r.events as u64;
+            changes.extend(r.dim_changes);
+            if let Some(lsn) = r.commit_end {
+                new_checkpoint = new_checkpoint.max(lsn);
+            }
+            last_commit_us = r.last_commit_us.or(last_commit_us);
+        }
+        if done == progress.done_seq {
+            if !registering && (pending.is_empty() || !acks_open) {
+                break;
+            }
+            continue;
+        }
+        if new_checkpoint > progress.checkpoint {
+            store
+                .commit(new_checkpoint, &changes, last_commit_us)
+                .await?;
+            metrics
+                .checkpoint_lsn
+                .store(new_checkpoint.0, std::sync::atomic::Ordering::Relaxed);
+            if let Some(t) = last_commit_us {
+                metrics
+                    .last_commit_us
+                    .store(t, std::sync::atomic::Ordering::Relaxed);
+            }
+        } else if !changes.is_empty() {
+            return Err(anyhow!(
+                "dimension changes without a newer commit (checkpoint {}); this is a bug",
+                progress.checkpoint
+            ));
+        }
+        Metrics::add(&metrics.events_delivered, events);
+        progress = Progress {
+            done_seq: done,
+            checkpoint: new_checkpoint,
+        };
+        progress_tx.send_replace(progress);
+        if !registering && pending.is_empty() {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The engine's HTTP endpoints on `[server] listen`: `/healthz` (the process is up),
+//! `/readyz` (a replication session is streaming), `/metrics` (Prometheus text) and
+//! `/status` (JSON, read by `engagement-cdc status` while the engine holds the state store).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::types::Lsn;
+
+/// What the endpoints show.
+pub struct EngineState {
+    pub metrics: Arc<Metrics>,
+    pub streaming: AtomicBool,
+    pub slot: String,
+}
+
+impl EngineState {
+    pub fn status_json(&self) -> serde_json::Value {
+        let m = &self.metrics;
+        let last_commit = m.last_commit_us.load(Ordering::Relaxed);
+        serde_json::json!({
+            "slot": self.slot,
+            "streaming": self.streaming.load(Ordering::Relaxed),
+            "checkpoint_lsn": Lsn(m.checkpoint_lsn.load(Ordering::Relaxed)).to_string(),
+            "last_commit_time": (last_commit != 0).then(|| crate::enrich::rfc3339_us(last_commit)),
+            "counters": m.snapshot().into_iter().map(|(k, _, v)| (k.to_string(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+}
+
+/// Serve until the returned handle is dropped (aborted) or the process ends.
+pub async fn spawn(listen: &str, state: Arc<EngineState>) -> anyhow::Result<ServerHandle> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
+        format!("cannot listen on {listen} for the engine's HTTP endpoints; is another engine running? change [server] listen")
+    })?;
+    let handle = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(ServerHandle(handle))
+}
+
+pub struct ServerHandle(JoinHandle<()>);
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn route(state: &EngineState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            if state.streaming.load(Ordering::Relaxed) {
+                reply(StatusCode::OK, "text/plain", "streaming\n".into())
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not streaming\n".into(),
+                )
+            }
+        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render_prometheus(),
+        ),
+        "/status" => reply(
+            StatusCode::OK,
+            "application/json",
+            state.status_json().to_string(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /healthz, /readyz, /metrics or /status\n".into(),
+        ),
+    }
+}

@@ -1,0 +1,351 @@
+//! One replication session: read events from `pgwire-replication`, decode pgoutput, keep
+//! transactions and the dimension in commit order, enrich, and cut batches for the pipeline.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+
+use crate::enrich::{enrich, DimChange, Dimension};
+use crate::metrics::Metrics;
+use crate::pipeline::{Batch, Pipeline};
+use crate::source::pgoutput::Message;
+use crate::source::rows::{content_key, decode_content, decode_event, RelKind, Relations};
+use crate::types::Lsn;
+
+/// Microseconds between 1970-01-01 and 2000-01-01 (Postgres's epoch).
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// A batch also closes at this many bytes of event text, so 1 MB strings cannot make a
+/// 10,000-event batch take gigabytes.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Shutdown was requested; everything read was handed to the pipeline.
+    Shutdown,
+    /// The connection was lost (server restart, network): reconnect from the checkpoint.
+    Lost(anyhow::Error),
+    /// Something that a reconnect cannot fix: stop with this error, checkpoint held.
+    Fatal(anyhow::Error),
+}
+
+/// The source's state that outlives a session.
+pub struct Source {
+    pub relations: Relations,
+    pub dimension: Dimension,
+    pub metrics: Arc<Metrics>,
+    pub max_batch_rows: usize,
+    pub max_batch_delay: Duration,
+}
+
+struct Tx {
+    commit_lsn: Lsn,
+    /// A transaction at or below the checkpoint, already durable: read for its Relation
+    /// messages only.
+    replayed: bool,
+    dim_changes: Vec<DimChange>,
+}
+
+struct Builder {
+    batch: Batch,
+    bytes: usize,
+    started: Option<Instant>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        Builder {
+            batch: Batch::default(),
+            bytes: 0,
+            started: None,
+        }
+    }
+    fn take(&mut self) -> Batch {
+        self.bytes = 0;
+        self.started = None;
+        std::mem::take(&mut self.batch)
+    }
+}
+
+impl Source {
+    /// Run one session until shutdown, a lost connection or a fatal error. `checkpoint` is
+    /// where it started: transactions whose commit lies before it are skipped.
+    pub async fn session(
+        &mut self,
+        client: &mut ReplicationClient,
+        pipeline: &mut Pipeline,
+        checkpoint: Lsn,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let mut progress = pipeline.progress();
+        let mut tx: Option<Tx> = None;
+        let mut b = Builder::new();
+        loop {
+            if progress.has_changed().unwrap_or(false) {
+                let lsn = progress.borrow_and_update().checkpoint;
+                client.update_applied_lsn(lsn.into());
+            }
+            if *shutdown.borrow() {
+                if let Err(e) = pipeline.send(b.take()).await {
+                    return SessionEnd::Fatal(e);
+                }
+                return SessionEnd::Shutdown;
+            }
+            // With something in the batch, take only what is already waiting; when nothing
+            // is, the batch goes out at once (an isolated insert is not held back).
+            let next = if !b.batch.is_empty() {
+                let full = b.batch.events.len() >= self.max_batch_rows
+                    || b.bytes >= MAX_BATCH_BYTES
+                    || b.started
+                        .is_some_and(|t| t.elapsed() >= self.max_batch_delay);
+                let ready = if full {
+                    None
+                } else {
+                    client.recv().now_or_never()
+                };
+                match ready {
+                    Some(r) => r,
+                    None => {
+                        if let Err(e) = pipeline.send(b.take()).await {
+                            return SessionEnd::Fatal(e);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    r = client.recv() => r,
+                    _ = shutdown.changed() => return SessionEnd::Shutdown,
+                    changed = progress.changed() => {
+                        if changed.is_ok() {
+                            let lsn = progress.borrow_and_update().checkpoint;
+                            client.update_applied_lsn(lsn.into());
+                        }
+                        continue;
+                    }
+                    e = pipeline.failure() => return SessionEnd::Fatal(e),
+                }
+            };
+            let event = match next {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    return SessionEnd::Lost(anyhow::anyhow!("the replication stream ended"))
+                }
+                Err(e) => {
+                    if let Err(send) = pipeline.send(b.take()).await {
+                        return SessionEnd::Fatal(send);
+                    }
+                    return classify(e);
+                }
+            };
+            match event {
+                ReplicationEvent::Begin { final_lsn, .. } => {
+                    let commit_lsn = Lsn::from(final_lsn);
+                    tx = Some(Tx {
+                        commit_lsn,
+                        replayed: commit_lsn < checkpoint,
+                        dim_changes: Vec::new(),
+                    });
+                }
+                ReplicationEvent::Commit {
+                    end_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
+                    let Some(t) = tx.take() else {
+                        return SessionEnd::Fatal(anyhow::anyhow!(
+                            "replication protocol: Commit without Begin"
+                        ));
+                    };
+                    if t.replayed {
+                        Metrics::add(&self.metrics.transactions_replayed_skipped, 1);
+                        continue;
+                    }
+                    Metrics::add(&self.metrics.transactions, 1);
+                    b.batch.commit_end = Some(end_lsn.into());
+                    b.batch.last_commit_us = Some(commit_time_micros + PG_EPOCH_OFFSET_US);
+                    b.batch.dim_changes.extend(t.dim_changes);
+                    b.started.get_or_insert_with(Instant::now);
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    if let Err(e) = self.apply(&data, tx.as_mut(), &mut b) {
+                        return SessionEnd::Fatal(e);
+                    }
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    self.metrics
+                        .server_wal_end
+                        .store(wal_end.0, Ordering::Relaxed);
+                    // Nothing in flight: confirm the server's position, so an idle database
+                    // (or one with writes to other tables only) does not retain WAL.
+                    if tx.is_none() && b.batch.is_empty() && !pipeline.in_flight() {
+                        let lsn = Lsn::from(wal_end);
+                        if lsn > pipeline.progress().borrow().checkpoint {
+                            if let Err(e) = pipeline.mark(lsn) {
+                                return SessionEnd::Fatal(e);
+                            }
+                        }
+                    }
+                }
+                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            }
+        }
+    }
+
+    /// One pgoutput change inside a transaction.
+    fn apply(&mut self, data: &[u8], tx: Option<&mut Tx>, b: &mut Builder) -> anyhow::Result<()> {
+        let msg = Message::parse(data)?;
+        if let Message::Relation(rel) = &msg {
+            self.relations.update(rel).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; the engine stopped with its checkpoint held: restore the column (or fix the configuration) and start it again"
+                )
+            })?;
+            return Ok(());
+        }
+        let Some(tx) = tx else {
+            // Changes only come inside transactions; Type/Origin/Message may not.
+            return Ok(());
+        };
+        if tx.replayed {
+            return Ok(());
+        }
+        let kind = |relations: &Relations, id: u32| -> anyhow::Result<RelKind> {
+            relations.get(id).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "replication protocol: change for relation {id} before its Relation message"
+                )
+            })
+        };
+        match msg {
+            Message::Insert { relation, new } => match kind(&self.relations, relation)? {
+                RelKind::Events(pos) => match decode_event(&new, &pos) {
+                    Ok(raw) => {
+                        let content = self.dimension.get(raw.content_id);
+                        let (event, notes) = enrich(raw, content, tx.commit_lsn);
+                        Metrics::add(&self.metrics.events_streamed, 1);
+                        if notes.unknown_content {
+                            Metrics::add(&self.metrics.events_unknown_content, 1);
+                        }
+                        if notes.invalid_duration {
+                            Metrics::add(&self.metrics.events_negative_duration, 1);
+                        }
+                        b.bytes += 128
+                            + event.event_type.len()
+                            + event.device.as_ref().map_or(0, |d| d.len());
+                        b.batch.events.push(event);
+                        b.started.get_or_insert_with(Instant::now);
+                    }
+                    Err(why) => {
+                        Metrics::add(&self.metrics.events_invalid, 1);
+                        tracing::warn!(
+                            "skipped an event row in the transaction committed at {}: {why}",
+                            tx.commit_lsn
+                        );
+                    }
+                },
+                RelKind::Content(pos) => {
+                    let id =
+                        content_key(&new, &pos).map_err(|e| anyhow::anyhow!("content row: {e}"))?;
+                    let row = decode_content(&new, &pos, self.dimension.get(id))
+                        .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
+                    self.change(tx, DimChange::Upsert(row));
+                }
+                RelKind::Other(_) => Metrics::add(&self.metrics.other_changes_ignored, 1),
+            },
+            Message::Update {
+                relation, old, new, ..
+            } => match kind(&self.relations, relation)? {
+                RelKind::Content(pos) => {
+                    let id =
+                        content_key(&new, &pos).map_err(|e| anyhow::anyhow!("content row: {e}"))?;
+                    if let Some(old) = old {
+                        if let Ok(old_id) = content_key(&old, &pos) {
+                            if old_id != id {
+                                let previous = self.dimension.get(old_id).cloned();
+                                self.change(tx, DimChange::Delete(old_id));
+                                let row = decode_content(&new, &pos, previous.as_ref())
+                                    .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
+                                self.change(tx, DimChange::Upsert(row));
+                                return Ok(());
+                            }
+                        }
+                    }
+                    let row = decode_content(&new, &pos, self.dimension.get(id))
+                        .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
+                    self.change(tx, DimChange::Upsert(row));
+                }
+                RelKind::Events(_) => Metrics::add(&self.metrics.event_changes_ignored, 1),
+                RelKind::Other(_) => Metrics::add(&self.metrics.other_changes_ignored, 1),
+            },
+            Message::Delete { relation, old } => match kind(&self.relations, relation)? {
+                RelKind::Content(pos) => {
+                    let id = content_key(&old, &pos)
+                        .map_err(|e| anyhow::anyhow!("content delete: {e}"))?;
+                    self.change(tx, DimChange::Delete(id));
+                }
+                RelKind::Events(_) => Metrics::add(&self.metrics.event_changes_ignored, 1),
+                RelKind::Other(_) => Metrics::add(&self.metrics.other_changes_ignored, 1),
+            },
+            Message::Truncate { relations, .. } => {
+                for id in relations {
+                    match self.relations.get(id).cloned() {
+                        Some(RelKind::Content(_)) => self.change(tx, DimChange::Truncate),
+                        Some(RelKind::Events(_)) => {
+                            Metrics::add(&self.metrics.event_changes_ignored, 1)
+                        }
+                        _ => Metrics::add(&self.metrics.other_changes_ignored, 1),
+                    }
+                }
+            }
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Relation(_)
+            | Message::Type { .. }
+            | Message::Origin { .. }
+            | Message::LogicalMessage { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Apply a dimension change now (later events of this transaction see it) and keep it
+    /// for the checkpoint of the transaction's commit.
+    fn change(&mut self, tx: &mut Tx, change: DimChange) {
+        self.dimension.apply(&change);
+        Metrics::add(&self.metrics.content_changes, 1);
+        tx.dim_changes.push(change);
+    }
+}
+
+/// Which replication errors a reconnect may fix.
+pub fn classify(e: pgwire_replication::PgWireError) -> SessionEnd {
+    use pgwire_replication::PgWireError as E;
+    let text = e.to_string();
+    match &e {
+        E::Io(_) | E::Task(_) => SessionEnd::Lost(anyhow::anyhow!("replication connection lost: {text}")),
+        E::Server(m)
+            if m.contains("does not exist") && m.contains("replication slot") =>
+        {
+            SessionEnd::Fatal(anyhow::anyhow!(
+                "the replication slot is missing ({m}); run `engagement-cdc setup` to create it, then `engagement-cdc backfill` over the time since the last commit that `engagement-cdc status` shows"
+            ))
+        }
+        E::Server(m) if m.contains("can no longer get changes") || m.contains("invalidated") => {
+            SessionEnd::Fatal(anyhow::anyhow!(
+                "the replication slot is invalidated ({m}); drop it, run `engagement-cdc setup`, then `engagement-cdc backfill` over the time since the last commit that `engagement-cdc status` shows"
+            ))
+        }
+        E::Auth(m) => SessionEnd::Fatal(anyhow::anyhow!(
+            "Postgres rejected the replication login: {m}; fix [postgres] url"
+        )),
+        E::Protocol(_) | E::MessageTooLarge { .. } => {
+            SessionEnd::Fatal(anyhow::anyhow!("replication protocol error: {text}"))
+        }
+        _ => SessionEnd::Lost(anyhow::anyhow!("replication stream failed: {text}")),
+    }
+}
