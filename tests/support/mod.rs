@@ -602,6 +602,8 @@ pub fn cli(config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
 pub struct TestConfig {
     pub dir: TestDir,
     pub path: PathBuf,
+    /// Port of the engine's HTTP endpoints (`[server] listen`).
+    pub server_port: u16,
 }
 
 impl TestConfig {
@@ -610,7 +612,8 @@ impl TestConfig {
         let dir = TestDir::new("config");
         let path = dir.path.join("engagement-cdc.toml");
         let state = dir.path.join("state");
-        let listen = format!("127.0.0.1:{}", free_port());
+        let server_port = free_port();
+        let listen = format!("127.0.0.1:{server_port}");
         std::fs::write(
             &path,
             format!(
@@ -619,7 +622,22 @@ impl TestConfig {
             ),
         )
         .unwrap();
-        TestConfig { dir, path }
+        TestConfig {
+            dir,
+            path,
+            server_port,
+        }
+    }
+
+    /// The running engine's `/status` JSON, when it answers.
+    pub fn engine_status(&self) -> Option<serde_json::Value> {
+        let body = http_get(self.server_port, "/status")?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// A counter of the running engine (see `src/metrics.rs`), when it answers.
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        self.engine_status()?["counters"][name].as_u64()
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -627,15 +645,32 @@ impl TestConfig {
     }
 }
 
+/// What happens to the engine's stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdout {
+    /// Collected line by line.
+    Collect,
+    /// Collected only after [`Engine::release_stdout`]: until then the pipe fills up and the
+    /// stdout sink blocks, holding the checkpoint.
+    Gated,
+    /// Thrown away (large volumes).
+    Discard,
+}
+
 /// The engine running in the background; its stdout lines are collected.
 pub struct Engine {
     child: Option<Child>,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
     stderr_path: PathBuf,
 }
 
 impl Engine {
     pub fn spawn(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Engine {
+        Engine::spawn_with(config, args, env, Stdout::Collect)
+    }
+
+    pub fn spawn_with(config: &Path, args: &[&str], env: &[(&str, &str)], mode: Stdout) -> Engine {
         let stderr_path =
             config.with_extension(format!("stderr.{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
@@ -648,15 +683,37 @@ impl Engine {
             cmd.env("ENGAGEMENT_CDC_LOG", "info");
         }
         let mut child = cmd
-            .stdout(Stdio::piped())
+            .stdout(if mode == Stdout::Discard {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            })
             .stderr(stderr)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn engagement-cdc");
-        let stdout = child.stdout.take().unwrap();
         let lines: Arc<(Mutex<Vec<String>>, Condvar)> = Default::default();
+        let gate: Arc<(Mutex<bool>, Condvar)> =
+            Arc::new((Mutex::new(mode != Stdout::Gated), Condvar::new()));
         let sink = lines.clone();
+        let gate_reader = gate.clone();
+        let stdout = child.stdout.take();
+        if mode == Stdout::Gated {
+            // The smallest pipe, so a few KB of output already block the writer.
+            use std::os::fd::AsRawFd;
+            if let Some(out) = &stdout {
+                unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+            }
+        }
         std::thread::spawn(move || {
+            let Some(stdout) = stdout else { return };
+            {
+                let (open, cv) = &*gate_reader;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = cv.wait(open).unwrap();
+                }
+            }
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let (m, cv) = &*sink;
@@ -667,8 +724,28 @@ impl Engine {
         Engine {
             child: Some(child),
             lines,
+            gate,
             stderr_path,
         }
+    }
+
+    /// Start reading a [`Stdout::Gated`] engine's output.
+    pub fn release_stdout(&self) {
+        let (open, cv) = &*self.gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+
+    /// Peak resident memory of the engine process (VmHWM), in kB.
+    pub fn peak_rss_kb(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn lines(&self) -> Vec<String> {

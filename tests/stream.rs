@@ -1,0 +1,411 @@
+//! `engagement-cdc run --stdout` against a real PostgreSQL: the JSON of each event, the joins
+//! in commit order, kill -9 and restarts, idle confirmation, large transactions, schema
+//! changes and ignored changes.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Env {
+    pg: Postgres,
+    cfg: TestConfig,
+}
+
+fn env_with(opts: Option<PgOptions>) -> Env {
+    let pg = match opts {
+        Some(o) => {
+            let pg = Postgres::start_with(o);
+            pg.create_database("engagement", true);
+            pg
+        }
+        None => Postgres::start(),
+    };
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 0, "setup: {run:?}");
+    Env { pg, cfg }
+}
+
+fn env() -> Env {
+    env_with(None)
+}
+
+impl Env {
+    fn sql(&self, sql: &str) -> String {
+        self.pg.psql("engagement", sql)
+    }
+
+    fn engine(&self, mode: Stdout) -> Engine {
+        let e = Engine::spawn_with(&self.cfg.path, &["run", "--stdout"], &[], mode);
+        wait_for("the engine to stream", T, || {
+            self.cfg
+                .engine_status()
+                .filter(|s| s["streaming"] == true)
+                .map(|_| ())
+        });
+        e
+    }
+
+    /// Insert events; returns their ids.
+    fn insert(&self, values: &str) -> Vec<i64> {
+        self.sql(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device) VALUES {values} RETURNING id"
+        ))
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+    }
+
+    fn confirmed_flush_reaches(&self, lsn: &str) -> bool {
+        self.sql(&format!(
+            "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'"
+        )) == "t"
+    }
+}
+
+fn parse(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn by_id(events: &[Value], id: i64) -> &Value {
+    events
+        .iter()
+        .find(|e| e["event_id"] == id)
+        .unwrap_or_else(|| panic!("event {id} not printed"))
+}
+
+fn ids(lines: &[String]) -> BTreeSet<i64> {
+    parse(lines)
+        .iter()
+        .map(|e| e["event_id"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_seed_insert_prints_the_spec_json() {
+    let env = env();
+    let engine = env.engine(Stdout::Collect);
+    let row = env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+         VALUES (1, 999, 'play', 7000, 'web')
+         RETURNING id, to_char(event_ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS'),
+                   extract(microseconds FROM event_ts)::int8 % 1000000",
+    );
+    let parts: Vec<&str> = row.split('|').collect();
+    let micros: i64 = parts[2].parse().unwrap();
+    let ts = if micros == 0 {
+        format!("{}Z", parts[1])
+    } else {
+        format!("{}.{micros:06}Z", parts[1])
+    };
+    let lines = engine.wait_lines(1, T);
+    assert_eq!(
+        lines[0],
+        format!(
+            r#"{{"event_id":{},"content_id":1,"user_id":999,"event_type":"play","event_ts":"{ts}","duration_ms":7000,"device":"web","content_type":"video","length_seconds":300,"engagement_seconds":7.0,"engagement_pct":0.02}}"#,
+            parts[0]
+        )
+    );
+    // Logs went to stderr, not into the JSON stream.
+    assert!(engine.stderr().contains("streaming slot"));
+}
+
+#[test]
+fn derived_fields_and_their_null_rules() {
+    let env = env();
+    env.sql("ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey");
+    env.sql("INSERT INTO content VALUES (10, 'clip', 3), (11, 'live', NULL), (12, 'short', 0)");
+    let engine = env.engine(Stdout::Collect);
+    let ids = env.insert(
+        "(10, 1, 'play', 375, 'tv'), (1, 2, 'play', NULL, 'web'), (11, 3, 'play', 7000, NULL),
+         (12, 4, 'play', 7000, 'ios'), (1, 5, 'seek', -5, 'web'), (999, 6, 'play', 5, 'web')",
+    );
+    let events = parse(&engine.wait_lines(6, T));
+    let get = |i: usize, k: &str| by_id(&events, ids[i])[k].clone();
+    // 375 ms of 3 s: 0.375 s and 0.13 (half away from zero).
+    assert_eq!(get(0, "engagement_seconds").to_string(), "0.375");
+    assert_eq!(get(0, "engagement_pct").to_string(), "0.13");
+    // NULL duration: both NULL.
+    assert!(get(1, "engagement_seconds").is_null() && get(1, "engagement_pct").is_null());
+    assert_eq!(get(1, "length_seconds"), 300);
+    // NULL length: both NULL.
+    assert!(get(2, "engagement_seconds").is_null() && get(2, "engagement_pct").is_null());
+    assert!(get(2, "length_seconds").is_null() && get(2, "device").is_null());
+    // Length 0: seconds kept, percentage NULL.
+    assert_eq!(get(3, "engagement_seconds").to_string(), "7.0");
+    assert!(get(3, "engagement_pct").is_null());
+    // Negative duration: both NULL, counted; the event is still delivered.
+    assert_eq!(get(4, "duration_ms"), -5);
+    assert!(get(4, "engagement_seconds").is_null() && get(4, "engagement_pct").is_null());
+    // Unknown content: LEFT join.
+    assert!(get(5, "content_type").is_null() && get(5, "engagement_pct").is_null());
+    wait_for("the counters", T, || {
+        (env.cfg.counter("events_negative_duration") == Some(1)
+            && env.cfg.counter("events_unknown_content") == Some(1))
+        .then_some(())
+    });
+}
+
+#[test]
+fn each_event_joins_the_content_row_of_its_commit_also_on_replay() {
+    let env = env();
+    // Run 1: the stdout pipe (4 KB) is not read, so a 20 KB event blocks the sink and the
+    // checkpoint stays before everything below, while the source still reads it all.
+    let mut first = env.engine(Stdout::Gated);
+    env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+         VALUES (1, 1, 'filler', 1000, repeat('x', 20000))",
+    );
+    let ids: Vec<i64> = env
+        .sql(
+            "BEGIN;
+             INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device) VALUES (2, 100, 'play', 6000, 'web');
+             UPDATE content SET length_seconds = 60, content_type = 'trailer' WHERE content_id = 2;
+             INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device) VALUES (2, 200, 'play', 6000, 'web');
+             COMMIT;
+             SELECT id FROM engagement_events WHERE user_id IN (100, 200) ORDER BY user_id",
+        )
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let (a, b) = (ids[0], ids[1]);
+    wait_for("run 1 to read the update and every event", T, || {
+        (env.cfg.counter("events_streamed") == Some(3)
+            && env.cfg.counter("content_changes") == Some(1))
+        .then_some(())
+    });
+    assert_eq!(env.cfg.counter("events_delivered"), Some(0));
+    first.kill9();
+
+    // Run 2 replays from the checkpoint with the dimension stored beside it.
+    let second = env.engine(Stdout::Collect);
+    let lines = second.wait_lines(3, T);
+    let events = parse(&lines);
+    let (ea, eb) = (by_id(&events, a), by_id(&events, b));
+    assert_eq!(
+        (ea["content_type"].as_str(), ea["length_seconds"].as_i64()),
+        (Some("video"), Some(120))
+    );
+    assert_eq!(ea["engagement_pct"].to_string(), "0.05");
+    assert_eq!(
+        (eb["content_type"].as_str(), eb["length_seconds"].as_i64()),
+        (Some("trailer"), Some(60))
+    );
+    assert_eq!(eb["engagement_pct"].to_string(), "0.1");
+}
+
+#[test]
+fn kill_9_mid_stream_loses_nothing() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    let mut inserted = BTreeSet::new();
+    let mut printed = BTreeSet::new();
+    for round in 0..3 {
+        for _ in 0..20 {
+            inserted.extend(env.insert(
+                "(1, 1, 'play', 100, 'web'), (2, 2, 'pause', 200, 'tv'), (3, 3, 'seek', NULL, NULL)",
+            ));
+        }
+        // Kill while the stream is still flowing, then insert while the engine is down.
+        engine.wait_lines(1 + round, T);
+        engine.kill9();
+        printed.extend(ids(&engine.lines()));
+        for _ in 0..10 {
+            inserted.extend(env.insert("(1, 9, 'play', 1, 'web')"));
+        }
+        engine = env.engine(Stdout::Collect);
+    }
+    wait_for("every inserted event to be printed", T, || {
+        let mut all = printed.clone();
+        all.extend(ids(&engine.lines()));
+        inserted.is_subset(&all).then_some(())
+    });
+    let mut all = printed;
+    all.extend(ids(&engine.lines()));
+    assert_eq!(all, inserted, "printed ids differ from inserted ids");
+}
+
+#[test]
+fn postgres_restart_mid_stream_loses_nothing() {
+    let env = env();
+    let engine = env.engine(Stdout::Collect);
+    let mut inserted: BTreeSet<i64> = env
+        .insert("(1, 1, 'play', 100, 'web')")
+        .into_iter()
+        .collect();
+    engine.wait_lines(1, T);
+    env.pg.restart();
+    for _ in 0..10 {
+        inserted.extend(env.insert("(2, 2, 'play', 100, 'web'), (3, 3, 'play', 100, 'web')"));
+    }
+    wait_for("the engine to reconnect and print everything", T, || {
+        inserted.is_subset(&ids(&engine.lines())).then_some(())
+    });
+    assert!(env.cfg.counter("replication_sessions").unwrap() >= 2);
+}
+
+#[test]
+fn writes_to_other_tables_still_advance_the_slot() {
+    // The server's keepalives carry its position; make them frequent for the test.
+    let env = env_with(Some(PgOptions {
+        extra_conf: "wal_sender_timeout = 2s\n".into(),
+        ..Default::default()
+    }));
+    env.sql("CREATE TABLE unrelated (x int)");
+    let _engine = env.engine(Stdout::Collect);
+    env.sql("INSERT INTO unrelated SELECT generate_series(1, 1000)");
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    wait_for(
+        "confirmed_flush_lsn to pass the unrelated writes",
+        T,
+        || env.confirmed_flush_reaches(&lsn).then_some(()),
+    );
+}
+
+#[test]
+fn one_transaction_of_a_million_rows_in_bounded_memory() {
+    let env = env();
+    let engine = env.engine(Stdout::Discard);
+    env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+         SELECT 1 + g % 3, g, 'play', g % 60000, 'web' FROM generate_series(1, 1000000) g",
+    );
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    wait_for(
+        "a million events delivered",
+        Duration::from_secs(600),
+        || (env.cfg.counter("events_delivered").unwrap_or(0) >= 1_000_000).then_some(()),
+    );
+    wait_for("the checkpoint to pass the transaction", T, || {
+        env.confirmed_flush_reaches(&lsn).then_some(())
+    });
+    let peak_mb = engine.peak_rss_kb() / 1024;
+    assert!(
+        peak_mb < 200,
+        "peak RSS {peak_mb} MB for one 1M-row transaction"
+    );
+}
+
+#[test]
+fn alter_table_and_ignored_changes() {
+    let env = env();
+    let engine = env.engine(Stdout::Collect);
+    let e1 = env.insert("(1, 1, 'play', 100, 'web')")[0];
+    env.sql("ALTER TABLE engagement_events ADD COLUMN campaign TEXT");
+    let e2 = env.sql(
+        "INSERT INTO engagement_events (campaign, device, content_id, user_id, event_type) VALUES ('x', 'tv', 2, 2, 'play') RETURNING id",
+    );
+    env.sql("UPDATE engagement_events SET user_id = 7");
+    env.sql(&format!("DELETE FROM engagement_events WHERE id = {e1}"));
+    env.sql("TRUNCATE engagement_events");
+    env.sql("CREATE TABLE other (x int)");
+    env.sql("ALTER PUBLICATION engagement_cdc ADD TABLE other");
+    env.sql("INSERT INTO other VALUES (1)");
+    let e3 = env.insert("(3, 3, 'play', 100, 'web')")[0];
+    let lines = engine.wait_lines(3, T);
+    assert_eq!(
+        ids(&lines),
+        [e1, e2.parse().unwrap(), e3]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+    );
+    wait_for("the ignored changes to be counted", T, || {
+        (env.cfg.counter("event_changes_ignored") == Some(4)
+            && env.cfg.counter("other_changes_ignored") == Some(1))
+        .then_some(())
+    });
+    assert_eq!(lines.len(), 3, "{lines:?}");
+}
+
+#[test]
+fn a_dropped_required_column_halts_with_the_checkpoint_held() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    env.insert("(1, 1, 'play', 100, 'web')");
+    engine.wait_lines(1, T);
+    env.sql("ALTER TABLE engagement_events DROP COLUMN device");
+    env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 2, 'play')",
+    );
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    let code = engine.wait_exit(T);
+    assert_eq!(code, 1);
+    let err = engine.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .expect("an error line");
+    assert!(
+        line.contains("no column \"device\"") && line.contains("checkpoint held"),
+        "{line}"
+    );
+    assert!(!env.confirmed_flush_reaches(&lsn));
+}
+
+#[test]
+fn sigterm_confirms_the_checkpoint_and_exits_0() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    env.insert("(1, 1, 'play', 100, 'web'), (2, 2, 'play', 100, 'web')");
+    engine.wait_lines(2, T);
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    assert_eq!(engine.terminate(), 0, "{}", engine.stderr());
+    assert!(
+        env.confirmed_flush_reaches(&lsn) || {
+            // The checkpoint is the last commit, which may end before the current WAL position.
+            let status = cli(Some(&env.cfg.path), &["status", "--json"], &[]);
+            let v: Value = serde_json::from_str(&status.stdout).unwrap();
+            v["checkpoint_lsn"] == v["confirmed_flush_lsn"]
+        }
+    );
+    let status = cli(Some(&env.cfg.path), &["status", "--json"], &[]);
+    assert_eq!(status.code, 0, "{status:?}");
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["engine_running"], false);
+    assert_eq!(v["checkpoint_lsn"], v["confirmed_flush_lsn"], "{v}");
+    assert_eq!(v["wal_status"], "reserved");
+    assert!(v["last_commit_time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn a_missing_slot_is_a_clear_error() {
+    let env = env();
+    env.sql("SELECT pg_drop_replication_slot('engagement_cdc')");
+    let run = cli(Some(&env.cfg.path), &["run", "--stdout"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("does not exist") && line.contains("setup") && line.contains("backfill"),
+        "{line}"
+    );
+}
+
+#[test]
+fn run_without_setup_or_sinks_says_what_to_do() {
+    let pg = Postgres::start();
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    let run = cli(Some(&cfg.path), &["run"], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.error_line().contains("no sink is enabled"),
+        "{}",
+        run.stderr
+    );
+    let run = cli(Some(&cfg.path), &["run", "--stdout"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line()
+            .contains("run `engagement-cdc setup` first"),
+        "{}",
+        run.stderr
+    );
+}
