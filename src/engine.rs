@@ -11,10 +11,14 @@ use tokio::sync::{watch, Notify};
 
 use crate::checkpoint::{Identity, StateStore};
 use crate::config::{Config, QualifiedTable};
+use crate::dlq::Dlq;
 use crate::metrics::Metrics;
 use crate::pg;
 use crate::pipeline::Pipeline;
 use crate::server::{self, EngineState};
+use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::http::HttpSink;
+use crate::sinks::redis::RedisSink;
 use crate::sinks::stdout::StdoutSink;
 use crate::sinks::{Backoff, Sink};
 use crate::source::replication_config;
@@ -31,27 +35,33 @@ pub struct RunOptions {
     pub stdout: bool,
 }
 
-/// The enabled sinks, built and checked.
-async fn build_sinks(config: &Config, opts: &RunOptions) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+/// The enabled sinks, built and checked (each connects and checks its destination).
+async fn build_sinks(
+    config: &Config,
+    opts: &RunOptions,
+    store: &StateStore,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Vec<Box<dyn Sink>>> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(ch) = config.clickhouse() {
+        sinks.push(Box::new(
+            ClickHouseSink::connect(ch, Some(metrics.clone())).await?,
+        ));
+    }
+    if let Some(r) = config.redis() {
+        sinks.push(Box::new(
+            RedisSink::connect(r, Some(metrics.clone())).await?,
+        ));
+    }
+    if let Some(h) = config.http() {
+        sinks.push(Box::new(HttpSink::new(
+            h,
+            Dlq::open(store)?,
+            metrics.clone(),
+        )?));
+    }
     if config.stdout.enabled || opts.stdout {
         sinks.push(Box::new(StdoutSink::default()));
-    }
-    for (name, on) in [
-        ("clickhouse", config.clickhouse().is_some()),
-        ("redis", config.redis().is_some()),
-        ("http", config.http().is_some()),
-    ] {
-        if on {
-            bail!(crate::error::UsageError::new(format!(
-                "the {name} sink is not available in this build; remove the [{name}] section or set enabled = false"
-            )));
-        }
-    }
-    if sinks.is_empty() {
-        bail!(crate::error::UsageError::new(
-            "no sink is enabled; add a [clickhouse], [redis], [http] or [stdout] section (or pass --stdout)"
-        ));
     }
     Ok(sinks)
 }
@@ -62,7 +72,16 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let pgc = &config.postgres;
-    let sinks = build_sinks(config, &opts).await?;
+    if config.clickhouse().is_none()
+        && config.redis().is_none()
+        && config.http().is_none()
+        && !config.stdout.enabled
+        && !opts.stdout
+    {
+        bail!(crate::error::UsageError::new(
+            "no sink is enabled; add a [clickhouse], [redis], [http] or [stdout] section (or pass --stdout)"
+        ));
+    }
     let store = StateStore::open(&config.state.dir)?;
     let Some(identity) = store.identity()? else {
         bail!(
@@ -115,6 +134,7 @@ pub async fn run(
     drop(client);
 
     let metrics = Arc::new(Metrics::default());
+    let sinks = build_sinks(config, &opts, &store, &metrics).await?;
     metrics
         .checkpoint_lsn
         .store(checkpoint.0, Ordering::Relaxed);

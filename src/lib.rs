@@ -22,10 +22,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dlq;
 pub mod engine;
 pub mod enrich;
 pub mod error;
 pub mod metrics;
+pub mod mock_api;
 pub mod pg;
 pub mod pipeline;
 pub mod server;

@@ -34,12 +34,55 @@ enum Command {
         #[arg(long)]
         stdout: bool,
     },
+    /// Manage the HTTP sink's dead-letter queue (stop the engine first: it holds the state store).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Run a stand-in of the external API: POST /events, GET /stats, injected failures and slowness.
+    MockApi {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:58000")]
+        listen: String,
+        /// Fraction of POST /events answered with 500 (0 to 1).
+        #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+        fail_rate: f64,
+        /// Fraction of POST /events answered only after --slow-ms (0 to 1).
+        #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+        slow_rate: f64,
+        /// Delay of a slow answer, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        slow_ms: u64,
+    },
     /// Show the checkpoint, the slot's confirmed position and lag, wal_status, the DLQ depth and the last commit time.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List the dead letters.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send every dead letter again (same body, same Idempotency-Key); remove what the API accepts.
+    Replay,
+    /// Delete every dead letter.
+    Purge,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -106,6 +149,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await
             })?;
+        }
+        Command::Dlq { action } => {
+            let config = load_config(cli.config.as_deref())?;
+            let cmd = match action {
+                DlqAction::List { json } => engagement_cdc::dlq::DlqCommand::List { json },
+                DlqAction::Replay => engagement_cdc::dlq::DlqCommand::Replay,
+                DlqAction::Purge => engagement_cdc::dlq::DlqCommand::Purge,
+            };
+            let out = runtime.block_on(engagement_cdc::dlq::command(&config, cmd))?;
+            print!("{out}");
+        }
+        Command::MockApi {
+            listen,
+            fail_rate,
+            slow_rate,
+            slow_ms,
+        } => {
+            runtime.block_on(engagement_cdc::mock_api::serve(
+                engagement_cdc::mock_api::MockOptions {
+                    listen,
+                    fail_rate,
+                    slow_rate,
+                    slow_ms,
+                },
+            ))?;
         }
         Command::Status { json } => {
             let config = load_config(cli.config.as_deref())?;

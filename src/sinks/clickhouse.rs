@@ -240,3 +240,211 @@ mod tests {
         }
     }
 }
+
+/// A row of the modern layout, in RowBinary.
+#[derive(clickhouse::Row, serde::Serialize)]
+struct ModernRow<'a> {
+    event_id: i64,
+    content_id: i64,
+    user_id: i64,
+    event_type: &'a str,
+    /// DateTime64(6): microseconds since the epoch.
+    event_ts: i64,
+    duration_ms: Option<i32>,
+    device: Option<&'a str>,
+    content_type: Option<&'a str>,
+    length_seconds: Option<i32>,
+    engagement_seconds: Option<f64>,
+    engagement_pct: Option<f64>,
+    source_lsn: u64,
+}
+
+/// A row of the legacy layout (ClickHouse before 20.1).
+#[derive(clickhouse::Row, serde::Serialize)]
+struct LegacyRow<'a> {
+    event_id: i64,
+    content_id: i64,
+    user_id: i64,
+    event_type: &'a str,
+    /// DateTime: whole seconds since the epoch (0 for earlier times; `event_ts_us` is exact).
+    event_ts: u32,
+    duration_ms: Option<i32>,
+    device: Option<&'a str>,
+    content_type: Option<&'a str>,
+    length_seconds: Option<i32>,
+    engagement_seconds: Option<f64>,
+    engagement_pct: Option<f64>,
+    source_lsn: u64,
+    event_ts_us: i64,
+}
+
+fn modern_row(e: &crate::enrich::EnrichedEvent) -> ModernRow<'_> {
+    ModernRow {
+        event_id: e.event_id,
+        content_id: e.content_id,
+        user_id: e.user_id,
+        event_type: &e.event_type,
+        event_ts: e.event_ts_us,
+        duration_ms: e.duration_ms,
+        device: e.device.as_deref(),
+        content_type: e.content_type.as_deref(),
+        length_seconds: e.length_seconds,
+        engagement_seconds: e.engagement_seconds_f64(),
+        engagement_pct: e.engagement_pct_f64(),
+        source_lsn: e.source_lsn.0,
+    }
+}
+
+fn legacy_row(e: &crate::enrich::EnrichedEvent) -> LegacyRow<'_> {
+    LegacyRow {
+        event_id: e.event_id,
+        content_id: e.content_id,
+        user_id: e.user_id,
+        event_type: &e.event_type,
+        event_ts: e
+            .event_ts_us
+            .div_euclid(1_000_000)
+            .clamp(0, u32::MAX as i64) as u32,
+        duration_ms: e.duration_ms,
+        device: e.device.as_deref(),
+        content_type: e.content_type.as_deref(),
+        length_seconds: e.length_seconds,
+        engagement_seconds: e.engagement_seconds_f64(),
+        engagement_pct: e.engagement_pct_f64(),
+        source_lsn: e.source_lsn.0,
+        event_ts_us: e.event_ts_us,
+    }
+}
+
+/// The ClickHouse sink: one RowBinary INSERT per batch into a ReplacingMergeTree keyed by
+/// (content_id, event_id) with version `source_lsn`, so a replayed copy collapses with the
+/// original (`FINAL`).
+pub struct ClickHouseSink {
+    client: clickhouse::Client,
+    cfg: ClickHouseConfig,
+    layout: Layout,
+    table: String,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+}
+
+impl ClickHouseSink {
+    /// Connect, detect the layout from the server's version, check the table.
+    pub async fn connect(
+        cfg: &ClickHouseConfig,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> anyhow::Result<ClickHouseSink> {
+        let client = client(cfg);
+        let version = server_version(&client, cfg).await?;
+        let layout = Layout::for_version(&version)?;
+        check_table(&client, cfg, layout).await?;
+        Ok(ClickHouseSink {
+            // The crate quotes the table name as one identifier: name the database apart.
+            client: client.with_database(&cfg.database),
+            cfg: cfg.clone(),
+            layout,
+            table: cfg.table.clone(),
+            metrics,
+        })
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    async fn insert_once(
+        &self,
+        events: &[crate::enrich::EnrichedEvent],
+    ) -> Result<(), clickhouse::error::Error> {
+        let timeouts = Some(std::time::Duration::from_secs(30));
+        match self.layout {
+            Layout::Modern => {
+                let mut insert = self
+                    .client
+                    .insert::<ModernRow<'_>>(&self.table)
+                    .await?
+                    .with_timeouts(timeouts, timeouts);
+                for e in events {
+                    insert.write(&modern_row(e)).await?;
+                }
+                insert.end().await
+            }
+            Layout::Legacy => {
+                let mut insert = self
+                    .client
+                    .insert::<LegacyRow<'_>>(&self.table)
+                    .await?
+                    .with_timeouts(timeouts, timeouts);
+                for e in events {
+                    insert.write(&legacy_row(e)).await?;
+                }
+                insert.end().await
+            }
+        }
+    }
+
+    /// Insert `events` (one INSERT), retrying transient failures until it succeeds.
+    pub async fn insert(&self, events: &[crate::enrich::EnrichedEvent]) -> anyhow::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut backoff = super::Backoff::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(5),
+        );
+        loop {
+            match self.insert_once(events).await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_permanent(&e) => {
+                    // Name the column when the table no longer matches.
+                    check_table(&self.client, &self.cfg, self.layout).await?;
+                    return Err(explain(&e, &self.cfg)
+                        .context(format!("ClickHouse refused the insert into {}", self.table)));
+                }
+                Err(e) => {
+                    if let Some(m) = &self.metrics {
+                        crate::metrics::Metrics::add(&m.sink_retries, 1);
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        "{:#}; retrying the insert of {} rows in {delay:?} (attempt {})",
+                        explain(&e, &self.cfg),
+                        events.len(),
+                        backoff.attempts()
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// Errors a retry cannot fix: the table or a column is missing or of another type.
+fn is_permanent(e: &clickhouse::error::Error) -> bool {
+    let text = e.to_string();
+    [
+        "Code: 16,",
+        "Code: 60,",
+        "Code: 81,",
+        "Code: 53,",
+        "Code: 516,",
+        "Code: 192,",
+        "Code: 193,",
+        "Code: 497,",
+    ]
+    .iter()
+    .any(|c| text.contains(c))
+        || matches!(e, clickhouse::error::Error::SchemaMismatch(_))
+}
+
+impl super::Sink for ClickHouseSink {
+    fn name(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    fn deliver<'a>(
+        &'a mut self,
+        batch: &'a crate::pipeline::Batch,
+    ) -> super::BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { self.insert(&batch.events).await })
+    }
+}

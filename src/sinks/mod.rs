@@ -1,6 +1,8 @@
 //! The destinations. Each sink is one module; all implement [`Sink`].
 
 pub mod clickhouse;
+pub mod http;
+pub mod redis;
 pub mod stdout;
 
 use std::future::Future;
