@@ -820,3 +820,59 @@ impl Drop for Engine {
         self.kill9();
     }
 }
+
+/// `engagement-cdc mock-api` as a child process.
+pub struct MockApi {
+    pub port: u16,
+    server: ChildServer,
+}
+
+impl MockApi {
+    pub fn start(extra: &[&str]) -> MockApi {
+        let port = free_port();
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut server = ChildServer {
+            child: None,
+            make: Box::new(move || {
+                let mut c = Command::new(bin());
+                c.args(["mock-api", "--listen", &format!("127.0.0.1:{port}")])
+                    .args(&args);
+                c
+            }),
+        };
+        server.spawn();
+        let m = MockApi { port, server };
+        m.wait_ready();
+        m
+    }
+
+    /// A port where no API answers (yet): `start_again` brings it up there.
+    pub fn down(extra: &[&str]) -> MockApi {
+        let mut m = MockApi::start(extra);
+        m.stop();
+        m
+    }
+
+    fn wait_ready(&self) {
+        wait_for("mock-api to answer /stats", Duration::from_secs(10), || {
+            http_get(self.port, "/stats").map(|_| ())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/events", self.port)
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&http_get(self.port, "/stats").expect("mock-api answers")).unwrap()
+    }
+
+    pub fn stop(&mut self) {
+        self.server.kill();
+    }
+
+    pub fn start_again(&mut self) {
+        self.server.spawn();
+        self.wait_ready();
+    }
+}

@@ -1,0 +1,395 @@
+//! The three sinks against real servers: the seed document's walk-through, kill -9 of the
+//! engine, hung and stopped sinks, API failures and the dead-letter queue.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+const T: Duration = Duration::from_secs(120);
+
+struct Env {
+    pg: Postgres,
+    ch: ClickHouse,
+    redis: Redis,
+    api: MockApi,
+    cfg: TestConfig,
+    prefix: String,
+}
+
+fn env(api: MockApi, prefix: &str, http_extra: &str) -> Env {
+    let pg = Postgres::start();
+    let ch = ClickHouse::start();
+    let redis = Redis::start();
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!(
+            "[clickhouse]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\n\n[http]\nurl = \"{}\"\ntimeout_ms = 1000\n{http_extra}\n",
+            ch.url(),
+            redis.url(),
+            api.url()
+        ),
+    );
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 0, "setup: {run:?}");
+    Env {
+        pg,
+        ch,
+        redis,
+        api,
+        cfg,
+        prefix: prefix.to_string(),
+    }
+}
+
+impl Env {
+    fn sql(&self, sql: &str) -> String {
+        self.pg.psql("engagement", sql)
+    }
+
+    fn engine(&self) -> Engine {
+        let e = Engine::spawn(&self.cfg.path, &["run"], &[]);
+        wait_for("the engine to stream", T, || {
+            self.cfg
+                .engine_status()
+                .filter(|s| s["streaming"] == true)
+                .map(|_| ())
+        });
+        e
+    }
+
+    fn insert_n(&self, n: usize) {
+        self.sql(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+             SELECT 1 + (g * 7) % 3, g, (ARRAY['play','pause','seek'])[1 + g % 3], g % 9000, 'web'
+             FROM generate_series(1, {n}) g"
+        ));
+    }
+
+    fn total(&self) -> u64 {
+        self.sql("SELECT count(*) FROM engagement_events")
+            .parse()
+            .unwrap()
+    }
+
+    fn ch_count(&self) -> u64 {
+        self.ch
+            .query("SELECT count() FROM engagement.events_enriched FINAL")
+            .parse()
+            .unwrap()
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    fn redis_counts(&self) -> BTreeMap<i64, u64> {
+        (1..=3)
+            .map(|c| {
+                let v = self
+                    .redis
+                    .cli(&["GET", &self.key(&format!("content:count:{c}"))]);
+                (c, v.parse().unwrap_or(0))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    fn pg_counts(&self) -> BTreeMap<i64, u64> {
+        self.sql("SELECT content_id, count(*) FROM engagement_events GROUP BY 1 ORDER BY 1")
+            .lines()
+            .map(|l| {
+                let (c, n) = l.split_once('|').unwrap();
+                (c.parse().unwrap(), n.parse().unwrap())
+            })
+            .collect()
+    }
+
+    fn top10m_sum(&self) -> u64 {
+        let out = self.redis.cli(&[
+            "ZRANGE",
+            &self.key("top:content:10m"),
+            "0",
+            "-1",
+            "WITHSCORES",
+        ]);
+        out.lines()
+            .skip(1)
+            .step_by(2)
+            .map(|s| s.parse::<u64>().unwrap())
+            .sum()
+    }
+
+    fn confirmed_flush_reaches(&self, lsn: &str) -> bool {
+        self.sql(&format!(
+            "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'"
+        )) == "t"
+    }
+
+    /// Every sink holds exactly the events of Postgres, each once.
+    fn assert_exact(&self, api_exact: bool) {
+        let n = self.total();
+        wait_for("every sink to hold every event", T, || {
+            (self.ch_count() == n
+                && self.redis_counts() == self.pg_counts()
+                && self.api.stats()["unique_event_ids"].as_u64() == Some(n))
+            .then_some(())
+        });
+        assert_eq!(
+            self.ch
+                .query("SELECT uniqExact(event_id) FROM engagement.events_enriched FINAL"),
+            n.to_string()
+        );
+        assert_eq!(
+            self.top10m_sum(),
+            n,
+            "each event counted once in the 10-minute window"
+        );
+        if api_exact {
+            assert_eq!(self.api.stats()["duplicates"], 0);
+        }
+    }
+}
+
+#[test]
+fn the_seed_walkthrough() {
+    let env = env(MockApi::start(&[]), "", "");
+    let _engine = env.engine();
+    // Step 3: the INSERT.
+    let id = env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+         VALUES (1, 999, 'play', 7000, 'web') RETURNING id",
+    );
+    // Step 4: ClickHouse.
+    wait_for("the ClickHouse row", T, || {
+        (env.ch_count() == 1).then_some(())
+    });
+    assert_eq!(
+        env.ch.query(
+            "SELECT event_id, content_id, user_id, event_type, engagement_seconds, engagement_pct
+             FROM engagement.events_enriched ORDER BY event_id DESC LIMIT 5"
+        ),
+        format!("{id}\t1\t999\tplay\t7\t0.02")
+    );
+    assert_eq!(
+        env.ch.query("SELECT content_id, avg(engagement_pct) FROM engagement.events_enriched GROUP BY content_id"),
+        "1\t0.02"
+    );
+    // Step 5: Redis.
+    let last: Value = serde_json::from_str(&env.redis.cli(&["GET", "content:last:1"])).unwrap();
+    assert_eq!(last["event_id"].to_string(), id);
+    assert_eq!(last["engagement_pct"].to_string(), "0.02");
+    assert_eq!(env.redis.cli(&["GET", "content:count:1"]), "1");
+    let ttl: i64 = env.redis.cli(&["TTL", "content:last:1"]).parse().unwrap();
+    assert!((3500..=3600).contains(&ttl), "content:last TTL {ttl}");
+    let bucket = env.redis.cli(&["KEYS", "top:content:bucket:*"]);
+    assert_eq!(bucket.lines().count(), 1, "{bucket}");
+    assert_eq!(
+        env.redis.cli(&["ZSCORE", bucket.trim(), "1"]),
+        "1",
+        "counted once, not twice"
+    );
+    let ttl: i64 = env.redis.cli(&["TTL", bucket.trim()]).parse().unwrap();
+    assert!((800..=900).contains(&ttl), "bucket TTL {ttl}");
+    // Step 6: the top 10 of the last 10 minutes, maintained by the engine.
+    assert_eq!(
+        env.redis
+            .cli(&["ZREVRANGE", "top:content:10m", "0", "9", "WITHSCORES"]),
+        "1\n1"
+    );
+    // The API received the event.
+    wait_for("the API to receive it", T, || {
+        (env.api.stats()["unique_event_ids"] == 1).then_some(())
+    });
+}
+
+#[test]
+fn kill_9_at_random_points_keeps_every_sink_exact() {
+    let env = env(MockApi::start(&[]), "", "");
+    let mut engine = env.engine();
+    let target = 24_000;
+    let mut inserted = 0;
+    let mut seed = 0x9e37_79b9_u64;
+    while inserted < target {
+        env.insert_n(1000);
+        inserted += 1000;
+        if inserted % 6000 == 0 {
+            // A pseudo-random point: wait for a random share of what was inserted.
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let share = (seed >> 33) % 100;
+            let want = (inserted as u64 - 1000) * share / 100;
+            wait_for("some events delivered", T, || {
+                (env.cfg.counter("events_delivered").unwrap_or(0) >= want).then_some(())
+            });
+            engine.kill9();
+            env.insert_n(500);
+            inserted += 500;
+            engine = env.engine();
+        }
+    }
+    env.assert_exact(false);
+    drop(engine);
+}
+
+#[test]
+fn a_hung_redis_and_a_stopped_clickhouse_lose_and_double_nothing() {
+    let mut env = env(MockApi::start(&[]), "t1:", "");
+    let _engine = env.engine();
+    env.insert_n(500);
+    wait_for("the first events everywhere", T, || {
+        (env.ch_count() == 500).then_some(())
+    });
+
+    // Redis hangs (SIGSTOP) for 10 s while events keep coming.
+    env.redis.hang();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        env.insert_n(100);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    assert!(
+        !env.confirmed_flush_reaches(&lsn),
+        "slot confirmed past what Redis has not stored"
+    );
+    env.redis.resume();
+    env.assert_exact(true);
+
+    // ClickHouse is stopped for 10 s, then started again on the same data.
+    env.ch.stop();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        env.insert_n(100);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    assert!(
+        !env.confirmed_flush_reaches(&lsn),
+        "slot confirmed past what ClickHouse has not stored"
+    );
+    env.ch.start_again();
+    env.assert_exact(true);
+    // The prefix applies to every key.
+    assert!(env.redis.cli(&["KEYS", "content:*"]).is_empty());
+    assert!(!env.redis.cli(&["KEYS", "t1:content:count:*"]).is_empty());
+}
+
+#[test]
+fn an_api_failing_30_percent_still_gets_everything() {
+    let env = env(
+        MockApi::start(&["--fail-rate", "0.3"]),
+        "",
+        "max_retries = 12\nmax_batch_events = 50\n",
+    );
+    let _engine = env.engine();
+    for _ in 0..4 {
+        env.insert_n(500);
+    }
+    env.assert_exact(false);
+    assert!(env.api.stats()["failures_injected"].as_u64().unwrap() > 0);
+    assert_eq!(cli(Some(&env.cfg.path), &["status", "--json"], &[]).code, 0);
+}
+
+#[test]
+fn an_api_that_is_down_fills_the_dlq_and_replay_delivers() {
+    let mut env = env(MockApi::down(&[]), "", "max_retries = 1\n");
+    let mut engine = env.engine();
+    env.insert_n(300);
+    wait_for("the events in the DLQ", T, || {
+        (env.cfg.counter("http_dead_lettered") == Some(300)).then_some(())
+    });
+    // ClickHouse and Redis were not held back.
+    assert_eq!(env.ch_count(), 300);
+    assert_eq!(engine.terminate(), 0);
+
+    let list = cli(Some(&env.cfg.path), &["dlq", "list", "--json"], &[]);
+    assert_eq!(list.code, 0, "{list:?}");
+    let letters: Vec<Value> = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(
+        letters
+            .iter()
+            .map(|l| l["events"].as_u64().unwrap())
+            .sum::<u64>(),
+        300
+    );
+    assert!(
+        letters[0]["error"].as_str().unwrap().contains("connect"),
+        "{}",
+        letters[0]
+    );
+    assert!(letters[0]["idempotency_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("events-"));
+
+    env.api.start_again();
+    let replay = cli(Some(&env.cfg.path), &["dlq", "replay"], &[]);
+    assert_eq!(replay.code, 0, "{replay:?}");
+    assert!(replay.stdout.contains("(300 events)"), "{}", replay.stdout);
+    assert_eq!(env.api.stats()["unique_event_ids"], 300);
+    let list = cli(Some(&env.cfg.path), &["dlq", "list"], &[]);
+    assert!(list.stdout.starts_with("0 dead letters"), "{}", list.stdout);
+}
+
+#[test]
+fn fail_fast_holds_the_checkpoint_until_the_api_returns() {
+    let mut env = env(
+        MockApi::down(&[]),
+        "",
+        "max_retries = 1\non_failure = \"fail_fast\"\n",
+    );
+    let _engine = env.engine();
+    env.insert_n(200);
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    wait_for("ClickHouse to get the events", T, || {
+        (env.ch_count() == 200).then_some(())
+    });
+    wait_for("the HTTP sink to retry", T, || {
+        (env.cfg.counter("sink_retries").unwrap_or(0) >= 3).then_some(())
+    });
+    assert!(
+        !env.confirmed_flush_reaches(&lsn),
+        "fail_fast must hold the checkpoint"
+    );
+    env.api.start_again();
+    env.assert_exact(false);
+    wait_for("the checkpoint to move on", T, || {
+        env.confirmed_flush_reaches(&lsn).then_some(())
+    });
+    assert_eq!(env.cfg.counter("http_dead_lettered"), Some(0));
+}
+
+#[test]
+fn old_events_stay_out_of_buckets_and_never_move_content_last_back() {
+    let env = env(MockApi::start(&[]), "", "");
+    let _engine = env.engine();
+    let recent = env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device, event_ts)
+         VALUES (2, 1, 'play', 1000, 'web', now()) RETURNING id",
+    );
+    let old = env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device, event_ts)
+         VALUES (2, 2, 'play', 1000, 'web', now() - interval '20 minutes') RETURNING id",
+    );
+    wait_for("both events counted", T, || {
+        (env.redis.cli(&["GET", "content:count:2"]) == "2").then_some(())
+    });
+    let last: Value = serde_json::from_str(&env.redis.cli(&["GET", "content:last:2"])).unwrap();
+    assert_eq!(
+        last["event_id"].to_string(),
+        recent,
+        "the older event {old} must not replace it"
+    );
+    let buckets = env.redis.cli(&["KEYS", "top:content:bucket:*"]);
+    assert_eq!(
+        buckets.lines().count(),
+        1,
+        "only the recent event has a bucket: {buckets}"
+    );
+    assert_eq!(env.redis.cli(&["ZSCORE", "top:content:10m", "2"]), "1");
+}
