@@ -20,12 +20,14 @@
 //! durable in every enabled sink; it is flushed to sled, together with the dimension as of
 //! that LSN, before Postgres is told. It never moves backward.
 
+pub mod backfill;
 pub mod checkpoint;
 pub mod config;
 pub mod dlq;
 pub mod engine;
 pub mod enrich;
 pub mod error;
+pub mod load;
 pub mod metrics;
 pub mod mock_api;
 pub mod pg;

@@ -34,6 +34,39 @@ enum Command {
         #[arg(long)]
         stdout: bool,
     },
+    /// Re-deliver the events of [start, end) from Postgres to the sinks (ClickHouse and Redis by default). Safe to repeat.
+    Backfill {
+        /// Start of the range (inclusive), RFC 3339; without an offset it is UTC.
+        #[arg(long, value_parser = time_arg)]
+        start: i64,
+        /// End of the range (exclusive), RFC 3339; without an offset it is UTC.
+        #[arg(long, value_parser = time_arg)]
+        end: i64,
+        /// Comma-separated sinks: clickhouse, redis, http.
+        #[arg(long, default_value = "clickhouse,redis")]
+        sinks: String,
+        /// Rows per page read from Postgres and per write to the sinks.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch_size: u32,
+    },
+    /// Insert realistic events into Postgres at a given rate (skewed content popularity, several event types and devices).
+    Load {
+        /// Events per second; 0 means as fast as possible.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// How long to run, e.g. 60s, 2m, 500ms.
+        #[arg(long, default_value = "60s", value_parser = duration_arg)]
+        duration: std::time::Duration,
+        /// Number of content rows (ids 1..K, created when missing).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        contents: u32,
+        /// Rows per INSERT transaction.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
+        /// Concurrent Postgres connections.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+        connections: u32,
+    },
     /// Manage the HTTP sink's dead-letter queue (stop the engine first: it holds the state store).
     Dlq {
         #[command(subcommand)]
@@ -74,6 +107,14 @@ enum DlqAction {
     Replay,
     /// Delete every dead letter.
     Purge,
+}
+
+fn time_arg(s: &str) -> Result<i64, String> {
+    engagement_cdc::backfill::parse_time(s).map_err(|e| e.to_string())
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    engagement_cdc::load::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -149,6 +190,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await
             })?;
+        }
+        Command::Backfill {
+            start,
+            end,
+            sinks,
+            batch_size,
+        } => {
+            let config = load_config(cli.config.as_deref())?;
+            let opts = engagement_cdc::backfill::BackfillOptions {
+                start_us: start,
+                end_us: end,
+                sinks: engagement_cdc::backfill::BackfillSink::parse_list(&sinks)?,
+                batch_size: batch_size as usize,
+            };
+            let report = runtime.block_on(engagement_cdc::backfill::backfill(&config, &opts))?;
+            println!("{report}");
+        }
+        Command::Load {
+            rate,
+            duration,
+            contents,
+            batch,
+            connections,
+        } => {
+            let config = load_config(cli.config.as_deref())?;
+            let opts = engagement_cdc::load::LoadOptions {
+                rate,
+                duration,
+                contents,
+                batch: batch as usize,
+                connections: connections as usize,
+            };
+            let report = runtime.block_on(engagement_cdc::load::load(&config, &opts))?;
+            println!("{report}");
         }
         Command::Dlq { action } => {
             let config = load_config(cli.config.as_deref())?;

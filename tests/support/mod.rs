@@ -876,3 +876,52 @@ impl MockApi {
         self.wait_ready();
     }
 }
+
+/// Run `engagement-cdc ARGS` to completion; returns the run and its peak RSS in kB.
+pub fn cli_with_peak_rss(config: &Path, args: &[&str], env: &[(&str, &str)]) -> (Run, u64) {
+    use std::io::Read;
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config").arg(config).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env("ENGAGEMENT_CDC_LOG", "warn");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn engagement-cdc");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut status: libc::c_int = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let run = Run {
+        code,
+        stdout: out_thread.join().unwrap(),
+        stderr: err_thread.join().unwrap(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "engagement-cdc panicked: {}",
+        run.stderr
+    );
+    (run, usage.ru_maxrss as u64)
+}

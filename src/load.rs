@@ -1,0 +1,273 @@
+//! `engagement-cdc load`: insert realistic events into Postgres at a given rate.
+//!
+//! Content popularity is skewed (Zipf, s = 1.1), event types and devices follow fixed
+//! weights, durations are plausible for the content's length (some NULL). Rows go in
+//! multi-row INSERT transactions of `--batch` rows over `--connections` connections,
+//! paced to `--rate` events per second (0: as fast as possible). The report counts the rows
+//! Postgres said it inserted.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::distributions::{Distribution, WeightedIndex};
+use rand::Rng;
+
+use crate::config::{Config, QualifiedTable};
+use crate::error::UsageError;
+use crate::pg;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Events per second; 0 = as fast as possible.
+    pub rate: u64,
+    pub duration: Duration,
+    /// Content rows used (created when missing): ids 1..=contents.
+    pub contents: u32,
+    /// Rows per INSERT transaction.
+    pub batch: usize,
+    pub connections: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LoadReport {
+    pub inserted: u64,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    pub fn rate(&self) -> f64 {
+        self.inserted as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Load done. inserted={} seconds={:.2} rate={:.0} events/s",
+            self.inserted,
+            self.elapsed.as_secs_f64(),
+            self.rate()
+        )
+    }
+}
+
+/// `60s`, `2m`, `500ms`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, UsageError> {
+    let t = s.trim();
+    let bad = || {
+        UsageError::new(format!(
+            "{s:?} is not a duration; use e.g. 60s, 2m, 500ms or 1h"
+        ))
+    };
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+const EVENT_TYPES: [(&str, u32); 6] = [
+    ("play", 40),
+    ("pause", 20),
+    ("seek", 12),
+    ("complete", 10),
+    ("like", 12),
+    ("share", 6),
+];
+const DEVICES: [(&str, u32); 4] = [("web", 40), ("ios", 25), ("android", 25), ("tv", 10)];
+const CONTENT_TYPES: [&str; 4] = ["video", "article", "podcast", "short"];
+
+/// Length in seconds of generated content `id` (articles have none): deterministic.
+fn content_row(id: u32) -> (&'static str, Option<i32>) {
+    let kind = CONTENT_TYPES[(id as usize * 7) % CONTENT_TYPES.len()];
+    let len = match kind {
+        "article" => None,
+        "short" => Some(15 + (id as i32 * 13) % 45),
+        "podcast" => Some(900 + (id as i32 * 97) % 2700),
+        _ => Some(60 + (id as i32 * 37) % 1140),
+    };
+    (kind, len)
+}
+
+struct Generator {
+    zipf: WeightedIndex<f64>,
+    types: WeightedIndex<u32>,
+    devices: WeightedIndex<u32>,
+}
+
+impl Generator {
+    fn new(contents: u32) -> Self {
+        Generator {
+            zipf: WeightedIndex::new((1..=contents).map(|k| 1.0 / (k as f64).powf(1.1)))
+                .expect("contents > 0"),
+            types: WeightedIndex::new(EVENT_TYPES.iter().map(|t| t.1)).expect("weights"),
+            devices: WeightedIndex::new(DEVICES.iter().map(|d| d.1)).expect("weights"),
+        }
+    }
+
+    /// One `(content_id, user_id, event_type, duration_ms, device)` SQL tuple.
+    fn tuple(&self, rng: &mut impl Rng, out: &mut String) {
+        use std::fmt::Write;
+        let content = self.zipf.sample(rng) as u32 + 1;
+        let (_, len) = content_row(content);
+        let user = rng.gen_range(1..=1_000_000);
+        let ty = EVENT_TYPES[self.types.sample(rng)].0;
+        let device = DEVICES[self.devices.sample(rng)].0;
+        let duration = if rng.gen_bool(0.05) {
+            "NULL".to_string()
+        } else {
+            let max_ms = len.unwrap_or(300) as u64 * 1000;
+            rng.gen_range(0..=max_ms).to_string()
+        };
+        let _ = write!(out, "({content},{user},'{ty}',{duration},'{device}')");
+    }
+}
+
+pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadReport> {
+    if opts.contents == 0 || opts.batch == 0 || opts.connections == 0 {
+        return Err(
+            UsageError::new("--contents, --batch and --connections must be at least 1").into(),
+        );
+    }
+    let pgc = &config.postgres;
+    let events = QualifiedTable::parse("postgres.events_table", &pgc.events_table)?;
+    let content = QualifiedTable::parse("postgres.content_table", &pgc.content_table)?;
+    let setup = pg::connect(&pgc.url).await?;
+    pg::check_source_tables(&setup, pgc).await?;
+    let mut values = String::new();
+    for id in 1..=opts.contents {
+        let (kind, len) = content_row(id);
+        if !values.is_empty() {
+            values.push(',');
+        }
+        values.push_str(&format!(
+            "({id},'{kind}',{})",
+            len.map_or("NULL".to_string(), |l| l.to_string())
+        ));
+    }
+    setup
+        .batch_execute(&format!(
+            "INSERT INTO {} (content_id, content_type, length_seconds) VALUES {values} ON CONFLICT (content_id) DO NOTHING",
+            content.quoted()
+        ))
+        .await
+        .with_context(|| format!("cannot create the content rows 1..{}", opts.contents))?;
+
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    let per_conn_rate = opts.rate as f64 / opts.connections as f64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..opts.connections {
+        let client = pg::connect(&pgc.url).await?;
+        let gen = Generator::new(opts.contents);
+        let prefix = format!(
+            "INSERT INTO {} (content_id, user_id, event_type, duration_ms, device) VALUES ",
+            events.quoted()
+        );
+        let batch = opts.batch;
+        tasks.spawn(async move {
+            let mut inserted: u64 = 0;
+            let mut sql = String::with_capacity(batch * 48 + prefix.len());
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                if per_conn_rate > 0.0 {
+                    // Pace: the next batch is due when the rate allows it.
+                    let due = started + Duration::from_secs_f64(inserted as f64 / per_conn_rate);
+                    if due >= deadline {
+                        break;
+                    }
+                    if due > now {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                }
+                let n = if per_conn_rate > 0.0 {
+                    let allowed = (per_conn_rate * started.elapsed().as_secs_f64()).ceil() as u64;
+                    (allowed.saturating_sub(inserted) as usize).clamp(1, batch)
+                } else {
+                    batch
+                };
+                sql.clear();
+                sql.push_str(&prefix);
+                {
+                    let mut rng = rand::thread_rng();
+                    for i in 0..n {
+                        if i > 0 {
+                            sql.push(',');
+                        }
+                        gen.tuple(&mut rng, &mut sql);
+                    }
+                }
+                let done = client
+                    .execute(sql.as_str(), &[])
+                    .await
+                    .context("an INSERT of the load failed")?;
+                inserted += done;
+            }
+            Ok::<u64, anyhow::Error>(inserted)
+        });
+    }
+    let mut inserted = 0;
+    while let Some(r) = tasks.join_next().await {
+        inserted += r.context("a load task failed")??;
+    }
+    Ok(LoadReport {
+        inserted,
+        elapsed: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        for bad in ["", "s", "10x", "-1s", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn popularity_is_skewed() {
+        let g = Generator::new(100);
+        let mut rng = rand::thread_rng();
+        let mut counts = [0u32; 100];
+        for _ in 0..20_000 {
+            counts[g.zipf.sample(&mut rng)] += 1;
+        }
+        assert!(
+            counts[0] > 5 * counts[49],
+            "{} vs {}",
+            counts[0],
+            counts[49]
+        );
+    }
+
+    #[test]
+    fn tuples_are_sql() {
+        let g = Generator::new(3);
+        let mut s = String::new();
+        g.tuple(&mut rand::thread_rng(), &mut s);
+        assert!(s.starts_with('(') && s.ends_with("')"), "{s}");
+    }
+}
