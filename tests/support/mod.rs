@@ -886,6 +886,7 @@ pub fn cli_with_peak_rss(config: &Path, args: &[&str], env: &[(&str, &str)]) -> 
         cmd.env(k, v);
     }
     cmd.env("ENGAGEMENT_CDC_LOG", "warn");
+    #[allow(clippy::zombie_processes)] // reaped with wait4 below, which reports the peak RSS
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
