@@ -145,6 +145,7 @@ pub async fn run(
         metrics: metrics.clone(),
         streaming: AtomicBool::new(false),
         slot: pgc.slot.clone(),
+        dlq: Some(Dlq::open(&store)?),
     });
     let _server = server::spawn(&config.server.listen, state.clone()).await?;
 

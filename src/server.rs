@@ -22,6 +22,8 @@ pub struct EngineState {
     pub metrics: Arc<Metrics>,
     pub streaming: AtomicBool,
     pub slot: String,
+    /// The dead-letter queue, for its depth.
+    pub dlq: Option<crate::dlq::Dlq>,
 }
 
 impl EngineState {
@@ -33,6 +35,7 @@ impl EngineState {
             "streaming": self.streaming.load(Ordering::Relaxed),
             "checkpoint_lsn": Lsn(m.checkpoint_lsn.load(Ordering::Relaxed)).to_string(),
             "last_commit_time": (last_commit != 0).then(|| crate::enrich::rfc3339_us(last_commit)),
+            "dlq_depth": self.dlq.as_ref().map(|d| d.len()),
             "counters": m.snapshot().into_iter().map(|(k, _, v)| (k.to_string(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
         })
     }
