@@ -393,3 +393,33 @@ fn old_events_stay_out_of_buckets_and_never_move_content_last_back() {
     );
     assert_eq!(env.redis.cli(&["ZSCORE", "top:content:10m", "2"]), "1");
 }
+
+#[test]
+fn a_clickhouse_schema_mismatch_names_the_column() {
+    let env = env(MockApi::start(&[]), "", "");
+    env.ch
+        .query("ALTER TABLE engagement.events_enriched DROP COLUMN device");
+    let run = cli(Some(&env.cfg.path), &["run"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("no column \"device\"") && line.contains("setup"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_hung_postgres_is_waited_out() {
+    let env = env(MockApi::start(&[]), "", "");
+    let _engine = env.engine();
+    env.insert_n(100);
+    wait_for("the first events", T, || {
+        (env.ch_count() == 100).then_some(())
+    });
+    env.pg.hang();
+    // Long enough for the engine to notice silence, short enough for the walsender to stay.
+    std::thread::sleep(Duration::from_secs(3));
+    env.pg.resume();
+    env.insert_n(100);
+    env.assert_exact(true);
+}

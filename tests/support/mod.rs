@@ -261,8 +261,51 @@ impl Postgres {
         self.start_server();
     }
 
-    pub fn resume(&self) {
+    /// Start again after [`Postgres::stop`].
+    pub fn start_again(&self) {
         self.start_server();
+    }
+
+    /// The postmaster and every backend it forked.
+    fn processes(&self) -> Vec<i32> {
+        let pid_text =
+            std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
+        let Some(master) = pid_text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![master];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // Field 4 (after the parenthesised name) is the parent pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// SIGSTOP the whole server: connections stay open, nothing answers.
+    pub fn hang(&self) {
+        for pid in self.processes() {
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn resume(&self) {
+        for pid in self.processes() {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -323,6 +366,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.resume();
         self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 }

@@ -216,7 +216,7 @@ impl RedisSink {
                 }
                 Err(e) => {
                     return Err(anyhow!(
-                        "redis at {} rejected the batch script: {e}; check that the keys the engine writes (see docs/redis.md) are not used with other types"
+                        "redis at {} rejected the batch script: {e}; check that the keys the engine writes (see docs/sinks.md) are not used with other types"
                     , self.url))
                 }
             }
