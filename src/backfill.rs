@@ -308,6 +308,7 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
             batch.push(enrich(raw, row.as_ref(), Lsn(0)).0);
         }
         report.scanned += batch.len() as u64;
+        let batch: Vec<&EnrichedEvent> = batch.iter().collect();
         let (ch, rd, ht) = (
             async {
                 match &clickhouse {

@@ -193,11 +193,15 @@ impl StateStore {
         if let Some(t) = last_commit_us {
             batch.insert(KEY_LAST_COMMIT, &(t as u64).to_be_bytes());
         }
-        self.db.apply_batch(batch)?;
-        self.db
-            .flush_async()
-            .await
-            .context("cannot flush the state store to disk")?;
+        // sled writes and fsyncs on the calling thread: keep that off the async workers.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            db.apply_batch(batch)?;
+            db.flush()
+        })
+        .await
+        .context("the state store writer stopped")?
+        .context("cannot write the checkpoint to the state store")?;
         Ok(())
     }
 

@@ -47,12 +47,15 @@ impl Dlq {
     /// Store a dead letter durably (flushed before returning).
     pub async fn push(&self, mut letter: DeadLetter) -> anyhow::Result<u64> {
         letter.id = self.store.generate_id()?;
-        self.tree
-            .insert(letter.id.to_be_bytes(), serde_json::to_vec(&letter)?)?;
-        self.tree
-            .flush_async()
-            .await
-            .context("cannot flush the dead-letter queue to disk")?;
+        let tree = self.tree.clone();
+        let bytes = serde_json::to_vec(&letter)?;
+        tokio::task::spawn_blocking(move || {
+            tree.insert(letter.id.to_be_bytes(), bytes)?;
+            tree.flush()
+        })
+        .await
+        .context("the dead-letter writer stopped")?
+        .context("cannot write the dead-letter queue to disk")?;
         Ok(letter.id)
     }
 

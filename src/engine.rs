@@ -159,7 +159,13 @@ pub async fn run(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut pipeline = Pipeline::start(sinks, store.clone(), metrics.clone(), checkpoint);
+    let mut pipeline = Pipeline::start(
+        sinks,
+        store.clone(),
+        metrics.clone(),
+        checkpoint,
+        config.pipeline.max_batch_rows,
+    );
     let mut source = Source {
         relations: Relations::new(
             QualifiedTable::parse("postgres.events_table", &pgc.events_table)?,

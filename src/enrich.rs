@@ -101,6 +101,9 @@ pub struct EnrichedEvent {
     pub engagement_pct_hundredths: Option<i64>,
     /// Commit LSN of the transaction for streamed events, 0 for backfilled ones.
     pub source_lsn: Lsn,
+    /// Commit time of the transaction (µs since 1970) for streamed events, 0 for backfilled
+    /// ones: the start of the commit-to-sink latency.
+    pub commit_us: i64,
 }
 
 /// What [`enrich`] noticed, for counters.
@@ -139,6 +142,7 @@ pub fn enrich(
         engagement_ms,
         engagement_pct_hundredths,
         source_lsn,
+        commit_us: 0,
     };
     (enriched, notes)
 }

@@ -39,6 +39,19 @@ pub struct Stats {
     pub failures_injected: u64,
 }
 
+/// What the mock reads of an event: its id (the other fields are checked as JSON only).
+#[derive(serde::Deserialize)]
+struct EventId {
+    event_id: Option<i64>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Body {
+    Many(Vec<EventId>),
+    One(EventId),
+}
+
 #[derive(Default)]
 struct State {
     stats: Stats,
@@ -152,24 +165,14 @@ async fn post_events(
     key: &str,
 ) -> (StatusCode, String, String) {
     state.lock().expect("stats lock").stats.requests += 1;
-    let value: serde_json::Value = match serde_json::from_slice(bytes) {
-        Ok(v) => v,
+    let events: Vec<EventId> = match serde_json::from_slice::<Body>(bytes) {
+        Ok(Body::Many(v)) => v,
+        Ok(Body::One(e)) => vec![e],
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("body is not JSON: {e}")}).to_string(),
-                format!("key={key} invalid JSON"),
-            )
-        }
-    };
-    let events: Vec<&serde_json::Value> = match &value {
-        serde_json::Value::Array(a) => a.iter().collect(),
-        obj @ serde_json::Value::Object(_) => vec![obj],
-        _ => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "{\"error\":\"expected an event object or an array of events\"}".into(),
-                format!("key={key} not an event"),
+                serde_json::json!({"error": format!("expected an event object or an array of events: {e}")}).to_string(),
+                format!("key={key} invalid body"),
             )
         }
     };
@@ -187,7 +190,7 @@ async fn post_events(
     let mut st = state.lock().expect("stats lock");
     st.stats.events += events.len() as u64;
     for e in &events {
-        if let Some(id) = e.get("event_id").and_then(|v| v.as_i64()) {
+        if let Some(id) = e.event_id {
             if st.seen.insert(id) {
                 st.stats.unique_event_ids += 1;
             } else {

@@ -8,9 +8,13 @@
 //!                                                              (update_applied_lsn)
 //! ```
 //!
-//! Each sink has its own task and a bounded queue of [`RUN_AHEAD`] batches, so a sink may
-//! run that far ahead of the slowest; when a queue is full the source waits, and with it the
-//! replication stream (back-pressure, never an unbounded queue). The tracker sees every
+//! Each sink has its own task and queue. The events in flight (handed to the sinks, not yet
+//! durable in all of them) are bounded by a budget of [`IN_FLIGHT_BATCHES`] × `max_batch_rows`:
+//! a sink may run that far ahead of the slowest, and when the budget is spent the source
+//! waits, and with it the replication stream (back-pressure, never an unbounded queue).
+//! Batches close small when the stream is quiet (latency); a sink that falls behind takes
+//! every batch waiting in its queue, up to `max_batch_rows` events, as one write
+//! (throughput). The tracker sees every
 //! batch registered in order and every sink's acks (each sink acks in order); the longest
 //! prefix that every sink acked is durable, and the checkpoint moves to the last commit in
 //! it, written to sled with that prefix's dimension changes before Postgres hears of it.
@@ -20,17 +24,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::checkpoint::StateStore;
 use crate::enrich::{DimChange, EnrichedEvent};
+use crate::metrics::Histogram;
 use crate::metrics::Metrics;
 use crate::sinks::Sink;
 use crate::types::Lsn;
 
-/// Batches a sink may hold beyond the one it is delivering.
-pub const RUN_AHEAD: usize = 4;
+/// The in-flight budget, in full batches' worth of events.
+pub const IN_FLIGHT_BATCHES: usize = 4;
 
 /// A batch of enriched events, as every sink receives it.
 #[derive(Debug, Default)]
@@ -68,6 +73,8 @@ struct Registration {
     /// Sent to no sink: done as soon as everything before it is.
     marker: bool,
     events: usize,
+    /// Budget permits the batch holds until it is durable.
+    permits: usize,
     commit_end: Option<Lsn>,
     last_commit_us: Option<i64>,
     dim_changes: Vec<DimChange>,
@@ -81,6 +88,9 @@ pub struct Pipeline {
     tasks: JoinSet<()>,
     last_seq: u64,
     metrics: Arc<Metrics>,
+    /// Permits are events in flight; the tracker returns them when a batch is durable.
+    budget: Arc<Semaphore>,
+    budget_size: usize,
 }
 
 impl Pipeline {
@@ -89,7 +99,10 @@ impl Pipeline {
         store: StateStore,
         metrics: Arc<Metrics>,
         checkpoint: Lsn,
+        max_batch_rows: usize,
     ) -> Pipeline {
+        let budget_size = IN_FLIGHT_BATCHES * max_batch_rows.max(1000);
+        let budget = Arc::new(Semaphore::new(budget_size));
         let (register, reg_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(usize, u64)>();
         let (fail_tx, failures) = mpsc::unbounded_channel();
@@ -101,22 +114,59 @@ impl Pipeline {
         let mut senders = Vec::new();
         let n = sinks.len();
         for (index, mut sink) in sinks.into_iter().enumerate() {
-            let (tx, mut rx) = mpsc::channel::<Arc<Batch>>(RUN_AHEAD);
+            // The budget bounds what the queue can hold.
+            let (tx, mut rx) = mpsc::channel::<Arc<Batch>>(budget_size);
             senders.push(tx);
             let ack = ack_tx.clone();
             let fail = fail_tx.clone();
+            let latency = metrics.latency(sink.name());
             tasks.spawn(async move {
                 let mut idle = tokio::time::interval(Duration::from_secs(1));
                 idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last_write = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
                         batch = rx.recv() => {
-                            let Some(batch) = batch else { break };
-                            if let Err(e) = sink.deliver(&batch).await {
+                            let Some(first) = batch else { break };
+                            // Take what else is waiting, up to one full batch of events; a
+                            // sink that lingers waits a little for more.
+                            let mut n = first.events.len();
+                            let mut group = vec![first];
+                            let linger_until = last_write + sink.linger();
+                            loop {
+                                if n >= max_batch_rows {
+                                    break;
+                                }
+                                match rx.try_recv() {
+                                    Ok(b) => {
+                                        n += b.events.len();
+                                        group.push(b);
+                                        continue;
+                                    }
+                                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                                    Err(mpsc::error::TryRecvError::Empty) => {}
+                                }
+                                if tokio::time::Instant::now() >= linger_until {
+                                    break;
+                                }
+                                match tokio::time::timeout_at(linger_until, rx.recv()).await {
+                                    Ok(Some(b)) => {
+                                        n += b.events.len();
+                                        group.push(b);
+                                    }
+                                    _ => break,
+                                }
+                            }
+                            last_write = tokio::time::Instant::now();
+                            let events: Vec<&EnrichedEvent> =
+                                group.iter().flat_map(|b| b.events.iter()).collect();
+                            if let Err(e) = sink.deliver(&events).await {
                                 let _ = fail.send(e.context(format!("{} sink failed", sink.name())));
                                 break;
                             }
-                            let _ = ack.send((index, batch.seq));
+                            record_latency(&latency, &events);
+                            let last = group.last().expect("a batch").seq;
+                            let _ = ack.send((index, last));
                             idle.reset();
                         }
                         _ = idle.tick() => {
@@ -131,8 +181,19 @@ impl Pipeline {
         }
         drop(ack_tx);
         let tracker_metrics = metrics.clone();
+        let tracker_budget = budget.clone();
         tasks.spawn(async move {
-            if let Err(e) = track(n, reg_rx, ack_rx, store, progress_tx, tracker_metrics).await {
+            if let Err(e) = track(
+                n,
+                reg_rx,
+                ack_rx,
+                store,
+                progress_tx,
+                tracker_metrics,
+                tracker_budget,
+            )
+            .await
+            {
                 let _ = fail_tx.send(e);
             }
         });
@@ -144,6 +205,8 @@ impl Pipeline {
             tasks,
             last_seq: 0,
             metrics,
+            budget,
+            budget_size,
         }
     }
 
@@ -153,14 +216,31 @@ impl Pipeline {
         if batch.is_empty() {
             return Ok(());
         }
+        let marker = batch.events.is_empty();
+        let want = if marker {
+            0
+        } else {
+            batch.events.len().min(self.budget_size)
+        };
+        if want > 0 {
+            // Wait for room in the in-flight budget (back-pressure).
+            tokio::select! {
+                permit = self.budget.acquire_many(want as u32) => {
+                    permit.map_err(|_| anyhow!("the pipeline stopped"))?.forget();
+                }
+                e = self.failures.recv() => {
+                    return Err(e.unwrap_or_else(|| anyhow!("the pipeline stopped")));
+                }
+            }
+        }
         self.last_seq += 1;
         batch.seq = self.last_seq;
-        let marker = batch.events.is_empty();
         self.register
             .send(Registration {
                 seq: batch.seq,
                 marker,
                 events: batch.events.len(),
+                permits: want,
                 commit_end: batch.commit_end,
                 last_commit_us: batch.last_commit_us,
                 dim_changes: std::mem::take(&mut batch.dim_changes),
@@ -195,6 +275,7 @@ impl Pipeline {
                 seq: self.last_seq,
                 marker: true,
                 events: 0,
+                permits: 0,
                 commit_end: Some(lsn),
                 last_commit_us: None,
                 dim_changes: Vec::new(),
@@ -246,6 +327,7 @@ async fn track(
     store: StateStore,
     progress_tx: watch::Sender<Progress>,
     metrics: Arc<Metrics>,
+    budget: Arc<Semaphore>,
 ) -> anyhow::Result<()> {
     let mut pending: VecDeque<Registration> = VecDeque::new();
     let mut acked = vec![0u64; sinks];
@@ -264,6 +346,13 @@ async fn track(
             },
             else => break,
         }
+        // Take everything else already waiting, so one sled write covers it all.
+        while let Ok(r) = reg_rx.try_recv() {
+            pending.push_back(r);
+        }
+        while let Ok((sink, seq)) = ack_rx.try_recv() {
+            acked[sink] = acked[sink].max(seq);
+        }
         let all_acked = acked.iter().copied().min().unwrap_or(u64::MAX);
         let mut changes = Vec::new();
         let mut new_checkpoint = progress.checkpoint;
@@ -277,6 +366,7 @@ async fn track(
             let r = pending.pop_front().expect("front exists");
             done = r.seq;
             events += r.events as u64;
+            budget.add_permits(r.permits);
             changes.extend(r.dim_changes);
             if let Some(lsn) = r.commit_end {
                 new_checkpoint = new_checkpoint.max(lsn);
@@ -318,4 +408,25 @@ async fn track(
         }
     }
     Ok(())
+}
+
+/// Commit-to-durable latency of each streamed event (backfilled ones have no commit time).
+fn record_latency(h: &Histogram, events: &[&EnrichedEvent]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    // Events of one transaction share a commit time: record runs at once.
+    let mut i = 0;
+    while i < events.len() {
+        let c = events[i].commit_us;
+        let mut j = i + 1;
+        while j < events.len() && events[j].commit_us == c {
+            j += 1;
+        }
+        if c > 0 {
+            h.record_us(now.saturating_sub(c).max(0) as u64, (j - i) as u64);
+        }
+        i = j;
+    }
 }

@@ -36,6 +36,7 @@ impl EngineState {
             "checkpoint_lsn": Lsn(m.checkpoint_lsn.load(Ordering::Relaxed)).to_string(),
             "last_commit_time": (last_commit != 0).then(|| crate::enrich::rfc3339_us(last_commit)),
             "dlq_depth": self.dlq.as_ref().map(|d| d.len()),
+            "commit_to_sink": m.latency_summary(),
             "counters": m.snapshot().into_iter().map(|(k, _, v)| (k.to_string(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
         })
     }

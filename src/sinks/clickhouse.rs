@@ -353,7 +353,7 @@ impl ClickHouseSink {
 
     async fn insert_once(
         &self,
-        events: &[crate::enrich::EnrichedEvent],
+        events: &[&crate::enrich::EnrichedEvent],
     ) -> Result<(), clickhouse::error::Error> {
         let timeouts = Some(std::time::Duration::from_secs(30));
         match self.layout {
@@ -383,7 +383,7 @@ impl ClickHouseSink {
     }
 
     /// Insert `events` (one INSERT), retrying transient failures until it succeeds.
-    pub async fn insert(&self, events: &[crate::enrich::EnrichedEvent]) -> anyhow::Result<()> {
+    pub async fn insert(&self, events: &[&crate::enrich::EnrichedEvent]) -> anyhow::Result<()> {
         if events.is_empty() {
             return Ok(());
         }
@@ -436,15 +436,23 @@ fn is_permanent(e: &clickhouse::error::Error) -> bool {
         || matches!(e, clickhouse::error::Error::SchemaMismatch(_))
 }
 
+/// ClickHouse makes a part per INSERT and merges them in the background: at most about
+/// five small inserts a second keep that cheap. Full batches go at once.
+const CLICKHOUSE_LINGER: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl super::Sink for ClickHouseSink {
     fn name(&self) -> &'static str {
         "clickhouse"
     }
 
+    fn linger(&self) -> std::time::Duration {
+        CLICKHOUSE_LINGER
+    }
+
     fn deliver<'a>(
         &'a mut self,
-        batch: &'a crate::pipeline::Batch,
+        events: &'a [&'a crate::enrich::EnrichedEvent],
     ) -> super::BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move { self.insert(&batch.events).await })
+        Box::pin(async move { self.insert(events).await })
     }
 }

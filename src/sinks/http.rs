@@ -19,7 +19,6 @@ use crate::config::{redact_url, HttpConfig, HttpMode, OnFailure};
 use crate::dlq::{DeadLetter, Dlq};
 use crate::enrich::{rfc3339_us, EnrichedEvent};
 use crate::metrics::Metrics;
-use crate::pipeline::Batch;
 
 /// Longest wait a `Retry-After` may ask for.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -35,7 +34,11 @@ pub struct Request {
 }
 
 /// The requests for a batch, per the mode.
-pub fn requests(events: &[EnrichedEvent], mode: HttpMode, max_batch_events: usize) -> Vec<Request> {
+pub fn requests(
+    events: &[&EnrichedEvent],
+    mode: HttpMode,
+    max_batch_events: usize,
+) -> Vec<Request> {
     match mode {
         HttpMode::Batch => events
             .chunks(max_batch_events.max(1))
@@ -258,7 +261,7 @@ impl HttpSink {
     }
 
     /// Deliver events; returns how many were dead-lettered.
-    pub async fn send_events(&self, events: &[EnrichedEvent]) -> anyhow::Result<usize> {
+    pub async fn send_events(&self, events: &[&EnrichedEvent]) -> anyhow::Result<usize> {
         let cfg = &self.sender.cfg;
         let hold = cfg.on_failure == OnFailure::FailFast;
         let reqs = requests(events, cfg.mode, cfg.max_batch_events);
@@ -316,9 +319,12 @@ impl Sink for HttpSink {
         "http"
     }
 
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            self.send_events(&batch.events).await?;
+            self.send_events(events).await?;
             Ok(())
         })
     }
@@ -350,7 +356,8 @@ mod tests {
     #[test]
     fn batch_requests_are_arrays_with_range_keys() {
         let events: Vec<_> = (1..=5).map(ev).collect();
-        let r = requests(&events, HttpMode::Batch, 2);
+        let refs: Vec<&EnrichedEvent> = events.iter().collect();
+        let r = requests(&refs, HttpMode::Batch, 2);
         assert_eq!(r.len(), 3);
         assert_eq!(r[0].key, "events-1-2-2");
         assert_eq!(r[2].key, "events-5-5-1");
@@ -362,7 +369,8 @@ mod tests {
     #[test]
     fn per_event_requests_are_objects_with_event_keys() {
         let events: Vec<_> = (7..=8).map(ev).collect();
-        let r = requests(&events, HttpMode::PerEvent, 500);
+        let refs: Vec<&EnrichedEvent> = events.iter().collect();
+        let r = requests(&refs, HttpMode::PerEvent, 500);
         assert_eq!(r.len(), 2);
         assert_eq!(r[1].key, "event-8");
         let v: serde_json::Value = serde_json::from_slice(&r[0].body).unwrap();

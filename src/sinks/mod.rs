@@ -9,15 +9,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::pipeline::Batch;
+use crate::enrich::EnrichedEvent;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A destination of enriched events.
 ///
 /// The contract every implementation keeps:
-/// - Batches arrive one at a time, in stream order.
-/// - `deliver` returns `Ok` only when every effect of the batch is durable in the
+/// - Events arrive in stream order, one group at a time (one or more batches, coalesced
+///   when the sink fell behind).
+/// - `deliver` returns `Ok` only when every effect of the events is durable in the
 ///   destination; the checkpoint moves past a batch only after every sink said `Ok`.
 /// - Delivery is at least once: after a crash or reconnect the same events (same
 ///   `event_id`, same values) arrive again, so a sink must make a repeat harmless.
@@ -28,7 +29,17 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Sink: Send {
     fn name(&self) -> &'static str;
 
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+
+    /// How long to gather events before a write that is smaller than a full batch, counted
+    /// from the previous write. A destination that pays per write (ClickHouse makes a part
+    /// per INSERT) trades this much latency for fewer, larger writes; the default is none.
+    fn linger(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// Called about once a second while no batch arrives (periodic upkeep).
     fn idle(&mut self) -> BoxFuture<'_, anyhow::Result<()>> {

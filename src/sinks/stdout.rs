@@ -6,7 +6,7 @@ use std::io::Write;
 use anyhow::Context;
 
 use super::{BoxFuture, Sink};
-use crate::pipeline::Batch;
+use crate::enrich::EnrichedEvent;
 
 #[derive(Default)]
 pub struct StdoutSink {
@@ -18,10 +18,13 @@ impl Sink for StdoutSink {
         "stdout"
     }
 
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             self.buf.clear();
-            for e in &batch.events {
+            for e in events {
                 e.write_json(&mut self.buf);
                 self.buf.push(b'\n');
             }

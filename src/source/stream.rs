@@ -45,6 +45,8 @@ pub struct Source {
 
 struct Tx {
     commit_lsn: Lsn,
+    /// µs since 1970.
+    commit_us: i64,
     /// A transaction at or below the checkpoint, already durable: read for its Relation
     /// messages only.
     replayed: bool,
@@ -83,6 +85,8 @@ impl Source {
         shutdown: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let mut progress = pipeline.progress();
+        // Commit-to-read latency of each transaction: what Postgres and the transport add.
+        let read_latency = self.metrics.latency("read");
         let mut tx: Option<Tx> = None;
         let mut b = Builder::new();
         loop {
@@ -144,10 +148,28 @@ impl Source {
                 }
             };
             match event {
-                ReplicationEvent::Begin { final_lsn, .. } => {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
+                    let commit_us = commit_time_micros + PG_EPOCH_OFFSET_US;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros() as i64)
+                        .unwrap_or(0);
+                    let waited = now.saturating_sub(commit_us).max(0) as u64;
+                    read_latency.record_us(waited, 1);
+                    if waited > 50_000 {
+                        tracing::debug!(
+                            "transaction {final_lsn} read {} ms after its commit",
+                            waited / 1000
+                        );
+                    }
                     let commit_lsn = Lsn::from(final_lsn);
                     tx = Some(Tx {
                         commit_lsn,
+                        commit_us: commit_time_micros + PG_EPOCH_OFFSET_US,
                         replayed: commit_lsn < checkpoint,
                         dim_changes: Vec::new(),
                     });
@@ -227,7 +249,8 @@ impl Source {
                 RelKind::Events(pos) => match decode_event(&new, &pos) {
                     Ok(raw) => {
                         let content = self.dimension.get(raw.content_id);
-                        let (event, notes) = enrich(raw, content, tx.commit_lsn);
+                        let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
+                        event.commit_us = tx.commit_us;
                         Metrics::add(&self.metrics.events_streamed, 1);
                         if notes.unknown_content {
                             Metrics::add(&self.metrics.events_unknown_content, 1);

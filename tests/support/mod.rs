@@ -723,7 +723,9 @@ impl Engine {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        if std::env::var("ENGAGEMENT_CDC_LOG").is_err() {
+        if std::env::var("ENGAGEMENT_CDC_LOG").is_err()
+            && !env.iter().any(|(k, _)| *k == "ENGAGEMENT_CDC_LOG")
+        {
             cmd.env("ENGAGEMENT_CDC_LOG", "info");
         }
         let mut child = cmd

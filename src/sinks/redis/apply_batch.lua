@@ -27,30 +27,64 @@ end
 local cbase = i
 i = i + 5 * nc
 
--- Dedup: one bit per event id, in bitmaps of 2^20 ids, kept without expiry.
+-- Dedup: one bit per event id, in bitmaps of 2^20 ids, kept without expiry. The bits of a
+-- bitmap are set with one BITFIELD per 1000 ids, which answers each bit's old value.
 local CHUNK = 1048576
+local ev_content, ev_bucket = {}, {}
+local groups, order = {}, {}
+for e = 1, ne do
+  local id = tonumber(ARGV[i])
+  ev_content[e] = tonumber(ARGV[i + 1])
+  ev_bucket[e] = tonumber(ARGV[i + 2])
+  i = i + 3
+  local chunk = math.floor(id / CHUNK)
+  local g = groups[chunk]
+  if not g then
+    g = { n = 0, off = {}, idx = {} }
+    groups[chunk] = g
+    order[#order + 1] = chunk
+  end
+  g.n = g.n + 1
+  g.off[g.n] = id - chunk * CHUNK
+  g.idx[g.n] = e
+end
+
 local per_content = {}
 local per_bucket = {}
 local is_new = {}
 local inserted = 0
-for e = 1, ne do
-  local id = tonumber(ARGV[i])
-  local c = tonumber(ARGV[i + 1])
-  local b = tonumber(ARGV[i + 2])
-  i = i + 3
-  local chunk = math.floor(id / CHUNK)
-  if redis.call('SETBIT', p .. 'engagement_cdc:seen:' .. chunk, id - chunk * CHUNK, 1) == 0 then
-    inserted = inserted + 1
-    is_new[e] = true
-    per_content[c] = (per_content[c] or 0) + 1
-    if b > 0 then
-      local t = per_bucket[b]
-      if not t then
-        t = {}
-        per_bucket[b] = t
-      end
-      t[c] = (t[c] or 0) + 1
+for _, chunk in ipairs(order) do
+  local g = groups[chunk]
+  local key = p .. 'engagement_cdc:seen:' .. chunk
+  local s = 1
+  while s <= g.n do
+    local t = math.min(g.n, s + 999)
+    local args = {}
+    for k = s, t do
+      args[#args + 1] = 'SET'
+      args[#args + 1] = 'u1'
+      args[#args + 1] = g.off[k]
+      args[#args + 1] = 1
     end
+    local old = redis.call('BITFIELD', key, unpack(args))
+    for k = s, t do
+      if old[k - s + 1] == 0 then
+        local e = g.idx[k]
+        local c, b = ev_content[e], ev_bucket[e]
+        inserted = inserted + 1
+        is_new[e] = true
+        per_content[c] = (per_content[c] or 0) + 1
+        if b > 0 then
+          local bt = per_bucket[b]
+          if not bt then
+            bt = {}
+            per_bucket[b] = bt
+          end
+          bt[c] = (bt[c] or 0) + 1
+        end
+      end
+    end
+    s = t + 1
   end
 end
 

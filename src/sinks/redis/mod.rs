@@ -22,7 +22,6 @@ use super::{Backoff, BoxFuture, Sink};
 use crate::config::{redact_url, RedisConfig};
 use crate::enrich::{utc_parts, EnrichedEvent};
 use crate::metrics::Metrics;
-use crate::pipeline::Batch;
 
 const APPLY_BATCH: &str = include_str!("apply_batch.lua");
 
@@ -70,7 +69,7 @@ fn sortable_ts(us: i64) -> String {
 }
 
 /// The script's ARGV for `events`, at wall-clock time `now_us`.
-pub fn script_args(prefix: &str, events: &[EnrichedEvent], now_us: i64) -> Vec<String> {
+pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> Vec<String> {
     const MINUTE: i64 = 60_000_000;
     let now_minute = now_us.div_euclid(MINUTE);
     let mut contents: Vec<(i64, usize)> = Vec::new(); // (content_id, latest event index)
@@ -84,7 +83,7 @@ pub fn script_args(prefix: &str, events: &[EnrichedEvent], now_us: i64) -> Vec<S
             contents.len()
         });
         let latest = &mut contents[c - 1].1;
-        let cur = &events[*latest];
+        let cur = events[*latest];
         if (e.event_ts_us, e.event_id) > (cur.event_ts_us, cur.event_id) {
             *latest = i;
         }
@@ -109,7 +108,7 @@ pub fn script_args(prefix: &str, events: &[EnrichedEvent], now_us: i64) -> Vec<S
         args.push(minute_key((now_minute - back) * MINUTE));
     }
     for (content_id, latest) in &contents {
-        let e = &events[*latest];
+        let e = events[*latest];
         args.push(content_id.to_string());
         args.push((latest + 1).to_string());
         args.push(sortable_ts(e.event_ts_us));
@@ -178,7 +177,7 @@ impl RedisSink {
 
     /// Apply events (any number); returns how many were new to Redis. Transient failures
     /// are retried until they succeed; a script error is permanent.
-    pub async fn apply(&mut self, events: &[EnrichedEvent]) -> anyhow::Result<u64> {
+    pub async fn apply(&mut self, events: &[&EnrichedEvent]) -> anyhow::Result<u64> {
         let mut inserted = 0;
         if events.is_empty() {
             self.call(&[]).await?;
@@ -191,7 +190,7 @@ impl RedisSink {
         Ok(inserted)
     }
 
-    async fn call(&mut self, events: &[EnrichedEvent]) -> anyhow::Result<u64> {
+    async fn call(&mut self, events: &[&EnrichedEvent]) -> anyhow::Result<u64> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             // Arguments are rebuilt per attempt: the window follows the clock.
@@ -241,9 +240,12 @@ impl Sink for RedisSink {
         "redis"
     }
 
-    fn deliver<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            self.apply(&batch.events).await.context("redis sink")?;
+            self.apply(events).await.context("redis sink")?;
             Ok(())
         })
     }
@@ -302,7 +304,8 @@ mod tests {
             ev(3, 7, now - 1_000_000), // 14:21, later than event 1
             ev(4, 7, now - 20 * min),  // 14:01, too old for a bucket
         ];
-        let a = script_args("p:", &events, now);
+        let refs: Vec<&EnrichedEvent> = events.iter().collect();
+        let a = script_args("p:", &refs, now);
         assert_eq!(&a[..4], ["p:", "4", "2", "2"]);
         assert_eq!(&a[4..6], ["202601081411", "202601081421"]);
         assert_eq!(a[6], "202601081421"); // window starts at the current minute

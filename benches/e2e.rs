@@ -1,0 +1,293 @@
+//! The end-to-end benchmark: `cargo bench --bench e2e [-- OPTIONS]`.
+//!
+//! On private servers (the tests' support: PostgreSQL, ClickHouse, Redis, mock API on free
+//! loopback ports) it measures, for the release binary:
+//!
+//! 1. **Catch-up**: a backlog of `--events` rows (1000-row transactions) is inserted while
+//!    two slots created at the same position wait. `pg_recvlogical` reads one to the end
+//!    (the raw rate of Postgres's walsender here); the engine, with the sinks of `--sinks`,
+//!    reads the other until its checkpoint passes the end. Peak RSS during catch-up.
+//! 2. **Steady state**: `engagement-cdc load` at `--rate` events/s for `--seconds`; the
+//!    engine's commit-to-sink latency (p50, p99) and resident memory.
+//!
+//! Options: `--events N` (default 500000), `--sinks clickhouse,redis,http` (default all
+//! three), `--rate N` (default 1000), `--seconds N` (default 30).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+struct Options {
+    events: u64,
+    sinks: Vec<String>,
+    rate: u64,
+    seconds: u64,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        events: 500_000,
+        sinks: vec!["clickhouse".into(), "redis".into(), "http".into()],
+        rate: 1000,
+        seconds: 30,
+    };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--events" => o.events = v.parse().expect("--events N"),
+            "--sinks" => o.sinks = v.split(',').map(str::to_string).collect(),
+            "--rate" => o.rate = v.parse().expect("--rate N"),
+            "--seconds" => o.seconds = v.parse().expect("--seconds N"),
+            other => panic!("unknown option {other}; see the header of benches/e2e.rs"),
+        }
+        i += 2;
+    }
+    o
+}
+
+fn rss_kb(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let o = options();
+    let pg = Postgres::start_with(PgOptions {
+        extra_conf: "max_wal_size = 4GB\ncheckpoint_timeout = 30min\n".into(),
+        ..Default::default()
+    });
+    pg.create_database("engagement", true);
+    let sql = |q: &str| pg.psql("engagement", q);
+    let (ch, redis, api) = (ClickHouse::start(), Redis::start(), MockApi::start(&[]));
+    let mut sections = String::new();
+    for s in &o.sinks {
+        match s.as_str() {
+            "clickhouse" => sections += &format!("[clickhouse]\nurl = \"{}\"\n", ch.url()),
+            "redis" => sections += &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+            "http" => sections += &format!("[http]\nurl = \"{}\"\n", api.url()),
+            "stdout" => sections += "[stdout]\nenabled = true\n",
+            other => panic!("unknown sink {other}"),
+        }
+    }
+    let cfg = TestConfig::new(&pg.url("engagement"), &sections);
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "setup: {setup:?}");
+    sql("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')");
+
+    // The backlog: 1000-row transactions.
+    let t = Instant::now();
+    let mut script = String::new();
+    for _ in 0..o.events / 1000 {
+        script.push_str(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device) \
+             SELECT 1 + g % 3, g, 'play', g % 300000, 'web' FROM generate_series(1, 1000) g;\n",
+        );
+    }
+    let file = cfg.dir.path.join("backlog.sql");
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "engagement",
+            "-q",
+            "-f",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "backlog insert failed");
+    let n: u64 = sql("SELECT count(*) FROM engagement_events")
+        .parse()
+        .unwrap();
+    let end = sql("SELECT pg_current_wal_lsn()");
+    eprintln!(
+        "backlog: {n} events in {:.1}s, WAL end {end}",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Raw: pg_recvlogical to the end of the backlog.
+    let t = Instant::now();
+    let out = Command::new(format!("{PG_BIN}/pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "engagement",
+        ])
+        .args([
+            "--slot",
+            "bench_raw",
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=engagement_cdc",
+        ])
+        .args(["--endpos", &end, "-f", "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_recvlogical: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw_secs = t.elapsed().as_secs_f64();
+    let raw_rate = n as f64 / raw_secs;
+
+    // Engine: from start to checkpoint past the end.
+    let t = Instant::now();
+    let engine = Engine::spawn_with(
+        &cfg.path,
+        &["run"],
+        &[("ENGAGEMENT_CDC_LOG", "warn")],
+        Stdout::Discard,
+    );
+    let done = |cfg: &TestConfig| {
+        cfg.counter("events_delivered")
+            .filter(|d| *d >= n)
+            .map(|_| ())
+    };
+    wait_for("the engine to catch up", Duration::from_secs(1800), || {
+        done(&cfg)
+    });
+    let engine_secs = t.elapsed().as_secs_f64();
+    let engine_rate = n as f64 / engine_secs;
+    let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
+    // Steady state: ClickHouse done merging the backlog's parts, Postgres done vacuuming and
+    // analyzing the backlog.
+    sql("VACUUM ANALYZE engagement_events");
+    wait_for(
+        "ClickHouse to finish merging",
+        Duration::from_secs(300),
+        || (ch.query("SELECT count() FROM system.merges") == "0").then_some(()),
+    );
+    wait_for("autovacuum to finish", Duration::from_secs(300), || {
+        (sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+            == "0")
+            .then_some(())
+    });
+    // A fresh process for the steady state, so its latencies are not the backlog's.
+    let mut engine = engine;
+    assert_eq!(engine.terminate(), 0);
+    let log = std::env::var("BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into());
+    let engine = Engine::spawn_with(
+        &cfg.path,
+        &["run"],
+        &[("ENGAGEMENT_CDC_LOG", log.as_str())],
+        Stdout::Discard,
+    );
+    wait_for(
+        "the engine to stream again",
+        Duration::from_secs(60),
+        || {
+            cfg.engine_status()
+                .filter(|s| s["streaming"] == true)
+                .map(|_| ())
+        },
+    );
+    // After a reconnect the walsender decodes again from the slot's restart_lsn (the
+    // backlog) before it sends anything new: wait for a probe event to come through.
+    sql("INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 0, 'probe')");
+    wait_for("the probe event", Duration::from_secs(120), || {
+        cfg.counter("events_delivered")
+            .filter(|d| *d >= 1)
+            .map(|_| ())
+    });
+
+    // Steady state at --rate.
+    let load = cli(
+        Some(&cfg.path),
+        &[
+            "load",
+            "--rate",
+            &o.rate.to_string(),
+            "--duration",
+            &format!("{}s", o.seconds),
+            "--batch",
+            "1",
+            "--connections",
+            "4",
+        ],
+        &[],
+    );
+    assert_eq!(load.code, 0, "load: {load:?}");
+    let total: u64 = sql("SELECT count(*) FROM engagement_events")
+        .parse()
+        .unwrap();
+    wait_for(
+        "the engine to deliver the load",
+        Duration::from_secs(120),
+        || {
+            cfg.counter("events_delivered")
+                .filter(|d| *d >= total - n)
+                .map(|_| ())
+        },
+    );
+    let steady_rss_mb = rss_kb(engine.pid(), "VmRSS:") as f64 / 1024.0;
+    let status = cfg.engine_status().unwrap();
+    let lat = &status["commit_to_sink"];
+    // (The probe's own latency is one sample among the load's.)
+
+    println!("## engagement-cdc end-to-end benchmark");
+    println!();
+    println!(
+        "sinks: {}; backlog {n} events in 1000-row transactions",
+        o.sinks.join(", ")
+    );
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| pg_recvlogical alone | {raw_rate:.0} events/s ({raw_secs:.2} s) |");
+    println!(
+        "| engine catch-up, all listed sinks | {engine_rate:.0} events/s ({engine_secs:.2} s) |"
+    );
+    println!(
+        "| engine / pg_recvlogical | {:.0} % |",
+        100.0 * engine_rate / raw_rate
+    );
+    println!("| peak RSS during catch-up | {peak_catch_up_mb:.1} MB |");
+    println!(
+        "| RSS at steady state ({} events/s for {} s) | {steady_rss_mb:.1} MB |",
+        o.rate, o.seconds
+    );
+    println!(
+        "| commit-to-read p50 / p99 at {} events/s | {} / {} ms |",
+        o.rate, lat["read"]["p50_ms"], lat["read"]["p99_ms"]
+    );
+    for s in &o.sinks {
+        println!(
+            "| commit-to-{s} p50 / p99 at {} events/s | {} / {} ms |",
+            o.rate, lat[s]["p50_ms"], lat[s]["p99_ms"]
+        );
+    }
+    println!("| load achieved | {} |", load.stdout.trim());
+    if std::env::var("BENCH_ENGINE_LOG").is_ok() {
+        eprintln!("{}", engine.stderr());
+    }
+    drop(engine);
+}
