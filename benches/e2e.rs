@@ -14,7 +14,6 @@
 //! three), `--rate N` (default 1000), `--seconds N` (default 30).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::process::Command;
