@@ -159,6 +159,9 @@ fn main() {
     let raw_rate = n as f64 / raw_secs;
 
     // Engine: from start to checkpoint past the end.
+    let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let servers = [("clickhouse", ch.pid()), ("redis", redis.pid()), ("mock-api", api.pid())];
+    let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let t = Instant::now();
     let engine = Engine::spawn_with(
         &cfg.path,
@@ -177,6 +180,17 @@ fn main() {
     let engine_secs = t.elapsed().as_secs_f64();
     let engine_rate = n as f64 / engine_secs;
     let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
+    let engine_cpu = cpu_seconds(engine.pid());
+    // The walsender was started for this session: all its CPU time is the catch-up's.
+    let walsender: i32 = sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
+        .parse()
+        .unwrap_or(0);
+    let pg_cpu = cpu(&[walsender]);
+    let server_cpu: Vec<(&str, f64)> = servers
+        .iter()
+        .zip(&servers_before)
+        .map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before))
+        .collect();
     // Steady state: ClickHouse done merging the backlog's parts, Postgres done vacuuming and
     // analyzing the backlog.
     sql("VACUUM ANALYZE engagement_events");
@@ -270,6 +284,11 @@ fn main() {
         100.0 * engine_rate / raw_rate
     );
     println!("| peak RSS during catch-up | {peak_catch_up_mb:.1} MB |");
+    let mut cpu_line = format!("engine {engine_cpu:.2}, walsender {pg_cpu:.2}");
+    for (name, c) in &server_cpu {
+        cpu_line += &format!(", {name} {c:.2}");
+    }
+    println!("| CPU seconds during catch-up | {cpu_line} (of {:.2} s × 2 cores) |", engine_secs);
     println!(
         "| RSS at steady state ({} events/s for {} s) | {steady_rss_mb:.1} MB |",
         o.rate, o.seconds

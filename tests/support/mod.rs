@@ -267,7 +267,7 @@ impl Postgres {
     }
 
     /// The postmaster and every backend it forked.
-    fn processes(&self) -> Vec<i32> {
+    pub fn processes(&self) -> Vec<i32> {
         let pid_text =
             std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
         let Some(master) = pid_text
@@ -483,6 +483,9 @@ impl Redis {
         self.server.spawn();
         self.wait_ready();
     }
+    pub fn pid(&self) -> i32 {
+        self.server.pid()
+    }
 }
 
 /// A private ClickHouse (the Debian package's server, 18.16 here).
@@ -564,6 +567,22 @@ impl ClickHouse {
         self.server.spawn();
         self.wait_ready();
     }
+    pub fn pid(&self) -> i32 {
+        self.server.pid()
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far; 0 when it is gone.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the name: state is field 3, utime 14 and stime 15 (1-based over the whole line).
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// A minimal HTTP/1.0 client, so tests need no HTTP crate.
@@ -920,6 +939,10 @@ impl MockApi {
     pub fn start_again(&mut self) {
         self.server.spawn();
         self.wait_ready();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.server.pid()
     }
 }
 
