@@ -160,7 +160,11 @@ fn main() {
 
     // Engine: from start to checkpoint past the end.
     let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
-    let servers = [("clickhouse", ch.pid()), ("redis", redis.pid()), ("mock-api", api.pid())];
+    let servers = [
+        ("clickhouse", ch.pid()),
+        ("redis", redis.pid()),
+        ("mock-api", api.pid()),
+    ];
     let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let t = Instant::now();
     let engine = Engine::spawn_with(
@@ -182,9 +186,10 @@ fn main() {
     let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
     let engine_cpu = cpu_seconds(engine.pid());
     // The walsender was started for this session: all its CPU time is the catch-up's.
-    let walsender: i32 = sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
-        .parse()
-        .unwrap_or(0);
+    let walsender: i32 =
+        sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
+            .parse()
+            .unwrap_or(0);
     let pg_cpu = cpu(&[walsender]);
     let server_cpu: Vec<(&str, f64)> = servers
         .iter()
@@ -288,7 +293,10 @@ fn main() {
     for (name, c) in &server_cpu {
         cpu_line += &format!(", {name} {c:.2}");
     }
-    println!("| CPU seconds during catch-up | {cpu_line} (of {:.2} s × 2 cores) |", engine_secs);
+    println!(
+        "| CPU seconds during catch-up | {cpu_line} (of {:.2} s × 2 cores) |",
+        engine_secs
+    );
     println!(
         "| RSS at steady state ({} events/s for {} s) | {steady_rss_mb:.1} MB |",
         o.rate, o.seconds

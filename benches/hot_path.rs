@@ -110,7 +110,11 @@ fn main() {
         .collect();
     bench("enrich (join + derived fields)", N, || {
         raws.iter()
-            .map(|r| enrich(r.clone(), dimension.get(r.content_id), Lsn(1)).0.event_id)
+            .map(|r| {
+                enrich(r.clone(), dimension.get(r.content_id), Lsn(1))
+                    .0
+                    .event_id
+            })
             .sum::<i64>()
     });
     let events: Vec<EnrichedEvent> = raws
