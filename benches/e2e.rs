@@ -173,6 +173,26 @@ fn main() {
         &[("ENGAGEMENT_CDC_LOG", "warn")],
         Stdout::Discard,
     );
+    // BENCH_PERF=FILE: record a CPU profile of the engine's catch-up with perf.
+    let perf = std::env::var("BENCH_PERF").ok().map(|file| {
+        Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "2000",
+                "-g",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+                &file,
+                "-p",
+            ])
+            .arg(engine.pid().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf")
+    });
     let done = |cfg: &TestConfig| {
         cfg.counter("events_delivered")
             .filter(|d| *d >= n)
@@ -182,6 +202,10 @@ fn main() {
         done(&cfg)
     });
     let engine_secs = t.elapsed().as_secs_f64();
+    if let Some(mut p) = perf {
+        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+        let _ = p.wait();
+    }
     let engine_rate = n as f64 / engine_secs;
     let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
     let engine_cpu = cpu_seconds(engine.pid());

@@ -134,7 +134,7 @@ fn main() {
     });
     bench("redis script arguments (5000-event calls)", N, || {
         refs.chunks(5000)
-            .map(|c| script_args("", c, 1_767_882_112_000_000).len())
+            .map(|c| script_args("", c, 1_767_882_112_000_000).1.len())
             .sum::<usize>()
     });
     bench("http request bodies (500-event batches)", N, || {

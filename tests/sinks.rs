@@ -309,7 +309,10 @@ fn an_api_that_is_down_fills_the_dlq_and_replay_delivers() {
         (env.cfg.counter("http_dead_lettered") == Some(300)).then_some(())
     });
     // ClickHouse and Redis were not held back.
-    assert_eq!(env.ch_count(), 300);
+    wait_for("ClickHouse to get the events", T, || {
+        (env.ch_count() == 300).then_some(())
+    });
+    assert_eq!(env.redis_counts(), env.pg_counts());
     assert_eq!(engine.terminate(), 0);
 
     let list = cli(Some(&env.cfg.path), &["dlq", "list", "--json"], &[]);

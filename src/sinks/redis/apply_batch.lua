@@ -9,7 +9,8 @@
 --   then per content: content_id, index of its latest event in this batch,
 --                     that event's event_ts (RFC 3339, always 6 fraction digits),
 --                     its event_id, its JSON
---   then per event: event_id, content index (1-based), bucket index (0 = outside retention)
+--   then, last, one binary string with per event: event_id (8 bytes), content index
+--   (1-based, 4 bytes), bucket index (0 = outside retention, 4 bytes), big-endian
 -- Returns the number of events new to Redis.
 local p = ARGV[1]
 local ne, nc, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -32,11 +33,13 @@ i = i + 5 * nc
 local CHUNK = 1048576
 local ev_content, ev_bucket = {}, {}
 local groups, order = {}, {}
+local blob = ARGV[i]
+local pos = 1
 for e = 1, ne do
-  local id = tonumber(ARGV[i])
-  ev_content[e] = tonumber(ARGV[i + 1])
-  ev_bucket[e] = tonumber(ARGV[i + 2])
-  i = i + 3
+  local id, c, b
+  id, c, b, pos = struct.unpack('>i8i4i4', blob, pos)
+  ev_content[e] = c
+  ev_bucket[e] = b
   local chunk = math.floor(id / CHUNK)
   local g = groups[chunk]
   if not g then

@@ -68,8 +68,9 @@ fn sortable_ts(us: i64) -> String {
     )
 }
 
-/// The script's ARGV for `events`, at wall-clock time `now_us`.
-pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> Vec<String> {
+/// The script's ARGV for `events`, at wall-clock time `now_us`: the text arguments, and the
+/// per-event binary string that goes last (16 bytes an event, read with `struct.unpack`).
+pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> (Vec<String>, Vec<u8>) {
     const MINUTE: i64 = 60_000_000;
     let now_minute = now_us.div_euclid(MINUTE);
     let mut contents: Vec<(i64, usize)> = Vec::new(); // (content_id, latest event index)
@@ -98,7 +99,7 @@ pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> Vec<
         };
         per_event.push((e.event_id, c, b));
     }
-    let mut args = Vec::with_capacity(15 + buckets.len() + contents.len() * 5 + events.len() * 3);
+    let mut args = Vec::with_capacity(15 + buckets.len() + contents.len() * 5);
     args.push(prefix.to_string());
     args.push(events.len().to_string());
     args.push(contents.len().to_string());
@@ -115,12 +116,13 @@ pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> Vec<
         args.push(e.event_id.to_string());
         args.push(e.to_json());
     }
+    let mut blob = Vec::with_capacity(per_event.len() * 16);
     for (id, c, b) in per_event {
-        args.push(id.to_string());
-        args.push(c.to_string());
-        args.push(b.to_string());
+        blob.extend_from_slice(&id.to_be_bytes());
+        blob.extend_from_slice(&(c as i32).to_be_bytes());
+        blob.extend_from_slice(&(b as i32).to_be_bytes());
     }
-    args
+    (args, blob)
 }
 
 impl RedisSink {
@@ -194,7 +196,9 @@ impl RedisSink {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             // Arguments are rebuilt per attempt: the window follows the clock.
-            let args = script_args(&self.prefix, events, now_us());
+            let (text, blob) = script_args(&self.prefix, events, now_us());
+            let mut args: Vec<Value> = text.into_iter().map(Value::from).collect();
+            args.push(Value::Bytes(blob.into()));
             let result: Result<i64, Error> = self
                 .script
                 .evalsha_with_reload(&self.client, Vec::<String>::new(), args)
@@ -305,7 +309,7 @@ mod tests {
             ev(4, 7, now - 20 * min),  // 14:01, too old for a bucket
         ];
         let refs: Vec<&EnrichedEvent> = events.iter().collect();
-        let a = script_args("p:", &refs, now);
+        let (a, blob) = script_args("p:", &refs, now);
         assert_eq!(&a[..4], ["p:", "4", "2", "2"]);
         assert_eq!(&a[4..6], ["202601081411", "202601081421"]);
         assert_eq!(a[6], "202601081421"); // window starts at the current minute
@@ -314,10 +318,17 @@ mod tests {
         assert_eq!(&a[16..20], ["7", "3", "2026-01-08T14:21:51.000000Z", "3"]);
         assert!(a[20].starts_with("{\"event_id\":3,"));
         assert_eq!(&a[21..24], ["8", "2", "2026-01-08T14:21:52.000000Z"]);
-        let per_event = &a[26..];
-        assert_eq!(
-            per_event,
-            ["1", "1", "1", "2", "2", "2", "3", "1", "2", "4", "1", "0"]
-        );
+        assert_eq!(a.len(), 26);
+        let per_event: Vec<(i64, i32, i32)> = blob
+            .chunks(16)
+            .map(|c| {
+                (
+                    i64::from_be_bytes(c[..8].try_into().unwrap()),
+                    i32::from_be_bytes(c[8..12].try_into().unwrap()),
+                    i32::from_be_bytes(c[12..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(per_event, [(1, 1, 1), (2, 2, 2), (3, 1, 2), (4, 1, 0)]);
     }
 }
