@@ -148,7 +148,7 @@ pub async fn command(config: &Config, cmd: DlqCommand) -> anyhow::Result<String>
             for mut letter in dlq.list()? {
                 let req = Request {
                     key: letter.idempotency_key.clone(),
-                    body: letter.payload.clone().into_bytes(),
+                    body: letter.payload.clone().into_bytes().into(),
                     events: letter.events,
                     first_event_id: letter.first_event_id,
                     last_event_id: letter.last_event_id,

@@ -35,7 +35,7 @@ use crate::sinks::Sink;
 use crate::types::Lsn;
 
 /// The in-flight budget, in full batches' worth of events.
-pub const IN_FLIGHT_BATCHES: usize = 4;
+pub const IN_FLIGHT_BATCHES: usize = 8;
 
 /// A batch of enriched events, as every sink receives it.
 #[derive(Debug, Default)]

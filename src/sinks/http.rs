@@ -27,7 +27,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Request {
     pub key: String,
-    pub body: Vec<u8>,
+    /// Shared, so a retry does not copy it.
+    pub body: bytes::Bytes,
     pub events: usize,
     pub first_event_id: i64,
     pub last_event_id: i64,
@@ -52,6 +53,7 @@ pub fn requests(
                     e.write_json(&mut body);
                 }
                 body.push(b']');
+                let body = bytes::Bytes::from(body);
                 let (first, last) = (chunk[0].event_id, chunk[chunk.len() - 1].event_id);
                 Request {
                     key: format!("events-{first}-{last}-{}", chunk.len()),
@@ -67,6 +69,7 @@ pub fn requests(
             .map(|e| {
                 let mut body = Vec::with_capacity(280);
                 e.write_json(&mut body);
+                let body = bytes::Bytes::from(body);
                 Request {
                     key: format!("event-{}", e.event_id),
                     body,

@@ -173,6 +173,10 @@ pub fn parse_int(b: &[u8]) -> Option<i64> {
 /// `+05:30` or `-03:00:15`, optional ` BC`) → microseconds since 1970-01-01 UTC.
 /// `infinity`, `-infinity` and years past 9999 are `None`: no sink can store them.
 pub fn parse_timestamptz(b: &[u8]) -> Option<i64> {
+    parse_iso_fast(b).or_else(|| parse_timestamptz_general(b))
+}
+
+fn parse_timestamptz_general(b: &[u8]) -> Option<i64> {
     let s = std::str::from_utf8(b).ok()?;
     let (s, bc) = match s.strip_suffix(" BC") {
         Some(rest) => (rest, true),
@@ -221,6 +225,72 @@ pub fn parse_timestamptz(b: &[u8]) -> Option<i64> {
     let days = days_from_civil(year, month, day);
     let local = days * 86_400 + hour * 3600 + minute * 60 + second;
     Some((local - offset_secs) * 1_000_000 + micros)
+}
+
+/// The walsender's usual form, `YYYY-MM-DD HH:MM:SS[.f{1,6}]±HH[:MM]`, without allocating;
+/// `None` for anything else (the general parser then decides).
+fn parse_iso_fast(b: &[u8]) -> Option<i64> {
+    fn num(b: &[u8]) -> Option<i64> {
+        let mut v = 0i64;
+        for &c in b {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + (c - b'0') as i64;
+        }
+        Some(v)
+    }
+    if b.len() < 22
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b' '
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (
+        num(&b[0..4])?,
+        num(&b[5..7])? as u32,
+        num(&b[8..10])? as u32,
+    );
+    let (hour, minute, second) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 24
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || digits > 6 {
+            return None;
+        }
+        micros = num(&b[start..i])? * 10i64.pow(6 - digits as u32);
+    }
+    let sign = match b.get(i)? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let rest = &b[i + 1..];
+    let offset_secs = match rest.len() {
+        2 => num(rest)? * 3600,
+        5 if rest[2] == b':' => num(&rest[0..2])? * 3600 + num(&rest[3..5])? * 60,
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let local = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some((local - sign * offset_secs) * 1_000_000 + micros)
 }
 
 #[cfg(test)]
@@ -274,6 +344,23 @@ mod tests {
         #[test]
         fn integers_round_trip(v in any::<i64>()) {
             prop_assert_eq!(parse_int(v.to_string().as_bytes()), Some(v));
+        }
+
+        #[test]
+        fn the_fast_path_agrees_with_the_general_parser(
+            us in -62_135_596_800_000_000i64..253_402_300_799_999_999,
+            offset_min in -900i64..900,
+        ) {
+            // Render `us` in a zone `offset_min` minutes east, as Postgres would.
+            let local = rfc3339_us(us + offset_min * 60_000_000).replace('T', " ").replace('Z', "");
+            let (sign, abs) = if offset_min < 0 { ('-', -offset_min) } else { ('+', offset_min) };
+            let text = if abs % 60 == 0 {
+                format!("{local}{sign}{:02}", abs / 60)
+            } else {
+                format!("{local}{sign}{:02}:{:02}", abs / 60, abs % 60)
+            };
+            prop_assert_eq!(parse_iso_fast(text.as_bytes()), Some(us));
+            prop_assert_eq!(parse_timestamptz_general(text.as_bytes()), Some(us));
         }
 
         #[test]
