@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"
+# Benchmarks are built by clippy above and run with `cargo bench` (docs/benchmarks.md).
+cargo test --locked --lib --bins --tests -- --test-threads "${TEST_THREADS:-4}"
