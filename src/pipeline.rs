@@ -120,6 +120,7 @@ impl Pipeline {
             let ack = ack_tx.clone();
             let fail = fail_tx.clone();
             let latency = metrics.latency(sink.name());
+            let write_limit = sink.write_limit(max_batch_rows).max(1);
             tasks.spawn(async move {
                 let mut idle = tokio::time::interval(Duration::from_secs(1));
                 idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -128,13 +129,13 @@ impl Pipeline {
                     tokio::select! {
                         batch = rx.recv() => {
                             let Some(first) = batch else { break };
-                            // Take what else is waiting, up to one full batch of events; a
-                            // sink that lingers waits a little for more.
+                            // Take what else is waiting, up to the sink's write limit; a sink
+                            // that lingers waits a little for more.
                             let mut n = first.events.len();
                             let mut group = vec![first];
                             let linger_until = last_write + sink.linger();
                             loop {
-                                if n >= max_batch_rows {
+                                if n >= write_limit {
                                     break;
                                 }
                                 match rx.try_recv() {

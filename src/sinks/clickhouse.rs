@@ -449,6 +449,11 @@ impl super::Sink for ClickHouseSink {
         CLICKHOUSE_LINGER
     }
 
+    /// Fewer, larger parts while catching up: ClickHouse merges less.
+    fn write_limit(&self, max_batch_rows: usize) -> usize {
+        4 * max_batch_rows
+    }
+
     fn deliver<'a>(
         &'a mut self,
         events: &'a [&'a crate::enrich::EnrichedEvent],

@@ -41,6 +41,12 @@ pub trait Sink: Send {
         Duration::ZERO
     }
 
+    /// The most events one write may take when batches are waiting (the pipeline's budget
+    /// bounds it too). Default: one full batch.
+    fn write_limit(&self, max_batch_rows: usize) -> usize {
+        max_batch_rows
+    }
+
     /// Called about once a second while no batch arrives (periodic upkeep).
     fn idle(&mut self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async { Ok(()) })
