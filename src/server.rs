@@ -1,6 +1,7 @@
 //! The engine's HTTP endpoints on `[server] listen`: `/healthz` (the process is up),
-//! `/readyz` (a replication session is streaming), `/metrics` (Prometheus text) and
-//! `/status` (JSON, read by `engagement-cdc status` while the engine holds the state store).
+//! `/readyz` (a replication session is streaming), `/metrics` (Prometheus text),
+//! `/status` (JSON, read by `engagement-cdc status` while the engine holds the state store)
+//! and `/`, a dashboard page that shows `/status` and refreshes itself.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,7 +110,84 @@ fn route(state: &EngineState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /healthz, /readyz, /metrics or /status\n".into(),
+            "not found; try /, /healthz, /readyz, /metrics or /status\n".into(),
         ),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A page for people: checkpoint, counters and latencies, refreshed every 2 s.
+fn dashboard(status: &serde_json::Value) -> String {
+    let mut rows = String::new();
+    let mut row = |k: &str, v: String| {
+        rows.push_str(&format!(
+            "<tr><th>{}</th><td>{}</td></tr>",
+            escape(k),
+            escape(&v)
+        ));
+    };
+    for key in [
+        "slot",
+        "streaming",
+        "checkpoint_lsn",
+        "last_commit_time",
+        "dlq_depth",
+    ] {
+        row(key, status[key].to_string().trim_matches('"').to_string());
+    }
+    if let Some(lat) = status["commit_to_sink"].as_object() {
+        for (sink, v) in lat {
+            row(
+                &format!("commit to {sink}"),
+                format!(
+                    "p50 {} ms, p99 {} ms, {} events",
+                    v["p50_ms"], v["p99_ms"], v["count"]
+                ),
+            );
+        }
+    }
+    if let Some(counters) = status["counters"].as_object() {
+        for (k, v) in counters {
+            row(k, v.to_string());
+        }
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
+<title>engagement-cdc</title><style>body{{font-family:sans-serif;margin:2em}}\
+th{{text-align:left;padding-right:2em;font-weight:normal;color:#555}}td{{font-family:monospace}}</style></head>\
+<body><h1>engagement-cdc</h1><table>{rows}</table>\
+<p><a href=\"/metrics\">/metrics</a> · <a href=\"/status\">/status</a></p></body></html>"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dashboard_shows_the_status() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.latency("redis").record_us(1500, 3);
+        let state = EngineState {
+            metrics,
+            streaming: AtomicBool::new(true),
+            slot: "s<1>".into(),
+            dlq: None,
+        };
+        let page = dashboard(&state.status_json());
+        assert!(page.contains("<th>slot</th><td>s&lt;1&gt;</td>"), "{page}");
+        assert!(
+            page.contains("commit to redis</th><td>p50 2 ms, p99 2 ms, 3 events"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<th>events_streamed</th><td>0</td>"),
+            "{page}"
+        );
     }
 }
