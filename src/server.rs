@@ -102,6 +102,11 @@ fn route(state: &EngineState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4",
             state.metrics.render_prometheus(),
         ),
+        "/" => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            dashboard(&state.status_json()),
+        ),
         "/status" => reply(
             StatusCode::OK,
             "application/json",
