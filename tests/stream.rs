@@ -117,6 +117,20 @@ fn the_seed_insert_prints_the_spec_json() {
     );
     // Logs went to stderr, not into the JSON stream.
     assert!(engine.stderr().contains("streaming slot"));
+    // The engine's endpoints.
+    let port = env.cfg.server_port;
+    assert_eq!(http_get(port, "/healthz").as_deref(), Some("ok\n"));
+    assert_eq!(http_get(port, "/readyz").as_deref(), Some("streaming\n"));
+    wait_for("the metrics to count the event", T, || {
+        http_get(port, "/metrics")
+            .filter(|m| m.contains("engagement_cdc_events_delivered 1\n"))
+            .map(|_| ())
+    });
+    let page = http_get(port, "/").unwrap();
+    assert!(
+        page.contains("<h1>engagement-cdc</h1>") && page.contains("commit to stdout"),
+        "{page}"
+    );
 }
 
 #[test]
