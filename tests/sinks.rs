@@ -129,6 +129,21 @@ impl Env {
         )) == "t"
     }
 
+    /// Insert events for 10 s while a sink is away, then check that the slot was not
+    /// confirmed past what that sink has not stored.
+    fn insert_for_10s_unconfirmed(&self, away: &str) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            self.insert_n(100);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let lsn = self.sql("SELECT pg_current_wal_lsn()");
+        assert!(
+            !self.confirmed_flush_reaches(&lsn),
+            "slot confirmed past what {away} has not stored"
+        );
+    }
+
     /// Every sink holds exactly the events of Postgres, each once.
     fn assert_exact(&self, api_exact: bool) {
         let n = self.total();
@@ -252,31 +267,13 @@ fn a_hung_redis_and_a_stopped_clickhouse_lose_and_double_nothing() {
 
     // Redis hangs (SIGSTOP) for 10 s while events keep coming.
     env.redis.hang();
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        env.insert_n(100);
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let lsn = env.sql("SELECT pg_current_wal_lsn()");
-    assert!(
-        !env.confirmed_flush_reaches(&lsn),
-        "slot confirmed past what Redis has not stored"
-    );
+    env.insert_for_10s_unconfirmed("Redis");
     env.redis.resume();
     env.assert_exact(true);
 
     // ClickHouse is stopped for 10 s, then started again on the same data.
     env.ch.stop();
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        env.insert_n(100);
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let lsn = env.sql("SELECT pg_current_wal_lsn()");
-    assert!(
-        !env.confirmed_flush_reaches(&lsn),
-        "slot confirmed past what ClickHouse has not stored"
-    );
+    env.insert_for_10s_unconfirmed("ClickHouse");
     env.ch.start_again();
     env.assert_exact(true);
     // The prefix applies to every key.

@@ -372,7 +372,7 @@ impl Drop for Postgres {
 }
 
 /// A server run as our child process, so it can be killed, hung and restarted.
-struct ChildServer {
+pub struct ChildServer {
     child: Option<Child>,
     make: Box<dyn Fn() -> Command + Send + Sync>,
 }
@@ -405,6 +405,50 @@ impl Drop for ChildServer {
         self.kill();
     }
 }
+
+/// A server run as our child process: stop (kill), hang (SIGSTOP), resume, start again.
+pub trait ChildBacked {
+    fn child(&self) -> &ChildServer;
+    fn child_mut(&mut self) -> &mut ChildServer;
+    /// Block until the server answers.
+    fn ready(&self);
+
+    fn hang(&self) {
+        unsafe { libc::kill(self.child().pid(), libc::SIGSTOP) };
+    }
+    fn resume(&self) {
+        unsafe { libc::kill(self.child().pid(), libc::SIGCONT) };
+    }
+    fn stop(&mut self) {
+        self.child_mut().kill();
+    }
+    fn start_again(&mut self) {
+        self.child_mut().spawn();
+        self.ready();
+    }
+    fn pid(&self) -> i32 {
+        self.child().pid()
+    }
+}
+
+macro_rules! child_backed {
+    ($t:ty) => {
+        impl ChildBacked for $t {
+            fn child(&self) -> &ChildServer {
+                &self.server
+            }
+            fn child_mut(&mut self) -> &mut ChildServer {
+                &mut self.server
+            }
+            fn ready(&self) {
+                self.wait_ready();
+            }
+        }
+    };
+}
+child_backed!(Redis);
+child_backed!(ClickHouse);
+child_backed!(MockApi);
 
 /// A private Redis (AOF on, so a restart keeps the data).
 pub struct Redis {
@@ -468,23 +512,6 @@ impl Redis {
             .output()
             .expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
-    }
-
-    pub fn hang(&self) {
-        unsafe { libc::kill(self.server.pid(), libc::SIGSTOP) };
-    }
-    pub fn resume(&self) {
-        unsafe { libc::kill(self.server.pid(), libc::SIGCONT) };
-    }
-    pub fn stop(&mut self) {
-        self.server.kill();
-    }
-    pub fn start_again(&mut self) {
-        self.server.spawn();
-        self.wait_ready();
-    }
-    pub fn pid(&self) -> i32 {
-        self.server.pid()
     }
 }
 
@@ -552,23 +579,6 @@ impl ClickHouse {
             http_post(self.http_port, "/", sql.as_bytes()).expect("clickhouse reachable");
         assert_eq!(status, 200, "clickhouse query {sql:?} failed: {body}");
         body.trim_end().to_string()
-    }
-
-    pub fn hang(&self) {
-        unsafe { libc::kill(self.server.pid(), libc::SIGSTOP) };
-    }
-    pub fn resume(&self) {
-        unsafe { libc::kill(self.server.pid(), libc::SIGCONT) };
-    }
-    pub fn stop(&mut self) {
-        self.server.kill();
-    }
-    pub fn start_again(&mut self) {
-        self.server.spawn();
-        self.wait_ready();
-    }
-    pub fn pid(&self) -> i32 {
-        self.server.pid()
     }
 }
 
@@ -935,19 +945,6 @@ impl MockApi {
 
     pub fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&http_get(self.port, "/stats").expect("mock-api answers")).unwrap()
-    }
-
-    pub fn stop(&mut self) {
-        self.server.kill();
-    }
-
-    pub fn start_again(&mut self) {
-        self.server.spawn();
-        self.wait_ready();
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.server.pid()
     }
 }
 
