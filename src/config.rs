@@ -350,12 +350,17 @@ impl Config {
     /// Checks that deserialization cannot express: URLs, ranges, names.
     pub fn validate(&self) -> Result<(), UsageError> {
         let pg = &self.postgres;
-        tokio_postgres::Config::from_str(&pg.url).map_err(|e| {
+        let pg_url = tokio_postgres::Config::from_str(&pg.url).map_err(|e| {
             UsageError::new(format!(
                 "postgres.url {:?} is not a valid PostgreSQL URL ({e}); expected postgres://USER[:PASSWORD]@HOST:PORT/DATABASE",
                 redact_url(&pg.url)
             ))
         })?;
+        if pg_url.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(UsageError::new(
+                "postgres.url asks for sslmode=require, but this build does not support TLS to Postgres yet; run the engine next to the database or on a private network, without sslmode=require",
+            ));
+        }
         check_identifier("postgres.slot", &pg.slot)?;
         check_identifier("postgres.publication", &pg.publication)?;
         QualifiedTable::parse("postgres.events_table", &pg.events_table)?;
@@ -389,7 +394,12 @@ impl Config {
             check_identifier("clickhouse.table", &ch.table)?;
         }
         if let Some(r) = &self.redis {
-            if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://")) {
+            if r.url.starts_with("rediss://") {
+                return Err(UsageError::new(
+                    "redis.url uses rediss:// (TLS), which this build does not support yet; use redis:// on a private network",
+                ));
+            }
+            if !r.url.starts_with("redis://") {
                 return Err(UsageError::new(format!(
                     "redis.url {:?} is not a Redis URL; expected redis://HOST:PORT[/DB]",
                     redact_url(&r.url)
@@ -488,9 +498,13 @@ fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), UsageErr
 }
 
 fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
-    let rest = value
-        .strip_prefix("http://")
-        .or_else(|| value.strip_prefix("https://"));
+    if value.starts_with("https://") {
+        return Err(UsageError::new(format!(
+            "{key} {:?} uses https, which this build does not support yet; use http:// on a private network or a local TLS-terminating proxy",
+            redact_url(value)
+        )));
+    }
+    let rest = value.strip_prefix("http://");
     match rest {
         Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
         _ => Err(UsageError::new(format!(
@@ -680,6 +694,14 @@ mod tests {
         assert!(e.to_string().contains("stream"), "{e}");
         let e = parse("[postgres]\nslot = \"Bad-Name\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("postgres.slot"), "{e}");
+        let e = parse(
+            "[postgres]\nurl = \"postgres://u@h/d?sslmode=require\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("TLS"), "{e}");
+        let e = parse("[http]\nurl = \"https://api.example.com/events\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("does not support yet"), "{e}");
         let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = parse("[postgres\nurl=", &[]).unwrap_err();
