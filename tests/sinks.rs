@@ -463,3 +463,53 @@ fn megabyte_strings_non_ascii_and_null_timestamps() {
     assert_eq!(env.cfg.counter("events_invalid"), Some(1));
     assert_eq!(env.redis.cli(&["GET", "content:count:1"]), "");
 }
+
+#[test]
+fn a_replay_prints_the_same_joins_as_the_first_run() {
+    let env = env(MockApi::start(&[]), "", "");
+    // ClickHouse hangs, so the checkpoint stays before everything below while the stdout
+    // sink still prints it: run 1 shows the joins, run 2 replays the same transactions.
+    let mut first = Engine::spawn(&env.cfg.path, &["run", "--stdout"], &[]);
+    wait_for("the engine to stream", T, || {
+        env.cfg
+            .engine_status()
+            .filter(|s| s["streaming"] == true)
+            .map(|_| ())
+    });
+    env.ch.hang();
+    let a = env.sql("INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms) VALUES (2, 1, 'play', 6000) RETURNING id");
+    env.sql(
+        "UPDATE content SET length_seconds = 60, content_type = 'trailer' WHERE content_id = 2",
+    );
+    let b = env.sql("INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms) VALUES (2, 2, 'play', 6000) RETURNING id");
+    let run1 = first.wait_lines(2, T);
+    first.kill9();
+    env.ch.resume();
+    let second = Engine::spawn(&env.cfg.path, &["run", "--stdout"], &[]);
+    let run2 = second.wait_lines(2, T);
+    assert_eq!(
+        run1, run2,
+        "the replay must print exactly what the first run printed"
+    );
+    let events: Vec<Value> = run2
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["event_id"].to_string(), a);
+    assert_eq!(
+        (
+            events[0]["content_type"].as_str(),
+            events[0]["engagement_pct"].to_string().as_str()
+        ),
+        (Some("video"), "0.05")
+    );
+    assert_eq!(events[1]["event_id"].to_string(), b);
+    assert_eq!(
+        (
+            events[1]["content_type"].as_str(),
+            events[1]["engagement_pct"].to_string().as_str()
+        ),
+        (Some("trailer"), "0.1")
+    );
+    env.assert_exact(false);
+}

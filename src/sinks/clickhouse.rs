@@ -123,11 +123,14 @@ pub async fn server_version(
     client: &clickhouse::Client,
     cfg: &ClickHouseConfig,
 ) -> anyhow::Result<String> {
-    client
-        .query("SELECT version()")
-        .fetch_one::<String>()
-        .await
-        .map_err(|e| explain(&e, cfg))
+    let query = client.query("SELECT version()").fetch_one::<String>();
+    match tokio::time::timeout(std::time::Duration::from_secs(10), query).await {
+        Ok(answer) => answer.map_err(|e| explain(&e, cfg)),
+        Err(_) => Err(anyhow!(
+            "ClickHouse at {} did not answer within 10 s; check that it is running and not overloaded",
+            redact_url(&cfg.url)
+        )),
+    }
 }
 
 /// Create the database and table when missing (the layout for this server's version), then
