@@ -513,3 +513,25 @@ fn a_replay_prints_the_same_joins_as_the_first_run() {
     );
     env.assert_exact(false);
 }
+
+#[test]
+fn a_sink_down_at_start_is_one_clear_line() {
+    let mut env = env(MockApi::start(&[]), "", "");
+    env.ch.stop();
+    let run = cli(Some(&env.cfg.path), &["run"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line().contains("cannot reach ClickHouse"),
+        "{}",
+        run.stderr
+    );
+    env.ch.start_again();
+    env.redis.stop();
+    let run = cli(Some(&env.cfg.path), &["run"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line().contains("cannot connect to Redis"),
+        "{}",
+        run.stderr
+    );
+}
