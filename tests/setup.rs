@@ -302,3 +302,55 @@ fn malformed_configuration_exits_2() {
     let run = cli(None, &["no-such-command"], &[]);
     assert_eq!(run.code, 2, "{run:?}");
 }
+
+#[test]
+fn setup_with_a_slot_the_user_already_has() {
+    let pg = Postgres::start();
+    pg.psql(
+        "engagement",
+        "CREATE PUBLICATION mine FOR TABLE engagement_events, content",
+    );
+    pg.psql(
+        "engagement",
+        "SELECT pg_create_logical_replication_slot('their_slot', 'pgoutput')",
+    );
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    let env = [
+        ("ENGAGEMENT_CDC__POSTGRES__SLOT", "their_slot"),
+        ("ENGAGEMENT_CDC__POSTGRES__PUBLICATION", "mine"),
+    ];
+    let run = cli(Some(&cfg.path), &["setup"], &env);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("publication \"mine\" exists"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("WARNING: slot \"their_slot\" was not created by this setup"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        pg.psql("engagement", "SELECT count(*) FROM pg_replication_slots"),
+        "1"
+    );
+    // A publication without the tables is named, with the fix.
+    pg.psql("engagement", "CREATE PUBLICATION partial FOR TABLE content");
+    let run = cli(
+        Some(&cfg.path),
+        &["setup"],
+        &[
+            ("ENGAGEMENT_CDC__POSTGRES__SLOT", "their_slot"),
+            ("ENGAGEMENT_CDC__POSTGRES__PUBLICATION", "partial"),
+        ],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line()
+            .contains("ALTER PUBLICATION partial ADD TABLE public.engagement_events"),
+        "{}",
+        run.stderr
+    );
+}
