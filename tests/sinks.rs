@@ -535,3 +535,29 @@ fn a_sink_down_at_start_is_one_clear_line() {
         run.stderr
     );
 }
+
+#[test]
+fn memory_stays_bounded_while_redis_hangs() {
+    let env = env(MockApi::start(&[]), "", "");
+    let engine = env.engine();
+    env.redis.hang();
+    for _ in 0..30 {
+        env.insert_n(10_000);
+    }
+    // The source reads until the in-flight budget is spent, then stops: the rest waits in
+    // Postgres, not in memory.
+    wait_for("the source to fill the in-flight budget", T, || {
+        (env.cfg.counter("events_streamed").unwrap_or(0) >= 80_000).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3)); // the outage goes on
+    let streamed = env.cfg.counter("events_streamed").unwrap();
+    assert!(
+        streamed < 150_000,
+        "read {streamed} of 300,000 events while Redis hung"
+    );
+    let peak_mb = engine.peak_rss_kb() / 1024;
+    eprintln!("while Redis hung: {streamed} events read, peak RSS {peak_mb} MB");
+    assert!(peak_mb < 150, "peak RSS {peak_mb} MB while Redis hung");
+    env.redis.resume();
+    env.assert_exact(true);
+}
