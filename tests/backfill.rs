@@ -271,3 +271,35 @@ fn load_inserts_what_it_reports() {
         env.sql("SELECT count(DISTINCT event_type), count(DISTINCT device) FROM engagement_events");
     assert_eq!(types, "6|4");
 }
+
+#[test]
+fn a_terminal_gets_a_progress_bar() {
+    let env = env();
+    env.setup();
+    env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts)
+         SELECT 1, g, 'play', '2026-01-08 09:00:00+00'::timestamptz + g * interval '1 ms' FROM generate_series(1, 20000) g",
+    );
+    // `script` gives the backfill a pseudo-terminal.
+    let cmd = format!(
+        "{} --config {} backfill --start 2026-01-08T09:00:00 --end 2026-01-08T10:00:00 --batch-size 1000",
+        bin(),
+        env.cfg.path.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("ENGAGEMENT_CDC_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("[##############################] 20000/20000 rows"),
+        "{text}"
+    );
+    assert!(text.contains("rows/s") && text.contains("ETA"), "{text}");
+    assert!(
+        text.contains("Backfill done. scanned=20000 inserted=20000 duplicates=0"),
+        "{text}"
+    );
+}

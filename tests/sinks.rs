@@ -561,3 +561,16 @@ fn memory_stays_bounded_while_redis_hangs() {
     env.redis.resume();
     env.assert_exact(true);
 }
+
+#[test]
+fn per_event_mode_sends_one_event_per_request() {
+    let env = env(
+        MockApi::start(&[]),
+        "",
+        "mode = \"per_event\"\nconcurrency = 4\n",
+    );
+    let _engine = env.engine();
+    env.insert_n(200);
+    env.assert_exact(true);
+    assert_eq!(env.api.stats()["requests"], 200);
+}
