@@ -83,7 +83,7 @@ impl Default for Config {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// libpq-style URL; the password in it is never printed (see [`PostgresConfig::redacted_url`]).
+    /// libpq-style URL; the password in it is never printed (see [`redact_url`]).
     pub url: String,
     pub slot: String,
     pub publication: String,

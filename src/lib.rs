@@ -4,21 +4,32 @@
 //!
 //! # Layout
 //!
+//! Data flows one way: slot → [`source`] → [`enrich`] → [`pipeline`] → [`sinks`], with the
+//! checkpoint in [`checkpoint`].
+//!
 //! - [`config`] — the typed configuration: file, `ENGAGEMENT_CDC__SECTION__KEY` overrides,
 //!   defaults, validation.
 //! - [`pg`] — ordinary Postgres connections and the checks `setup` and `run` make.
-//! - [`source`] — the replication connection, the pgoutput decoder, transactions.
-//! - [`enrich`] — the `content` dimension and the derived-field arithmetic.
-//! - [`checkpoint`] — the sled store: checkpoint, dimension, identity, dead-letter queue.
-//! - [`sinks`] — one module per destination.
-//! - [`setup`] — the `setup` subcommand.
-//! - [`error`] — errors a caller decides on (exit codes).
+//! - [`source`] — the replication connection, our pgoutput decoder ([`source::pgoutput`]),
+//!   typed rows ([`source::rows`]) and the session loop that cuts batches
+//!   ([`source::stream`]).
+//! - [`enrich`] — the `content` dimension, the join, the derived-field arithmetic, the JSON.
+//! - [`pipeline`] — fan-out to the sinks, the in-flight budget, ack tracking → checkpoint.
+//! - [`checkpoint`] — the sled store: checkpoint, dimension, identity; [`dlq`] keeps the
+//!   HTTP sink's dead letters there too.
+//! - [`sinks`] — the [`sinks::Sink`] trait and one module per destination.
+//! - [`engine`] — `run`: preflight, sinks, sessions, reconnects, shutdown.
+//! - [`server`] — the engine's HTTP endpoints; [`metrics`] — what they show.
+//! - [`setup`], [`status`], [`backfill`], [`load`], [`mock_api`] — the other subcommands.
+//! - [`error`] — errors a caller decides on (exit codes); [`types`] — `Lsn` and ids.
 //!
 //! # Guarantees
 //!
 //! The checkpoint is the commit end LSN of the last transaction whose every effect is
 //! durable in every enabled sink; it is flushed to sled, together with the dimension as of
-//! that LSN, before Postgres is told. It never moves backward.
+//! that LSN, before Postgres is told. It never moves backward. Sinks receive events at least
+//! once and make repeats harmless, so the effect is exactly once. `docs/guarantees.md` lists
+//! the tests that prove each guarantee.
 
 pub mod backfill;
 pub mod checkpoint;
