@@ -83,7 +83,8 @@ EOF
     psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE $PG_DB" postgres
   fi
   for f in "$ROOT"/migrations/postgres/*.sql; do
-    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$PG_DB" -v ON_ERROR_STOP=1 -q -f "$f" >/dev/null
+    PGOPTIONS="-c client_min_messages=warning" \
+      psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$PG_DB" -v ON_ERROR_STOP=1 -q -f "$f" >/dev/null
   done
   say "postgres   started on 127.0.0.1:$PG_PORT (database $PG_DB, wal_level = logical)"
 }

@@ -105,11 +105,15 @@ struct Generator {
     zipf: WeightedIndex<f64>,
     types: WeightedIndex<u32>,
     devices: WeightedIndex<u32>,
+    /// `length_seconds` of content `i + 1` as the table has it (rows that existed before
+    /// keep their values), so durations are plausible for it.
+    lengths: Vec<Option<i32>>,
 }
 
 impl Generator {
     fn new(contents: u32) -> Self {
         Generator {
+            lengths: (1..=contents).map(|id| content_row(id).1).collect(),
             zipf: WeightedIndex::new((1..=contents).map(|k| 1.0 / (k as f64).powf(1.1)))
                 .expect("contents > 0"),
             types: WeightedIndex::new(EVENT_TYPES.iter().map(|t| t.1)).expect("weights"),
@@ -120,8 +124,9 @@ impl Generator {
     /// One `(content_id, user_id, event_type, duration_ms, device)` SQL tuple.
     fn tuple(&self, rng: &mut impl Rng, out: &mut String) {
         use std::fmt::Write;
-        let content = self.zipf.sample(rng) as u32 + 1;
-        let (_, len) = content_row(content);
+        let index = self.zipf.sample(rng);
+        let content = index + 1;
+        let len = self.lengths[index];
         let user = rng.gen_range(1..=1_000_000);
         let ty = EVENT_TYPES[self.types.sample(rng)].0;
         let device = DEVICES[self.devices.sample(rng)].0;
@@ -165,13 +170,29 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
         .await
         .with_context(|| format!("cannot create the content rows 1..{}", opts.contents))?;
 
+    let mut lengths: Vec<Option<i32>> = (1..=opts.contents).map(|id| content_row(id).1).collect();
+    for row in setup
+        .query(
+            &format!(
+                "SELECT content_id::int8, length_seconds::int4 FROM {} WHERE content_id BETWEEN 1 AND $1",
+                content.quoted()
+            ),
+            &[&(opts.contents as i64)],
+        )
+        .await
+        .context("cannot read the content rows")?
+    {
+        let id: i64 = row.get(0);
+        lengths[(id - 1) as usize] = row.get(1);
+    }
     let started = Instant::now();
     let deadline = started + opts.duration;
     let per_conn_rate = opts.rate as f64 / opts.connections as f64;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..opts.connections {
         let client = pg::connect(&pgc.url).await?;
-        let gen = Generator::new(opts.contents);
+        let mut gen = Generator::new(opts.contents);
+        gen.lengths.clone_from(&lengths);
         let prefix = format!(
             "INSERT INTO {} (content_id, user_id, event_type, duration_ms, device) VALUES ",
             events.quoted()
