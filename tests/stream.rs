@@ -423,3 +423,41 @@ fn run_without_setup_or_sinks_says_what_to_do() {
         run.stderr
     );
 }
+
+#[test]
+fn an_invalidated_slot_is_a_clear_error() {
+    // A slot may retain at most 1 MB of WAL: while the engine is stopped, writes push it out.
+    let env = env_with(Some(PgOptions {
+        extra_conf: "max_slot_wal_keep_size = 1\n".into(),
+        ..Default::default()
+    }));
+    env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, device)
+         SELECT 1, g, 'play', repeat('x', 200) FROM generate_series(1, 200000) g",
+    );
+    env.sql("SELECT pg_switch_wal()");
+    env.sql("CHECKPOINT");
+    wait_for("the slot to be invalidated", T, || {
+        let status = env
+            .sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'");
+        if status == "lost" {
+            return Some(());
+        }
+        env.sql("SELECT pg_switch_wal()");
+        env.sql("CHECKPOINT");
+        None
+    });
+    let run = cli(Some(&env.cfg.path), &["run", "--stdout"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("invalidated") && line.contains("setup") && line.contains("backfill"),
+        "{line}"
+    );
+    let status = cli(Some(&env.cfg.path), &["status"], &[]);
+    assert!(
+        status.stdout.contains("wal_status:          lost"),
+        "{}",
+        status.stdout
+    );
+}
