@@ -53,7 +53,9 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         None => {
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION \"{}\" FOR TABLE {}, {}",
+                    // Via the partition root: a partitioned events table is published under
+                    // its own name, not its partitions'.
+                    "CREATE PUBLICATION \"{}\" FOR TABLE {}, {} WITH (publish_via_partition_root = true)",
                     pgc.publication,
                     events.quoted(),
                     content.quoted()
@@ -61,7 +63,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                 .await
                 .map_err(|e| {
                     anyhow!(
-                        "cannot create publication {:?}: {}; create it as the table owner: CREATE PUBLICATION {} FOR TABLE {events}, {content};",
+                        "cannot create publication {:?}: {}; create it as the table owner: CREATE PUBLICATION {} FOR TABLE {events}, {content} WITH (publish_via_partition_root = true);",
                         pgc.publication,
                         db_message(&e),
                         pgc.publication

@@ -461,3 +461,33 @@ fn an_invalidated_slot_is_a_clear_error() {
         status.stdout
     );
 }
+
+#[test]
+fn a_partitioned_events_table_is_streamed_under_its_own_name() {
+    let pg = Postgres::start();
+    pg.psql(
+        "engagement",
+        "DROP TABLE engagement_events;
+         CREATE TABLE engagement_events (
+           id BIGSERIAL, content_id BIGINT NOT NULL, user_id BIGINT NOT NULL, event_type TEXT NOT NULL,
+           event_ts TIMESTAMPTZ NOT NULL DEFAULT now(), duration_ms INT, device TEXT, raw_payload JSONB,
+           PRIMARY KEY (id, event_ts)
+         ) PARTITION BY RANGE (event_ts);
+         CREATE TABLE engagement_events_2026 PARTITION OF engagement_events
+           FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         CREATE TABLE engagement_events_rest PARTITION OF engagement_events DEFAULT",
+    );
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    assert_eq!(cli(Some(&cfg.path), &["setup"], &[]).code, 0);
+    let env = Env { pg, cfg };
+    let engine = env.engine(Stdout::Collect);
+    let inserted: BTreeSet<i64> = env
+        .sql(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts) VALUES
+             (1, 1, 'play', '2026-03-01 00:00:00+00'), (2, 2, 'play', '2031-03-01 00:00:00+00') RETURNING id",
+        )
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(ids(&engine.wait_lines(2, T)), inserted);
+}
