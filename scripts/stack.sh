@@ -3,6 +3,7 @@
 # ClickHouse on loopback at the default ports of engagement-cdc.toml, all data under ./.stack/.
 #
 #   scripts/stack.sh up       install what is missing, start the servers, apply migrations/postgres/
+#   scripts/stack.sh install  only install what is missing (the tests need the same servers)
 #   scripts/stack.sh status   show each server
 #   scripts/stack.sh down     stop exactly the processes `up` started
 #
@@ -163,7 +164,8 @@ case "${1:-}" in
     redis_up
     clickhouse_up
     ;;
+  install) install_missing ;;
   status) status ;;
   down) down ;;
-  *) say "usage: scripts/stack.sh up|status|down"; exit 2 ;;
+  *) say "usage: scripts/stack.sh up|install|status|down"; exit 2 ;;
 esac
