@@ -260,7 +260,7 @@ pub async fn run(
         }
         backoff.reset();
     };
-    pipeline.close().await;
+    pipeline.close(Duration::from_secs(5)).await;
     result
 }
 

@@ -313,11 +313,20 @@ impl Pipeline {
             .unwrap_or_else(|| anyhow!("the pipeline stopped"))
     }
 
-    /// Stop the sink tasks after they delivered what they hold; then the tracker.
-    pub async fn close(mut self) {
+    /// Stop the sink tasks after they delivered what they hold, then the tracker; what is
+    /// still running after `grace` (a sink that does not answer) is aborted — it was not
+    /// checkpointed, so it is read again at the next start.
+    pub async fn close(mut self, grace: Duration) {
         self.senders.clear();
         drop(self.register);
-        while self.tasks.join_next().await.is_some() {}
+        let joined = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
     }
 }
 
@@ -558,6 +567,6 @@ mod tests {
         let marked = *progress.wait_for(|p| p.done_seq == 4).await.unwrap();
         assert_eq!(marked.checkpoint, Lsn(40));
         assert!(!p.in_flight());
-        p.close().await;
+        p.close(Duration::from_secs(5)).await;
     }
 }

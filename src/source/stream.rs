@@ -95,8 +95,8 @@ impl Source {
                 client.update_applied_lsn(lsn.into());
             }
             if *shutdown.borrow() {
-                if let Err(e) = pipeline.send(b.take()).await {
-                    return SessionEnd::Fatal(e);
+                if let Some(end) = send(pipeline, b.take(), shutdown).await {
+                    return end;
                 }
                 return SessionEnd::Shutdown;
             }
@@ -115,8 +115,8 @@ impl Source {
                 match ready {
                     Some(r) => r,
                     None => {
-                        if let Err(e) = pipeline.send(b.take()).await {
-                            return SessionEnd::Fatal(e);
+                        if let Some(end) = send(pipeline, b.take(), shutdown).await {
+                            return end;
                         }
                         continue;
                     }
@@ -141,8 +141,8 @@ impl Source {
                     return SessionEnd::Lost(anyhow::anyhow!("the replication stream ended"))
                 }
                 Err(e) => {
-                    if let Err(send) = pipeline.send(b.take()).await {
-                        return SessionEnd::Fatal(send);
+                    if let Some(end) = send(pipeline, b.take(), shutdown).await {
+                        return end;
                     }
                     return classify(e);
                 }
@@ -342,6 +342,26 @@ impl Source {
         self.dimension.apply(&change);
         Metrics::add(&self.metrics.content_changes, 1);
         tx.dim_changes.push(change);
+    }
+}
+
+/// Hand a batch to the pipeline; it may wait for room in the in-flight budget, but not
+/// through a shutdown (a batch not handed over is read again at the next start).
+async fn send(
+    pipeline: &mut Pipeline,
+    batch: Batch,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<SessionEnd> {
+    if *shutdown.borrow() {
+        // Shutting down: hand it over only if there is room right away.
+        return match pipeline.send(batch).now_or_never() {
+            Some(Err(e)) => Some(SessionEnd::Fatal(e)),
+            _ => None,
+        };
+    }
+    tokio::select! {
+        sent = pipeline.send(batch) => sent.err().map(SessionEnd::Fatal),
+        _ = shutdown.changed() => Some(SessionEnd::Shutdown),
     }
 }
 

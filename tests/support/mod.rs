@@ -870,7 +870,8 @@ impl Engine {
     pub fn terminate(&mut self) -> i32 {
         let mut c = self.child.take().expect("engine running");
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // The engine waits up to 30 s for a sink that does not answer.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = c.try_wait().unwrap() {
                 return status.code().unwrap_or(-1);
@@ -878,7 +879,7 @@ impl Engine {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 panic!(
-                    "engine did not exit within 30 s of SIGTERM; stderr:\n{}",
+                    "engine did not exit within 60 s of SIGTERM; stderr:\n{}",
                     self.stderr()
                 );
             }
