@@ -50,12 +50,20 @@ impl Drop for TestDir {
     }
 }
 
+/// A port for a server: below Linux's ephemeral range (32768–60999), so no client socket of
+/// this machine can be holding it when the server binds; never the same one twice in a
+/// process; free when handed out.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each test process starts at its own place in 20000..32000.
+    let start = (std::process::id() % 1200) * 10;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + ((start + n) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Poll `check` until it returns `Some`, or panic after `timeout` naming what was awaited.
