@@ -58,11 +58,7 @@ echo "== build (release)"
 cargo build --release --locked --quiet
 
 echo "== setup"
-if pid_alive "$STACK/engine.pid"; then
-  echo "the engine is already running (it holds the state store): setup was done"
-else
-  "$BIN" setup
-fi
+"$BIN" setup
 
 echo "== mock API and engine"
 mkdir -p "$STACK"

@@ -35,6 +35,11 @@ impl std::fmt::Display for Identity {
     }
 }
 
+/// Another process (a running engine) holds the state store.
+#[derive(Debug, thiserror::Error)]
+#[error("state directory {0} is in use by another engagement-cdc process (a running engine holds it); stop it first or use another [state] dir")]
+pub struct StateLocked(pub String);
+
 #[derive(Clone)]
 pub struct StateStore {
     db: sled::Db,
@@ -58,10 +63,7 @@ impl StateStore {
             .map_err(|e| {
                 let text = e.to_string();
                 if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
-                    anyhow::anyhow!(
-                        "state directory {} is in use by another engagement-cdc process; stop it first or use another [state] dir",
-                        dir.display()
-                    )
+                    anyhow::Error::new(StateLocked(dir.display().to_string()))
                 } else {
                     anyhow::anyhow!(
                         "cannot open the state store in {}: {text}; check the directory, or move it aside and run setup again",

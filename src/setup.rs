@@ -5,7 +5,7 @@
 use anyhow::{anyhow, bail, Context};
 use pgwire_replication::ReplicationClient;
 
-use crate::checkpoint::{Identity, StateStore};
+use crate::checkpoint::{Identity, StateLocked, StateStore};
 use crate::config::{Config, QualifiedTable};
 use crate::enrich::ContentRow;
 use crate::pg;
@@ -94,7 +94,13 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         }
     }
 
-    let store = StateStore::open(&config.state.dir)?;
+    // A running engine holds the store: the servers can still be checked and migrated, the
+    // state is left to the engine.
+    let store = match StateStore::open(&config.state.dir) {
+        Ok(store) => Some(store),
+        Err(e) if e.downcast_ref::<StateLocked>().is_some() => None,
+        Err(e) => return Err(e),
+    };
     let slot = pg::slot_info(&client, &pgc.slot).await?;
 
     // One replication session: IDENTIFY_SYSTEM, and CREATE_REPLICATION_SLOT with an exported
@@ -111,7 +117,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         database: facts.database.clone(),
         slot: pgc.slot.clone(),
     };
-    if let Some(recorded) = store.identity()? {
+    if let Some(recorded) = store.as_ref().map(|s| s.identity()).transpose()?.flatten() {
         if recorded != identity {
             bail!(
                 "state directory {} belongs to {recorded}, not to {identity}; use another [state] dir for this server, or move the old one aside",
@@ -129,7 +135,11 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                 pgc.slot,
                 info.confirmed_flush_lsn.as_deref().unwrap_or("-")
             ));
-            if !store.has_dimension()? {
+            let needs_copy = match &store {
+                Some(store) => !store.has_dimension()?,
+                None => false,
+            };
+            if let (true, Some(store)) = (needs_copy, &store) {
                 // A slot we did not create: no snapshot to copy at, so copy what is there now.
                 let rows = copy_content(&client, &content, None).await?;
                 let checkpoint = info
@@ -147,6 +157,13 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
             }
         }
         None => {
+            let Some(store) = &store else {
+                bail!(
+                    "slot {:?} is missing while an engine holds the state directory {}; stop the engine, then run setup again",
+                    pgc.slot,
+                    config.state.dir.display()
+                );
+            };
             if store.has_dimension()? && store.identity()?.is_some() {
                 report.say(format!(
                     "WARNING: slot {:?} was missing and is created anew: changes committed since the last checkpoint ({}) may be missing; run `engagement-cdc backfill` over that time",
@@ -206,14 +223,22 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         ));
     }
 
-    if store.identity()?.is_none() {
-        store.set_identity(&identity)?;
+    match &store {
+        Some(store) => {
+            if store.identity()?.is_none() {
+                store.set_identity(&identity)?;
+            }
+            report.say(format!(
+                "state: {} records {identity}, checkpoint {}",
+                config.state.dir.display(),
+                store.checkpoint()?
+            ));
+        }
+        None => report.say(format!(
+            "state: {} is held by the running engine; left as it is",
+            config.state.dir.display()
+        )),
     }
-    report.say(format!(
-        "state: {} records {identity}, checkpoint {}",
-        config.state.dir.display(),
-        store.checkpoint()?
-    ));
     Ok(report)
 }
 

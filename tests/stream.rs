@@ -491,3 +491,21 @@ fn a_partitioned_events_table_is_streamed_under_its_own_name() {
         .collect();
     assert_eq!(ids(&engine.wait_lines(2, T)), inserted);
 }
+
+#[test]
+fn setup_while_the_engine_runs_changes_nothing_and_succeeds() {
+    let env = env();
+    let engine = env.engine(Stdout::Collect);
+    let run = cli(Some(&env.cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("held by the running engine"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("created"), "{}", run.stdout);
+    assert_eq!(env.sql("SELECT count(*) FROM pg_replication_slots"), "1");
+    // The engine is undisturbed.
+    let id = env.insert("(1, 1, 'play', 100, 'web')")[0];
+    assert_eq!(ids(&engine.wait_lines(1, T)), [id].into_iter().collect());
+}
