@@ -4,7 +4,7 @@
 //! it is always the `content` table as of that checkpoint — both are written in one atomic
 //! sled batch and flushed before Postgres hears of the checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,6 @@ pub struct StateLocked(pub String);
 #[derive(Clone)]
 pub struct StateStore {
     db: sled::Db,
-    dir: PathBuf,
 }
 
 impl StateStore {
@@ -71,14 +70,7 @@ impl StateStore {
                     )
                 }
             })?;
-        Ok(StateStore {
-            db,
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        Ok(StateStore { db })
     }
 
     pub fn checkpoint(&self) -> anyhow::Result<Lsn> {

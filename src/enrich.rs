@@ -64,10 +64,6 @@ impl Dimension {
             DimChange::Truncate => self.rows.clear(),
         }
     }
-
-    pub fn rows(&self) -> impl Iterator<Item = &ContentRow> {
-        self.rows.values()
-    }
 }
 
 /// A row of `engagement_events`, typed.

@@ -350,10 +350,7 @@ impl ClickHouseSink {
         })
     }
 
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-
+    // One branch per layout: the crate's row types borrow, which a generic helper cannot name.
     async fn insert_once(
         &self,
         events: &[&crate::enrich::EnrichedEvent],

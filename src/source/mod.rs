@@ -15,7 +15,7 @@ use crate::config::{redact_url, PostgresConfig};
 
 /// Session settings for the walsender, so text values are rendered the way the decoder
 /// parses them (ISO dates, UTC offsets) whatever the server's defaults are.
-pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,YMD -c TimeZone=UTC -c extra_float_digits=3";
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,YMD -c TimeZone=UTC";
 
 /// The replication connection's settings from `[postgres]`.
 pub fn replication_config(pg: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
