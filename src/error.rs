@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A usage or configuration error: the command line, the configuration file or the
-/// environment is wrong. The binary exits with code 2 on it (SPEC §10).
+/// environment is wrong. The binary exits with code 2 on it (docs/configuration.md, "Exit codes").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(String);
 
@@ -46,6 +46,20 @@ pub fn one_line(err: &anyhow::Error) -> String {
             continue;
         }
         parts.push(text);
+    }
+    parts.join(": ")
+}
+
+/// An error and its sources as one line: `outer: inner: root`.
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
     }
     parts.join(": ")
 }

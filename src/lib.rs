@@ -4,24 +4,34 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: slot → [`source`] → [`enrich`] → [`pipeline`] → [`sinks`], with the
-//! checkpoint in [`checkpoint`].
+//! Data flows one way, and the folders say so:
 //!
-//! - [`config`] — the typed configuration: file, `ENGAGEMENT_CDC__SECTION__KEY` overrides,
-//!   defaults, validation.
-//! - [`pg`] — ordinary Postgres connections and the checks `setup` and `run` make.
-//! - [`source`] — the replication connection, our pgoutput decoder ([`source::pgoutput`]),
-//!   typed rows ([`source::rows`]) and the session loop that cuts batches
-//!   ([`source::stream`]).
-//! - [`enrich`] — the `content` dimension, the join, the derived-field arithmetic, the JSON.
-//! - [`pipeline`] — fan-out to the sinks, the in-flight budget, ack tracking → checkpoint.
-//! - [`checkpoint`] — the sled store: checkpoint, dimension, identity; [`dlq`] keeps the
-//!   HTTP sink's dead letters there too.
-//! - [`sinks`] — the [`sinks::Sink`] trait and one module per destination.
-//! - [`engine`] — `run`: preflight, sinks, sessions, reconnects, shutdown.
-//! - [`server`] — the engine's HTTP endpoints; [`metrics`] — what they show.
-//! - [`setup`], [`status`], [`backfill`], [`load`], [`mock_api`] — the other subcommands.
-//! - [`error`] — errors a caller decides on (exit codes); [`types`] — `Lsn` and ids.
+//! ```text
+//! source/ ──► enrich/ ──► pipeline/ ──► sinks/
+//!                            │
+//!                            ▼
+//!                         state/  (checkpoint, dimension, identity, dead letters)
+//! ```
+//!
+//! - `source/` — the replication connection, our pgoutput decoder, typed rows, the source
+//!   tables' schema, ordinary Postgres connections and checks, and the session loop that
+//!   cuts committed transactions into batches.
+//! - `enrich/` — the `content` dimension, the join, the derived-field arithmetic, the
+//!   enriched event's JSON and the UTC calendar.
+//! - `pipeline/` — fan-out to the sinks, the in-flight budget, ack tracking → checkpoint.
+//! - `sinks/` — the `Sink` contract, the one retry policy, the factory that builds the
+//!   enabled sinks, and one module per destination with its `[section]` configuration.
+//! - `state/` — the sled store behind small traits: checkpoint and dimension, identity,
+//!   dead letters.
+//! - `commands/` — one file per subcommand (`run`, `setup`, `status`, `backfill`, `dlq`,
+//!   `load`, `mock-api`).
+//! - `ops/` — metrics and the engine's HTTP server (`/metrics`, `/status`, the dashboard).
+//! - `config/` — loading the TOML file and `ENGAGEMENT_CDC__SECTION__KEY` overrides into
+//!   the typed sections.
+//! - [`error`] — errors a caller decides on (exit codes); `types` — `Lsn` and ids.
+//!
+//! The product contract these modules implement is in `docs/` (architecture, sinks,
+//! configuration, guarantees); comments cite it by file and section.
 //!
 //! # Guarantees
 //!
@@ -31,21 +41,13 @@
 //! once and make repeats harmless, so the effect is exactly once. `docs/guarantees.md` lists
 //! the tests that prove each guarantee.
 
-pub mod backfill;
-pub mod checkpoint;
+pub mod commands;
 pub mod config;
-pub mod dlq;
-pub mod engine;
 pub mod enrich;
 pub mod error;
-pub mod load;
-pub mod metrics;
-pub mod mock_api;
-pub mod pg;
-pub mod pipeline;
-pub mod server;
-pub mod setup;
+pub(crate) mod ops;
+pub(crate) mod pipeline;
 pub mod sinks;
 pub mod source;
-pub mod status;
+pub(crate) mod state;
 pub mod types;

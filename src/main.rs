@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use engagement_cdc::commands;
 use engagement_cdc::config::Config;
 use engagement_cdc::error::{exit_code, one_line};
 
@@ -110,11 +111,11 @@ enum DlqAction {
 }
 
 fn time_arg(s: &str) -> Result<i64, String> {
-    engagement_cdc::backfill::parse_time(s).map_err(|e| e.to_string())
+    commands::backfill::parse_time(s).map_err(|e| e.to_string())
 }
 
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    engagement_cdc::load::parse_duration(s).map_err(|e| e.to_string())
+    commands::load::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -171,7 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Setup => {
             let config = load_config(cli.config.as_deref())?;
             runtime.block_on(async {
-                let report = engagement_cdc::setup::setup(&config).await?;
+                let report = commands::setup::setup(&config).await?;
                 for line in &report.lines {
                     println!("{line}");
                 }
@@ -182,13 +183,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { stdout } => {
             let config = load_config(cli.config.as_deref())?;
             runtime.block_on(async {
-                let shutdown = engagement_cdc::engine::shutdown_signal()?;
-                engagement_cdc::engine::run(
-                    &config,
-                    engagement_cdc::engine::RunOptions { stdout },
-                    shutdown,
-                )
-                .await
+                let shutdown = commands::run::shutdown_signal()?;
+                commands::run::run(&config, commands::run::RunOptions { stdout }, shutdown).await
             })?;
         }
         Command::Backfill {
@@ -198,13 +194,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             batch_size,
         } => {
             let config = load_config(cli.config.as_deref())?;
-            let opts = engagement_cdc::backfill::BackfillOptions {
+            let opts = commands::backfill::BackfillOptions {
                 start_us: start,
                 end_us: end,
-                sinks: engagement_cdc::backfill::BackfillSink::parse_list(&sinks)?,
+                sinks: engagement_cdc::sinks::SinkKind::parse_list(&sinks)?,
                 batch_size: batch_size as usize,
             };
-            let report = runtime.block_on(engagement_cdc::backfill::backfill(&config, &opts))?;
+            let report = runtime.block_on(commands::backfill::backfill(&config, &opts))?;
             println!("{report}");
         }
         Command::Load {
@@ -215,24 +211,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             connections,
         } => {
             let config = load_config(cli.config.as_deref())?;
-            let opts = engagement_cdc::load::LoadOptions {
+            let opts = commands::load::LoadOptions {
                 rate,
                 duration,
                 contents,
                 batch: batch as usize,
                 connections: connections as usize,
             };
-            let report = runtime.block_on(engagement_cdc::load::load(&config, &opts))?;
+            let report = runtime.block_on(commands::load::load(&config, &opts))?;
             println!("{report}");
         }
         Command::Dlq { action } => {
             let config = load_config(cli.config.as_deref())?;
             let cmd = match action {
-                DlqAction::List { json } => engagement_cdc::dlq::DlqCommand::List { json },
-                DlqAction::Replay => engagement_cdc::dlq::DlqCommand::Replay,
-                DlqAction::Purge => engagement_cdc::dlq::DlqCommand::Purge,
+                DlqAction::List { json } => commands::dlq::DlqCommand::List { json },
+                DlqAction::Replay => commands::dlq::DlqCommand::Replay,
+                DlqAction::Purge => commands::dlq::DlqCommand::Purge,
             };
-            let out = runtime.block_on(engagement_cdc::dlq::command(&config, cmd))?;
+            let out = runtime.block_on(commands::dlq::command(&config, cmd))?;
             print!("{out}");
         }
         Command::MockApi {
@@ -241,18 +237,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             slow_rate,
             slow_ms,
         } => {
-            runtime.block_on(engagement_cdc::mock_api::serve(
-                engagement_cdc::mock_api::MockOptions {
-                    listen,
-                    fail_rate,
-                    slow_rate,
-                    slow_ms,
-                },
-            ))?;
+            runtime.block_on(commands::mock_api::serve(commands::mock_api::MockOptions {
+                listen,
+                fail_rate,
+                slow_rate,
+                slow_ms,
+            }))?;
         }
         Command::Status { json } => {
             let config = load_config(cli.config.as_deref())?;
-            let status = runtime.block_on(engagement_cdc::status::status(&config))?;
+            let status = runtime.block_on(commands::status::status(&config))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

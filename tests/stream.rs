@@ -123,7 +123,7 @@ fn the_seed_insert_prints_the_spec_json() {
     assert_eq!(http_get(port, "/readyz").as_deref(), Some("streaming\n"));
     wait_for("the metrics to count the event", T, || {
         http_get(port, "/metrics")
-            .filter(|m| m.contains("engagement_cdc_events_delivered 1\n"))
+            .filter(|m| m.contains("engagement_cdc_events_delivered_total 1\n"))
             .map(|_| ())
     });
     let page = http_get(port, "/").unwrap();

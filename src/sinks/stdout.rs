@@ -1,12 +1,19 @@
-//! The stdout sink: one JSON line per enriched event (SPEC §4's format), for piping and
+//! The stdout sink: one JSON line per enriched event (docs/sinks.md, "The enriched event"), for piping and
 //! for seeing the stream. `Ok` means the lines were written and flushed.
 
 use std::io::Write;
 
-use anyhow::Context;
-
-use super::{BoxFuture, Sink};
+use super::{BoxFuture, Delivery, Sink, SinkError};
 use crate::enrich::EnrichedEvent;
+
+use serde::{Deserialize, Serialize};
+
+/// `[stdout]`: JSON Lines of enriched events on stdout (off by default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StdoutConfig {
+    pub enabled: bool,
+}
 
 #[derive(Default)]
 pub struct StdoutSink {
@@ -21,7 +28,7 @@ impl Sink for StdoutSink {
     fn deliver<'a>(
         &'a mut self,
         events: &'a [&'a EnrichedEvent],
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
             self.buf.clear();
             for e in events {
@@ -37,10 +44,12 @@ impl Sink for StdoutSink {
                 Ok::<_, std::io::Error>(buf)
             })
             .await
-            .context("the stdout writer stopped")?
-            .context("cannot write to stdout (is the reader gone?)")?;
+            .map_err(|_| SinkError::permanent("the stdout writer stopped"))?
+            .map_err(|e| {
+                SinkError::permanent(format!("cannot write to stdout (is the reader gone?): {e}"))
+            })?;
             self.buf = buf;
-            Ok(())
+            Ok(Delivery::default())
         })
     }
 }

@@ -1,6 +1,8 @@
 //! The replication source: the connection (`pgwire-replication`), our pgoutput decoder, and
 //! the loop that turns committed transactions into enriched batches.
 
+pub mod config;
+pub mod pg;
 pub mod pgoutput;
 pub mod rows;
 pub mod schema;

@@ -10,7 +10,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
 use crate::enrich::{enrich, DimChange, Dimension};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::pipeline::{Batch, Pipeline};
 use crate::source::pgoutput::Message;
 use crate::source::rows::{content_key, decode_content, decode_event, RelKind, Relations};
@@ -86,7 +86,7 @@ impl Source {
     ) -> SessionEnd {
         let mut progress = pipeline.progress();
         // Commit-to-read latency of each transaction: what Postgres and the transport add.
-        let read_latency = self.metrics.latency("read");
+        let read_latency = self.metrics.commit_to_read.clone();
         let mut tx: Option<Tx> = None;
         let mut b = Builder::new();
         loop {
@@ -185,10 +185,10 @@ impl Source {
                         ));
                     };
                     if t.replayed {
-                        Metrics::add(&self.metrics.transactions_replayed_skipped, 1);
+                        self.metrics.counters.transactions_replayed_skipped.inc();
                         continue;
                     }
-                    Metrics::add(&self.metrics.transactions, 1);
+                    self.metrics.counters.transactions.inc();
                     b.batch.commit_end = Some(end_lsn.into());
                     b.batch.last_commit_us = Some(commit_time_micros + PG_EPOCH_OFFSET_US);
                     b.batch.dim_changes.extend(t.dim_changes);
@@ -251,12 +251,12 @@ impl Source {
                         let content = self.dimension.get(raw.content_id);
                         let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
                         event.commit_us = tx.commit_us;
-                        Metrics::add(&self.metrics.events_streamed, 1);
+                        self.metrics.counters.events_streamed.inc();
                         if notes.unknown_content {
-                            Metrics::add(&self.metrics.events_unknown_content, 1);
+                            self.metrics.counters.events_unknown_content.inc();
                         }
                         if notes.invalid_duration {
-                            Metrics::add(&self.metrics.events_negative_duration, 1);
+                            self.metrics.counters.events_negative_duration.inc();
                         }
                         b.bytes += 128
                             + event.event_type.len()
@@ -265,7 +265,7 @@ impl Source {
                         b.started.get_or_insert_with(Instant::now);
                     }
                     Err(why) => {
-                        Metrics::add(&self.metrics.events_invalid, 1);
+                        self.metrics.counters.events_invalid.inc();
                         tracing::warn!(
                             "skipped an event row in the transaction committed at {}: {why}",
                             tx.commit_lsn
@@ -279,7 +279,9 @@ impl Source {
                         .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
                     self.change(tx, DimChange::Upsert(row));
                 }
-                RelKind::Other(_) => Metrics::add(&self.metrics.other_changes_ignored, 1),
+                RelKind::Other(_) => {
+                    self.metrics.counters.other_changes_ignored.inc();
+                }
             },
             Message::Update {
                 relation, old, new, ..
@@ -303,8 +305,12 @@ impl Source {
                         .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
                     self.change(tx, DimChange::Upsert(row));
                 }
-                RelKind::Events(_) => Metrics::add(&self.metrics.event_changes_ignored, 1),
-                RelKind::Other(_) => Metrics::add(&self.metrics.other_changes_ignored, 1),
+                RelKind::Events(_) => {
+                    self.metrics.counters.event_changes_ignored.inc();
+                }
+                RelKind::Other(_) => {
+                    self.metrics.counters.other_changes_ignored.inc();
+                }
             },
             Message::Delete { relation, old } => match kind(&self.relations, relation)? {
                 RelKind::Content(pos) => {
@@ -312,17 +318,23 @@ impl Source {
                         .map_err(|e| anyhow::anyhow!("content delete: {e}"))?;
                     self.change(tx, DimChange::Delete(id));
                 }
-                RelKind::Events(_) => Metrics::add(&self.metrics.event_changes_ignored, 1),
-                RelKind::Other(_) => Metrics::add(&self.metrics.other_changes_ignored, 1),
+                RelKind::Events(_) => {
+                    self.metrics.counters.event_changes_ignored.inc();
+                }
+                RelKind::Other(_) => {
+                    self.metrics.counters.other_changes_ignored.inc();
+                }
             },
             Message::Truncate { relations, .. } => {
                 for id in relations {
                     match self.relations.get(id).cloned() {
                         Some(RelKind::Content(_)) => self.change(tx, DimChange::Truncate),
                         Some(RelKind::Events(_)) => {
-                            Metrics::add(&self.metrics.event_changes_ignored, 1)
+                            self.metrics.counters.event_changes_ignored.inc();
                         }
-                        _ => Metrics::add(&self.metrics.other_changes_ignored, 1),
+                        _ => {
+                            self.metrics.counters.other_changes_ignored.inc();
+                        }
                     }
                 }
             }
@@ -340,7 +352,7 @@ impl Source {
     /// for the checkpoint of the transaction's commit.
     fn change(&mut self, tx: &mut Tx, change: DimChange) {
         self.dimension.apply(&change);
-        Metrics::add(&self.metrics.content_changes, 1);
+        self.metrics.counters.content_changes.inc();
         tx.dim_changes.push(change);
     }
 }

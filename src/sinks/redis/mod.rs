@@ -1,4 +1,4 @@
-//! Sink B — Redis (SPEC §6), exactly once in effect.
+//! Sink B — Redis (docs/sinks.md, "Redis"), exactly once in effect.
 //!
 //! Each batch is one Lua script (`apply_batch.lua`, run with EVALSHA and reloaded on
 //! NOSCRIPT) that sets one dedup bit per event id and applies only the new events' effects,
@@ -14,14 +14,20 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context};
+use std::sync::Arc;
+
+use anyhow::anyhow;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 
-use super::{Backoff, BoxFuture, Sink};
-use crate::config::{redact_url, RedisConfig};
+use super::retry::RetryPolicy;
+use super::{BoxFuture, Delivery, Sink, SinkError};
+use crate::config::redact_url;
 use crate::enrich::{utc_parts, EnrichedEvent};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+
+mod config;
+pub use config::RedisConfig;
 
 const APPLY_BATCH: &str = include_str!("apply_batch.lua");
 
@@ -40,7 +46,8 @@ pub struct RedisSink {
     prefix: String,
     url: String,
     last_rebuild: Instant,
-    metrics: Option<std::sync::Arc<Metrics>>,
+    metrics: Arc<Metrics>,
+    retry: RetryPolicy,
 }
 
 /// `YYYYMMDDHHMM` of the UTC minute containing `us` (µs since 1970).
@@ -127,10 +134,7 @@ pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> (Vec
 
 impl RedisSink {
     /// Connect and check that the server answers.
-    pub async fn connect(
-        cfg: &RedisConfig,
-        metrics: Option<std::sync::Arc<Metrics>>,
-    ) -> anyhow::Result<RedisSink> {
+    pub async fn connect(cfg: &RedisConfig, metrics: Arc<Metrics>) -> anyhow::Result<RedisSink> {
         let url = redact_url(&cfg.url);
         let config =
             Config::from_url(&cfg.url).map_err(|e| anyhow!("redis.url {url:?} is invalid: {e}"))?;
@@ -139,7 +143,7 @@ impl RedisSink {
                 c.connection_timeout = Duration::from_secs(5);
                 c.internal_command_timeout = Duration::from_secs(10);
                 // A re-sent script is harmless (the dedup bits), but a few attempts are
-                // enough: our own loop retries after that.
+                // enough: the retry policy takes over after that.
                 c.max_command_attempts = 3;
             })
             .with_performance_config(|p| {
@@ -174,12 +178,13 @@ impl RedisSink {
             url,
             last_rebuild: Instant::now(),
             metrics,
+            retry: RetryPolicy::until_success(),
         })
     }
 
     /// Apply events (any number); returns how many were new to Redis. Transient failures
     /// are retried until they succeed; a script error is permanent.
-    pub async fn apply(&mut self, events: &[&EnrichedEvent]) -> anyhow::Result<u64> {
+    pub async fn apply(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
         let mut inserted = 0;
         if events.is_empty() {
             self.call(&[]).await?;
@@ -192,51 +197,53 @@ impl RedisSink {
         Ok(inserted)
     }
 
-    async fn call(&mut self, events: &[&EnrichedEvent]) -> anyhow::Result<u64> {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            // Arguments are rebuilt per attempt: the window follows the clock.
-            let (text, blob) = script_args(&self.prefix, events, now_us());
-            let mut args: Vec<Value> = text.into_iter().map(Value::from).collect();
-            args.push(Value::Bytes(blob.into()));
-            let result: Result<i64, Error> = self
-                .script
-                .evalsha_with_reload(&self.client, Vec::<String>::new(), args)
-                .await;
-            match result {
-                Ok(n) => return Ok(n as u64),
-                Err(e) if is_transient(&e) => {
-                    if let Some(m) = &self.metrics {
-                        Metrics::add(&m.sink_retries, 1);
-                    }
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        "redis at {}: {e}; retrying the batch in {delay:?} (attempt {})",
-                        self.url,
-                        backoff.attempts()
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => {
-                    return Err(anyhow!(
-                        "redis at {} rejected the batch script: {e}; check that the keys the engine writes (see docs/sinks.md) are not used with other types"
-                    , self.url))
-                }
-            }
-        }
+    async fn call(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
+        let what = || {
+            format!(
+                "redis at {}: the batch script ({} events)",
+                self.url,
+                events.len()
+            )
+        };
+        self.retry
+            .run("redis", &what, Some(&self.metrics), || async {
+                // Arguments are rebuilt per attempt: the window follows the clock.
+                let (text, blob) = script_args(&self.prefix, events, now_us());
+                let mut args: Vec<Value> = text.into_iter().map(Value::from).collect();
+                args.push(Value::Bytes(blob.into()));
+                let n: i64 = self
+                    .script
+                    .evalsha_with_reload(&self.client, Vec::<String>::new(), args)
+                    .await
+                    .map_err(|e| classify(&e, &self.url))?;
+                Ok(n as u64)
+            })
+            .await
+            .map_err(|exhausted| exhausted.error)
     }
 }
 
-fn is_transient(e: &Error) -> bool {
-    !matches!(
+/// Whether a Redis error is worth another attempt: transport failures, timeouts and a
+/// server that is loading, busy or failing over are; a refused credential, a wrong key type
+/// or a failing script (`ERR` replies) are not.
+fn classify(e: &Error, url: &str) -> SinkError {
+    let permanent_kind = matches!(
         e.kind(),
         ErrorKind::Auth
             | ErrorKind::Config
             | ErrorKind::InvalidCommand
             | ErrorKind::InvalidArgument
-    ) && !e.details().contains("WRONGTYPE")
-        && !e.details().contains("ERR Error running script")
-        && !e.details().contains("ERR user_script")
+            | ErrorKind::Url
+    );
+    // A server's error reply starts with its code: ERR, WRONGTYPE, LOADING, BUSY, …
+    let code = e.details().split_whitespace().next().unwrap_or("");
+    if permanent_kind || code == "ERR" {
+        SinkError::permanent(format!(
+            "redis at {url} rejected the batch script: {e}; check that the keys the engine writes (see docs/sinks.md) are not used with other types"
+        ))
+    } else {
+        SinkError::transient(format!("redis at {url}: {e}"))
+    }
 }
 
 impl Sink for RedisSink {
@@ -247,14 +254,17 @@ impl Sink for RedisSink {
     fn deliver<'a>(
         &'a mut self,
         events: &'a [&'a EnrichedEvent],
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
-            self.apply(events).await.context("redis sink")?;
-            Ok(())
+            let new = self.apply(events).await?;
+            Ok(Delivery {
+                new_events: Some(new),
+                dead_lettered: 0,
+            })
         })
     }
 
-    fn idle(&mut self) -> BoxFuture<'_, anyhow::Result<()>> {
+    fn idle(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             if self.last_rebuild.elapsed() >= IDLE_REBUILD {
                 self.apply(&[]).await?;

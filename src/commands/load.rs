@@ -14,7 +14,7 @@ use rand::Rng;
 
 use crate::config::{Config, QualifiedTable};
 use crate::error::UsageError;
-use crate::pg;
+use crate::source::pg;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

@@ -5,12 +5,12 @@
 use anyhow::{anyhow, bail, Context};
 use pgwire_replication::ReplicationClient;
 
-use crate::checkpoint::{Identity, StateLocked, StateStore};
 use crate::config::{Config, QualifiedTable};
 use crate::enrich::ContentRow;
-use crate::pg;
 use crate::sinks::clickhouse;
+use crate::source::pg;
 use crate::source::replication_config;
+use crate::state::{Identity, StateLocked, StateStore};
 use crate::types::Lsn;
 
 /// What `setup` did, for its report and for tests.
@@ -211,7 +211,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     }
 
     if let Some(ch) = config.clickhouse() {
-        let (layout, version) = clickhouse::migrate(ch).await?;
+        let (layout, version) = clickhouse::migrate(&clickhouse::ClickHouse::new(ch)).await?;
         report.say(format!(
             "clickhouse: {}.{} ready on ClickHouse {version} ({} layout)",
             ch.database,
@@ -281,7 +281,7 @@ async fn copy_content(
 fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_string())
-        .unwrap_or_else(|| pg::error_text(e))
+        .unwrap_or_else(|| crate::error::chain_text(e))
 }
 
 /// A replication-connection error as one actionable line.

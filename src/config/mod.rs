@@ -6,6 +6,9 @@
 //! is an error that names the variable), then deserialize with unknown keys rejected and
 //! run [`Config::validate`]. Every failure is a [`UsageError`] (exit code 2).
 
+mod checks;
+mod env;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,38 +17,25 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::UsageError;
+pub use crate::ops::config::ServerConfig;
+pub use crate::pipeline::config::PipelineConfig;
+pub use crate::sinks::clickhouse::ClickHouseConfig;
+pub use crate::sinks::http::{HttpConfig, HttpMode, OnFailure};
+pub use crate::sinks::redis::RedisConfig;
+pub use crate::sinks::stdout::StdoutConfig;
+pub use crate::source::config::PostgresConfig;
+pub use crate::state::config::StateConfig;
+use checks::one_line;
+pub use checks::{
+    check_http_url, check_identifier, check_range, redact_url, QualifiedTable, Secret,
+};
+use env::apply_env_overrides;
 
 /// Prefix of the environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "ENGAGEMENT_CDC__";
 
 /// Used when `--config` is not given and this file exists in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "engagement-cdc.toml";
-
-/// A string that is never printed: `Debug` and `Display` show `***` when it is set.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -76,180 +66,6 @@ impl Default for Config {
             http: None,
             stdout: StdoutConfig::default(),
             server: ServerConfig::default(),
-        }
-    }
-}
-
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PostgresConfig {
-    /// libpq-style URL; the password in it is never printed (see [`redact_url`]).
-    pub url: String,
-    pub slot: String,
-    pub publication: String,
-    pub events_table: String,
-    pub content_table: String,
-    pub status_interval_ms: u64,
-}
-
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("url", &redact_url(&self.url))
-            .field("slot", &self.slot)
-            .field("publication", &self.publication)
-            .field("events_table", &self.events_table)
-            .field("content_table", &self.content_table)
-            .field("status_interval_ms", &self.status_interval_ms)
-            .finish()
-    }
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        PostgresConfig {
-            url: "postgres://postgres@127.0.0.1:55432/engagement".into(),
-            slot: "engagement_cdc".into(),
-            publication: "engagement_cdc".into(),
-            events_table: "public.engagement_events".into(),
-            content_table: "public.content".into(),
-            status_interval_ms: 1000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StateConfig {
-    pub dir: PathBuf,
-}
-
-impl Default for StateConfig {
-    fn default() -> Self {
-        StateConfig {
-            dir: PathBuf::from("./.engagement-cdc"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PipelineConfig {
-    pub max_batch_rows: usize,
-    pub max_batch_delay_ms: u64,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        PipelineConfig {
-            max_batch_rows: 10_000,
-            max_batch_delay_ms: 20,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClickHouseConfig {
-    pub enabled: bool,
-    pub url: String,
-    pub database: String,
-    pub table: String,
-    pub user: String,
-    pub password: Secret,
-}
-
-impl Default for ClickHouseConfig {
-    fn default() -> Self {
-        ClickHouseConfig {
-            enabled: true,
-            url: "http://127.0.0.1:58123".into(),
-            database: "engagement".into(),
-            table: "events_enriched".into(),
-            user: "default".into(),
-            password: Secret::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    pub enabled: bool,
-    pub url: String,
-    pub key_prefix: String,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            enabled: true,
-            url: "redis://127.0.0.1:56379".into(),
-            key_prefix: String::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HttpMode {
-    Batch,
-    PerEvent,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnFailure {
-    BestEffort,
-    FailFast,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    pub enabled: bool,
-    pub url: String,
-    pub mode: HttpMode,
-    pub max_batch_events: usize,
-    pub concurrency: usize,
-    pub timeout_ms: u64,
-    pub max_retries: u32,
-    pub on_failure: OnFailure,
-    pub auth_token: Secret,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            enabled: true,
-            url: "http://127.0.0.1:58000/events".into(),
-            mode: HttpMode::Batch,
-            max_batch_events: 500,
-            concurrency: 8,
-            timeout_ms: 2000,
-            max_retries: 5,
-            on_failure: OnFailure::BestEffort,
-            auth_token: Secret::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StdoutConfig {
-    pub enabled: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    pub listen: String,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: "127.0.0.1:59187".into(),
         }
     }
 }
@@ -389,34 +205,13 @@ impl Config {
             60_000,
         )?;
         if let Some(ch) = &self.clickhouse {
-            check_http_url("clickhouse.url", &ch.url)?;
-            check_identifier("clickhouse.database", &ch.database)?;
-            check_identifier("clickhouse.table", &ch.table)?;
+            ch.validate()?;
         }
         if let Some(r) = &self.redis {
-            if r.url.starts_with("rediss://") {
-                return Err(UsageError::new(
-                    "redis.url uses rediss:// (TLS), which this build does not support yet; use redis:// on a private network",
-                ));
-            }
-            if !r.url.starts_with("redis://") {
-                return Err(UsageError::new(format!(
-                    "redis.url {:?} is not a Redis URL; expected redis://HOST:PORT[/DB]",
-                    redact_url(&r.url)
-                )));
-            }
+            r.validate()?;
         }
         if let Some(h) = &self.http {
-            check_http_url("http.url", &h.url)?;
-            check_range(
-                "http.max_batch_events",
-                h.max_batch_events as u64,
-                1,
-                100_000,
-            )?;
-            check_range("http.concurrency", h.concurrency as u64, 1, 1024)?;
-            check_range("http.timeout_ms", h.timeout_ms, 1, 600_000)?;
-            check_range("http.max_retries", h.max_retries as u64, 0, 100)?;
+            h.validate()?;
         }
         self.server.listen.parse::<SocketAddr>().map_err(|_| {
             UsageError::new(format!(
@@ -436,177 +231,6 @@ impl Config {
     pub fn http(&self) -> Option<&HttpConfig> {
         self.http.as_ref().filter(|c| c.enabled)
     }
-}
-
-/// `schema.table` (or `table`, meaning `public.table`), each part a plain identifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QualifiedTable {
-    pub schema: String,
-    pub name: String,
-}
-
-impl QualifiedTable {
-    pub fn parse(key: &str, value: &str) -> Result<QualifiedTable, UsageError> {
-        let (schema, name) = match value.split_once('.') {
-            Some((s, n)) => (s, n),
-            None => ("public", value),
-        };
-        check_identifier(key, schema)?;
-        check_identifier(key, name)?;
-        Ok(QualifiedTable {
-            schema: schema.to_string(),
-            name: name.to_string(),
-        })
-    }
-
-    /// Quoted for SQL: `"public"."engagement_events"`.
-    pub fn quoted(&self) -> String {
-        format!("\"{}\".\"{}\"", self.schema, self.name)
-    }
-}
-
-impl fmt::Display for QualifiedTable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
-fn check_identifier(key: &str, value: &str) -> Result<(), UsageError> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !value.starts_with(|c: char| c.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(UsageError::new(format!(
-            "{key} {value:?} is not a plain identifier; use 1-63 lower-case letters, digits and underscores, not starting with a digit"
-        )))
-    }
-}
-
-fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), UsageError> {
-    if value < min || value > max {
-        Err(UsageError::new(format!(
-            "{key} = {value} is out of range; use a value from {min} to {max}"
-        )))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
-    if value.starts_with("https://") {
-        return Err(UsageError::new(format!(
-            "{key} {:?} uses https, which this build does not support yet; use http:// on a private network or a local TLS-terminating proxy",
-            redact_url(value)
-        )));
-    }
-    let rest = value.strip_prefix("http://");
-    match rest {
-        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
-        _ => Err(UsageError::new(format!(
-            "{key} {:?} is not an HTTP URL; expected http://HOST:PORT[/PATH]",
-            redact_url(value)
-        ))),
-    }
-}
-
-/// A URL with any password replaced by `***`, for messages.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let after = &url[scheme_end + 3..];
-    let authority_end = after.find('/').unwrap_or(after.len());
-    let authority = &after[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &after[at..]
-                ),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
-    }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Lay `ENGAGEMENT_CDC__SECTION__KEY=value` over the table, typing each value by the key's
-/// default. An unknown section or key is an error naming the variable.
-fn apply_env_overrides(
-    table: &mut toml::Table,
-    env: &[(String, String)],
-) -> Result<(), UsageError> {
-    let schema = toml::Table::try_from(Config::all_sections())
-        .expect("the default configuration serializes to TOML");
-    let mut vars: Vec<&(String, String)> = env
-        .iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-    vars.sort();
-    for (name, raw) in vars {
-        let path = &name[ENV_PREFIX.len()..];
-        let Some((section, key)) = path.split_once("__") else {
-            return Err(UsageError::new(format!(
-                "environment variable {name} does not name a key; use {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}POSTGRES__URL"
-            )));
-        };
-        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-        let Some(default) = schema
-            .get(&section)
-            .and_then(|s| s.as_table())
-            .and_then(|s| s.get(&key))
-        else {
-            return Err(UsageError::new(format!(
-                "environment variable {name} names no configuration key ({section}.{key}); see docs/configuration.md for the keys"
-            )));
-        };
-        let value = typed_value(name, raw, default)?;
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(section_table) = entry.as_table_mut() else {
-            return Err(UsageError::new(format!(
-                "configuration key {section} must be a section ([{section}]), not a value"
-            )));
-        };
-        section_table.insert(key, value);
-    }
-    Ok(())
-}
-
-fn typed_value(name: &str, raw: &str, default: &toml::Value) -> Result<toml::Value, UsageError> {
-    let bad = |what: &str| {
-        UsageError::new(format!(
-            "environment variable {name}={raw:?} is not {what}; set it to {what}"
-        ))
-    };
-    Ok(match default {
-        toml::Value::Integer(_) => {
-            toml::Value::Integer(raw.trim().parse::<i64>().map_err(|_| bad("an integer"))?)
-        }
-        toml::Value::Boolean(_) => match raw.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
-            "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
-            _ => return Err(bad("true or false")),
-        },
-        toml::Value::Float(_) => {
-            toml::Value::Float(raw.trim().parse::<f64>().map_err(|_| bad("a number"))?)
-        }
-        _ => toml::Value::String(raw.to_string()),
-    })
 }
 
 #[cfg(test)]
@@ -646,7 +270,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_file_is_the_spec_defaults() {
-        let text = include_str!("../engagement-cdc.toml");
+        let text = include_str!("../../engagement-cdc.toml");
         let c = parse(text, &[]).unwrap();
         assert_eq!(c, Config::all_sections());
     }
@@ -743,7 +367,7 @@ mod docs_tests {
     /// and environment variable.
     #[test]
     fn the_configuration_reference_matches_the_code() {
-        let doc = include_str!("../docs/configuration.md");
+        let doc = include_str!("../../docs/configuration.md");
         let schema = toml::Table::try_from(Config::all_sections()).unwrap();
         let mut documented = std::collections::BTreeSet::new();
         for line in doc.lines().filter(|l| l.starts_with("| `")) {

@@ -1,5 +1,6 @@
 //! Enrichment: the `content` dimension as local state, the join, the derived fields with
-//! exact integer arithmetic, and the enriched event's JSON (SPEC §4).
+//! exact integer arithmetic, and the enriched event's JSON (docs/sinks.md, "The enriched
+//! event"; docs/architecture.md, "Enrichment").
 //!
 //! The stream and the backfill both call [`enrich`], so they cannot round differently
 //! (the seed's defect §11.6).
@@ -10,6 +11,14 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::types::Lsn;
+
+mod json;
+mod time;
+
+pub use json::{parse_events, write_decimal};
+pub use time::{
+    civil_from_days, days_from_civil, rfc3339_us, utc_parts, write_rfc3339_us, UtcParts,
+};
 
 /// One row of `content` as the engine keeps it. `content_type` is shared by every event
 /// joined with this version of the row.
@@ -107,7 +116,7 @@ pub struct EnrichedEvent {
 pub struct EnrichNotes {
     /// No content row had the event's `content_id` (LEFT join: NULL columns).
     pub unknown_content: bool,
-    /// Negative duration: both derived fields are NULL (SPEC §4).
+    /// Negative duration: both derived fields are NULL (docs/architecture.md, "Enrichment").
     pub invalid_duration: bool,
 }
 
@@ -143,7 +152,7 @@ pub fn enrich(
     (enriched, notes)
 }
 
-/// `(engagement_seconds in ms, engagement_pct in hundredths)` per SPEC §4's null rules.
+/// `(engagement_seconds in ms, engagement_pct in hundredths)` per the null rules of docs/architecture.md, "Enrichment".
 pub fn derived_fields(
     duration_ms: Option<i32>,
     length_seconds: Option<i32>,
@@ -179,187 +188,6 @@ impl EnrichedEvent {
     pub fn engagement_pct_f64(&self) -> Option<f64> {
         self.engagement_pct_hundredths.map(|h| h as f64 / 100.0)
     }
-
-    /// The JSON of SPEC §4, fields in its order, appended to `out`.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        use std::io::Write;
-        out.extend_from_slice(b"{\"event_id\":");
-        write_int(out, self.event_id);
-        out.extend_from_slice(b",\"content_id\":");
-        write_int(out, self.content_id);
-        out.extend_from_slice(b",\"user_id\":");
-        write_int(out, self.user_id);
-        out.extend_from_slice(b",\"event_type\":");
-        write_json_str(out, &self.event_type);
-        out.extend_from_slice(b",\"event_ts\":\"");
-        write_rfc3339_us(out, self.event_ts_us);
-        out.extend_from_slice(b"\",\"duration_ms\":");
-        match self.duration_ms {
-            Some(d) => write_int(out, d as i64),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\"device\":");
-        match &self.device {
-            Some(d) => write_json_str(out, d),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\"content_type\":");
-        match &self.content_type {
-            Some(t) => write_json_str(out, t),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\"length_seconds\":");
-        match self.length_seconds {
-            Some(l) => write_int(out, l as i64),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\"engagement_seconds\":");
-        match self.engagement_ms {
-            Some(ms) => write_decimal(out, ms, 3),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.extend_from_slice(b",\"engagement_pct\":");
-        match self.engagement_pct_hundredths {
-            Some(h) => write_decimal(out, h, 2),
-            None => out.extend_from_slice(b"null"),
-        }
-        out.push(b'}');
-        let _ = out.flush();
-    }
-
-    pub fn to_json(&self) -> String {
-        let mut out = Vec::with_capacity(256);
-        self.write_json(&mut out);
-        String::from_utf8(out).expect("the JSON writer writes UTF-8")
-    }
-}
-
-fn write_int(out: &mut Vec<u8>, v: i64) {
-    let mut buf = itoa::Buffer::new();
-    out.extend_from_slice(buf.format(v).as_bytes());
-}
-
-/// `value / 10^scale` as a JSON number with trailing zeros trimmed but one fraction digit
-/// kept: 7000/10^3 → `7.0`, 375 → `0.375`, 2/10^2 → `0.02`.
-pub fn write_decimal(out: &mut Vec<u8>, value: i64, scale: u32) {
-    let pow = 10i64.pow(scale);
-    if value < 0 {
-        out.push(b'-');
-    }
-    let abs = value.unsigned_abs();
-    write_int(out, (abs / pow as u64) as i64);
-    out.push(b'.');
-    let mut frac = abs % pow as u64;
-    let mut digits = scale;
-    if frac == 0 {
-        out.push(b'0');
-        return;
-    }
-    while frac.is_multiple_of(10) {
-        frac /= 10;
-        digits -= 1;
-    }
-    let s = frac.to_string();
-    for _ in s.len() as u32..digits {
-        out.push(b'0');
-    }
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    // serde_json's escaping is the reference; writing to a Vec cannot fail.
-    serde_json::to_writer(&mut *out, s).expect("writing JSON to memory cannot fail");
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// (year, month, day) → days since 1970-01-01.
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Broken-down UTC time of microseconds since the epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UtcParts {
-    pub year: i64,
-    pub month: u32,
-    pub day: u32,
-    pub hour: u32,
-    pub minute: u32,
-    pub second: u32,
-    pub micros: u32,
-}
-
-pub fn utc_parts(us: i64) -> UtcParts {
-    let secs = us.div_euclid(1_000_000);
-    let micros = us.rem_euclid(1_000_000) as u32;
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400) as u32;
-    let (year, month, day) = civil_from_days(days);
-    UtcParts {
-        year,
-        month,
-        day,
-        hour: sod / 3600,
-        minute: (sod / 60) % 60,
-        second: sod % 60,
-        micros,
-    }
-}
-
-/// RFC 3339 UTC: `YYYY-MM-DDTHH:MM:SSZ`, with `.ffffff` when the microseconds are not zero.
-pub fn write_rfc3339_us(out: &mut Vec<u8>, us: i64) {
-    let p = utc_parts(us);
-    let two = |out: &mut Vec<u8>, v: u32| {
-        out.push(b'0' + (v / 10) as u8);
-        out.push(b'0' + (v % 10) as u8);
-    };
-    let y = p.year.clamp(0, 9999) as u32;
-    out.push(b'0' + (y / 1000) as u8);
-    out.push(b'0' + ((y / 100) % 10) as u8);
-    two(out, y % 100);
-    out.push(b'-');
-    two(out, p.month);
-    out.push(b'-');
-    two(out, p.day);
-    out.push(b'T');
-    two(out, p.hour);
-    out.push(b':');
-    two(out, p.minute);
-    out.push(b':');
-    two(out, p.second);
-    if p.micros != 0 {
-        out.push(b'.');
-        let s = p.micros;
-        for div in [100_000, 10_000, 1000, 100, 10, 1] {
-            out.push(b'0' + ((s / div) % 10) as u8);
-        }
-    }
-    out.push(b'Z');
-}
-
-pub fn rfc3339_us(us: i64) -> String {
-    let mut out = Vec::with_capacity(27);
-    write_rfc3339_us(&mut out, us);
-    String::from_utf8(out).expect("ASCII")
 }
 
 #[cfg(test)]

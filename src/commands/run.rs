@@ -9,21 +9,18 @@ use anyhow::{anyhow, bail, Context};
 use pgwire_replication::{FeedbackObserver, ReplicationClient};
 use tokio::sync::{watch, Notify};
 
-use crate::checkpoint::{Identity, StateStore};
 use crate::config::{Config, QualifiedTable};
-use crate::dlq::Dlq;
-use crate::metrics::Metrics;
-use crate::pg;
+use crate::ops::metrics::Metrics;
+use crate::ops::server::{self, EngineState};
 use crate::pipeline::Pipeline;
-use crate::server::{self, EngineState};
-use crate::sinks::clickhouse::ClickHouseSink;
-use crate::sinks::http::HttpSink;
-use crate::sinks::redis::RedisSink;
-use crate::sinks::stdout::StdoutSink;
-use crate::sinks::{Backoff, Sink};
+use crate::sinks::retry::Backoff;
+use crate::sinks::{self, SinkKind};
+use crate::source::pg;
 use crate::source::replication_config;
 use crate::source::rows::Relations;
 use crate::source::stream::{classify, SessionEnd, Source};
+use crate::state::dlq::Dlq;
+use crate::state::{Identity, StateStore};
 use crate::types::Lsn;
 
 /// How long a graceful shutdown waits for the sinks to make in-flight batches durable.
@@ -35,49 +32,17 @@ pub struct RunOptions {
     pub stdout: bool,
 }
 
-/// The enabled sinks, built and checked (each connects and checks its destination).
-async fn build_sinks(
-    config: &Config,
-    opts: &RunOptions,
-    store: &StateStore,
-    metrics: &Arc<Metrics>,
-) -> anyhow::Result<Vec<Box<dyn Sink>>> {
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(ch) = config.clickhouse() {
-        sinks.push(Box::new(
-            ClickHouseSink::connect(ch, Some(metrics.clone())).await?,
-        ));
-    }
-    if let Some(r) = config.redis() {
-        sinks.push(Box::new(
-            RedisSink::connect(r, Some(metrics.clone())).await?,
-        ));
-    }
-    if let Some(h) = config.http() {
-        sinks.push(Box::new(HttpSink::new(
-            h,
-            Dlq::open(store)?,
-            metrics.clone(),
-        )?));
-    }
-    if config.stdout.enabled || opts.stdout {
-        sinks.push(Box::new(StdoutSink::default()));
-    }
-    Ok(sinks)
-}
-
 pub async fn run(
     config: &Config,
     opts: RunOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let pgc = &config.postgres;
-    if config.clickhouse().is_none()
-        && config.redis().is_none()
-        && config.http().is_none()
-        && !config.stdout.enabled
-        && !opts.stdout
-    {
+    let mut kinds = SinkKind::enabled(config);
+    if opts.stdout && !kinds.contains(&SinkKind::Stdout) {
+        kinds.push(SinkKind::Stdout);
+    }
+    if kinds.is_empty() {
         bail!(crate::error::UsageError::new(
             "no sink is enabled; add a [clickhouse], [redis], [http] or [stdout] section (or pass --stdout)"
         ));
@@ -134,7 +99,7 @@ pub async fn run(
     drop(client);
 
     let metrics = Arc::new(Metrics::default());
-    let sinks = build_sinks(config, &opts, &store, &metrics).await?;
+    let sinks = sinks::build(config, &kinds, Some(&store), &metrics).await?;
     metrics
         .checkpoint_lsn
         .store(checkpoint.0, Ordering::Relaxed);
@@ -161,7 +126,7 @@ pub async fn run(
     );
     let mut pipeline = Pipeline::start(
         sinks,
-        store.clone(),
+        Arc::new(store.clone()),
         metrics.clone(),
         checkpoint,
         config.pipeline.max_batch_rows,
@@ -203,7 +168,7 @@ pub async fn run(
             }
             Err(SessionEnd::Shutdown) => break Ok(()),
         };
-        Metrics::add(&metrics.replication_sessions, 1);
+        metrics.counters.replication_sessions.inc();
         state.streaming.store(true, Ordering::Relaxed);
         tracing::info!("streaming slot {:?} from {start}", pgc.slot);
         let end = source

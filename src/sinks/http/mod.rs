@@ -1,4 +1,4 @@
-//! Sink C — the external HTTP API (SPEC §7).
+//! Sink C — the external HTTP API (docs/sinks.md, "HTTP API").
 //!
 //! `batch` mode POSTs JSON arrays of at most `max_batch_events` events, `per_event` mode one
 //! object per request; up to `concurrency` requests are in flight. Each request carries an
@@ -14,14 +14,15 @@ use std::time::Duration;
 use anyhow::anyhow;
 use futures_util::stream::{self, StreamExt};
 
-use super::{Backoff, BoxFuture, Sink};
-use crate::config::{redact_url, HttpConfig, HttpMode, OnFailure};
-use crate::dlq::{DeadLetter, Dlq};
+use super::retry::{Exhausted, RetryPolicy};
+use super::{BoxFuture, Delivery, Sink, SinkError};
+use crate::config::redact_url;
 use crate::enrich::{rfc3339_us, EnrichedEvent};
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::state::dlq::{DeadLetter, Dlq};
 
-/// Longest wait a `Retry-After` may ask for.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+mod config;
+pub use config::{HttpConfig, HttpMode, OnFailure};
 
 /// One request's body and key.
 #[derive(Debug, Clone)]
@@ -82,31 +83,7 @@ pub fn requests(
     }
 }
 
-/// How a request ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered,
-    Failed {
-        status: Option<u16>,
-        error: String,
-        attempts: u32,
-    },
-}
-
-/// What one attempt's answer means.
-enum Answer {
-    Ok,
-    Retry {
-        status: Option<u16>,
-        error: String,
-        after: Option<Duration>,
-    },
-    Reject {
-        status: u16,
-        error: String,
-    },
-}
-
+/// Whether an HTTP status is worth another attempt.
 pub fn is_retryable_status(status: u16) -> bool {
     matches!(status, 408 | 425 | 429) || (500..600).contains(&status)
 }
@@ -119,20 +96,20 @@ fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
         .to_str()
         .ok()?;
     let secs: u64 = v.trim().parse().ok()?;
-    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+    Some(Duration::from_secs(secs))
 }
 
-/// Sends requests with the retry policy of `[http]`. Shared by the sink and `dlq replay`.
+/// Sends requests to `[http] url` with the sink's retry policy.
 #[derive(Clone)]
-pub struct HttpSender {
+struct HttpSender {
     client: reqwest::Client,
     cfg: HttpConfig,
     url: String,
-    metrics: Option<Arc<Metrics>>,
+    metrics: Arc<Metrics>,
 }
 
 impl HttpSender {
-    pub fn new(cfg: &HttpConfig) -> anyhow::Result<HttpSender> {
+    fn new(cfg: &HttpConfig, metrics: Arc<Metrics>) -> anyhow::Result<HttpSender> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5000)))
@@ -143,11 +120,12 @@ impl HttpSender {
             client,
             cfg: cfg.clone(),
             url: redact_url(&cfg.url),
-            metrics: None,
+            metrics,
         })
     }
 
-    async fn attempt(&self, req: &Request) -> Answer {
+    /// One attempt, its answer classified.
+    async fn attempt(&self, req: &Request) -> Result<(), SinkError> {
         let mut builder = self
             .client
             .post(&self.cfg.url)
@@ -157,91 +135,68 @@ impl HttpSender {
         if !self.cfg.auth_token.is_empty() {
             builder = builder.bearer_auth(self.cfg.auth_token.expose());
         }
-        match builder.send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                if resp.status().is_success() {
-                    return Answer::Ok;
-                }
-                let after = retry_after(&resp);
-                let text = resp.text().await.unwrap_or_default();
-                let error = format!(
-                    "HTTP {status}: {}",
-                    text.chars().take(200).collect::<String>().trim()
-                );
-                if is_retryable_status(status) {
-                    Answer::Retry {
-                        status: Some(status),
-                        error,
-                        after,
-                    }
-                } else {
-                    Answer::Reject { status, error }
-                }
-            }
-            Err(e) => Answer::Retry {
-                status: None,
-                error: if e.is_timeout() {
+        let resp = match builder.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let message = if e.is_timeout() {
                     format!("timed out after {} ms", self.cfg.timeout_ms)
                 } else if e.is_connect() {
                     format!("cannot connect to {}", self.url)
                 } else {
-                    crate::pg::error_text(&e)
-                },
-                after: None,
-            },
+                    crate::error::chain_text(&e)
+                };
+                return Err(SinkError::transient(message));
+            }
+        };
+        let status = resp.status().as_u16();
+        if resp.status().is_success() {
+            return Ok(());
         }
+        let after = retry_after(&resp);
+        let text = resp.text().await.unwrap_or_default();
+        let message = format!(
+            "HTTP {status}: {}",
+            text.chars().take(200).collect::<String>().trim()
+        );
+        Err(if is_retryable_status(status) {
+            SinkError::Transient {
+                message,
+                status: Some(status),
+                retry_after: after,
+            }
+        } else {
+            SinkError::Permanent {
+                message,
+                status: Some(status),
+            }
+        })
     }
 
-    /// Send with retries. `hold` (fail_fast): after the retries, keep retrying with capped
-    /// backoff until the API accepts; the result is then always `Delivered`.
-    pub async fn send(&self, req: &Request, hold: bool) -> Outcome {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let mut attempts = 0u32;
-        loop {
-            attempts += 1;
-            let (status, error, after) = match self.attempt(req).await {
-                Answer::Ok => return Outcome::Delivered,
-                Answer::Retry {
-                    status,
-                    error,
-                    after,
-                } if attempts <= self.cfg.max_retries || hold => (status, error, after),
-                Answer::Reject { status, error } if hold => (Some(status), error, None),
-                Answer::Retry { status, error, .. } => {
-                    return Outcome::Failed {
-                        status,
-                        error,
-                        attempts,
-                    }
-                }
-                Answer::Reject { status, error } => {
-                    return Outcome::Failed {
-                        status: Some(status),
-                        error,
-                        attempts,
-                    }
-                }
+    /// Send with the retry policy of `[http]`. `hold` (fail_fast): after `max_retries`,
+    /// keep retrying with capped backoff, refusals included, until the API accepts.
+    async fn send(&self, req: &Request, hold: bool) -> Result<(), Exhausted> {
+        let what = || format!("http {} {}", self.url, req.key);
+        if hold {
+            let policy = RetryPolicy {
+                max_retries: None,
+                ..RetryPolicy::limited(self.cfg.max_retries)
             };
-            if let Some(m) = &self.metrics {
-                Metrics::add(&m.sink_retries, 1);
-            }
-            let delay = after.unwrap_or_else(|| backoff.next_delay());
-            if attempts > self.cfg.max_retries {
-                tracing::warn!(
-                    "http {} {}: {error} (status {}); fail_fast holds the checkpoint, retrying in {delay:?}",
-                    self.url,
-                    req.key,
-                    status.map_or("-".into(), |s| s.to_string())
-                );
-            } else {
-                tracing::debug!(
-                    "http {} {}: {error}; retry {attempts} in {delay:?}",
-                    self.url,
-                    req.key
-                );
-            }
-            tokio::time::sleep(delay).await;
+            policy
+                .run("http", &what, Some(&self.metrics), || async {
+                    self.attempt(req).await.map_err(|e| match e {
+                        SinkError::Permanent { message, status } => SinkError::Transient {
+                            message: format!("{message}; fail_fast holds the checkpoint"),
+                            status,
+                            retry_after: None,
+                        },
+                        transient => transient,
+                    })
+                })
+                .await
+        } else {
+            RetryPolicy::limited(self.cfg.max_retries)
+                .run("http", &what, Some(&self.metrics), || self.attempt(req))
+                .await
         }
     }
 }
@@ -249,26 +204,22 @@ impl HttpSender {
 pub struct HttpSink {
     sender: HttpSender,
     dlq: Dlq,
-    metrics: Arc<Metrics>,
 }
 
 impl HttpSink {
     pub fn new(cfg: &HttpConfig, dlq: Dlq, metrics: Arc<Metrics>) -> anyhow::Result<HttpSink> {
-        let mut sender = HttpSender::new(cfg)?;
-        sender.metrics = Some(metrics.clone());
         Ok(HttpSink {
-            sender,
+            sender: HttpSender::new(cfg, metrics)?,
             dlq,
-            metrics,
         })
     }
 
     /// Deliver events; returns how many were dead-lettered.
-    pub async fn send_events(&self, events: &[&EnrichedEvent]) -> anyhow::Result<usize> {
+    async fn send_events(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
         let cfg = &self.sender.cfg;
         let hold = cfg.on_failure == OnFailure::FailFast;
         let reqs = requests(events, cfg.mode, cfg.max_batch_events);
-        let outcomes: Vec<(Request, Outcome)> = stream::iter(reqs)
+        let outcomes: Vec<(Request, Result<(), Exhausted>)> = stream::iter(reqs)
             .map(|r| async move {
                 let o = self.sender.send(&r, hold).await;
                 (r, o)
@@ -278,43 +229,44 @@ impl HttpSink {
             .await;
         let mut dead = 0;
         for (req, outcome) in outcomes {
-            if let Outcome::Failed {
-                status,
-                error,
-                attempts,
-            } = outcome
-            {
-                tracing::warn!(
-                    "http {}: {} events ({}) dead-lettered after {attempts} attempts: {error}",
-                    self.sender.url,
-                    req.events,
-                    req.key
-                );
-                self.dlq
-                    .push(DeadLetter {
-                        id: 0,
-                        idempotency_key: req.key,
-                        events: req.events,
-                        first_event_id: req.first_event_id,
-                        last_event_id: req.last_event_id,
-                        payload: String::from_utf8_lossy(&req.body).into_owned(),
-                        status,
-                        error,
-                        attempts,
-                        time: rfc3339_us(
-                            std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map(|d| d.as_micros() as i64)
-                                .unwrap_or(0),
-                        ),
-                    })
-                    .await?;
-                Metrics::add(&self.metrics.http_dead_lettered, req.events as u64);
-                dead += req.events;
-            }
+            let Err(failed) = outcome else { continue };
+            tracing::warn!(
+                sink = "http",
+                key = %req.key,
+                "http {}: {} events dead-lettered after {} attempts: {}",
+                self.sender.url,
+                req.events,
+                failed.attempts,
+                failed.error
+            );
+            let letter = DeadLetter {
+                id: 0,
+                idempotency_key: req.key,
+                events: req.events,
+                first_event_id: req.first_event_id,
+                last_event_id: req.last_event_id,
+                payload: String::from_utf8_lossy(&req.body).into_owned(),
+                status: failed.error.status(),
+                error: failed.error.message().to_string(),
+                attempts: failed.attempts,
+                time: rfc3339_us(now_us()),
+            };
+            self.dlq
+                .push(letter)
+                .await
+                .map_err(|e| SinkError::permanent(format!("cannot keep a dead letter: {e:#}")))?;
+            self.sender.metrics.dead_lettered(req.events as u64);
+            dead += req.events as u64;
         }
         Ok(dead)
     }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl Sink for HttpSink {
@@ -325,10 +277,13 @@ impl Sink for HttpSink {
     fn deliver<'a>(
         &'a mut self,
         events: &'a [&'a EnrichedEvent],
-    ) -> BoxFuture<'a, anyhow::Result<()>> {
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
-            self.send_events(events).await?;
-            Ok(())
+            let dead_lettered = self.send_events(events).await?;
+            Ok(Delivery {
+                new_events: None,
+                dead_lettered,
+            })
         })
     }
 }

@@ -1,4 +1,5 @@
-//! Batching, fan-out and ack tracking → the checkpoint (SPEC §8).
+//! Batching, fan-out and ack tracking → the checkpoint (docs/architecture.md, "Fan-out,
+//! batching, back-pressure").
 //!
 //! ```text
 //!  source ──register──────────────────────────────► tracker ──► sled (checkpoint + dimension)
@@ -19,7 +20,6 @@
 //! prefix that every sink acked is durable, and the checkpoint moves to the last commit in
 //! it, written to sled with that prefix's dimension changes before Postgres hears of it.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +27,15 @@ use anyhow::anyhow;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::checkpoint::StateStore;
 use crate::enrich::{DimChange, EnrichedEvent};
-use crate::metrics::Histogram;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Histogram;
+use crate::ops::metrics::Metrics;
 use crate::sinks::Sink;
+use crate::state::CheckpointStore;
 use crate::types::Lsn;
+
+pub mod config;
+mod tracker;
 
 /// The in-flight budget, in full batches' worth of events.
 pub const IN_FLIGHT_BATCHES: usize = 8;
@@ -68,7 +71,7 @@ pub struct Progress {
     pub checkpoint: Lsn,
 }
 
-struct Registration {
+pub(super) struct Registration {
     seq: u64,
     /// Sent to no sink: done as soon as everything before it is.
     marker: bool,
@@ -96,7 +99,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn start(
         sinks: Vec<Box<dyn Sink>>,
-        store: StateStore,
+        store: Arc<dyn CheckpointStore>,
         metrics: Arc<Metrics>,
         checkpoint: Lsn,
         max_batch_rows: usize,
@@ -162,7 +165,7 @@ impl Pipeline {
                             let events: Vec<&EnrichedEvent> =
                                 group.iter().flat_map(|b| b.events.iter()).collect();
                             if let Err(e) = sink.deliver(&events).await {
-                                let _ = fail.send(e.context(format!("{} sink failed", sink.name())));
+                                let _ = fail.send(anyhow!("{} sink failed: {e}", sink.name()));
                                 break;
                             }
                             record_latency(&latency, &events);
@@ -172,7 +175,7 @@ impl Pipeline {
                         }
                         _ = idle.tick() => {
                             if let Err(e) = sink.idle().await {
-                                let _ = fail.send(e.context(format!("{} sink failed", sink.name())));
+                                let _ = fail.send(anyhow!("{} sink failed: {e}", sink.name()));
                                 break;
                             }
                         }
@@ -184,7 +187,7 @@ impl Pipeline {
         let tracker_metrics = metrics.clone();
         let tracker_budget = budget.clone();
         tasks.spawn(async move {
-            if let Err(e) = track(
+            if let Err(e) = tracker::track(
                 n,
                 reg_rx,
                 ack_rx,
@@ -250,7 +253,7 @@ impl Pipeline {
         if marker {
             return Ok(());
         }
-        Metrics::add(&self.metrics.batches, 1);
+        self.metrics.counters.batches.inc();
         let batch = Arc::new(batch);
         for tx in &self.senders {
             tokio::select! {
@@ -330,96 +333,6 @@ impl Pipeline {
     }
 }
 
-async fn track(
-    sinks: usize,
-    mut reg_rx: mpsc::UnboundedReceiver<Registration>,
-    mut ack_rx: mpsc::UnboundedReceiver<(usize, u64)>,
-    store: StateStore,
-    progress_tx: watch::Sender<Progress>,
-    metrics: Arc<Metrics>,
-    budget: Arc<Semaphore>,
-) -> anyhow::Result<()> {
-    let mut pending: VecDeque<Registration> = VecDeque::new();
-    let mut acked = vec![0u64; sinks];
-    let mut progress = *progress_tx.borrow();
-    let mut registering = true;
-    let mut acks_open = true;
-    loop {
-        tokio::select! {
-            r = reg_rx.recv(), if registering => match r {
-                Some(r) => pending.push_back(r),
-                None => registering = false,
-            },
-            a = ack_rx.recv(), if acks_open => match a {
-                Some((sink, seq)) => acked[sink] = acked[sink].max(seq),
-                None => acks_open = false,
-            },
-            else => break,
-        }
-        // Take everything else already waiting, so one sled write covers it all.
-        while let Ok(r) = reg_rx.try_recv() {
-            pending.push_back(r);
-        }
-        while let Ok((sink, seq)) = ack_rx.try_recv() {
-            acked[sink] = acked[sink].max(seq);
-        }
-        let all_acked = acked.iter().copied().min().unwrap_or(u64::MAX);
-        let mut changes = Vec::new();
-        let mut new_checkpoint = progress.checkpoint;
-        let mut last_commit_us = None;
-        let mut done = progress.done_seq;
-        let mut events = 0u64;
-        while let Some(front) = pending.front() {
-            if !(front.marker || front.seq <= all_acked) {
-                break;
-            }
-            let r = pending.pop_front().expect("front exists");
-            done = r.seq;
-            events += r.events as u64;
-            budget.add_permits(r.permits);
-            changes.extend(r.dim_changes);
-            if let Some(lsn) = r.commit_end {
-                new_checkpoint = new_checkpoint.max(lsn);
-            }
-            last_commit_us = r.last_commit_us.or(last_commit_us);
-        }
-        if done == progress.done_seq {
-            if !registering && (pending.is_empty() || !acks_open) {
-                break;
-            }
-            continue;
-        }
-        if new_checkpoint > progress.checkpoint {
-            store
-                .commit(new_checkpoint, &changes, last_commit_us)
-                .await?;
-            metrics
-                .checkpoint_lsn
-                .store(new_checkpoint.0, std::sync::atomic::Ordering::Relaxed);
-            if let Some(t) = last_commit_us {
-                metrics
-                    .last_commit_us
-                    .store(t, std::sync::atomic::Ordering::Relaxed);
-            }
-        } else if !changes.is_empty() {
-            return Err(anyhow!(
-                "dimension changes without a newer commit (checkpoint {}); this is a bug",
-                progress.checkpoint
-            ));
-        }
-        Metrics::add(&metrics.events_delivered, events);
-        progress = Progress {
-            done_seq: done,
-            checkpoint: new_checkpoint,
-        };
-        progress_tx.send_replace(progress);
-        if !registering && pending.is_empty() {
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// Commit-to-durable latency of each streamed event (backfilled ones have no commit time).
 fn record_latency(h: &Histogram, events: &[&EnrichedEvent]) {
     let now = std::time::SystemTime::now()
@@ -445,7 +358,8 @@ fn record_latency(h: &Histogram, events: &[&EnrichedEvent]) {
 mod tests {
     use super::*;
     use crate::enrich::{enrich, ContentRow, RawEvent};
-    use crate::sinks::BoxFuture;
+    use crate::sinks::{BoxFuture, Delivery, SinkError};
+    use crate::state::StateStore;
     use tokio::sync::Semaphore as Gate;
 
     /// A sink that writes only when its gate lets it: one permit per write.
@@ -461,14 +375,14 @@ mod tests {
         fn deliver<'a>(
             &'a mut self,
             events: &'a [&'a EnrichedEvent],
-        ) -> BoxFuture<'a, anyhow::Result<()>> {
+        ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
             Box::pin(async move {
                 self.gate.acquire().await.unwrap().forget();
                 self.seen
                     .lock()
                     .unwrap()
                     .extend(events.iter().map(|e| e.event_id));
-                Ok(())
+                Ok(Delivery::default())
             })
         }
     }
@@ -517,7 +431,7 @@ mod tests {
         ];
         let mut p = Pipeline::start(
             sinks,
-            store.clone(),
+            Arc::new(store.clone()),
             Arc::new(Metrics::default()),
             Lsn(10),
             100,

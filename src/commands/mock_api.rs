@@ -7,20 +7,21 @@
 //! Every request is logged on stdout in one access-log line.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::State as AxState;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
+
+use crate::ops::http::Peer;
 
 #[derive(Debug, Clone)]
 pub struct MockOptions {
@@ -58,6 +59,9 @@ struct State {
     seen: HashSet<i64>,
 }
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 1024;
+
 /// Serve until the process is stopped.
 pub async fn serve(opts: MockOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&opts.listen)
@@ -75,87 +79,70 @@ pub async fn serve(opts: MockOptions) -> anyhow::Result<()> {
         opts.slow_rate,
         opts.slow_ms
     );
-    let state = Arc::new(Mutex::new(State::default()));
-    let opts = Arc::new(opts);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("mock-api: accept failed: {e}");
-                continue;
-            }
-        };
-        let state = state.clone();
-        let opts = opts.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                let opts = opts.clone();
-                async move { Ok::<_, Infallible>(handle(req, peer, &state, &opts).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("valid response")
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    state: &Mutex<State>,
-    opts: &MockOptions,
-) -> Response<Full<Bytes>> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let version = format!("{:?}", req.version());
-    let (status, body, note) = match (&method, path.as_str()) {
-        (&Method::GET, "/stats") => {
-            let stats = state.lock().expect("stats lock").stats.clone();
+    let shared = Arc::new(Shared {
+        opts,
+        state: Mutex::new(State::default()),
+    });
+    let app = Router::new()
+        .route("/stats", get(stats))
+        .route("/events", post(events))
+        .fallback(|| async {
             (
-                StatusCode::OK,
-                serde_json::to_string(&stats).expect("stats serialize"),
-                String::new(),
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({"error": "not found; use POST /events or GET /stats"})),
             )
-        }
-        (&Method::POST, "/events") => {
-            let key = req
-                .headers()
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string();
-            let bytes = match req.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        format!("{{\"error\":\"cannot read body: {e}\"}}"),
-                    );
-                }
-            };
-            post_events(&bytes, state, opts, &key).await
-        }
-        _ => (
-            StatusCode::NOT_FOUND,
-            "{\"error\":\"not found; use POST /events or GET /stats\"}".to_string(),
-            String::new(),
-        ),
-    };
+        })
+        .layer(axum::middleware::from_fn(access_log))
+        .with_state(shared);
+    crate::ops::http::serve(listener, app, MAX_CONNECTIONS).await;
+    Ok(())
+}
+
+struct Shared {
+    opts: MockOptions,
+    state: Mutex<State>,
+}
+
+/// What the access-log line says after the status.
+#[derive(Clone)]
+struct Note(String);
+
+/// One access-log line per request on stdout.
+async fn access_log(
+    Extension(Peer(peer)): Extension<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let line = format!(
-        "{peer} - \"{method} {path} {version}\" {} {note}\n",
-        status.as_u16()
+        "{peer} - \"{} {} {:?}\"",
+        req.method(),
+        req.uri().path(),
+        req.version()
     );
+    let resp = next.run(req).await;
+    let note = resp.extensions().get::<Note>().map_or("", |n| n.0.as_str());
+    let line = format!("{line} {} {note}\n", resp.status().as_u16());
     let _ = std::io::stdout().lock().write_all(line.as_bytes());
-    json(status, body)
+    resp
+}
+
+async fn stats(AxState(shared): AxState<Arc<Shared>>) -> Json<Stats> {
+    Json(shared.state.lock().expect("stats lock").stats.clone())
+}
+
+async fn events(
+    AxState(shared): AxState<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let (status, body, note) = post_events(&body, &shared.state, &shared.opts, key).await;
+    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    resp.extensions_mut().insert(Note(note));
+    resp
 }
 
 async fn post_events(

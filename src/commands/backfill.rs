@@ -1,4 +1,4 @@
-//! `engagement-cdc backfill` (SPEC §9): re-deliver the events of a time range from
+//! `engagement-cdc backfill` (docs/operations.md, "Backfill"): re-deliver the events of a time range from
 //! Postgres, enriched with the current `content` rows by the same code as the stream.
 //!
 //! The range `[start, end)` on `event_ts` is read in keyset pages ordered by
@@ -7,57 +7,21 @@
 //! streamed one; Redis deduplicates by event id, so a backfill over streamed events, or the
 //! same backfill twice, changes nothing.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use crate::checkpoint::StateStore;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+
 use crate::config::{Config, QualifiedTable};
-use crate::dlq::Dlq;
-use crate::enrich::{days_from_civil, enrich, rfc3339_us, ContentRow, EnrichedEvent, RawEvent};
+use crate::enrich::{enrich, rfc3339_us, ContentRow, EnrichedEvent, RawEvent};
 use crate::error::UsageError;
-use crate::metrics::Metrics;
-use crate::pg;
-use crate::sinks::clickhouse::ClickHouseSink;
-use crate::sinks::http::HttpSink;
-use crate::sinks::redis::RedisSink;
+use crate::ops::metrics::Metrics;
+use crate::sinks::{self, SinkKind};
+use crate::source::pg;
 use crate::types::Lsn;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackfillSink {
-    ClickHouse,
-    Redis,
-    Http,
-}
-
-impl BackfillSink {
-    pub fn parse_list(s: &str) -> Result<Vec<BackfillSink>, UsageError> {
-        let mut out = Vec::new();
-        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            let sink = match name {
-                "clickhouse" => BackfillSink::ClickHouse,
-                "redis" => BackfillSink::Redis,
-                "http" => BackfillSink::Http,
-                other => {
-                    return Err(UsageError::new(format!(
-                        "--sinks: unknown sink {other:?}; use a comma-separated list of clickhouse, redis, http"
-                    )))
-                }
-            };
-            if !out.contains(&sink) {
-                out.push(sink);
-            }
-        }
-        if out.is_empty() {
-            return Err(UsageError::new(
-                "--sinks is empty; name at least one of clickhouse, redis, http",
-            ));
-        }
-        Ok(out)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct BackfillOptions {
@@ -65,7 +29,7 @@ pub struct BackfillOptions {
     pub start_us: i64,
     /// µs since 1970, exclusive.
     pub end_us: i64,
-    pub sinks: Vec<BackfillSink>,
+    pub sinks: Vec<SinkKind>,
     pub batch_size: usize,
 }
 
@@ -88,7 +52,8 @@ impl std::fmt::Display for BackfillReport {
 }
 
 /// An RFC 3339 time (`2026-01-08T09:00:00Z`, `…+03:00`, fractions allowed), a time without
-/// an offset (UTC), or a date (midnight UTC) → µs since 1970.
+/// an offset (UTC), or a date (midnight UTC) → µs since 1970. Dates and offsets are
+/// checked by `jiff`: no 30 February, no `+99:99`.
 pub fn parse_time(s: &str) -> Result<i64, UsageError> {
     let bad = || {
         UsageError::new(format!(
@@ -96,37 +61,27 @@ pub fn parse_time(s: &str) -> Result<i64, UsageError> {
         ))
     };
     let t = s.trim();
-    if t.len() == 10 {
-        let text = format!("{t} 00:00:00+00");
-        return crate::source::rows::parse_timestamptz(text.as_bytes()).ok_or_else(bad);
+    if let Ok(ts) = t.parse::<jiff::Timestamp>() {
+        return Ok(ts.as_microsecond());
     }
-    if t.len() < 19 {
+    // No offset: a civil time or a date, in UTC. A bracketed zone without an offset
+    // (`…[Europe/Paris]`) is refused rather than guessed.
+    let civil = t
+        .parse::<jiff::civil::DateTime>()
+        .or_else(|_| {
+            t.parse::<jiff::civil::Date>()
+                .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+        })
+        .map_err(|_| bad())?;
+    // Anything after the date that names an offset or zone had to parse as a timestamp.
+    let after_date = t.char_indices().nth(10).map_or("", |(i, _)| &t[i..]);
+    if after_date.contains(['+', '-', 'Z', 'z', '[']) {
         return Err(bad());
     }
-    let (date, rest) = t.split_at(10);
-    let sep = rest.as_bytes()[0];
-    if sep != b'T' && sep != b't' && sep != b' ' {
-        return Err(bad());
-    }
-    let rest = &rest[1..];
-    let rest = if let Some(r) = rest.strip_suffix(['Z', 'z']) {
-        format!("{r}+00")
-    } else if rest[8..].contains(['+', '-']) {
-        rest.to_string()
-    } else {
-        format!("{rest}+00")
-    };
-    let text = format!("{date} {rest}");
-    // Validate the calendar date strictly (parse_timestamptz accepts day 31 of any month).
-    let us = crate::source::rows::parse_timestamptz(text.as_bytes()).ok_or_else(bad)?;
-    let y: i64 = date[0..4].parse().map_err(|_| bad())?;
-    let m: u32 = date[5..7].parse().map_err(|_| bad())?;
-    let d: u32 = date[8..10].parse().map_err(|_| bad())?;
-    let round_trip = crate::enrich::civil_from_days(days_from_civil(y, m, d));
-    if round_trip != (y, m, d) {
-        return Err(bad());
-    }
-    Ok(us)
+    let ts = jiff::tz::TimeZone::UTC
+        .to_timestamp(civil)
+        .map_err(|_| bad())?;
+    Ok(ts.as_microsecond())
 }
 
 fn system_time(us: i64) -> SystemTime {
@@ -144,56 +99,58 @@ fn micros(t: SystemTime) -> i64 {
     }
 }
 
+/// The progress bar on a terminal (rows, rate, ETA), plain lines every 5 s otherwise.
 struct Progress {
-    tty: bool,
+    bar: Option<ProgressBar>,
     total: u64,
     started: Instant,
     last: Instant,
 }
 
 impl Progress {
+    fn new(total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("[{bar:30}] {pos}/{len} rows  {rate}  ETA {eta}")
+                    .expect("a valid template")
+                    .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0} rows/s", s.per_sec());
+                    })
+                    .progress_chars("##-"),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            started: Instant::now(),
+            last: Instant::now(),
+        }
+    }
+
     fn show(&mut self, scanned: u64, done: bool) {
-        let now = Instant::now();
-        if !done
-            && now.duration_since(self.last)
-                < Duration::from_millis(if self.tty { 200 } else { 5000 })
-        {
+        if let Some(bar) = &self.bar {
+            bar.set_position(scanned);
+            if done {
+                bar.finish();
+            }
             return;
         }
-        self.last = now;
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = scanned as f64 / secs;
-        let eta = if rate > 0.0 && self.total > scanned {
-            format!("{:.0}s", (self.total - scanned) as f64 / rate)
-        } else {
-            "0s".into()
-        };
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let width = 30usize;
-            let filled = if self.total == 0 {
-                width
-            } else {
-                ((scanned as f64 / self.total as f64) * width as f64).round() as usize
-            }
-            .min(width);
-            let _ = write!(
-                err,
-                "\r[{}{}] {scanned}/{} rows  {rate:.0} rows/s  ETA {eta}   ",
-                "#".repeat(filled),
-                "-".repeat(width - filled),
-                self.total
-            );
-            if done {
-                let _ = writeln!(err);
-            }
-        } else {
-            let _ = writeln!(
-                err,
-                "backfill: {scanned}/{} rows, {rate:.0} rows/s, ETA {eta}",
-                self.total
-            );
+        if !done && self.last.elapsed() < Duration::from_secs(5) {
+            return;
         }
+        self.last = Instant::now();
+        let rate = scanned as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let eta = if rate > 0.0 && self.total > scanned {
+            (self.total - scanned) as f64 / rate
+        } else {
+            0.0
+        };
+        eprintln!(
+            "backfill: {scanned}/{} rows, {rate:.0} rows/s, ETA {eta:.0}s",
+            self.total
+        );
     }
 }
 
@@ -207,36 +164,8 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         .into());
     }
     let metrics = Arc::new(Metrics::default());
-    let mut clickhouse = None;
-    let mut redis = None;
-    let mut http = None;
-    for sink in &opts.sinks {
-        match sink {
-            BackfillSink::ClickHouse => {
-                let cfg = config.clickhouse().ok_or_else(|| {
-                    UsageError::new("--sinks names clickhouse, but the configuration has no enabled [clickhouse] section")
-                })?;
-                clickhouse = Some(ClickHouseSink::connect(cfg, Some(metrics.clone())).await?);
-            }
-            BackfillSink::Redis => {
-                let cfg = config.redis().ok_or_else(|| {
-                    UsageError::new(
-                        "--sinks names redis, but the configuration has no enabled [redis] section",
-                    )
-                })?;
-                redis = Some(RedisSink::connect(cfg, Some(metrics.clone())).await?);
-            }
-            BackfillSink::Http => {
-                let cfg = config.http().ok_or_else(|| {
-                    UsageError::new(
-                        "--sinks names http, but the configuration has no enabled [http] section",
-                    )
-                })?;
-                let store = StateStore::open(&config.state.dir)?;
-                http = Some(HttpSink::new(cfg, Dlq::open(&store)?, metrics.clone())?);
-            }
-        }
-    }
+    let mut sinks = sinks::build(config, &opts.sinks, None, &metrics).await?;
+    let redis_at = opts.sinks.iter().position(|k| *k == SinkKind::Redis);
 
     let pgc = &config.postgres;
     let client = pg::connect(&pgc.url).await?;
@@ -270,12 +199,7 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         .await
         .context("cannot prepare the backfill query")?;
 
-    let mut progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        total: total as u64,
-        started: Instant::now(),
-        last: Instant::now() - Duration::from_secs(60),
-    };
+    let mut progress = Progress::new(total as u64);
     let mut report = BackfillReport::default();
     let mut after: (SystemTime, i64) = (system_time(opts.start_us - 1), i64::MIN);
     let limit = opts.batch_size as i64;
@@ -309,30 +233,8 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         }
         report.scanned += batch.len() as u64;
         let batch: Vec<&EnrichedEvent> = batch.iter().collect();
-        let (ch, rd, ht) = (
-            async {
-                match &clickhouse {
-                    Some(c) => c.insert(&batch).await,
-                    None => Ok(()),
-                }
-            },
-            async {
-                match &mut redis {
-                    Some(r) => r.apply(&batch).await.map(Some),
-                    None => Ok(None),
-                }
-            },
-            async {
-                match &http {
-                    Some(h) => h.send_events(&batch).await.map(|_| ()),
-                    None => Ok(()),
-                }
-            },
-        );
-        let (ch, rd, ht) = tokio::join!(ch, rd, ht);
-        ch?;
-        ht?;
-        match rd? {
+        let deliveries = sinks::deliver_all(&mut sinks, &batch).await?;
+        match redis_at.and_then(|i| deliveries[i].new_events) {
             Some(new) => {
                 report.inserted += new;
                 report.duplicates += batch.len() as u64 - new;
@@ -372,18 +274,12 @@ mod tests {
             "2026-02-30T00:00:00",
             "2026-01-08T25:00:00",
             "2026-01-08X09:00:00",
+            "2026-01-0éT09:00:00Z",
+            "2026-02-30",
+            "2026-01-08T09:00:00+99:99",
+            "2026-01-08T09:00:00[Europe/Paris]",
         ] {
             assert!(parse_time(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn sink_lists() {
-        assert_eq!(
-            BackfillSink::parse_list("clickhouse, redis,clickhouse").unwrap(),
-            vec![BackfillSink::ClickHouse, BackfillSink::Redis]
-        );
-        assert!(BackfillSink::parse_list("kafka").is_err());
-        assert!(BackfillSink::parse_list("").is_err());
     }
 }

@@ -3,19 +3,18 @@
 //! `/status` (JSON, read by `engagement-cdc status` while the engine holds the state store)
 //! and `/`, a dashboard page that shows `/status` and refreshes itself.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Json};
+use axum::routing::get;
+use axum::Router;
 use tokio::task::JoinHandle;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::types::Lsn;
 
 /// What the endpoints show.
@@ -24,7 +23,7 @@ pub struct EngineState {
     pub streaming: AtomicBool,
     pub slot: String,
     /// The dead-letter queue, for its depth.
-    pub dlq: Option<crate::dlq::Dlq>,
+    pub dlq: Option<crate::state::dlq::Dlq>,
 }
 
 impl EngineState {
@@ -38,7 +37,8 @@ impl EngineState {
             "last_commit_time": (last_commit != 0).then(|| crate::enrich::rfc3339_us(last_commit)),
             "dlq_depth": self.dlq.as_ref().map(|d| d.len()),
             "commit_to_sink": m.latency_summary(),
-            "counters": m.snapshot().into_iter().map(|(k, _, v)| (k.to_string(), serde_json::Value::from(v))).collect::<serde_json::Map<_, _>>(),
+            "commit_to_read": m.commit_to_read.summary(),
+            "counters": m.counter_map(),
         })
     }
 }
@@ -48,25 +48,25 @@ pub async fn spawn(listen: &str, state: Arc<EngineState>) -> anyhow::Result<Serv
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen} for the engine's HTTP endpoints; is another engine running? change [server] listen")
     })?;
-    let handle = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/", get(page))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found; try /, /healthz, /readyz, /metrics or /status\n",
+            )
+        })
+        .with_state(state);
+    let handle = tokio::spawn(super::http::serve(listener, app, MAX_CONNECTIONS));
     Ok(ServerHandle(handle))
 }
+
+/// Connections served at once; monitoring needs a handful.
+const MAX_CONNECTIONS: usize = 64;
 
 pub struct ServerHandle(JoinHandle<()>);
 
@@ -76,48 +76,30 @@ impl Drop for ServerHandle {
     }
 }
 
-fn route(state: &EngineState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, ctype: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", ctype)
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
-    };
-    match req.uri().path() {
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => {
-            if state.streaming.load(Ordering::Relaxed) {
-                reply(StatusCode::OK, "text/plain", "streaming\n".into())
-            } else {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "not streaming\n".into(),
-                )
-            }
-        }
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.render_prometheus(),
-        ),
-        "/" => reply(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            dashboard(&state.status_json()),
-        ),
-        "/status" => reply(
-            StatusCode::OK,
-            "application/json",
-            state.status_json().to_string(),
-        ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /, /healthz, /readyz, /metrics or /status\n".into(),
-        ),
+async fn readyz(State(state): State<Arc<EngineState>>) -> (StatusCode, &'static str) {
+    if state.streaming.load(Ordering::Relaxed) {
+        (StatusCode::OK, "streaming\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not streaming\n")
     }
+}
+
+async fn metrics(State(state): State<Arc<EngineState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn status(State(state): State<Arc<EngineState>>) -> Json<serde_json::Value> {
+    Json(state.status_json())
+}
+
+async fn page(State(state): State<Arc<EngineState>>) -> Html<String> {
+    Html(dashboard(&state.status_json()))
 }
 
 fn escape(s: &str) -> String {

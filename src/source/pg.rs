@@ -89,7 +89,7 @@ pub fn explain_connect_error(e: &tokio_postgres::Error, url: &str) -> anyhow::Er
             db.message()
         );
     }
-    let text = error_text(e);
+    let text = crate::error::chain_text(e);
     if text.contains("password missing") {
         return anyhow!(
             "Postgres at {target} asks for a password and none is configured; put it in [postgres] url as postgres://USER:PASSWORD@HOST:PORT/DB"
@@ -106,17 +106,6 @@ pub fn explain_connect_error(e: &tokio_postgres::Error, url: &str) -> anyhow::Er
         );
     }
     anyhow!("cannot connect to Postgres at {target}: {text}; check [postgres] url")
-}
-
-/// The innermost useful text of an error chain.
-pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 /// What `setup` and `run` need to know about the server.

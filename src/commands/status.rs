@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::checkpoint::StateStore;
 use crate::config::Config;
 use crate::enrich::rfc3339_us;
-use crate::pg;
+use crate::source::pg;
+use crate::state::StateStore;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -54,7 +54,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
                 let store = StateStore::open(&config.state.dir)?;
                 st.checkpoint_lsn = Some(store.checkpoint()?.to_string());
                 st.last_commit_time = store.last_commit_us()?.map(rfc3339_us);
-                st.dlq_depth = Some(store.dlq_tree()?.len() as u64);
+                st.dlq_depth = Some(crate::state::dlq::Dlq::open(&store)?.len() as u64);
             }
         }
     }

@@ -17,7 +17,7 @@ const KEY_IDENTITY: &[u8] = b"m:identity";
 const KEY_LAST_COMMIT: &[u8] = b"m:last_commit_us";
 const CONTENT_PREFIX: &[u8] = b"c:";
 
-/// Which Postgres cluster, database and slot this state belongs to (SPEC §3 "Safety").
+/// Which Postgres cluster, database and slot this state belongs to (docs/guarantees.md, "Safety").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub system_id: String,
@@ -139,7 +139,7 @@ impl StateStore {
     /// Advance the checkpoint to `lsn` with the dimension changes of the transactions up to
     /// it, in one atomic batch, and flush. Never moves backward: an `lsn` at or below the
     /// stored one is refused when it carries changes, and ignored otherwise.
-    pub async fn commit(
+    pub fn commit(
         &self,
         lsn: Lsn,
         changes: &[DimChange],
@@ -187,20 +187,15 @@ impl StateStore {
         if let Some(t) = last_commit_us {
             batch.insert(KEY_LAST_COMMIT, &(t as u64).to_be_bytes());
         }
-        // sled writes and fsyncs on the calling thread: keep that off the async workers.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            db.apply_batch(batch)?;
-            db.flush()
-        })
-        .await
-        .context("the state store writer stopped")?
-        .context("cannot write the checkpoint to the state store")?;
+        self.db
+            .apply_batch(batch)
+            .and_then(|()| self.db.flush().map(drop))
+            .context("cannot write the checkpoint to the state store")?;
         Ok(())
     }
 
     /// The dead-letter queue's tree.
-    pub fn dlq_tree(&self) -> anyhow::Result<sled::Tree> {
+    pub(super) fn dlq_tree(&self) -> anyhow::Result<sled::Tree> {
         Ok(self.db.open_tree("dlq")?)
     }
 
@@ -222,6 +217,21 @@ fn u64_from(v: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
+impl super::CheckpointStore for StateStore {
+    fn checkpoint(&self) -> anyhow::Result<Lsn> {
+        StateStore::checkpoint(self)
+    }
+
+    fn commit(
+        &self,
+        lsn: Lsn,
+        changes: &[DimChange],
+        last_commit_us: Option<i64>,
+    ) -> anyhow::Result<()> {
+        StateStore::commit(self, lsn, changes, last_commit_us)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,8 +244,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn checkpoint_and_dimension_move_together_and_never_back() {
+    #[test]
+    fn checkpoint_and_dimension_move_together_and_never_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(store.checkpoint().unwrap(), Lsn(0));
@@ -249,13 +259,11 @@ mod tests {
                 &[DimChange::Upsert(row(1, 10)), DimChange::Delete(2)],
                 Some(42),
             )
-            .await
             .unwrap();
         assert!(store
             .commit(Lsn(150), &[DimChange::Truncate], None)
-            .await
             .is_err());
-        store.commit(Lsn(150), &[], None).await.unwrap();
+        store.commit(Lsn(150), &[], None).unwrap();
         drop(store);
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(store.checkpoint().unwrap(), Lsn(200));
@@ -269,15 +277,14 @@ mod tests {
                 &[DimChange::Truncate, DimChange::Upsert(row(-7, 1))],
                 None,
             )
-            .await
             .unwrap();
         let dim = store.load_dimension().unwrap();
         assert_eq!(dim.len(), 1);
         assert!(dim.get(-7).is_some());
     }
 
-    #[tokio::test]
-    async fn identity_persists_and_truncate_drops_earlier_upserts() {
+    #[test]
+    fn identity_persists_and_truncate_drops_earlier_upserts() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         let identity = Identity {
@@ -292,7 +299,6 @@ mod tests {
                 &[DimChange::Upsert(row(9, 1)), DimChange::Truncate],
                 None,
             )
-            .await
             .unwrap();
         drop(store);
         let store = StateStore::open(dir.path()).unwrap();

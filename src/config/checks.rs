@@ -1,0 +1,139 @@
+//! Values the configuration checks and types: secrets that are never printed, table
+//! names, identifiers, ranges and URLs.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::UsageError;
+
+/// A string that is never printed: `Debug` and `Display` show `***` when it is set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `schema.table` (or `table`, meaning `public.table`), each part a plain identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QualifiedTable {
+    pub schema: String,
+    pub name: String,
+}
+
+impl QualifiedTable {
+    pub fn parse(key: &str, value: &str) -> Result<QualifiedTable, UsageError> {
+        let (schema, name) = match value.split_once('.') {
+            Some((s, n)) => (s, n),
+            None => ("public", value),
+        };
+        check_identifier(key, schema)?;
+        check_identifier(key, name)?;
+        Ok(QualifiedTable {
+            schema: schema.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Quoted for SQL: `"public"."engagement_events"`.
+    pub fn quoted(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema, self.name)
+    }
+}
+
+impl fmt::Display for QualifiedTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+pub fn check_identifier(key: &str, value: &str) -> Result<(), UsageError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !value.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(UsageError::new(format!(
+            "{key} {value:?} is not a plain identifier; use 1-63 lower-case letters, digits and underscores, not starting with a digit"
+        )))
+    }
+}
+
+pub fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), UsageError> {
+    if value < min || value > max {
+        Err(UsageError::new(format!(
+            "{key} = {value} is out of range; use a value from {min} to {max}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+pub fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
+    if value.starts_with("https://") {
+        return Err(UsageError::new(format!(
+            "{key} {:?} uses https, which this build does not support yet; use http:// on a private network or a local TLS-terminating proxy",
+            redact_url(value)
+        )));
+    }
+    let rest = value.strip_prefix("http://");
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
+        _ => Err(UsageError::new(format!(
+            "{key} {:?} is not an HTTP URL; expected http://HOST:PORT[/PATH]",
+            redact_url(value)
+        ))),
+    }
+}
+
+/// A URL with any password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let after = &url[scheme_end + 3..];
+    let authority_end = after.find('/').unwrap_or(after.len());
+    let authority = &after[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &after[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+pub(crate) fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,146 @@
+//! Serving an axum router the way a server should behave: at most `max_connections` at
+//! once (the rest wait in the listen backlog), a client gets 10 s to send a request's
+//! headers and connections are closed after 60 s idle, and a failing `accept` (out of file
+//! descriptors) backs off instead of spinning. The engine's status server and `mock-api`
+//! both serve through this.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::sinks::retry::Backoff;
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection may stay open without a request being read or answered.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The peer of a connection, for handlers that log it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Accept and serve connections until the task is aborted.
+pub async fn serve(listener: TcpListener, app: Router, max_connections: usize) {
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let slot = match slots.clone().acquire_owned().await {
+            Ok(slot) => slot,
+            Err(_) => return,
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff.reset();
+                accepted
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!("accept failed: {e}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
+        tokio::spawn(async move {
+            let io = IdleTimeout::new(TokioIo::new(stream), IDLE_TIMEOUT);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("connection from {peer} ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// An I/O stream that fails with `TimedOut` once nothing was read or written for `limit`.
+struct IdleTimeout<T> {
+    inner: T,
+    limit: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<T> IdleTimeout<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection idle for too long",
+            ));
+        }
+        Ok(())
+    }
+
+    fn touch(&mut self) {
+        let next = tokio::time::Instant::now() + self.limit;
+        self.deadline.as_mut().reset(next);
+    }
+}
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for IdleTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                self.touch();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for IdleTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.touch();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,465 @@
+//! What the running engine counts, shared by the source, the pipeline and the sinks, and
+//! exposed by `prometheus-client` on `/metrics` (OpenMetrics text: counters end in
+//! `_total`, times are in seconds, one `sink` label instead of per-sink names) and as JSON
+//! on `/status`. docs/operations.md lists every metric.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// The `sink` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: String,
+}
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// Every plain counter of the engine; the name on `/metrics` is
+        /// `engagement_cdc_<field>_total`.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: Counter,)*
+        }
+
+        impl Counters {
+            fn register(&self, registry: &mut Registry) {
+                $(registry.register(
+                    stringify!($name),
+                    concat!($($doc),*).trim().trim_end_matches('.'),
+                    self.$name.clone(),
+                );)*
+            }
+
+            /// (name, value) of every counter, for `/status`.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.get()),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Events (inserts into the events table) read from the stream.
+    events_streamed,
+    /// Event rows skipped because a required value was NULL or unreadable.
+    events_invalid,
+    /// Events with a negative duration (derived fields NULL).
+    events_negative_duration,
+    /// Events whose content_id had no content row.
+    events_unknown_content,
+    /// Changes to the content dimension applied.
+    content_changes,
+    /// UPDATE, DELETE and TRUNCATE of the events table, ignored.
+    event_changes_ignored,
+    /// Changes to tables the engine does not read, ignored.
+    other_changes_ignored,
+    /// Transactions committed and read.
+    transactions,
+    /// Transactions skipped on replay (at or below the checkpoint).
+    transactions_replayed_skipped,
+    /// Batches handed to the sinks.
+    batches,
+    /// Events the sinks made durable (counted once per batch, when every sink acked it).
+    events_delivered,
+    /// Replication sessions started (1 + reconnects).
+    replication_sessions,
+    /// Events dead-lettered by the HTTP sink.
+    http_dead_lettered,
+}
+
+/// The engine's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    pub counters: Counters,
+    /// The checkpoint LSN (also a gauge on `/metrics`).
+    pub checkpoint_lsn: Arc<AtomicU64>,
+    /// The server's WAL end as last reported.
+    pub server_wal_end: Arc<AtomicU64>,
+    /// Commit time (µs since 1970) of the last checkpointed transaction; 0 when unknown.
+    pub last_commit_us: Arc<AtomicI64>,
+    sink_retries: Family<SinkLabel, Counter>,
+    /// Retries of every sink together, for `/status`.
+    all_sink_retries: AtomicU64,
+    /// Commit-to-durable latency per sink.
+    commit_to_sink: LatencyFamily,
+    /// Commit-to-read latency of the source.
+    pub commit_to_read: Arc<Histogram>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("engagement_cdc");
+        let counters = Counters::default();
+        counters.register(&mut registry);
+        let sink_retries = Family::<SinkLabel, Counter>::default();
+        registry.register(
+            "sink_retries",
+            "Retries of sink writes after transient failures",
+            sink_retries.clone(),
+        );
+        let commit_to_sink = LatencyFamily::default();
+        registry.register(
+            "commit_to_sink_seconds",
+            "Commit-to-durable latency of streamed events, per sink",
+            commit_to_sink.clone(),
+        );
+        let commit_to_read = Arc::new(Histogram::default());
+        registry.register(
+            "commit_to_read_seconds",
+            "Commit-to-read latency of streamed events",
+            SingleHistogram(commit_to_read.clone()),
+        );
+        let checkpoint_lsn = Arc::new(AtomicU64::new(0));
+        registry.register(
+            "checkpoint_lsn",
+            "The checkpoint, as a byte position in the WAL",
+            PositionGauge(checkpoint_lsn.clone()),
+        );
+        let server_wal_end = Arc::new(AtomicU64::new(0));
+        registry.register(
+            "server_wal_end",
+            "The server's WAL end as last reported, as a byte position",
+            PositionGauge(server_wal_end.clone()),
+        );
+        let last_commit_us = Arc::new(AtomicI64::new(0));
+        registry.register(
+            "last_commit_timestamp_seconds",
+            "Commit time of the last checkpointed transaction, in seconds since 1970 (0: none yet)",
+            SecondsGauge(last_commit_us.clone()),
+        );
+        Metrics {
+            counters,
+            checkpoint_lsn,
+            server_wal_end,
+            last_commit_us,
+            sink_retries,
+            all_sink_retries: AtomicU64::new(0),
+            commit_to_sink,
+            commit_to_read,
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn sink_retry(&self, sink: &str) {
+        self.sink_retries
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .inc();
+        self.all_sink_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn sink_retries(&self, sink: &str) -> u64 {
+        self.sink_retries
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .get()
+    }
+
+    pub fn dead_lettered(&self, events: u64) {
+        self.counters.http_dead_lettered.inc_by(events);
+    }
+
+    /// The commit-to-durable latency histogram of a sink (created on first use).
+    pub fn latency(&self, sink: &'static str) -> Arc<Histogram> {
+        self.commit_to_sink.get_or_create(sink)
+    }
+
+    /// `{sink: {count, p50_ms, p99_ms, max_ms, mean_ms}}`.
+    pub fn latency_summary(&self) -> serde_json::Value {
+        let sinks = self.commit_to_sink.0.lock().expect("metrics lock");
+        serde_json::Value::Object(
+            sinks
+                .iter()
+                .map(|(n, h)| (n.to_string(), h.summary()))
+                .collect(),
+        )
+    }
+
+    /// `/metrics`: the OpenMetrics text of every metric, names prefixed `engagement_cdc_`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counters by name, for `/status`.
+    pub fn counter_map(&self) -> BTreeMap<&'static str, u64> {
+        let mut map: BTreeMap<&'static str, u64> = self.counters.snapshot().into_iter().collect();
+        map.insert(
+            "sink_retries",
+            self.all_sink_retries.load(Ordering::Relaxed),
+        );
+        map.insert(
+            "checkpoint_lsn",
+            self.checkpoint_lsn.load(Ordering::Relaxed),
+        );
+        map.insert(
+            "server_wal_end",
+            self.server_wal_end.load(Ordering::Relaxed),
+        );
+        map
+    }
+}
+
+/// Latencies in 1 ms buckets up to 10 s (and one overflow bucket): quantiles exact to the
+/// millisecond for `/status`, one relaxed atomic add per sample, and a Prometheus
+/// histogram with the usual cumulative buckets for `/metrics`.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+    max_us: AtomicU64,
+}
+
+const HISTOGRAM_MS: usize = 10_000;
+
+/// The bucket bounds on `/metrics`, in milliseconds.
+const EXPOSED_BOUNDS_MS: [usize; 14] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 10_001,
+];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: (0..=HISTOGRAM_MS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+            max_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// `n` samples of `us` microseconds.
+    pub fn record_us(&self, us: u64, n: u64) {
+        let ms = ((us / 1000) as usize).min(HISTOGRAM_MS);
+        self.buckets[ms].fetch_add(n, Ordering::Relaxed);
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum_us.fetch_add(us * n, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The upper bound (ms) of the bucket holding quantile `q`, or `None` when empty.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (ms, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Some(ms as u64 + 1);
+            }
+        }
+        Some(HISTOGRAM_MS as u64 + 1)
+    }
+
+    pub fn summary(&self) -> serde_json::Value {
+        let count = self.count();
+        serde_json::json!({
+            "count": count,
+            "p50_ms": self.quantile_ms(0.50),
+            "p99_ms": self.quantile_ms(0.99),
+            "max_ms": (count > 0).then(|| self.max_us.load(Ordering::Relaxed) as f64 / 1000.0),
+            "mean_ms": (count > 0).then(|| self.sum_us.load(Ordering::Relaxed) as f64 / count as f64 / 1000.0),
+        })
+    }
+
+    /// `(upper bound in seconds, samples in this bucket)` pairs — the encoder sums them
+    /// into the cumulative `_bucket` lines; the last bound is +Inf.
+    fn exposed_buckets(&self) -> Vec<(f64, u64)> {
+        let mut out = Vec::with_capacity(EXPOSED_BOUNDS_MS.len());
+        let (mut seen, mut next) = (0u64, 0usize);
+        for bound in EXPOSED_BOUNDS_MS {
+            // Bucket `ms` holds samples in [ms, ms + 1): all of them are ≤ bound when
+            // ms + 1 ≤ bound.
+            while next < bound.min(HISTOGRAM_MS + 1) {
+                seen += self.buckets[next].load(Ordering::Relaxed);
+                next += 1;
+            }
+            let le = if bound > HISTOGRAM_MS {
+                f64::INFINITY
+            } else {
+                bound as f64 / 1000.0
+            };
+            out.push((le, seen));
+        }
+        // Per bucket, not cumulative.
+        for i in (1..out.len()).rev() {
+            out[i].1 -= out[i - 1].1;
+        }
+        out
+    }
+
+    fn encode(&self, encoder: &mut MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets = self.exposed_buckets();
+        let count = buckets.iter().map(|b| b.1).sum();
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
+/// One [`Histogram`] per sink, exposed with the `sink` label.
+#[derive(Debug, Clone, Default)]
+struct LatencyFamily(Arc<Mutex<Vec<SinkHistogram>>>);
+
+type SinkHistogram = (&'static str, Arc<Histogram>);
+
+impl LatencyFamily {
+    fn get_or_create(&self, sink: &'static str) -> Arc<Histogram> {
+        let mut sinks = self.0.lock().expect("metrics lock");
+        if let Some((_, h)) = sinks.iter().find(|(n, _)| *n == sink) {
+            return h.clone();
+        }
+        let h = Arc::new(Histogram::default());
+        sinks.push((sink, h.clone()));
+        h
+    }
+}
+
+impl EncodeMetric for LatencyFamily {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (sink, h) in self.0.lock().expect("metrics lock").iter() {
+            let label = SinkLabel {
+                sink: sink.to_string(),
+            };
+            h.encode(&mut encoder.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// A WAL position read at scrape time.
+#[derive(Debug)]
+struct PositionGauge(Arc<AtomicU64>);
+
+impl EncodeMetric for PositionGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&(self.0.load(Ordering::Relaxed) as i64))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+/// Microseconds since 1970, shown in seconds, read at scrape time.
+#[derive(Debug)]
+struct SecondsGauge(Arc<AtomicI64>);
+
+impl EncodeMetric for SecondsGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&(self.0.load(Ordering::Relaxed) as f64 / 1e6))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+#[derive(Debug)]
+struct SingleHistogram(Arc<Histogram>);
+
+impl EncodeMetric for SingleHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(&mut encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_to_the_millisecond() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile_ms(0.99), None);
+        for ms in 0..100u64 {
+            h.record_us(ms * 1000 + 500, 1);
+        }
+        assert_eq!(h.quantile_ms(0.5), Some(50));
+        assert_eq!(h.quantile_ms(0.99), Some(99));
+        h.record_us(60_000_000, 1);
+        assert_eq!(h.quantile_ms(1.0), Some(10_001));
+        assert_eq!(h.count(), 101);
+        let buckets = h.exposed_buckets();
+        assert_eq!(buckets[0], (0.001, 1));
+        assert_eq!(buckets.iter().take(7).map(|b| b.1).sum::<u64>(), 100);
+        assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 1));
+    }
+
+    #[test]
+    fn the_exposition_parses_and_names_the_sink() {
+        let m = Metrics::default();
+        m.counters.events_delivered.inc_by(3);
+        m.latency("redis").record_us(1500, 3);
+        m.sink_retry("clickhouse");
+        m.checkpoint_lsn.store(0x16B3748, Ordering::Relaxed);
+        let text = m.render();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let scrape = prometheus_parse::Scrape::parse(lines.into_iter().map(Ok)).unwrap();
+        let find = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .unwrap_or_else(|| panic!("{name} missing from {text}"))
+        };
+        // OpenMetrics names a counter's family without `_total`; this parser reads the
+        // older text format, so such samples may come back untyped: compare the values.
+        let value = |name: &str| match find(name).value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name} is {other:?}"),
+        };
+        assert_eq!(value("engagement_cdc_events_delivered_total"), 3.0);
+        assert_eq!(value("engagement_cdc_checkpoint_lsn"), 0x16B3748 as f64);
+        let retries = find("engagement_cdc_sink_retries_total");
+        assert_eq!(retries.labels.get("sink"), Some("clickhouse"));
+        let latency = find("engagement_cdc_commit_to_sink_seconds");
+        assert_eq!(latency.labels.get("sink"), Some("redis"));
+        match &latency.value {
+            prometheus_parse::Value::Histogram(buckets) => {
+                let count = |le: f64| buckets.iter().find(|b| b.less_than == le).unwrap().count;
+                assert_eq!(count(0.001), 0.0);
+                assert_eq!(count(0.002), 3.0);
+                assert_eq!(count(10.0), 3.0);
+            }
+            other => panic!("not a histogram: {other:?}"),
+        }
+        assert!(
+            text.contains("engagement_cdc_commit_to_sink_seconds_sum{sink=\"redis\"} 0.0045"),
+            "{text}"
+        );
+        assert!(
+            text.contains("engagement_cdc_commit_to_sink_seconds_count{sink=\"redis\"} 3"),
+            "{text}"
+        );
+    }
+}

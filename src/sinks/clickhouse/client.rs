@@ -1,0 +1,185 @@
+//! A connection to the `[clickhouse]` server and the classification of its errors: the
+//! server's numeric error code decides what is permanent, once, here.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+
+use super::config::ClickHouseConfig;
+use crate::config::redact_url;
+use crate::sinks::SinkError;
+
+/// How long a query of `setup` or the start-up check may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Server error codes no retry can fix: the table, a column or the database is missing or
+/// of another type, or the credentials are refused.
+const PERMANENT_CODES: &[u32] = &[
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    81,  // UNKNOWN_DATABASE
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
+/// The credential codes among them.
+const CREDENTIAL_CODES: &[u32] = &[192, 193, 516];
+
+#[derive(Clone)]
+pub struct ClickHouse {
+    client: clickhouse::Client,
+    cfg: ClickHouseConfig,
+    /// The URL without its password, for messages.
+    url: String,
+}
+
+impl ClickHouse {
+    /// A client for `[clickhouse]`; validation off, as 18.16 needs (docs/sinks.md).
+    pub fn new(cfg: &ClickHouseConfig) -> ClickHouse {
+        let mut client = clickhouse::Client::default()
+            .with_url(cfg.url.trim_end_matches('/'))
+            .with_user(&cfg.user)
+            .with_validation(false)
+            .with_compression(clickhouse::Compression::None);
+        if !cfg.password.is_empty() {
+            client = client.with_password(cfg.password.expose());
+        }
+        ClickHouse {
+            client,
+            cfg: cfg.clone(),
+            url: redact_url(&cfg.url),
+        }
+    }
+
+    pub fn config(&self) -> &ClickHouseConfig {
+        &self.cfg
+    }
+
+    /// The client bound to `[clickhouse] database` (the crate quotes a table name as one
+    /// identifier, so the database is named apart).
+    pub fn in_database(&self) -> clickhouse::Client {
+        self.client.clone().with_database(&self.cfg.database)
+    }
+
+    /// `SELECT version()`, within 10 s.
+    pub async fn server_version(&self) -> anyhow::Result<String> {
+        let query = self.client.query("SELECT version()").fetch_one::<String>();
+        self.bounded(query).await
+    }
+
+    pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
+        self.bounded(self.client.query(sql).execute()).await
+    }
+
+    /// `(name, type)` of every column of `[clickhouse] database.table`.
+    pub async fn columns(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let query = self
+            .client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(&self.cfg.database)
+            .bind(&self.cfg.table)
+            .fetch_all();
+        self.bounded(query).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        query: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+            Ok(answer) => answer.map_err(|e| anyhow!(self.classify(&e))),
+            Err(_) => Err(anyhow!(
+                "ClickHouse at {} did not answer within {QUERY_TIMEOUT:?}; check that it is running and not overloaded",
+                self.url
+            )),
+        }
+    }
+
+    /// One line for a ClickHouse error, transient or permanent.
+    pub fn classify(&self, err: &clickhouse::error::Error) -> SinkError {
+        use clickhouse::error::Error as E;
+        let url = &self.url;
+        match err {
+            E::Network(_) => {
+                let cause = crate::error::chain_text(err);
+                SinkError::transient(format!(
+                    "cannot reach ClickHouse at {url}: {cause}; is it running? check [clickhouse] url (ENGAGEMENT_CDC__CLICKHOUSE__URL)"
+                ))
+            }
+            E::TimedOut => SinkError::transient(format!(
+                "ClickHouse at {url} did not answer in time; check its load and the network"
+            )),
+            E::SchemaMismatch(m) => SinkError::permanent(format!(
+                "ClickHouse at {url}: the table does not match the rows: {m}"
+            )),
+            E::BadResponse(text) => {
+                let first = text.lines().next().unwrap_or("").trim();
+                match server_code(text) {
+                    Some(code) if CREDENTIAL_CODES.contains(&code) => SinkError::permanent(format!(
+                        "ClickHouse at {url} rejected user {:?}: {first}; fix [clickhouse] user and password",
+                        self.cfg.user
+                    )),
+                    Some(code) if PERMANENT_CODES.contains(&code) => {
+                        SinkError::permanent(format!("ClickHouse at {url}: {first}"))
+                    }
+                    _ => SinkError::transient(format!("ClickHouse at {url}: {first}")),
+                }
+            }
+            other => SinkError::transient(format!("ClickHouse at {url}: {other}")),
+        }
+    }
+}
+
+/// The server's error code in a response: `Code: 60, e.displayText() = …` (before 20.x) or
+/// `Code: 60. DB::Exception: …`.
+fn server_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + 6..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    rest[..digits].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_codes_of_old_and_new_servers() {
+        assert_eq!(
+            server_code("Code: 60, e.displayText() = DB::Exception: Table x doesn't exist"),
+            Some(60)
+        );
+        assert_eq!(
+            server_code("Code: 516. DB::Exception: default: Authentication failed"),
+            Some(516)
+        );
+        assert_eq!(server_code("no code here"), None);
+    }
+
+    #[test]
+    fn codes_decide_what_is_permanent() {
+        let ch = ClickHouse::new(&ClickHouseConfig::default());
+        let bad = |t: &str| clickhouse::error::Error::BadResponse(t.into());
+        assert!(matches!(
+            ch.classify(&bad("Code: 16, e.displayText() = DB::Exception: no column")),
+            SinkError::Permanent { .. }
+        ));
+        let refused = ch.classify(&bad("Code: 193. DB::Exception: Wrong password"));
+        assert!(
+            refused
+                .message()
+                .contains("fix [clickhouse] user and password"),
+            "{refused}"
+        );
+        assert!(matches!(
+            ch.classify(&bad("Code: 252. DB::Exception: Too many parts")),
+            SinkError::Transient { .. }
+        ));
+        assert!(matches!(
+            ch.classify(&clickhouse::error::Error::TimedOut),
+            SinkError::Transient { .. }
+        ));
+    }
+}

@@ -1,0 +1,145 @@
+//! Sink A — ClickHouse (docs/sinks.md, "ClickHouse"): one RowBinary INSERT per write into
+//! a ReplacingMergeTree keyed by (content_id, event_id) with version `source_lsn`, so a
+//! replayed copy collapses with the original under `FINAL`.
+
+mod client;
+mod config;
+mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use client::ClickHouse;
+pub use config::ClickHouseConfig;
+pub use schema::{migrate, Layout};
+
+use super::retry::RetryPolicy;
+use super::{BoxFuture, Delivery, Sink, SinkError};
+use crate::enrich::EnrichedEvent;
+use crate::ops::metrics::Metrics;
+use schema::{LegacyRow, ModernRow};
+
+/// ClickHouse makes a part per INSERT and merges them in the background: at most about
+/// five small inserts a second keep that cheap. Full batches go at once.
+const LINGER: Duration = Duration::from_millis(200);
+
+/// How long one INSERT may take to send and to be answered.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ClickHouseSink {
+    ch: ClickHouse,
+    client: clickhouse::Client,
+    layout: Layout,
+    metrics: Arc<Metrics>,
+    retry: RetryPolicy,
+}
+
+impl ClickHouseSink {
+    /// Connect, detect the layout from the server's version, check the table.
+    pub async fn connect(cfg: &ClickHouseConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let ch = ClickHouse::new(cfg);
+        let version = ch.server_version().await?;
+        let layout = Layout::for_version(&version)?;
+        schema::check_table(&ch, layout).await?;
+        Ok(ClickHouseSink {
+            client: ch.in_database(),
+            ch,
+            layout,
+            metrics,
+            retry: RetryPolicy::until_success(),
+        })
+    }
+
+    async fn insert_once(&self, events: &[&EnrichedEvent]) -> Result<(), SinkError> {
+        let table = &self.ch.config().table;
+        let result = match self.layout {
+            Layout::Modern => {
+                insert_rows::<ModernRow<'static>>(&self.client, table, events, |e| {
+                    ModernRow::from_event(e)
+                })
+                .await
+            }
+            Layout::Legacy => {
+                insert_rows::<LegacyRow<'static>>(&self.client, table, events, |e| {
+                    LegacyRow::from_event(e)
+                })
+                .await
+            }
+        };
+        result.map_err(|e| self.ch.classify(&e))
+    }
+
+    /// Insert `events` as one INSERT, retrying transient failures until it succeeds.
+    pub async fn insert(&self, events: &[&EnrichedEvent]) -> Result<(), SinkError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let what = || format!("insert of {} rows", events.len());
+        let outcome = self
+            .retry
+            .run("clickhouse", &what, Some(&self.metrics), || {
+                self.insert_once(events)
+            })
+            .await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(exhausted) => {
+                // Name the column when the table no longer matches.
+                if let Err(e) = schema::check_table(&self.ch, self.layout).await {
+                    return Err(SinkError::permanent(format!("{e:#}")));
+                }
+                Err(SinkError::permanent(format!(
+                    "ClickHouse refused the insert into {}: {}",
+                    self.ch.config().table,
+                    exhausted.error
+                )))
+            }
+        }
+    }
+}
+
+/// One INSERT of `events` as rows of type `R` (the layout's row).
+async fn insert_rows<R>(
+    client: &clickhouse::Client,
+    table: &str,
+    events: &[&EnrichedEvent],
+    row: for<'e> fn(&'e EnrichedEvent) -> R::Value<'e>,
+) -> Result<(), clickhouse::error::Error>
+where
+    R: clickhouse::RowWrite,
+{
+    let timeouts = Some(INSERT_TIMEOUT);
+    let mut insert = client
+        .insert::<R>(table)
+        .await?
+        .with_timeouts(timeouts, timeouts);
+    for e in events {
+        insert.write(&row(e)).await?;
+    }
+    insert.end().await
+}
+
+impl Sink for ClickHouseSink {
+    fn name(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    fn linger(&self) -> Duration {
+        LINGER
+    }
+
+    /// Fewer, larger parts while catching up: ClickHouse merges less.
+    fn write_limit(&self, max_batch_rows: usize) -> usize {
+        4 * max_batch_rows
+    }
+
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        Box::pin(async move {
+            self.insert(events).await?;
+            Ok(Delivery::default())
+        })
+    }
+}

@@ -1,0 +1,72 @@
+//! `[http]`: the external API the HTTP sink posts to (docs/configuration.md).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{check_http_url, check_range, Secret};
+use crate::error::UsageError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpMode {
+    /// A JSON array of at most `max_batch_events` events per request.
+    Batch,
+    /// One JSON object per request.
+    PerEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// After the retries, dead-letter the request and move on.
+    BestEffort,
+    /// Hold the checkpoint and retry until the API accepts.
+    FailFast,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A sink is on when its section is present, unless it says `enabled = false`.
+    pub enabled: bool,
+    pub url: String,
+    pub mode: HttpMode,
+    pub max_batch_events: usize,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub on_failure: OnFailure,
+    /// Sent as `Authorization: Bearer …`; never printed.
+    pub auth_token: Secret,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            url: "http://127.0.0.1:58000/events".into(),
+            mode: HttpMode::Batch,
+            max_batch_events: 500,
+            concurrency: 8,
+            timeout_ms: 2000,
+            max_retries: 5,
+            on_failure: OnFailure::BestEffort,
+            auth_token: Secret::default(),
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), UsageError> {
+        check_http_url("http.url", &self.url)?;
+        check_range(
+            "http.max_batch_events",
+            self.max_batch_events as u64,
+            1,
+            100_000,
+        )?;
+        check_range("http.concurrency", self.concurrency as u64, 1, 1024)?;
+        check_range("http.timeout_ms", self.timeout_ms, 1, 600_000)?;
+        check_range("http.max_retries", self.max_retries as u64, 0, 100)
+    }
+}

@@ -1,0 +1,32 @@
+//! The engine's local state, in one sled database under `[state] dir`: the checkpoint with
+//! the `content` dimension as of it, the identity of the source it belongs to, and the HTTP
+//! sink's dead letters. The pipeline and the HTTP sink see it through the small traits
+//! below; [`StateStore`] (sled) implements both.
+
+pub mod config;
+pub mod dlq;
+mod store;
+
+pub use store::{Identity, StateLocked, StateStore};
+
+use crate::enrich::DimChange;
+use crate::types::Lsn;
+
+/// Where the checkpoint lives.
+///
+/// Contract: the stored checkpoint never moves backward, and the dimension stored beside
+/// it is always the `content` table as of that checkpoint. `commit` is durable (flushed)
+/// when it returns, and it may block: call it off the async workers.
+pub trait CheckpointStore: Send + Sync + 'static {
+    fn checkpoint(&self) -> anyhow::Result<Lsn>;
+
+    /// Advance to `lsn` with the dimension changes of the transactions up to it, atomically.
+    /// An `lsn` at or below the stored one is ignored when it carries no changes and
+    /// refused when it does.
+    fn commit(
+        &self,
+        lsn: Lsn,
+        changes: &[DimChange],
+        last_commit_us: Option<i64>,
+    ) -> anyhow::Result<()>;
+}
