@@ -21,8 +21,18 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// Log lines on stderr as text, or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -136,7 +146,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing();
+    if let Err(e) = init_tracing(cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -146,15 +159,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ENGAGEMENT_CDC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Logs on stderr, filtered by `ENGAGEMENT_CDC_LOG` (default `info`); a filter that does
+/// not parse is a usage error, not silently ignored.
+fn init_tracing(format: LogFormat) -> Result<(), String> {
+    let filter = match std::env::var("ENGAGEMENT_CDC_LOG") {
+        Ok(text) => tracing_subscriber::EnvFilter::try_new(&text).map_err(|e| {
+            format!("ENGAGEMENT_CDC_LOG={text:?} is not a log filter ({e}); use e.g. info, debug or engagement_cdc=debug,warn")
+        })?,
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    Ok(())
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {

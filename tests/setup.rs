@@ -354,3 +354,32 @@ fn setup_with_a_slot_the_user_already_has() {
         run.stderr
     );
 }
+
+#[test]
+fn an_unreadable_log_filter_exits_2_and_json_logs_are_json() {
+    let run = cli(None, &["status"], &[("ENGAGEMENT_CDC_LOG", "notafilter[")]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.error_line().contains("ENGAGEMENT_CDC_LOG")
+            && run.error_line().contains("not a log filter"),
+        "{}",
+        run.stderr
+    );
+    // A debug line of `status` (where the configuration came from), as one JSON object.
+    let run = cli(
+        None,
+        &["--log-format", "json", "status"],
+        &[
+            ("ENGAGEMENT_CDC_LOG", "debug"),
+            (
+                "ENGAGEMENT_CDC__POSTGRES__URL",
+                "postgres://nobody@127.0.0.1:1/x",
+            ),
+        ],
+    );
+    let first = run.stderr.lines().next().unwrap_or("");
+    let line: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("not JSON ({e}): {}", run.stderr));
+    assert_eq!(line["level"], "DEBUG", "{line}");
+    assert!(line["fields"]["message"].is_string(), "{line}");
+}

@@ -60,22 +60,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, UsageError> {
             "{s:?} is not a duration; use e.g. 60s, 2m, 500ms or 1h"
         ))
     };
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
+    // A bare number is seconds; anything else is humantime's `1h 30m 500ms`.
+    let d = match t.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(t).map_err(|_| bad())?,
     };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(bad()),
-    };
-    if !(secs > 0.0 && secs.is_finite()) {
+    if d.is_zero() {
         return Err(bad());
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 const EVENT_TYPES: [(&str, u32); 6] = [

@@ -1,4 +1,4 @@
-//! `engagement-cdc setup` (SPEC §10): check Postgres, create the publication and the slot
+//! `engagement-cdc setup` (docs/operations.md, "Setup"): check Postgres, create the publication and the slot
 //! when missing, copy the `content` dimension, apply the ClickHouse migration, record the
 //! identity. Running it again changes nothing.
 

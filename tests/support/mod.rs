@@ -666,10 +666,11 @@ pub fn cli(config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
         cmd.arg("--config").arg(c);
     }
     cmd.args(args);
+    // Quiet by default; a test may set its own filter.
+    cmd.env("ENGAGEMENT_CDC_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.env("ENGAGEMENT_CDC_LOG", "warn");
     let out = cmd.output().expect("run engagement-cdc");
     let run = Run {
         code: out.status.code().unwrap_or(-1),
