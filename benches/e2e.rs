@@ -327,7 +327,7 @@ fn main() {
     );
     println!(
         "| commit-to-read p50 / p99 at {} events/s | {} / {} ms |",
-        o.rate, lat["read"]["p50_ms"], lat["read"]["p99_ms"]
+        o.rate, status["commit_to_read"]["p50_ms"], status["commit_to_read"]["p99_ms"]
     );
     for s in &o.sinks {
         println!(

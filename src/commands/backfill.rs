@@ -104,7 +104,8 @@ struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
     started: Instant,
-    last: Instant,
+    /// When the last plain line was printed: the first comes at once.
+    last: Option<Instant>,
 }
 
 impl Progress {
@@ -125,7 +126,7 @@ impl Progress {
             bar,
             total,
             started: Instant::now(),
-            last: Instant::now(),
+            last: None,
         }
     }
 
@@ -137,10 +138,14 @@ impl Progress {
             }
             return;
         }
-        if !done && self.last.elapsed() < Duration::from_secs(5) {
+        if !done
+            && self
+                .last
+                .is_some_and(|l| l.elapsed() < Duration::from_secs(5))
+        {
             return;
         }
-        self.last = Instant::now();
+        self.last = Some(Instant::now());
         let rate = scanned as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         let eta = if rate > 0.0 && self.total > scanned {
             (self.total - scanned) as f64 / rate

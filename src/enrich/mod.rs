@@ -17,7 +17,7 @@ mod time;
 
 pub use json::{parse_events, write_decimal};
 pub use time::{
-    civil_from_days, days_from_civil, rfc3339_us, utc_parts, write_rfc3339_us, UtcParts,
+    civil_from_days, days_from_civil, now_us, rfc3339_us, utc_parts, write_rfc3339_us, UtcParts,
 };
 
 /// One row of `content` as the engine keeps it. `content_type` is shared by every event

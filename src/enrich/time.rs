@@ -1,5 +1,13 @@
 //! UTC calendar arithmetic and RFC 3339 text of microsecond timestamps.
 
+/// The wall clock in µs since 1970 (0 if the clock is before 1970).
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

@@ -4,8 +4,11 @@
 //! descriptors) backs off instead of spinning. The engine's status server and `mock-api`
 //! both serve through this.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -79,25 +82,26 @@ impl<T> IdleTimeout<T> {
         }
     }
 
-    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+    /// Progress restarts the clock; no progress past the deadline is an error.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if poll.is_ready() {
+            let next = tokio::time::Instant::now() + self.limit;
+            self.deadline.as_mut().reset(next);
+            return poll;
+        }
         if self.deadline.as_mut().poll(cx).is_ready() {
-            return Err(std::io::Error::new(
+            return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "connection idle for too long",
-            ));
+            )));
         }
-        Ok(())
-    }
-
-    fn touch(&mut self) {
-        let next = tokio::time::Instant::now() + self.limit;
-        self.deadline.as_mut().reset(next);
+        Poll::Pending
     }
 }
-
-use std::future::Future as _;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for IdleTimeout<T> {
     fn poll_read(
@@ -105,16 +109,8 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for IdleTimeout<T> {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                self.touch();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.check(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.watch(cx, poll)
     }
 }
 
@@ -124,16 +120,8 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for IdleTimeout<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                self.touch();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.check(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -335,10 +335,7 @@ impl Pipeline {
 
 /// Commit-to-durable latency of each streamed event (backfilled ones have no commit time).
 fn record_latency(h: &Histogram, events: &[&EnrichedEvent]) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    let now = crate::enrich::now_us();
     // Events of one transaction share a commit time: record runs at once.
     let mut i = 0;
     while i < events.len() {

@@ -154,10 +154,7 @@ impl Source {
                     ..
                 } => {
                     let commit_us = commit_time_micros + PG_EPOCH_OFFSET_US;
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_micros() as i64)
-                        .unwrap_or(0);
+                    let now = crate::enrich::now_us();
                     let waited = now.saturating_sub(commit_us).max(0) as u64;
                     read_latency.record_us(waited, 1);
                     if waited > 50_000 {

@@ -17,7 +17,7 @@ use futures_util::stream::{self, StreamExt};
 use super::retry::{Exhausted, RetryPolicy};
 use super::{BoxFuture, Delivery, Sink, SinkError};
 use crate::config::redact_url;
-use crate::enrich::{rfc3339_us, EnrichedEvent};
+use crate::enrich::{now_us, rfc3339_us, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 use crate::state::dlq::{DeadLetter, Dlq};
 
@@ -100,12 +100,14 @@ fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
 }
 
 /// Sends requests to `[http] url` with the sink's retry policy.
-#[derive(Clone)]
 struct HttpSender {
     client: reqwest::Client,
     cfg: HttpConfig,
     url: String,
     metrics: Arc<Metrics>,
+    /// `max_retries` retries, then the request is dead-lettered; under `fail_fast`, no
+    /// limit (the checkpoint is held).
+    retry: RetryPolicy,
 }
 
 impl HttpSender {
@@ -116,11 +118,16 @@ impl HttpSender {
             .pool_max_idle_per_host(cfg.concurrency)
             .build()
             .map_err(|e| anyhow!("cannot build the HTTP client: {e}"))?;
+        let mut retry = RetryPolicy::limited(cfg.max_retries);
+        if cfg.on_failure == OnFailure::FailFast {
+            retry.max_retries = None;
+        }
         Ok(HttpSender {
             client,
             cfg: cfg.clone(),
             url: redact_url(&cfg.url),
             metrics,
+            retry,
         })
     }
 
@@ -141,7 +148,7 @@ impl HttpSender {
                 let message = if e.is_timeout() {
                     format!("timed out after {} ms", self.cfg.timeout_ms)
                 } else if e.is_connect() {
-                    format!("cannot connect to {}", self.url)
+                    "cannot connect".to_string()
                 } else {
                     crate::error::chain_text(&e)
                 };
@@ -172,32 +179,25 @@ impl HttpSender {
         })
     }
 
-    /// Send with the retry policy of `[http]`. `hold` (fail_fast): after `max_retries`,
-    /// keep retrying with capped backoff, refusals included, until the API accepts.
-    async fn send(&self, req: &Request, hold: bool) -> Result<(), Exhausted> {
-        let what = || format!("http {} {}", self.url, req.key);
-        if hold {
-            let policy = RetryPolicy {
-                max_retries: None,
-                ..RetryPolicy::limited(self.cfg.max_retries)
-            };
-            policy
-                .run("http", &what, Some(&self.metrics), || async {
-                    self.attempt(req).await.map_err(|e| match e {
-                        SinkError::Permanent { message, status } => SinkError::Transient {
+    /// Send with the retry policy of `[http]`. Under `fail_fast`, refusals are retried
+    /// too, with capped backoff, until the API accepts.
+    async fn send(&self, req: &Request) -> Result<(), Exhausted> {
+        let what = || format!("http {} request {}", self.url, req.key);
+        let hold = self.retry.max_retries.is_none();
+        self.retry
+            .run("http", &what, Some(&self.metrics), || async {
+                match self.attempt(req).await {
+                    Err(SinkError::Permanent { message, status }) if hold => {
+                        Err(SinkError::Transient {
                             message: format!("{message}; fail_fast holds the checkpoint"),
                             status,
                             retry_after: None,
-                        },
-                        transient => transient,
-                    })
-                })
-                .await
-        } else {
-            RetryPolicy::limited(self.cfg.max_retries)
-                .run("http", &what, Some(&self.metrics), || self.attempt(req))
-                .await
-        }
+                        })
+                    }
+                    other => other,
+                }
+            })
+            .await
     }
 }
 
@@ -217,11 +217,10 @@ impl HttpSink {
     /// Deliver events; returns how many were dead-lettered.
     async fn send_events(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
         let cfg = &self.sender.cfg;
-        let hold = cfg.on_failure == OnFailure::FailFast;
         let reqs = requests(events, cfg.mode, cfg.max_batch_events);
         let outcomes: Vec<(Request, Result<(), Exhausted>)> = stream::iter(reqs)
             .map(|r| async move {
-                let o = self.sender.send(&r, hold).await;
+                let o = self.sender.send(&r).await;
                 (r, o)
             })
             .buffer_unordered(cfg.concurrency)
@@ -260,13 +259,6 @@ impl HttpSink {
         }
         Ok(dead)
     }
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 impl Sink for HttpSink {

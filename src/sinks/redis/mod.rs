@@ -12,7 +12,7 @@
 //! `engagement_cdc:seen:{id / 2^20}` (128 KB per million ids, no expiry).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use fred::types::scripts::Script;
 use super::retry::RetryPolicy;
 use super::{BoxFuture, Delivery, Sink, SinkError};
 use crate::config::redact_url;
-use crate::enrich::{utc_parts, EnrichedEvent};
+use crate::enrich::{now_us, utc_parts, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 
 mod config;
@@ -57,13 +57,6 @@ pub fn minute_key(us: i64) -> String {
         "{:04}{:02}{:02}{:02}{:02}",
         p.year, p.month, p.day, p.hour, p.minute
     )
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// `event_ts` with exactly six fraction digits, so timestamps compare as strings.
@@ -198,13 +191,7 @@ impl RedisSink {
     }
 
     async fn call(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
-        let what = || {
-            format!(
-                "redis at {}: the batch script ({} events)",
-                self.url,
-                events.len()
-            )
-        };
+        let what = || format!("the batch script ({} events)", events.len());
         self.retry
             .run("redis", &what, Some(&self.metrics), || async {
                 // Arguments are rebuilt per attempt: the window follows the clock.
