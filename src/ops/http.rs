@@ -132,3 +132,64 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for IdleTimeout<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn server(max_connections: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", get(|| async { "hi" }));
+        tokio::spawn(serve(listener, app, max_connections));
+        addr
+    }
+
+    async fn get_root(addr: SocketAddr, method: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("{method} / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn wrong_methods_get_405() {
+        let addr = server(4).await;
+        assert!(get_root(addr, "GET").await.starts_with("HTTP/1.1 200"));
+        assert!(get_root(addr, "POST").await.starts_with("HTTP/1.1 405"));
+    }
+
+    #[tokio::test]
+    async fn half_sent_headers_are_cut_off_and_free_their_slot() {
+        let addr = server(1).await;
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost").await.unwrap();
+        let started = std::time::Instant::now();
+        // The only slot is taken: another client waits in the backlog, unserved until the
+        // half-sent request is cut off at HEADER_READ_TIMEOUT.
+        let mut waiting = tokio::spawn(get_root(addr, "GET"));
+        let early =
+            tokio::time::timeout(HEADER_READ_TIMEOUT - Duration::from_secs(1), &mut waiting).await;
+        assert!(
+            early.is_err(),
+            "a second connection was served while the only slot was taken"
+        );
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "a half-sent request kept its connection");
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_millis(100));
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting client was served once the slot was free")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
