@@ -1,0 +1,294 @@
+//! A private PostgreSQL 15 server per test, copied from one initdb'd template per process.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use super::{free_port, is_root, run_checked, TestDir};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn as_postgres(program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// An initdb'd data directory made once per test process and copied for each server.
+fn pg_template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        remove_stale_templates();
+        let dir = std::env::temp_dir().join(format!("ecdc-test-{}-pgtemplate", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            run_checked(
+                Command::new("chown").args(["postgres:", dir.to_str().unwrap()]),
+                "chown",
+            );
+        }
+        let data = dir.join("data");
+        run_checked(
+            as_postgres(&format!("{PG_BIN}/initdb")).args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ]),
+            "initdb",
+        );
+        // Trust for the superuser; passwords (SCRAM) for every other role, so wrong
+        // credentials can be tested.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             host all postgres 127.0.0.1/32 trust\n\
+             host replication postgres 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host replication all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        data
+    })
+}
+
+/// Templates left by test processes that are gone.
+fn remove_stale_templates() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ecdc-test-")
+            .and_then(|r| r.strip_suffix("-pgtemplate"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    pub wal_level: &'static str,
+    pub extra_conf: String,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            wal_level: "logical",
+            extra_conf: String::new(),
+        }
+    }
+}
+
+/// A private PostgreSQL 15 server.
+pub struct Postgres {
+    pub port: u16,
+    pub data: PathBuf,
+    dir: TestDir,
+}
+
+impl Postgres {
+    /// Started with `wal_level = logical` and the database `engagement` holding the tables
+    /// of `migrations/postgres/`.
+    pub fn start() -> Postgres {
+        let pg = Postgres::start_with(PgOptions::default());
+        pg.create_database("engagement", true);
+        pg
+    }
+
+    pub fn start_with(opts: PgOptions) -> Postgres {
+        let dir = TestDir::new("pg");
+        let data = dir.path.join("data");
+        run_checked(
+            Command::new("cp").args([
+                "-a",
+                pg_template().to_str().unwrap(),
+                data.to_str().unwrap(),
+            ]),
+            "copy the template data directory",
+        );
+        let port = free_port();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = {}\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n\
+             synchronous_commit = on\ntimezone = 'UTC'\nshared_buffers = 32MB\n{}",
+            dir.path.display(),
+            opts.wal_level,
+            opts.extra_conf
+        )
+        .unwrap();
+        if is_root() {
+            run_checked(
+                Command::new("chown").args(["-R", "postgres:", dir.path.to_str().unwrap()]),
+                "chown",
+            );
+        }
+        let pg = Postgres { port, data, dir };
+        pg.start_server();
+        pg
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        as_postgres(&format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(args)
+            .output()
+            .expect("run pg_ctl")
+    }
+
+    fn start_server(&self) {
+        let log = self.dir.path.join("postgres.log");
+        let out = self.pg_ctl(&["-l", log.to_str().unwrap(), "-w", "-t", "30", "start"]);
+        if !out.status.success() {
+            panic!(
+                "postgres did not start: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Fast shutdown (disconnects clients, like a restart by an operator).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Start again after [`Postgres::stop`], on the same port and data.
+    pub fn restart(&self) {
+        self.stop();
+        self.start_server();
+    }
+
+    /// Start again after [`Postgres::stop`].
+    pub fn start_again(&self) {
+        self.start_server();
+    }
+
+    /// The postmaster and every backend it forked.
+    pub fn processes(&self) -> Vec<i32> {
+        let pid_text =
+            std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
+        let Some(master) = pid_text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![master];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // Field 4 (after the parenthesised name) is the parent pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// SIGSTOP the whole server: connections stay open, nothing answers.
+    pub fn hang(&self) {
+        for pid in self.processes() {
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn resume(&self) {
+        for pid in self.processes() {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn create_database(&self, name: &str, with_tables: bool) {
+        self.psql("postgres", &format!("CREATE DATABASE {name}"));
+        if with_tables {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let mut files: Vec<_> = std::fs::read_dir(root.join("migrations/postgres"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            for f in files {
+                run_checked(
+                    Command::new("psql")
+                        .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                        .args([
+                            "-U",
+                            "postgres",
+                            "-d",
+                            name,
+                            "-v",
+                            "ON_ERROR_STOP=1",
+                            "-q",
+                            "-f",
+                        ])
+                        .arg(&f),
+                    "apply a postgres migration",
+                );
+            }
+        }
+    }
+
+    /// Run SQL with psql; returns unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = run_checked(
+            Command::new("psql")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-Atq",
+                    "-c",
+                    sql,
+                ]),
+            &format!("psql {sql:?}"),
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.resume();
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+}
