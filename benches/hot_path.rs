@@ -11,9 +11,13 @@ use engagement_cdc::config::{HttpMode, QualifiedTable};
 use engagement_cdc::enrich::{enrich, ContentRow, Dimension, EnrichedEvent};
 use engagement_cdc::sinks::http::requests;
 use engagement_cdc::sinks::redis::script_args;
-use engagement_cdc::source::pgoutput::{encode, Message, RelColumn, Relation, Tuple, Value};
+use engagement_cdc::source::pgoutput::{Message, RelColumn, Relation, Tuple, Value};
 use engagement_cdc::source::rows::{decode_event, RelKind, Relations};
 use engagement_cdc::types::Lsn;
+
+/// The test encoder, which is not part of the library.
+#[path = "../src/source/pgoutput/encode.rs"]
+mod encode;
 
 const N: usize = 100_000;
 

@@ -15,7 +15,7 @@ use anyhow::Context;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
-use crate::config::{Config, QualifiedTable};
+use crate::config::Config;
 use crate::enrich::{enrich, rfc3339_us, ContentRow, EnrichedEvent, RawEvent};
 use crate::error::UsageError;
 use crate::ops::metrics::Metrics;
@@ -174,8 +174,8 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
 
     let pgc = &config.postgres;
     let client = pg::connect(&pgc.url).await?;
-    let events = QualifiedTable::parse("postgres.events_table", &pgc.events_table)?;
-    let content = QualifiedTable::parse("postgres.content_table", &pgc.content_table)?;
+    let events = &pgc.events_table;
+    let content = &pgc.content_table;
     pg::check_source_tables(&client, pgc).await?;
     let (start, end) = (system_time(opts.start_us), system_time(opts.end_us));
     let total: i64 = client

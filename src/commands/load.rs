@@ -12,7 +12,7 @@ use anyhow::Context;
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::Rng;
 
-use crate::config::{Config, QualifiedTable};
+use crate::config::Config;
 use crate::error::UsageError;
 use crate::source::pg;
 
@@ -140,8 +140,8 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
         );
     }
     let pgc = &config.postgres;
-    let events = QualifiedTable::parse("postgres.events_table", &pgc.events_table)?;
-    let content = QualifiedTable::parse("postgres.content_table", &pgc.content_table)?;
+    let events = &pgc.events_table;
+    let content = &pgc.content_table;
     let setup = pg::connect(&pgc.url).await?;
     pg::check_source_tables(&setup, pgc).await?;
     let mut values = String::new();

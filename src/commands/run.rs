@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use pgwire_replication::{FeedbackObserver, ReplicationClient};
 use tokio::sync::{watch, Notify};
 
-use crate::config::{Config, QualifiedTable};
+use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, EngineState};
 use crate::pipeline::Pipeline;
@@ -112,7 +112,7 @@ pub async fn run(
         slot: pgc.slot.clone(),
         dlq: Some(Dlq::open(&store)?),
     });
-    let _server = server::spawn(&config.server.listen, state.clone()).await?;
+    let _server = server::spawn(config.server.listen, state.clone()).await?;
 
     let dimension = store.load_dimension()?;
     tracing::info!(
@@ -132,10 +132,7 @@ pub async fn run(
         config.pipeline.max_batch_rows,
     );
     let mut source = Source {
-        relations: Relations::new(
-            QualifiedTable::parse("postgres.events_table", &pgc.events_table)?,
-            QualifiedTable::parse("postgres.content_table", &pgc.content_table)?,
-        ),
+        relations: Relations::new(pgc.events_table.clone(), pgc.content_table.clone()),
         dimension,
         metrics: metrics.clone(),
         max_batch_rows: config.pipeline.max_batch_rows,

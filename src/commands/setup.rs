@@ -41,8 +41,8 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         facts.user
     ));
     pg::check_source_tables(&client, pgc).await?;
-    let events = QualifiedTable::parse("postgres.events_table", &pgc.events_table)?;
-    let content = QualifiedTable::parse("postgres.content_table", &pgc.content_table)?;
+    let events = &pgc.events_table;
+    let content = &pgc.content_table;
     report.say(format!(
         "source tables: {events} and {content} have the required columns"
     ));
@@ -141,7 +141,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
             };
             if let (true, Some(store)) = (needs_copy, &store) {
                 // A slot we did not create: no snapshot to copy at, so copy what is there now.
-                let rows = copy_content(&client, &content, None).await?;
+                let rows = copy_content(&client, content, None).await?;
                 let checkpoint = info
                     .confirmed_flush_lsn
                     .as_deref()
@@ -197,7 +197,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                 .map_err(|e: String| anyhow!(e))?;
             let snapshot =
                 text(2).ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
-            let rows = copy_content(&client, &content, Some(&snapshot)).await?;
+            let rows = copy_content(&client, content, Some(&snapshot)).await?;
             drop(repl);
             store.replace_dimension(&rows, consistent_point)?;
             report.created_slot = true;

@@ -42,7 +42,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         lag_bytes: None,
         dlq_depth: None,
     };
-    match engine_status(&config.server.listen).await {
+    match engine_status(config.server.listen).await {
         Some(v) => {
             st.engine_running = true;
             st.checkpoint_lsn = v["checkpoint_lsn"].as_str().map(str::to_string);
@@ -78,7 +78,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     Ok(st)
 }
 
-async fn engine_status(listen: &str) -> Option<serde_json::Value> {
+async fn engine_status(listen: std::net::SocketAddr) -> Option<serde_json::Value> {
     let fetch = async {
         let body = reqwest::Client::new()
             .get(format!("http://{listen}/status"))

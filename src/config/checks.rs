@@ -33,8 +33,10 @@ impl fmt::Display for Secret {
     }
 }
 
-/// `schema.table` (or `table`, meaning `public.table`), each part a plain identifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `schema.table` (or `table`, meaning `public.table`), each part a plain identifier. Read
+/// from the configuration as that string, checked once there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct QualifiedTable {
     pub schema: String,
     pub name: String,
@@ -54,9 +56,32 @@ impl QualifiedTable {
         })
     }
 
+    /// `public.NAME`.
+    pub fn public(name: &str) -> QualifiedTable {
+        QualifiedTable {
+            schema: "public".into(),
+            name: name.into(),
+        }
+    }
+
     /// Quoted for SQL: `"public"."engagement_events"`.
     pub fn quoted(&self) -> String {
         format!("\"{}\".\"{}\"", self.schema, self.name)
+    }
+}
+
+impl TryFrom<String> for QualifiedTable {
+    type Error = UsageError;
+
+    /// The key is named by the caller (the configuration loader adds its path).
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        QualifiedTable::parse("table name", &value)
+    }
+}
+
+impl From<QualifiedTable> for String {
+    fn from(t: QualifiedTable) -> String {
+        t.to_string()
     }
 }
 

@@ -44,7 +44,10 @@ impl EngineState {
 }
 
 /// Serve until the returned handle is dropped (aborted) or the process ends.
-pub async fn spawn(listen: &str, state: Arc<EngineState>) -> anyhow::Result<ServerHandle> {
+pub async fn spawn(
+    listen: std::net::SocketAddr,
+    state: Arc<EngineState>,
+) -> anyhow::Result<ServerHandle> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen} for the engine's HTTP endpoints; is another engine running? change [server] listen")
     })?;

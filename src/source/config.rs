@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::redact_url;
+use crate::config::{redact_url, QualifiedTable};
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -14,8 +14,8 @@ pub struct PostgresConfig {
     pub url: String,
     pub slot: String,
     pub publication: String,
-    pub events_table: String,
-    pub content_table: String,
+    pub events_table: QualifiedTable,
+    pub content_table: QualifiedTable,
     pub status_interval_ms: u64,
 }
 
@@ -38,8 +38,8 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:55432/engagement".into(),
             slot: "engagement_cdc".into(),
             publication: "engagement_cdc".into(),
-            events_table: "public.engagement_events".into(),
-            content_table: "public.content".into(),
+            events_table: QualifiedTable::public("engagement_events"),
+            content_table: QualifiedTable::public("content"),
             status_interval_ms: 1000,
         }
     }

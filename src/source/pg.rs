@@ -193,10 +193,10 @@ pub async fn check_table<const N: usize>(
 }
 
 pub async fn check_source_tables(client: &Client, pg: &PostgresConfig) -> anyhow::Result<()> {
-    let events = QualifiedTable::parse("postgres.events_table", &pg.events_table)?;
-    let content = QualifiedTable::parse("postgres.content_table", &pg.content_table)?;
-    check_table(client, &events, &EVENT_COLUMNS).await?;
-    check_table(client, &content, &CONTENT_COLUMNS).await?;
+    let events = &pg.events_table;
+    let content = &pg.content_table;
+    check_table(client, events, &EVENT_COLUMNS).await?;
+    check_table(client, content, &CONTENT_COLUMNS).await?;
     Ok(())
 }
 

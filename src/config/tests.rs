@@ -1,0 +1,196 @@
+//! Unit tests of loading: defaults, the shipped example file, environment overrides, and
+//! the errors of bad files and values.
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn parse(text: &str, pairs: &[(&str, &str)]) -> Result<Config, UsageError> {
+    Config::from_toml_with_env(text, &env(pairs), &Source::Defaults)
+}
+
+#[test]
+fn empty_file_gives_defaults_without_sinks() {
+    let c = parse("", &[]).unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(
+        c.postgres.url,
+        "postgres://postgres@127.0.0.1:55432/engagement"
+    );
+    assert_eq!(c.pipeline.max_batch_rows, 10_000);
+    assert!(c.clickhouse().is_none() && c.redis().is_none() && c.http().is_none());
+}
+
+#[test]
+fn a_present_section_turns_its_sink_on_unless_disabled() {
+    let c = parse("[redis]\n[clickhouse]\nenabled = false\n", &[]).unwrap();
+    assert_eq!(c.redis().unwrap().url, "redis://127.0.0.1:56379");
+    assert!(c.clickhouse().is_none());
+    assert!(c.clickhouse.is_some());
+}
+
+#[test]
+fn the_shipped_example_file_is_the_spec_defaults() {
+    let text = include_str!("../../engagement-cdc.toml");
+    let c = parse(text, &[]).unwrap();
+    assert_eq!(c, Config::all_sections());
+}
+
+#[test]
+fn env_overrides_are_typed_by_the_key() {
+    let c = parse(
+        "[pipeline]\nmax_batch_rows = 5\n",
+        &[
+            ("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS", "77"),
+            ("ENGAGEMENT_CDC__POSTGRES__URL", "postgres://u:pw@h:1/d"),
+            ("ENGAGEMENT_CDC__HTTP__MODE", "per_event"),
+            ("ENGAGEMENT_CDC__STDOUT__ENABLED", "true"),
+            ("ENGAGEMENT_CDC__CLICKHOUSE__PASSWORD", "12345"),
+            ("UNRELATED", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.pipeline.max_batch_rows, 77);
+    assert_eq!(c.postgres.url, "postgres://u:pw@h:1/d");
+    assert_eq!(c.http().unwrap().mode, HttpMode::PerEvent);
+    assert!(c.stdout.enabled);
+    assert_eq!(c.clickhouse().unwrap().password.expose(), "12345");
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let e = parse("[postgres]\nslott = \"x\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("slott"), "{e}");
+    let e = parse("[kafka]\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("kafka"), "{e}");
+    let e = parse("", &[("ENGAGEMENT_CDC__REDIS__HOST", "x")]).unwrap_err();
+    assert!(e.to_string().contains("ENGAGEMENT_CDC__REDIS__HOST"), "{e}");
+    let e = parse("", &[("ENGAGEMENT_CDC__REDIS", "x")]).unwrap_err();
+    assert!(e.to_string().contains("does not name a key"), "{e}");
+}
+
+#[test]
+fn bad_values_are_clear_errors() {
+    let e = parse("", &[("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS", "many")]).unwrap_err();
+    assert!(e.to_string().contains("is not an integer"), "{e}");
+    let e = parse("[pipeline]\nmax_batch_rows = 0\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let e = parse("[http]\nmode = \"stream\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("stream"), "{e}");
+    let e = parse("[postgres]\nslot = \"Bad-Name\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("postgres.slot"), "{e}");
+    let e = parse(
+        "[postgres]\nurl = \"postgres://u@h/d?sslmode=require\"\n",
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+    let e = parse("[http]\nurl = \"https://api.example.com/events\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("does not support yet"), "{e}");
+    let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("server.listen: \"nowhere\" is not an address"),
+        "{e}"
+    );
+    let e = parse("[postgres]\nevents_table = \"app.Events\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("postgres.events_table: "), "{e}");
+    assert!(
+        e.to_string()
+            .contains("\"Events\" is not a plain identifier"),
+        "{e}"
+    );
+    let e = parse("[pipeline]\nmax_batch_rows = \"many\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("pipeline.max_batch_rows: "), "{e}");
+    let c = parse(
+        "[postgres]\nevents_table = \"app.events\"\ncontent_table = \"content\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.postgres.events_table.quoted(), "\"app\".\"events\"");
+    assert_eq!(c.postgres.content_table, QualifiedTable::public("content"));
+    let e = parse("[postgres\nurl=", &[]).unwrap_err();
+    assert!(e.to_string().contains("not valid TOML"), "{e}");
+    assert!(!e.to_string().contains('\n'));
+}
+
+#[test]
+fn secrets_are_never_printed() {
+    let c = parse(
+        "[postgres]\nurl = \"postgres://app:hunter2@db:5432/x\"\n[clickhouse]\npassword = \"hunter2\"\n[http]\nauth_token = \"hunter2\"\n",
+        &[],
+    )
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert_eq!(
+        redact_url("postgres://app:hunter2@db:5432/x"),
+        "postgres://app:***@db:5432/x"
+    );
+    assert_eq!(redact_url("redis://127.0.0.1:1"), "redis://127.0.0.1:1");
+}
+
+#[test]
+fn qualified_tables() {
+    let t = QualifiedTable::parse("k", "engagement_events").unwrap();
+    assert_eq!(t.to_string(), "public.engagement_events");
+    let t = QualifiedTable::parse("k", "app.events").unwrap();
+    assert_eq!(t.quoted(), "\"app\".\"events\"");
+    assert!(QualifiedTable::parse("k", "a.b.c").is_err());
+}
+
+mod docs_tests {
+    use super::*;
+
+    /// `docs/configuration.md` lists exactly the keys of [`Config`], each with its default
+    /// and environment variable.
+    #[test]
+    fn the_configuration_reference_matches_the_code() {
+        let doc = include_str!("../../docs/configuration.md");
+        let schema = toml::Table::try_from(Config::all_sections()).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let key = cells[1].trim_matches('`');
+            documented.insert(key.to_string());
+            let (section, name) = key.split_once('.').expect("section.key");
+            let default = schema
+                .get(section)
+                .and_then(|s| s.get(name))
+                .unwrap_or_else(|| panic!("docs/configuration.md documents unknown key {key}"));
+            let shown = match default {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let doc_default = cells[2].trim_matches('`');
+            let doc_default = if doc_default == "\"\"" {
+                ""
+            } else {
+                doc_default
+            };
+            assert_eq!(doc_default, shown, "default of {key}");
+            assert_eq!(
+                cells[3].trim_matches('`'),
+                format!(
+                    "{ENV_PREFIX}{}__{}",
+                    section.to_uppercase(),
+                    name.to_uppercase()
+                ),
+                "environment variable of {key}"
+            );
+        }
+        for (section, table) in &schema {
+            for name in table.as_table().unwrap().keys() {
+                assert!(
+                    documented.contains(&format!("{section}.{name}")),
+                    "{section}.{name} is missing from docs/configuration.md"
+                );
+            }
+        }
+    }
+}

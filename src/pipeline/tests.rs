@@ -1,0 +1,129 @@
+//! Unit tests of the pipeline: fan-out, the in-flight budget, checkpoints in commit order.
+
+use super::*;
+use crate::enrich::{enrich, ContentRow, RawEvent};
+use crate::sinks::{BoxFuture, Delivery, SinkError};
+use crate::state::StateStore;
+use tokio::sync::Semaphore as Gate;
+
+/// A sink that writes only when its gate lets it: one permit per write.
+struct GatedSink {
+    gate: Arc<Gate>,
+    seen: Arc<std::sync::Mutex<Vec<i64>>>,
+}
+
+impl Sink for GatedSink {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        Box::pin(async move {
+            self.gate.acquire().await.unwrap().forget();
+            self.seen
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|e| e.event_id));
+            Ok(Delivery::default())
+        })
+    }
+}
+
+fn event(id: i64) -> EnrichedEvent {
+    let raw = RawEvent {
+        id,
+        content_id: 1,
+        user_id: 1,
+        event_type: "play".into(),
+        event_ts_us: 0,
+        duration_ms: None,
+        device: None,
+    };
+    enrich(raw, None, Lsn(id as u64)).0
+}
+
+fn batch(ids: &[i64], commit: Option<u64>, changes: Vec<DimChange>) -> Batch {
+    Batch {
+        seq: 0,
+        events: ids.iter().map(|&i| event(i)).collect(),
+        commit_end: commit.map(Lsn),
+        last_commit_us: commit.map(|c| c as i64),
+        dim_changes: changes,
+    }
+}
+
+// Paused time: a timeout fires only once every task is idle, which makes "nothing
+// happened" a deterministic observation.
+#[tokio::test(start_paused = true)]
+async fn the_checkpoint_follows_the_slowest_sink_and_carries_the_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let (fast, slow) = (Arc::new(Gate::new(1000)), Arc::new(Gate::new(0)));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(GatedSink {
+            gate: fast,
+            seen: seen.clone(),
+        }),
+        Box::new(GatedSink {
+            gate: slow.clone(),
+            seen: Arc::default(),
+        }),
+    ];
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        100,
+    );
+    let row = ContentRow {
+        content_id: 9,
+        content_type: Some("video".into()),
+        length_seconds: Some(5),
+    };
+    // Part of a transaction, then its end with a content change, then another commit.
+    p.send(batch(&[1, 2], None, vec![])).await.unwrap();
+    p.send(batch(&[3], Some(20), vec![DimChange::Upsert(row)]))
+        .await
+        .unwrap();
+    p.send(batch(&[4], Some(30), vec![])).await.unwrap();
+    let mut progress = p.progress();
+    // The fast sink has everything; the slow one nothing: no checkpoint yet.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while seen.lock().unwrap().len() < 4 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    let moved = tokio::time::timeout(Duration::from_secs(1), progress.changed()).await;
+    assert!(
+        moved.is_err(),
+        "progress moved before the slow sink wrote: {:?}",
+        *progress.borrow()
+    );
+    assert_eq!(progress.borrow().checkpoint, Lsn(10));
+    assert_eq!(store.checkpoint().unwrap(), Lsn(10));
+    // One write of the slow sink (it may take all three batches at once, or only the first).
+    slow.add_permits(1);
+    let p1 = *progress.wait_for(|p| p.done_seq >= 1).await.unwrap();
+    assert!(
+        p1.checkpoint == Lsn(10) || p1.checkpoint >= Lsn(20),
+        "{p1:?}"
+    );
+    slow.add_permits(10);
+    let done = *progress.wait_for(|p| p.done_seq == 3).await.unwrap();
+    assert_eq!(done.checkpoint, Lsn(30));
+    assert_eq!(store.checkpoint().unwrap(), Lsn(30));
+    assert!(store.load_dimension().unwrap().get(9).is_some());
+    // A marker completes behind everything before it.
+    p.mark(Lsn(40)).unwrap();
+    let marked = *progress.wait_for(|p| p.done_seq == 4).await.unwrap();
+    assert_eq!(marked.checkpoint, Lsn(40));
+    assert!(!p.in_flight());
+    p.close(Duration::from_secs(5)).await;
+}
