@@ -99,23 +99,7 @@ fn main() {
     }
     let file = cfg.dir.path.join("backlog.sql");
     std::fs::write(&file, script).unwrap();
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "engagement",
-            "-q",
-            "-f",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "backlog insert failed");
+    pg.psql_file("engagement", &file);
     let n: u64 = sql("SELECT count(*) FROM engagement_events")
         .parse()
         .unwrap();
@@ -127,17 +111,8 @@ fn main() {
 
     // Raw: pg_recvlogical to the end of the backlog.
     let t = Instant::now();
-    let out = Command::new(format!("{PG_BIN}/pg_recvlogical"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "engagement",
-        ])
+    let out = pg
+        .client(&format!("{PG_BIN}/pg_recvlogical"), "engagement")
         .args([
             "--slot",
             "bench_raw",

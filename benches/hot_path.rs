@@ -2,7 +2,7 @@
 //!
 //! Each measures one stage alone on the same 100,000 events, so a regression points at its
 //! stage: pgoutput decoding into typed rows (the null destination: decode cost alone),
-//! enrichment, the JSON of SPEC §4, the Redis script arguments, the HTTP request bodies.
+//! enrichment, the enriched event's JSON (docs/sinks.md), the Redis script arguments, the HTTP request bodies.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -126,7 +126,7 @@ fn main() {
         .map(|r| enrich(r.clone(), dimension.get(r.content_id), Lsn(1)).0)
         .collect();
     let refs: Vec<&EnrichedEvent> = events.iter().collect();
-    bench("enriched JSON (SPEC §4)", N, || {
+    bench("enriched JSON (docs/sinks.md)", N, || {
         let mut out = Vec::with_capacity(300);
         let mut total = 0;
         for e in &events {

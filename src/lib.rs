@@ -28,6 +28,8 @@
 //! - `ops/` — metrics and the engine's HTTP server (`/metrics`, `/status`, the dashboard).
 //! - `config/` — loading the TOML file and `ENGAGEMENT_CDC__SECTION__KEY` overrides into
 //!   the typed sections.
+//! - `tls` — one rustls stack for every connection: roots, client certificates, how much
+//!   is verified, and what a failed handshake means.
 //! - [`error`] — errors a caller decides on (exit codes); `types` — `Lsn` and ids.
 //!
 //! The product contract these modules implement is in `docs/` (architecture, sinks,
@@ -50,4 +52,5 @@ pub(crate) mod pipeline;
 pub mod sinks;
 pub mod source;
 pub(crate) mod state;
+pub mod tls;
 pub mod types;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -97,6 +98,12 @@ enum Command {
         /// Delay of a slow answer, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         slow_ms: u64,
+        /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Show the checkpoint, the slot's confirmed position and lag, wal_status, the DLQ depth and the last commit time.
     Status {
@@ -138,6 +145,8 @@ fn fraction(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
+    // Every TLS connection uses ring; make it the default for libraries that ask.
+    engagement_cdc::tls::install_default_provider();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -260,12 +269,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fail_rate,
             slow_rate,
             slow_ms,
+            tls_cert,
+            tls_key,
         } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(Arc::new(engagement_cdc::tls::server_config(
+                    &cert,
+                    &key,
+                    ("--tls-cert", "--tls-key"),
+                )?)),
+                _ => None,
+            };
             runtime.block_on(commands::mock_api::serve(commands::mock_api::MockOptions {
                 listen,
                 fail_rate,
                 slow_rate,
                 slow_ms,
+                tls,
             }))?;
         }
         Command::Status { json } => {

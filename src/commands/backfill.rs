@@ -173,7 +173,7 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let redis_at = opts.sinks.iter().position(|k| *k == SinkKind::Redis);
 
     let pgc = &config.postgres;
-    let client = pg::connect(&pgc.url).await?;
+    let client = pg::connect(pgc).await?;
     let events = &pgc.events_table;
     let content = &pgc.content_table;
     pg::check_source_tables(&client, pgc).await?;

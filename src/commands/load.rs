@@ -142,7 +142,7 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
     let pgc = &config.postgres;
     let events = &pgc.events_table;
     let content = &pgc.content_table;
-    let setup = pg::connect(&pgc.url).await?;
+    let setup = pg::connect(pgc).await?;
     pg::check_source_tables(&setup, pgc).await?;
     let mut values = String::new();
     for id in 1..=opts.contents {
@@ -183,7 +183,7 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
     let per_conn_rate = opts.rate as f64 / opts.connections as f64;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..opts.connections {
-        let client = pg::connect(&pgc.url).await?;
+        let client = pg::connect(pgc).await?;
         let mut gen = Generator::new(opts.contents);
         gen.lengths.clone_from(&lengths);
         let prefix = format!(

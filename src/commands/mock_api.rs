@@ -29,6 +29,8 @@ pub struct MockOptions {
     pub fail_rate: f64,
     pub slow_rate: f64,
     pub slow_ms: u64,
+    /// HTTPS instead of HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, Default, Serialize, Clone, PartialEq, Eq)]
@@ -73,12 +75,14 @@ pub async fn serve(opts: MockOptions) -> anyhow::Result<()> {
             )
         })?;
     eprintln!(
-        "mock-api listening on http://{} (POST /events, GET /stats; fail-rate {}, slow-rate {} × {} ms)",
+        "mock-api listening on {}://{} (POST /events, GET /stats; fail-rate {}, slow-rate {} × {} ms)",
+        if opts.tls.is_some() { "https" } else { "http" },
         listener.local_addr()?,
         opts.fail_rate,
         opts.slow_rate,
         opts.slow_ms
     );
+    let tls = opts.tls.clone();
     let shared = Arc::new(Shared {
         opts,
         state: Mutex::new(State::default()),
@@ -94,7 +98,7 @@ pub async fn serve(opts: MockOptions) -> anyhow::Result<()> {
         })
         .layer(axum::middleware::from_fn(access_log))
         .with_state(shared);
-    crate::ops::http::serve(listener, app, MAX_CONNECTIONS).await;
+    crate::ops::http::serve(listener, app, MAX_CONNECTIONS, tls).await;
     Ok(())
 }
 

@@ -67,7 +67,7 @@ pub async fn run(
     }
 
     // Preflight on an ordinary connection: server, tables, slot.
-    let client = pg::connect(&pgc.url).await?;
+    let client = pg::connect(pgc).await?;
     let facts = pg::server_facts(&client).await?;
     pg::check_server(&facts)?;
     pg::check_source_tables(&client, pgc).await?;

@@ -31,12 +31,12 @@ impl SetupReport {
 pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     let mut report = SetupReport::default();
     let pgc = &config.postgres;
-    let client = pg::connect(&pgc.url).await?;
+    let client = pg::connect(pgc).await?;
     let facts = pg::server_facts(&client).await?;
     pg::check_server(&facts)?;
     report.say(format!(
         "postgres: {} {} (wal_level = logical, role {:?} may replicate)",
-        pg::describe(&pgc.url),
+        pg::describe(pgc),
         facts.version,
         facts.user
     ));
@@ -111,7 +111,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     let system = repl
         .identify_system()
         .await
-        .map_err(|e| explain_replication_error(&e, &pgc.url))?;
+        .map_err(|e| explain_replication_error(&e, pgc))?;
     let identity = Identity {
         system_id: system.system_id.clone(),
         database: facts.database.clone(),
@@ -211,7 +211,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     }
 
     if let Some(ch) = config.clickhouse() {
-        let (layout, version) = clickhouse::migrate(&clickhouse::ClickHouse::new(ch)).await?;
+        let (layout, version) = clickhouse::migrate(&clickhouse::ClickHouse::new(ch)?).await?;
         report.say(format!(
             "clickhouse: {}.{} ready on ClickHouse {version} ({} layout)",
             ch.database,
@@ -285,9 +285,12 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// A replication-connection error as one actionable line.
-pub fn explain_replication_error(e: &pgwire_replication::PgWireError, url: &str) -> anyhow::Error {
+pub fn explain_replication_error(
+    e: &pgwire_replication::PgWireError,
+    pgc: &crate::config::PostgresConfig,
+) -> anyhow::Error {
     use pgwire_replication::PgWireError as E;
-    let target = pg::describe(url);
+    let target = pg::describe(pgc);
     match e {
         E::Auth(m) => anyhow!(
             "Postgres at {target} rejected the replication login: {m}; fix the user or password in [postgres] url"
@@ -297,6 +300,10 @@ pub fn explain_replication_error(e: &pgwire_replication::PgWireError, url: &str)
         ),
         E::Server(m) if m.contains("pg_hba") => anyhow!(
             "Postgres at {target} does not allow replication connections for this user: {m}; add a `host replication` line to pg_hba.conf"
+        ),
+        E::Tls(m) => anyhow!(
+            "cannot open a replication connection to Postgres at {target}: {}; check sslmode, sslrootcert, sslcert and sslkey in [postgres]",
+            crate::tls::explain_text(m)
         ),
         other => anyhow!("replication connection to Postgres at {target} failed: {other}"),
     }

@@ -58,7 +58,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
             }
         }
     }
-    let client = pg::connect(&config.postgres.url).await?;
+    let client = pg::connect(&config.postgres).await?;
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn::text, wal_status, active,

@@ -117,18 +117,15 @@ pub fn check_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), Usag
     }
 }
 
+/// `http://HOST[:PORT][/PATH]` or `https://…`.
 pub fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
-    if value.starts_with("https://") {
-        return Err(UsageError::new(format!(
-            "{key} {:?} uses https, which this build does not support yet; use http:// on a private network or a local TLS-terminating proxy",
-            redact_url(value)
-        )));
-    }
-    let rest = value.strip_prefix("http://");
+    let rest = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"));
     match rest {
         Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
         _ => Err(UsageError::new(format!(
-            "{key} {:?} is not an HTTP URL; expected http://HOST:PORT[/PATH]",
+            "{key} {:?} is not an HTTP URL; expected http(s)://HOST:PORT[/PATH]",
             redact_url(value)
         ))),
     }
@@ -161,4 +158,66 @@ pub fn redact_url(url: &str) -> String {
 
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Serde for an optional key whose "not set" is the empty string, so the key still shows in
+/// the documented defaults (`sslmode = ""`, `ca_file = ""`): `""` ⇄ `None`.
+pub mod empty_is_none {
+    use serde::de::{DeserializeOwned, IntoDeserializer};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let de: serde::de::value::StringDeserializer<D::Error> = text.into_deserializer();
+        T::deserialize(de).map(Some)
+    }
+}
+
+/// A secret from a file: its contents without the trailing newline.
+pub fn read_secret_file(key: &str, path: &std::path::Path) -> Result<Secret, UsageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        UsageError::new(format!(
+            "{key} {}: cannot read it: {e}; give a file readable by the engine",
+            path.display()
+        ))
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(UsageError::new(format!(
+            "{key} {} is empty; put the secret in it",
+            path.display()
+        )));
+    }
+    Ok(Secret(text.to_string()))
+}
+
+/// The secret of a key that may also come from a file: `password` or `password_file`, not
+/// both. `None` when neither is set.
+pub fn secret_or_file(
+    key: &str,
+    value: &Secret,
+    file_key: &str,
+    file: Option<&std::path::Path>,
+) -> Result<Option<Secret>, UsageError> {
+    match (value.is_empty(), file) {
+        (true, None) => Ok(None),
+        (false, None) => Ok(Some(value.clone())),
+        (true, Some(path)) => read_secret_file(file_key, path).map(Some),
+        (false, Some(_)) => Err(UsageError::new(format!(
+            "both {key} and {file_key} are set; keep one"
+        ))),
+    }
 }

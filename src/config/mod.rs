@@ -11,7 +11,6 @@ mod env;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +25,8 @@ pub use crate::source::config::PostgresConfig;
 pub use crate::state::config::StateConfig;
 use checks::one_line;
 pub use checks::{
-    check_http_url, check_identifier, check_range, redact_url, QualifiedTable, Secret,
+    check_http_url, check_identifier, check_range, empty_is_none, read_secret_file, redact_url,
+    secret_or_file, QualifiedTable, Secret,
 };
 use env::apply_env_overrides;
 
@@ -171,17 +171,7 @@ impl Config {
     /// Checks that deserialization cannot express: URLs, ranges, names.
     pub fn validate(&self) -> Result<(), UsageError> {
         let pg = &self.postgres;
-        let pg_url = tokio_postgres::Config::from_str(&pg.url).map_err(|e| {
-            UsageError::new(format!(
-                "postgres.url {:?} is not a valid PostgreSQL URL ({e}); expected postgres://USER[:PASSWORD]@HOST:PORT/DATABASE",
-                redact_url(&pg.url)
-            ))
-        })?;
-        if pg_url.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(UsageError::new(
-                "postgres.url asks for sslmode=require, but this build does not support TLS to Postgres yet; run the engine next to the database or on a private network, without sslmode=require",
-            ));
-        }
+        crate::source::connect::PgConnection::from_config(pg)?;
         check_identifier("postgres.slot", &pg.slot)?;
         check_identifier("postgres.publication", &pg.publication)?;
         check_range(

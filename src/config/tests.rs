@@ -84,14 +84,29 @@ fn bad_values_are_clear_errors() {
     assert!(e.to_string().contains("stream"), "{e}");
     let e = parse("[postgres]\nslot = \"Bad-Name\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("postgres.slot"), "{e}");
+    // TLS to Postgres is supported: every libpq mode but `allow` is accepted.
+    for mode in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+        let url = format!("[postgres]\nurl = \"postgres://u@h/d?sslmode={mode}\"\n");
+        parse(&url, &[]).unwrap();
+    }
     let e = parse(
-        "[postgres]\nurl = \"postgres://u@h/d?sslmode=require\"\n",
+        "[postgres]\nurl = \"postgres://u@h/d?sslmode=bogus\"\n",
         &[],
     )
     .unwrap_err();
-    assert!(e.to_string().contains("TLS"), "{e}");
-    let e = parse("[http]\nurl = \"https://api.example.com/events\"\n", &[]).unwrap_err();
-    assert!(e.to_string().contains("does not support yet"), "{e}");
+    assert!(e.to_string().contains("sslmode=\"bogus\""), "{e}");
+    let e = parse("[postgres]\nsslmode = \"bogus\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("postgres.sslmode: "), "{e}");
+    // https is supported; a CA file that is not there is a configuration error naming it.
+    parse("[http]\nurl = \"https://api.example.com/events\"\n", &[]).unwrap();
+    let e = parse(
+        "[http]\nurl = \"https://api.example.com/events\"\nca_file = \"/nonexistent/ca.pem\"\n",
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("http.ca_file /nonexistent/ca.pem"), "{e}");
+    let e = parse("[redis]\nurl = \"rediss://h:1\"\ncert_file = \"/x.pem\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("needs both redis.cert_file and redis.key_file"), "{e}");
     let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
     assert!(
         e.to_string()

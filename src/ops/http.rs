@@ -29,10 +29,17 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// Accept and serve connections until the task is aborted.
-pub async fn serve(listener: TcpListener, app: Router, max_connections: usize) {
+/// Accept and serve connections until the task is aborted; over TLS when `tls` is given
+/// (the handshake must finish within the header timeout).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    max_connections: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let slot = match slots.clone().acquire_owned().await {
             Ok(slot) => slot,
@@ -51,19 +58,38 @@ pub async fn serve(listener: TcpListener, app: Router, max_connections: usize) {
             }
         };
         let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let io = IdleTimeout::new(TokioIo::new(stream), IDLE_TIMEOUT);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(io, service)
-                .await;
+            let served = match acceptor {
+                None => serve_connection(stream, service).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, service).await,
+                        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                        Err(_) => Err("TLS handshake timed out".to_string()),
+                    }
+                }
+            };
             if let Err(e) = served {
                 tracing::debug!("connection from {peer} ended: {e}");
             }
             drop(slot);
         });
     }
+}
+
+/// One connection's requests, with the header and idle timeouts.
+async fn serve_connection<S>(stream: S, service: TowerToHyperService<Router>) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = IdleTimeout::new(TokioIo::new(stream), IDLE_TIMEOUT);
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// An I/O stream that fails with `TimedOut` once nothing was read or written for `limit`.
@@ -144,7 +170,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", get(|| async { "hi" }));
-        tokio::spawn(serve(listener, app, max_connections));
+        tokio::spawn(serve(listener, app, max_connections, None));
         addr
     }
 

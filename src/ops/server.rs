@@ -64,7 +64,7 @@ pub async fn spawn(
             )
         })
         .with_state(state);
-    let handle = tokio::spawn(super::http::serve(listener, app, MAX_CONNECTIONS));
+    let handle = tokio::spawn(super::http::serve(listener, app, MAX_CONNECTIONS, None));
     Ok(ServerHandle(handle))
 }
 

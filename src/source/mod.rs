@@ -2,6 +2,7 @@
 //! the loop that turns committed transactions into enriched batches.
 
 pub mod config;
+pub mod connect;
 pub mod pg;
 pub mod pgoutput;
 pub mod rows;
@@ -10,10 +11,10 @@ pub mod stream;
 
 use std::time::Duration;
 
-use anyhow::anyhow;
-use pgwire_replication::{ReplicationConfig, TlsConfig};
+use pgwire_replication::ReplicationConfig;
 
-use crate::config::{redact_url, PostgresConfig};
+use crate::config::PostgresConfig;
+use connect::PgConnection;
 
 /// Session settings for the walsender, so text values are rendered the way the decoder
 /// parses them (ISO dates, UTC offsets) whatever the server's defaults are.
@@ -21,17 +22,9 @@ pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,YMD -c TimeZone=UTC";
 
 /// The replication connection's settings from `[postgres]`.
 pub fn replication_config(pg: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
-    let config: tokio_postgres::Config = pg
-        .url
-        .parse()
-        .map_err(|e| anyhow!("postgres.url {:?} is invalid: {e}", redact_url(&pg.url)))?;
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let conn = PgConnection::from_config(pg)?;
+    let config = &conn.config;
+    let (host, port) = conn.host_port();
     let user = config
         .get_user()
         .map(str::to_string)
@@ -54,7 +47,7 @@ pub fn replication_config(pg: &PostgresConfig) -> anyhow::Result<ReplicationConf
         pg.publication.clone(),
     )
     .with_port(port)
-    .with_tls(TlsConfig::disabled())
+    .with_tls(conn.replication_tls())
     .with_options(SESSION_OPTIONS)
     .with_application_name("engagement-cdc")
     .with_status_interval(Duration::from_millis(pg.status_interval_ms))

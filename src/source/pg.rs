@@ -1,52 +1,32 @@
 //! Ordinary (non-replication) Postgres connections and the checks `setup` and `run` make:
 //! every failure is one line that says what failed, why, and what to do.
 
-use std::time::Duration;
-
 use anyhow::{anyhow, bail, Context};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{redact_url, PostgresConfig, QualifiedTable};
+use crate::source::connect::PgConnection;
 use crate::source::schema::{locate, RequiredColumn, CONTENT_COLUMNS, EVENT_COLUMNS};
 
-/// Where and as whom we connect, for messages (never the password).
-pub fn describe(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
-        Ok(c) => {
-            let host = c
-                .get_hosts()
-                .first()
-                .map(|h| match h {
-                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                    #[cfg(unix)]
-                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-                })
-                .unwrap_or_else(|| "localhost".into());
-            let port = c.get_ports().first().copied().unwrap_or(5432);
-            format!(
-                "{host}:{port} (user {:?}, database {:?})",
-                c.get_user().unwrap_or("?"),
-                c.get_dbname().unwrap_or("?")
-            )
-        }
-        Err(_) => redact_url(url),
+/// Where and as whom we connect, for messages (never the password), with the TLS mode.
+pub fn describe(pg: &PostgresConfig) -> String {
+    match PgConnection::from_config(pg) {
+        Ok(c) => c.target,
+        Err(_) => redact_url(&pg.url),
     }
 }
 
-/// Connect, spawning the connection task. Errors say what to check.
-pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| anyhow!("postgres.url {:?} is invalid: {e}", redact_url(url)))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    config.application_name("engagement-cdc");
-    let (client, connection) = config
-        .connect(NoTls)
+/// Connect with `[postgres]`'s TLS settings, spawning the connection task. Errors say what
+/// to check.
+pub async fn connect(pg: &PostgresConfig) -> anyhow::Result<Client> {
+    let conn = PgConnection::from_config(pg)?;
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(conn.client_tls()?);
+    let (client, connection) = conn
+        .config
+        .connect(tls)
         .await
-        .map_err(|e| explain_connect_error(&e, url))?;
+        .map_err(|e| explain_connect_error(&e, &conn))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("postgres connection ended: {e}");
@@ -56,8 +36,14 @@ pub async fn connect(url: &str) -> anyhow::Result<Client> {
 }
 
 /// Turn a connection error into one actionable line.
-pub fn explain_connect_error(e: &tokio_postgres::Error, url: &str) -> anyhow::Error {
-    let target = describe(url);
+pub fn explain_connect_error(e: &tokio_postgres::Error, conn: &PgConnection) -> anyhow::Error {
+    let target = &conn.target;
+    if let Some(why) = crate::tls::explain(e) {
+        return anyhow!(
+            "cannot connect to Postgres at {target} with sslmode={}: {why}",
+            conn.sslmode_name()
+        );
+    }
     if let Some(db) = e.as_db_error() {
         let code = db.code();
         if *code == SqlState::INVALID_PASSWORD {
@@ -90,6 +76,12 @@ pub fn explain_connect_error(e: &tokio_postgres::Error, url: &str) -> anyhow::Er
         );
     }
     let text = crate::error::chain_text(e);
+    if text.contains("server does not support TLS") {
+        return anyhow!(
+            "cannot connect to Postgres at {target}: the server does not offer TLS but sslmode={} requires it; enable ssl on the server or lower sslmode",
+            conn.sslmode_name()
+        );
+    }
     if text.contains("password missing") {
         return anyhow!(
             "Postgres at {target} asks for a password and none is configured; put it in [postgres] url as postgres://USER:PASSWORD@HOST:PORT/DB"

@@ -244,45 +244,38 @@ impl Postgres {
                 .collect();
             files.sort();
             for f in files {
-                run_checked(
-                    Command::new("psql")
-                        .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                        .args([
-                            "-U",
-                            "postgres",
-                            "-d",
-                            name,
-                            "-v",
-                            "ON_ERROR_STOP=1",
-                            "-q",
-                            "-f",
-                        ])
-                        .arg(&f),
-                    "apply a postgres migration",
-                );
+                self.psql_file(name, &f);
             }
         }
+    }
+
+    /// A client program of this server's (`psql`, `pg_recvlogical`, …) connected to `db` as
+    /// the superuser.
+    pub fn client(&self, program: &str, db: &str) -> Command {
+        let mut c = Command::new(program);
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", db]);
+        c
     }
 
     /// Run SQL with psql; returns unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = run_checked(
-            Command::new("psql")
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args([
-                    "-U",
-                    "postgres",
-                    "-d",
-                    db,
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-Atq",
-                    "-c",
-                    sql,
-                ]),
+            self.client("psql", db)
+                .args(["-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql]),
             &format!("psql {sql:?}"),
         );
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Run a file of SQL with psql, stopping at the first error.
+    pub fn psql_file(&self, db: &str, file: &Path) {
+        run_checked(
+            self.client("psql", db)
+                .args(["-v", "ON_ERROR_STOP=1", "-q", "-f"])
+                .arg(file),
+            &format!("psql -f {}", file.display()),
+        );
     }
 }
 

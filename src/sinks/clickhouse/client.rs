@@ -7,6 +7,7 @@ use anyhow::anyhow;
 
 use super::config::ClickHouseConfig;
 use crate::config::redact_url;
+use crate::error::UsageError;
 use crate::sinks::SinkError;
 
 /// How long a query of `setup` or the start-up check may take.
@@ -36,22 +37,53 @@ pub struct ClickHouse {
     url: String,
 }
 
+/// The connector under the ClickHouse client: keep-alive connections, and our rustls
+/// settings for `https://` (the crate's own TLS features would bring their own roots).
+fn https_connector(
+    tls: Option<rustls::ClientConfig>,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    tcp.set_connect_timeout(Some(QUERY_TIMEOUT));
+    tcp.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    match tls {
+        Some(tls) => builder.with_tls_config(tls).https_or_http(),
+        // Plain http: a TLS setup that is never used, so one connector type serves both.
+        None => builder
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default TLS versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+            .https_or_http(),
+    }
+    .enable_http1()
+    .wrap_connector(tcp)
+}
+
 impl ClickHouse {
     /// A client for `[clickhouse]`; validation off, as 18.16 needs (docs/sinks.md).
-    pub fn new(cfg: &ClickHouseConfig) -> ClickHouse {
-        let mut client = clickhouse::Client::default()
+    pub fn new(cfg: &ClickHouseConfig) -> Result<ClickHouse, UsageError> {
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build(https_connector(cfg.tls()?));
+        let mut client = clickhouse::Client::with_http_client(http)
             .with_url(cfg.url.trim_end_matches('/'))
             .with_user(&cfg.user)
             .with_validation(false)
             .with_compression(clickhouse::Compression::None);
-        if !cfg.password.is_empty() {
-            client = client.with_password(cfg.password.expose());
+        if let Some(password) = cfg.password()? {
+            client = client.with_password(password.expose());
         }
-        ClickHouse {
+        Ok(ClickHouse {
             client,
             cfg: cfg.clone(),
             url: redact_url(&cfg.url),
-        }
+        })
     }
 
     pub fn config(&self) -> &ClickHouseConfig {
@@ -103,6 +135,10 @@ impl ClickHouse {
         use clickhouse::error::Error as E;
         let url = &self.url;
         match err {
+            E::Network(_) if crate::tls::explain(err).is_some() => {
+                let why = crate::tls::explain(err).unwrap_or_default();
+                SinkError::transient(format!("cannot reach ClickHouse at {url}: {why}"))
+            }
             E::Network(_) => {
                 let cause = crate::error::chain_text(err);
                 SinkError::transient(format!(
@@ -160,7 +196,7 @@ mod tests {
 
     #[test]
     fn codes_decide_what_is_permanent() {
-        let ch = ClickHouse::new(&ClickHouseConfig::default());
+        let ch = ClickHouse::new(&ClickHouseConfig::default()).unwrap();
         let bad = |t: &str| clickhouse::error::Error::BadResponse(t.into());
         assert!(matches!(
             ch.classify(&bad("Code: 16, e.displayText() = DB::Exception: no column")),

@@ -1,21 +1,33 @@
 //! `[clickhouse]`: where the ClickHouse sink writes (docs/configuration.md).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_http_url, check_identifier, Secret};
+use crate::config::{check_http_url, check_identifier, empty_is_none, secret_or_file, Secret};
 use crate::error::UsageError;
+use crate::tls::{TlsFiles, Verify};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
     /// A sink is on when its section is present, unless it says `enabled = false`.
     pub enabled: bool,
-    /// The HTTP interface, e.g. `http://127.0.0.1:8123`.
+    /// The HTTP interface, e.g. `http://127.0.0.1:8123` or `https://host:8443`.
     pub url: String,
     pub database: String,
     pub table: String,
     pub user: String,
     pub password: Secret,
+    #[serde(with = "empty_is_none")]
+    pub password_file: Option<PathBuf>,
+    /// TLS for `https://` (docs/operations.md, "TLS and secrets").
+    #[serde(with = "empty_is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for ClickHouseConfig {
@@ -27,6 +39,10 @@ impl Default for ClickHouseConfig {
             table: "events_enriched".into(),
             user: "default".into(),
             password: Secret::default(),
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -35,6 +51,29 @@ impl ClickHouseConfig {
     pub fn validate(&self) -> Result<(), UsageError> {
         check_http_url("clickhouse.url", &self.url)?;
         check_identifier("clickhouse.database", &self.database)?;
-        check_identifier("clickhouse.table", &self.table)
+        check_identifier("clickhouse.table", &self.table)?;
+        self.password()?;
+        self.tls()?;
+        Ok(())
+    }
+
+    /// `password` or the contents of `password_file`.
+    pub fn password(&self) -> Result<Option<Secret>, UsageError> {
+        secret_or_file(
+            "clickhouse.password",
+            &self.password,
+            "clickhouse.password_file",
+            self.password_file.as_deref(),
+        )
+    }
+
+    /// The rustls settings for an `https://` URL; `None` for `http://`.
+    pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
+        if !self.url.starts_with("https://") {
+            return Ok(None);
+        }
+        let files =
+            TlsFiles::of_section("clickhouse", &self.ca_file, &self.cert_file, &self.key_file);
+        crate::tls::client_config("clickhouse", &files, Verify::Full).map(Some)
     }
 }

@@ -37,7 +37,7 @@ pub struct ClickHouseSink {
 impl ClickHouseSink {
     /// Connect, detect the layout from the server's version, check the table.
     pub async fn connect(cfg: &ClickHouseConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let ch = ClickHouse::new(cfg);
+        let ch = ClickHouse::new(cfg)?;
         let version = ch.server_version().await?;
         let layout = Layout::for_version(&version)?;
         schema::check_table(&ch, layout).await?;

@@ -1,9 +1,12 @@
 //! `[http]`: the external API the HTTP sink posts to (docs/configuration.md).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_http_url, check_range, Secret};
+use crate::config::{check_http_url, check_range, empty_is_none, secret_or_file, Secret};
 use crate::error::UsageError;
+use crate::tls::{TlsFiles, Verify};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,6 +41,15 @@ pub struct HttpConfig {
     pub on_failure: OnFailure,
     /// Sent as `Authorization: Bearer …`; never printed.
     pub auth_token: Secret,
+    #[serde(with = "empty_is_none")]
+    pub auth_token_file: Option<PathBuf>,
+    /// TLS for `https://` (docs/operations.md, "TLS and secrets").
+    #[serde(with = "empty_is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -52,6 +64,10 @@ impl Default for HttpConfig {
             max_retries: 5,
             on_failure: OnFailure::BestEffort,
             auth_token: Secret::default(),
+            auth_token_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -67,6 +83,28 @@ impl HttpConfig {
         )?;
         check_range("http.concurrency", self.concurrency as u64, 1, 1024)?;
         check_range("http.timeout_ms", self.timeout_ms, 1, 600_000)?;
-        check_range("http.max_retries", self.max_retries as u64, 0, 100)
+        check_range("http.max_retries", self.max_retries as u64, 0, 100)?;
+        self.auth_token()?;
+        self.tls()?;
+        Ok(())
+    }
+
+    /// `auth_token` or the contents of `auth_token_file`.
+    pub fn auth_token(&self) -> Result<Option<Secret>, UsageError> {
+        secret_or_file(
+            "http.auth_token",
+            &self.auth_token,
+            "http.auth_token_file",
+            self.auth_token_file.as_deref(),
+        )
+    }
+
+    /// The rustls settings for an `https://` URL; `None` for `http://`.
+    pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
+        if !self.url.starts_with("https://") {
+            return Ok(None);
+        }
+        let files = TlsFiles::of_section("http", &self.ca_file, &self.cert_file, &self.key_file);
+        crate::tls::client_config("http", &files, Verify::Full).map(Some)
     }
 }

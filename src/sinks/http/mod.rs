@@ -16,7 +16,7 @@ use futures_util::stream::{self, StreamExt};
 
 use super::retry::{Exhausted, RetryPolicy};
 use super::{BoxFuture, Delivery, Sink, SinkError};
-use crate::config::redact_url;
+use crate::config::{redact_url, Secret};
 use crate::enrich::{now_us, rfc3339_us, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 use crate::state::dlq::{DeadLetter, Dlq};
@@ -104,6 +104,8 @@ struct HttpSender {
     client: reqwest::Client,
     cfg: HttpConfig,
     url: String,
+    /// `auth_token` or the contents of `auth_token_file`.
+    token: Option<Secret>,
     metrics: Arc<Metrics>,
     /// `max_retries` retries, then the request is dead-lettered; under `fail_fast`, no
     /// limit (the checkpoint is held).
@@ -112,10 +114,14 @@ struct HttpSender {
 
 impl HttpSender {
     fn new(cfg: &HttpConfig, metrics: Arc<Metrics>) -> anyhow::Result<HttpSender> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5000)))
-            .pool_max_idle_per_host(cfg.concurrency)
+            .pool_max_idle_per_host(cfg.concurrency);
+        if let Some(tls) = cfg.tls()? {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let client = builder
             .build()
             .map_err(|e| anyhow!("cannot build the HTTP client: {e}"))?;
         let mut retry = RetryPolicy::limited(cfg.max_retries);
@@ -126,6 +132,7 @@ impl HttpSender {
             client,
             cfg: cfg.clone(),
             url: redact_url(&cfg.url),
+            token: cfg.auth_token()?,
             metrics,
             retry,
         })
@@ -139,14 +146,16 @@ impl HttpSender {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", &req.key)
             .body(req.body.clone());
-        if !self.cfg.auth_token.is_empty() {
-            builder = builder.bearer_auth(self.cfg.auth_token.expose());
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token.expose());
         }
         let resp = match builder.send().await {
             Ok(resp) => resp,
             Err(e) => {
                 let message = if e.is_timeout() {
                     format!("timed out after {} ms", self.cfg.timeout_ms)
+                } else if let Some(why) = crate::tls::explain(&e) {
+                    why
                 } else if e.is_connect() {
                     "cannot connect".to_string()
                 } else {

@@ -1,19 +1,35 @@
 //! `[redis]`: where the Redis sink writes (docs/configuration.md).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
-use crate::config::redact_url;
+use crate::config::{empty_is_none, redact_url, secret_or_file, Secret};
 use crate::error::UsageError;
+use crate::tls::{TlsFiles, Verify};
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// A sink is on when its section is present, unless it says `enabled = false`.
     pub enabled: bool,
-    /// `redis://[USER:PASSWORD@]HOST:PORT[/DB]`; the password is never printed.
+    /// `redis://` or `rediss://` (TLS) `[USER:PASSWORD@]HOST:PORT[/DB]`; the password is
+    /// never printed.
     pub url: String,
     /// Prepended to every key the engine writes.
     pub key_prefix: String,
+    /// ACL user and password when the URL has none.
+    pub username: String,
+    pub password: Secret,
+    #[serde(with = "empty_is_none")]
+    pub password_file: Option<PathBuf>,
+    /// TLS for `rediss://` (docs/operations.md, "TLS and secrets").
+    #[serde(with = "empty_is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -22,6 +38,12 @@ impl std::fmt::Debug for RedisConfig {
             .field("enabled", &self.enabled)
             .field("url", &redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }
@@ -32,23 +54,45 @@ impl Default for RedisConfig {
             enabled: true,
             url: "redis://127.0.0.1:56379".into(),
             key_prefix: String::new(),
+            username: String::new(),
+            password: Secret::default(),
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
 
 impl RedisConfig {
     pub fn validate(&self) -> Result<(), UsageError> {
-        if self.url.starts_with("rediss://") {
-            return Err(UsageError::new(
-                "redis.url uses rediss:// (TLS), which this build does not support yet; use redis:// on a private network",
-            ));
-        }
-        if !self.url.starts_with("redis://") {
+        if !self.url.starts_with("redis://") && !self.url.starts_with("rediss://") {
             return Err(UsageError::new(format!(
-                "redis.url {:?} is not a Redis URL; expected redis://HOST:PORT[/DB]",
+                "redis.url {:?} is not a Redis URL; expected redis://HOST:PORT[/DB], or rediss:// for TLS",
                 redact_url(&self.url)
             )));
         }
+        self.password()?;
+        self.tls()?;
         Ok(())
+    }
+
+    /// `password` or the contents of `password_file`.
+    pub fn password(&self) -> Result<Option<Secret>, UsageError> {
+        secret_or_file(
+            "redis.password",
+            &self.password,
+            "redis.password_file",
+            self.password_file.as_deref(),
+        )
+    }
+
+    /// The rustls settings for a `rediss://` URL; `None` for `redis://`.
+    pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
+        if !self.url.starts_with("rediss://") {
+            return Ok(None);
+        }
+        let files = TlsFiles::of_section("redis", &self.ca_file, &self.cert_file, &self.key_file);
+        crate::tls::client_config("redis", &files, Verify::Full).map(Some)
     }
 }

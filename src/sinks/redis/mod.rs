@@ -24,6 +24,7 @@ use super::retry::RetryPolicy;
 use super::{BoxFuture, Delivery, Sink, SinkError};
 use crate::config::redact_url;
 use crate::enrich::{now_us, utc_parts, EnrichedEvent};
+use crate::error::UsageError;
 use crate::ops::metrics::Metrics;
 
 mod config;
@@ -129,8 +130,22 @@ impl RedisSink {
     /// Connect and check that the server answers.
     pub async fn connect(cfg: &RedisConfig, metrics: Arc<Metrics>) -> anyhow::Result<RedisSink> {
         let url = redact_url(&cfg.url);
-        let config =
+        let mut config =
             Config::from_url(&cfg.url).map_err(|e| anyhow!("redis.url {url:?} is invalid: {e}"))?;
+        // Our rustls settings (roots, client certificate) instead of the crate's defaults.
+        config.tls = cfg.tls()?.map(fred::types::config::TlsConfig::from);
+        if let Some(password) = cfg.password()? {
+            if config.password.is_some() {
+                return Err(UsageError::new(
+                    "redis.url has a password and redis.password (or password_file) is set too; keep one",
+                )
+                .into());
+            }
+            config.password = Some(password.expose().to_string());
+        }
+        if !cfg.username.is_empty() {
+            config.username = Some(cfg.username.clone());
+        }
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(5);
@@ -149,9 +164,14 @@ impl RedisSink {
         match tokio::time::timeout(Duration::from_secs(10), init).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
+                if *e.kind() == ErrorKind::Tls {
+                    // fred keeps only the text of the rustls error.
+                    let why = crate::tls::explain_text(e.details());
+                    return Err(anyhow!("cannot connect to Redis at {url}: {why}"));
+                }
                 return Err(anyhow!(
                     "cannot connect to Redis at {url}: {e}; is it running? check [redis] url (ENGAGEMENT_CDC__REDIS__URL)"
-                ))
+                ));
             }
             Err(_) => {
                 return Err(anyhow!(
