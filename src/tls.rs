@@ -215,24 +215,29 @@ pub fn server_config(
 /// What a failed handshake means, when a rustls error is among the causes: the sentence a
 /// user can act on. `None` when TLS is not the cause.
 pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let found = e.downcast_ref::<rustls::Error>().or_else(|| {
-            e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(r) = found {
+    // An `io::Error` hides the error it wraps from `source()` (it returns that error's
+    // source instead), and libraries wrap io errors in io errors: look inside each one.
+    let mut todo = vec![err];
+    while let Some(e) = todo.pop() {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
             return Some(describe(r));
         }
-        cur = e.source();
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            todo.push(inner);
+        }
+        if let Some(next) = e.source() {
+            todo.push(next);
+        }
     }
     None
 }
 
 /// As [`explain`], for a library that keeps only the text of the rustls error (fred,
-/// pgwire-replication): the certificate error's name is in it.
-pub fn explain_text(text: &str) -> String {
+/// pgwire-replication): the certificate error's name is in it. `None` when it is not.
+pub fn explain_text(text: &str) -> Option<String> {
     use CertificateError as C;
     let known = [
         ("UnknownIssuer", C::UnknownIssuer),
@@ -240,10 +245,10 @@ pub fn explain_text(text: &str) -> String {
         ("Expired", C::Expired),
         ("NotValidYet", C::NotValidYet),
     ];
-    match known.into_iter().find(|(name, _)| text.contains(name)) {
-        Some((_, e)) => describe(&rustls::Error::InvalidCertificate(e)),
-        None => format!("TLS handshake failed: {text}"),
-    }
+    known
+        .into_iter()
+        .find(|(name, _)| text.contains(name))
+        .map(|(_, e)| describe(&rustls::Error::InvalidCertificate(e)))
 }
 
 fn describe(e: &rustls::Error) -> String {

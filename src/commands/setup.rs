@@ -303,7 +303,7 @@ pub fn explain_replication_error(
         ),
         E::Tls(m) => anyhow!(
             "cannot open a replication connection to Postgres at {target}: {}; check sslmode, sslrootcert, sslcert and sslkey in [postgres]",
-            crate::tls::explain_text(m)
+            crate::tls::explain_text(m).unwrap_or_else(|| m.clone())
         ),
         other => anyhow!("replication connection to Postgres at {target} failed: {other}"),
     }

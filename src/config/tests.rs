@@ -104,9 +104,20 @@ fn bad_values_are_clear_errors() {
         &[],
     )
     .unwrap_err();
-    assert!(e.to_string().contains("http.ca_file /nonexistent/ca.pem"), "{e}");
-    let e = parse("[redis]\nurl = \"rediss://h:1\"\ncert_file = \"/x.pem\"\n", &[]).unwrap_err();
-    assert!(e.to_string().contains("needs both redis.cert_file and redis.key_file"), "{e}");
+    assert!(
+        e.to_string().contains("http.ca_file /nonexistent/ca.pem"),
+        "{e}"
+    );
+    let e = parse(
+        "[redis]\nurl = \"rediss://h:1\"\ncert_file = \"/x.pem\"\n",
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("needs both redis.cert_file and redis.key_file"),
+        "{e}"
+    );
     let e = parse("[server]\nlisten = \"nowhere\"\n", &[]).unwrap_err();
     assert!(
         e.to_string()

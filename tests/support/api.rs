@@ -3,18 +3,37 @@
 use std::process::Command;
 use std::time::Duration;
 
-use super::{bin, free_port, http_get, wait_for, ChildBacked, ChildServer};
+use std::path::PathBuf;
+
+use super::{bin, free_port, http_get, https_get, wait_for, Certs, ChildBacked, ChildServer};
 
 /// `engagement-cdc mock-api` as a child process.
 pub struct MockApi {
     pub port: u16,
+    /// The CA of an HTTPS mock, to reach it.
+    ca: Option<PathBuf>,
     server: ChildServer,
 }
 
 impl MockApi {
     pub fn start(extra: &[&str]) -> MockApi {
+        MockApi::start_with(extra, None)
+    }
+
+    /// HTTPS with the server certificate of `certs`.
+    pub fn start_tls(certs: &Certs) -> MockApi {
+        MockApi::start_with(&[], Some(certs))
+    }
+
+    fn start_with(extra: &[&str], certs: Option<&Certs>) -> MockApi {
         let port = free_port();
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(c) = certs {
+            args.push("--tls-cert".into());
+            args.push(c.server_cert().display().to_string());
+            args.push("--tls-key".into());
+            args.push(c.server_key().display().to_string());
+        }
         let mut server = ChildServer::new(move || {
             let mut c = Command::new(bin());
             c.args(["mock-api", "--listen", &format!("127.0.0.1:{port}")])
@@ -22,7 +41,11 @@ impl MockApi {
             c
         });
         server.spawn();
-        let m = MockApi { port, server };
+        let m = MockApi {
+            port,
+            ca: certs.map(|c| c.ca()),
+            server,
+        };
         m.wait_ready();
         m
     }
@@ -36,16 +59,26 @@ impl MockApi {
 
     fn wait_ready(&self) {
         wait_for("mock-api to answer /stats", Duration::from_secs(10), || {
-            http_get(self.port, "/stats").map(|_| ())
+            self.get("/stats").map(|_| ())
         });
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/events", self.port)
+        match self.ca {
+            Some(_) => format!("https://localhost:{}/events", self.port),
+            None => format!("http://127.0.0.1:{}/events", self.port),
+        }
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        match &self.ca {
+            Some(ca) => https_get(self.port, path, ca),
+            None => http_get(self.port, path),
+        }
     }
 
     pub fn stats(&self) -> serde_json::Value {
-        serde_json::from_str(&http_get(self.port, "/stats").expect("mock-api answers")).unwrap()
+        serde_json::from_str(&self.get("/stats").expect("mock-api answers")).unwrap()
     }
 }
 

@@ -4,17 +4,28 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::{free_port, http_get, http_post, wait_for, ChildBacked, ChildServer, TestDir};
+use super::{free_port, http_get, http_post, wait_for, Certs, ChildBacked, ChildServer, TestDir};
 
 /// A private ClickHouse (the Debian package's server, 18.16 here).
 pub struct ClickHouse {
     pub http_port: u16,
+    pub https_port: Option<u16>,
     server: ChildServer,
     _dir: TestDir,
 }
 
 impl ClickHouse {
     pub fn start() -> ClickHouse {
+        ClickHouse::start_with(None)
+    }
+
+    /// Also serving HTTPS (on [`ClickHouse::https_port`]) with the certificate of `certs`;
+    /// the plain port stays for the test's own queries.
+    pub fn start_tls(certs: &Certs) -> ClickHouse {
+        ClickHouse::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&Certs>) -> ClickHouse {
         let dir = TestDir::new("clickhouse");
         let http_port = free_port();
         let tcp_port = free_port();
@@ -29,6 +40,20 @@ impl ClickHouse {
         }
         std::fs::write(dir.path.join("config.xml"), config).unwrap();
         std::fs::copy(root.join("users.xml"), dir.path.join("users.xml")).unwrap();
+        let https_port = certs.map(|c| {
+            let port = free_port();
+            std::fs::create_dir_all(dir.path.join("config.d")).unwrap();
+            std::fs::write(
+                dir.path.join("config.d/https.xml"),
+                format!(
+                    "<?xml version=\"1.0\"?>\n<yandex>\n  <https_port>{port}</https_port>\n  <openSSL>\n    <server>\n      <certificateFile>{}</certificateFile>\n      <privateKeyFile>{}</privateKeyFile>\n      <verificationMode>none</verificationMode>\n      <loadDefaultCAFile>false</loadDefaultCAFile>\n      <cacheSessions>true</cacheSessions>\n      <disableProtocols>sslv2,sslv3</disableProtocols>\n      <preferServerCiphers>true</preferServerCiphers>\n    </server>\n  </openSSL>\n</yandex>\n",
+                    c.server_cert().display(),
+                    c.server_key().display()
+                ),
+            )
+            .unwrap();
+            port
+        });
         let config_path = dir.path.join("config.xml");
         let mut server = ChildServer::new(move || {
             let mut c = Command::new("clickhouse-server");
@@ -38,6 +63,7 @@ impl ClickHouse {
         server.spawn();
         let ch = ClickHouse {
             http_port,
+            https_port,
             server,
             _dir: dir,
         };
@@ -55,6 +81,14 @@ impl ClickHouse {
                     .map(|_| ())
             },
         );
+    }
+
+    /// `https://localhost:PORT` of a [`ClickHouse::start_tls`] server.
+    pub fn https_url(&self) -> String {
+        format!(
+            "https://localhost:{}",
+            self.https_port.expect("started with TLS")
+        )
     }
 
     pub fn url(&self) -> String {

@@ -184,6 +184,7 @@ pub mod clickhouse;
 pub mod engine;
 pub mod postgres;
 pub mod redis;
+pub mod tls;
 
 // Each test binary uses its own share of these.
 #[allow(unused_imports)]
@@ -196,6 +197,8 @@ pub use engine::{bin, cli, cli_with_peak_rss, Engine, Run, Stdout, TestConfig};
 pub use postgres::{PgOptions, Postgres, PG_BIN};
 #[allow(unused_imports)]
 pub use redis::Redis;
+#[allow(unused_imports)]
+pub use tls::Certs;
 
 /// CPU seconds (user + system) a process has used so far; 0 when it is gone.
 pub fn cpu_seconds(pid: i32) -> f64 {
@@ -243,4 +246,20 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 
 pub fn http_post(port: u16, path: &str, body: &[u8]) -> Option<(u16, String)> {
     http_request(port, "POST", path, body)
+}
+
+/// GET over HTTPS from `localhost:PORT`, trusting only `ca`.
+pub fn https_get(port: u16, path: &str, ca: &std::path::Path) -> Option<String> {
+    let pem = std::fs::read(ca).ok()?;
+    let client = reqwest::blocking::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).ok()?)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("https://localhost:{port}{path}"))
+        .send()
+        .ok()?;
+    response.text().ok()
 }

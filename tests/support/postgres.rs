@@ -87,6 +87,10 @@ fn remove_stale_templates() {
 pub struct PgOptions {
     pub wal_level: &'static str,
     pub extra_conf: String,
+    /// `ssl = on` with this certificate and key (PEM files, copied into the data directory).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// pg_hba.conf with `hostssl` lines only: plaintext TCP connections are refused.
+    pub hostssl_only: bool,
 }
 
 impl Default for PgOptions {
@@ -94,6 +98,8 @@ impl Default for PgOptions {
         PgOptions {
             wal_level: "logical",
             extra_conf: String::new(),
+            tls: None,
+            hostssl_only: false,
         }
     }
 }
@@ -140,6 +146,30 @@ impl Postgres {
             opts.extra_conf
         )
         .unwrap();
+        if let Some((cert, key)) = &opts.tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(to)).unwrap();
+                std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+            }
+            writeln!(
+                conf,
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+            )
+            .unwrap();
+        }
+        if opts.hostssl_only {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all postgres 127.0.0.1/32 trust\n\
+                 hostssl replication postgres 127.0.0.1/32 trust\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .unwrap();
+        }
         if is_root() {
             run_checked(
                 Command::new("chown").args(["-R", "postgres:", dir.path.to_str().unwrap()]),

@@ -164,9 +164,8 @@ impl RedisSink {
         match tokio::time::timeout(Duration::from_secs(10), init).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                if *e.kind() == ErrorKind::Tls {
-                    // fred keeps only the text of the rustls error.
-                    let why = crate::tls::explain_text(e.details());
+                // fred keeps only the text of the rustls error.
+                if let Some(why) = crate::tls::explain_text(e.details()) {
                     return Err(anyhow!("cannot connect to Redis at {url}: {why}"));
                 }
                 return Err(anyhow!(
