@@ -268,3 +268,47 @@ fn each_tls_failure_gives_its_own_error() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.error_line().contains("unknown authority"), "{run:?}");
 }
+
+#[test]
+fn the_status_server_wants_its_token_and_the_state_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    const TOKEN: &str = "status-Token-2718";
+    let pg = Postgres::start();
+    let cfg = TestConfig::new(&pg.url("engagement"), "");
+    let env = [("ENGAGEMENT_CDC__SERVER__AUTH_TOKEN", TOKEN)];
+    assert_eq!(cli(Some(&cfg.path), &["setup"], &env).code, 0);
+    let mode = std::fs::metadata(cfg.state_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "state directory mode {mode:o}");
+
+    let mut engine = Engine::spawn(&cfg.path, &["run", "--stdout"], &env);
+    let port = cfg.server_port;
+    wait_for("the engine to stream", T, || {
+        http_request(port, "GET", "/readyz", b"")
+            .filter(|(code, _)| *code == 200)
+            .map(|_| ())
+    });
+    // The probes are open; everything else wants the token.
+    assert_eq!(http_request(port, "GET", "/healthz", b"").unwrap().0, 200);
+    for path in ["/status", "/metrics", "/"] {
+        assert_eq!(
+            http_request(port, "GET", path, b"").unwrap().0,
+            401,
+            "{path}"
+        );
+        let wrong = http_request_as(port, "GET", path, b"", Some("status-Token-2719"));
+        assert_eq!(wrong.unwrap().0, 401, "{path} with a wrong token");
+        let (code, body) = http_request_as(port, "GET", path, b"", Some(TOKEN)).unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    // `status` sends the token it is configured with.
+    let status = cli(Some(&cfg.path), &["status", "--json"], &env);
+    assert_eq!(status.code, 0, "{status:?}");
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["engine_running"], true, "{v}");
+    assert!(!status.stdout.contains(TOKEN));
+    assert_eq!(engine.terminate(), 0);
+    assert!(!engine.stderr().contains(TOKEN));
+}

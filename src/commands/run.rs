@@ -112,7 +112,12 @@ pub async fn run(
         slot: pgc.slot.clone(),
         dlq: Some(Dlq::open(&store)?),
     });
-    let _server = server::spawn(config.server.listen, state.clone()).await?;
+    let _server = server::spawn(
+        config.server.listen,
+        state.clone(),
+        config.server.auth_token()?,
+    )
+    .await?;
 
     let dimension = store.load_dimension()?;
     tracing::info!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::enrich::rfc3339_us;
 use crate::source::pg;
 use crate::state::StateStore;
@@ -42,7 +42,7 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         lag_bytes: None,
         dlq_depth: None,
     };
-    match engine_status(config.server.listen).await {
+    match engine_status(config.server.listen, config.server.auth_token()?).await {
         Some(v) => {
             st.engine_running = true;
             st.checkpoint_lsn = v["checkpoint_lsn"].as_str().map(str::to_string);
@@ -78,16 +78,16 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
     Ok(st)
 }
 
-async fn engine_status(listen: std::net::SocketAddr) -> Option<serde_json::Value> {
+async fn engine_status(
+    listen: std::net::SocketAddr,
+    token: Option<Secret>,
+) -> Option<serde_json::Value> {
     let fetch = async {
-        let body = reqwest::Client::new()
-            .get(format!("http://{listen}/status"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let mut request = reqwest::Client::new().get(format!("http://{listen}/status"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token.expose());
+        }
+        let body = request.send().await.ok()?.text().await.ok()?;
         serde_json::from_str(&body).ok()
     };
     tokio::time::timeout(Duration::from_secs(2), fetch)

@@ -206,6 +206,7 @@ impl Config {
         if let Some(h) = &self.http {
             h.validate()?;
         }
+        self.server.validate()?;
         Ok(())
     }
 

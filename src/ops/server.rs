@@ -14,6 +14,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::task::JoinHandle;
 
+use crate::config::Secret;
 use crate::ops::metrics::Metrics;
 use crate::types::Lsn;
 
@@ -47,16 +48,26 @@ impl EngineState {
 pub async fn spawn(
     listen: std::net::SocketAddr,
     state: Arc<EngineState>,
+    token: Option<Secret>,
 ) -> anyhow::Result<ServerHandle> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen} for the engine's HTTP endpoints; is another engine running? change [server] listen")
     })?;
+    // Everything but the probes may want the token.
+    let mut guarded = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/", get(page));
+    if let Some(token) = token {
+        guarded = guarded.route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        ));
+    }
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/status", get(status))
-        .route("/", get(page))
+        .merge(guarded)
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -76,6 +87,38 @@ pub struct ServerHandle(JoinHandle<()>);
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// `Authorization: Bearer <server.auth_token>`, or 401.
+async fn require_token(
+    State(token): State<Arc<Secret>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compared in time independent of where they differ.
+    let expected = token.expose().as_bytes();
+    let same = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "unauthorized: send Authorization: Bearer <server.auth_token>\n",
+        )
+            .into_response()
     }
 }
 

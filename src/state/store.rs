@@ -46,14 +46,20 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Open (creating when missing) the store in `dir`.
+    /// Open (creating when missing, readable by its owner only) the store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<StateStore> {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!(
-                "cannot create the state directory {}; check [state] dir and its permissions",
-                dir.display()
-            )
-        })?;
+        use std::os::unix::fs::DirBuilderExt;
+        // The dead letters hold event bodies: only the engine's user may read them.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| {
+                format!(
+                    "cannot create the state directory {}; check [state] dir and its permissions",
+                    dir.display()
+                )
+            })?;
         let db = sled::Config::new()
             .path(dir.join("sled"))
             .cache_capacity(8 * 1024 * 1024)

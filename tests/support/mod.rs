@@ -221,6 +221,17 @@ pub fn cpu_seconds(pid: i32) -> f64 {
 /// HTTP to a loopback server: the status server, the mock API, ClickHouse. `None` when
 /// nothing answers; any status is an answer.
 pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
+    http_request_as(port, method, path, body, None)
+}
+
+/// [`http_request`] with `Authorization: Bearer TOKEN` when a token is given.
+pub fn http_request_as(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> Option<(u16, String)> {
     static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
     let client = CLIENT.get_or_init(|| {
         reqwest::blocking::Client::builder()
@@ -230,12 +241,14 @@ pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> Option<
             .expect("build an HTTP client")
     });
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
-    let response = client
+    let mut request = client
         .request(method, format!("http://127.0.0.1:{port}{path}"))
         .header("content-type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .ok()?;
+        .body(body.to_vec());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().ok()?;
     let status = response.status().as_u16();
     Some((status, response.text().ok()?))
 }
