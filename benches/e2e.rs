@@ -11,7 +11,8 @@
 //!    engine's commit-to-sink latency (p50, p99) and resident memory.
 //!
 //! Options: `--events N` (default 500000), `--sinks clickhouse,redis,http` (default all
-//! three), `--rate N` (default 1000), `--seconds N` (default 30).
+//! three), `--rate N` (default 1000), `--seconds N` (default 30), `--tls` (every connection
+//! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -22,6 +23,8 @@ use std::time::{Duration, Instant};
 use support::*;
 
 struct Options {
+    /// Every connection over TLS, verified (`--tls`).
+    tls: bool,
     events: u64,
     sinks: Vec<String>,
     rate: u64,
@@ -30,6 +33,7 @@ struct Options {
 
 fn options() -> Options {
     let mut o = Options {
+        tls: false,
         events: 500_000,
         sinks: vec!["clickhouse".into(), "redis".into(), "http".into()],
         rate: 1000,
@@ -41,6 +45,11 @@ fn options() -> Options {
         .collect();
     let mut i = 0;
     while i < args.len() {
+        if args[i] == "--tls" {
+            o.tls = true;
+            i += 1;
+            continue;
+        }
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--events" => o.events = v.parse().expect("--events N"),
@@ -66,24 +75,62 @@ fn rss_kb(pid: i32, field: &str) -> u64 {
 
 fn main() {
     let o = options();
+    let certs = Certs::new();
     let pg = Postgres::start_with(PgOptions {
         extra_conf: "max_wal_size = 4GB\ncheckpoint_timeout = 30min\n".into(),
+        // pg_recvlogical then reads over TLS too (libpq's default, prefer, takes it).
+        tls: o.tls.then(|| (certs.server_cert(), certs.server_key())),
+        hostssl_only: o.tls,
         ..Default::default()
     });
     pg.create_database("engagement", true);
     let sql = |q: &str| pg.psql("engagement", q);
-    let (ch, redis, api) = (ClickHouse::start(), Redis::start(), MockApi::start(&[]));
+    let (ch, redis, api) = if o.tls {
+        (
+            ClickHouse::start_tls(&certs),
+            Redis::start_tls(&certs),
+            MockApi::start_tls(&certs),
+        )
+    } else {
+        (ClickHouse::start(), Redis::start(), MockApi::start(&[]))
+    };
+    let ca = certs.ca().display().to_string();
     let mut sections = String::new();
     for s in &o.sinks {
-        match s.as_str() {
-            "clickhouse" => sections += &format!("[clickhouse]\nurl = \"{}\"\n", ch.url()),
-            "redis" => sections += &format!("[redis]\nurl = \"{}\"\n", redis.url()),
-            "http" => sections += &format!("[http]\nurl = \"{}\"\n", api.url()),
-            "stdout" => sections += "[stdout]\nenabled = true\n",
-            other => panic!("unknown sink {other}"),
+        match (s.as_str(), o.tls) {
+            ("clickhouse", false) => sections += &format!("[clickhouse]\nurl = \"{}\"\n", ch.url()),
+            ("clickhouse", true) => {
+                sections += &format!(
+                    "[clickhouse]\nurl = \"{}\"\nca_file = \"{ca}\"\n",
+                    ch.https_url()
+                )
+            }
+            ("redis", false) => sections += &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+            ("redis", true) => {
+                sections += &format!(
+                    "[redis]\nurl = \"{}\"\nca_file = \"{ca}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                    redis.url(),
+                    certs.client_cert().display(),
+                    certs.client_key().display()
+                )
+            }
+            ("http", false) => sections += &format!("[http]\nurl = \"{}\"\n", api.url()),
+            ("http", true) => {
+                sections += &format!("[http]\nurl = \"{}\"\nca_file = \"{ca}\"\n", api.url())
+            }
+            ("stdout", _) => sections += "[stdout]\nenabled = true\n",
+            (other, _) => panic!("unknown sink {other}"),
         }
     }
-    let cfg = TestConfig::new(&pg.url("engagement"), &sections);
+    let pg_url = if o.tls {
+        format!(
+            "postgres://postgres@localhost:{}/engagement?sslmode=verify-full&sslrootcert={ca}",
+            pg.port
+        )
+    } else {
+        pg.url("engagement")
+    };
+    let cfg = TestConfig::new(&pg_url, &sections);
     let setup = cli(Some(&cfg.path), &["setup"], &[]);
     assert_eq!(setup.code, 0, "setup: {setup:?}");
     sql("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')");
@@ -273,8 +320,13 @@ fn main() {
     println!("## engagement-cdc end-to-end benchmark");
     println!();
     println!(
-        "sinks: {}; backlog {n} events in 1000-row transactions",
-        o.sinks.join(", ")
+        "sinks: {}; backlog {n} events in 1000-row transactions; {}",
+        o.sinks.join(", "),
+        if o.tls {
+            "every connection over TLS (verify-full)"
+        } else {
+            "plaintext connections"
+        }
     );
     println!();
     println!("| measure | value |");

@@ -1,5 +1,8 @@
 //! The three sinks against real servers: the seed document's walk-through, kill -9 of the
 //! engine, hung and stopped sinks, API failures and the dead-letter queue.
+//!
+//! Over 400 lines on purpose: one test binary for every scenario that needs all three sinks,
+//! so CI links it once and the scenarios share their helpers (`Env`).
 
 mod support;
 

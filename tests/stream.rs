@@ -1,6 +1,9 @@
 //! `engagement-cdc run --stdout` against a real PostgreSQL: the JSON of each event, the joins
 //! in commit order, kill -9 and restarts, idle confirmation, large transactions, schema
 //! changes and ignored changes.
+//!
+//! Over 400 lines on purpose: one test binary for every scenario of the source side, so CI
+//! links it once and the scenarios share their helpers (`Env`).
 
 mod support;
 

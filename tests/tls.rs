@@ -14,6 +14,7 @@ const T: Duration = Duration::from_secs(120);
 
 const PG_PASSWORD: &str = "pg-Secret-4711";
 const API_TOKEN: &str = "api-Token-0815";
+const REDIS_PASSWORD: &str = "redis-Pass-1234";
 
 fn tls_postgres(certs: &Certs, cert: &str, key: &str) -> Postgres {
     let pg = Postgres::start_with(PgOptions {
@@ -41,6 +42,17 @@ fn the_seed_event_reaches_every_sink_over_verified_tls_and_no_secret_is_printed(
     );
     let ch = ClickHouse::start_tls(&certs);
     let redis = Redis::start_tls(&certs);
+    // An ACL user with a password, as managed Redis services hand out.
+    redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "cdc",
+        "on",
+        &format!(">{REDIS_PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ]);
     let api = MockApi::start_tls(&certs);
     let secrets = TestDir::new("secrets");
     let pw_file = secrets.path.join("pg-password");
@@ -54,7 +66,7 @@ fn the_seed_event_reaches_every_sink_over_verified_tls_and_no_secret_is_printed(
         ),
         &format!(
             "[clickhouse]\nurl = \"{}\"\nca_file = \"{ca}\"\n\n\
-             [redis]\nurl = \"{}\"\nca_file = \"{ca}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
+             [redis]\nurl = \"{}\"\nusername = \"cdc\"\nca_file = \"{ca}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
              [http]\nurl = \"{}\"\nca_file = \"{ca}\"\n",
             ch.https_url(),
             redis.url(),
@@ -74,10 +86,18 @@ fn the_seed_event_reaches_every_sink_over_verified_tls_and_no_secret_is_printed(
         ),
     )
     .unwrap();
-    let env = [("ENGAGEMENT_CDC__HTTP__AUTH_TOKEN", API_TOKEN)];
+    let env = [
+        ("ENGAGEMENT_CDC__HTTP__AUTH_TOKEN", API_TOKEN),
+        ("ENGAGEMENT_CDC__REDIS__PASSWORD", REDIS_PASSWORD),
+    ];
 
     let setup = cli(Some(&cfg.path), &["setup"], &env);
     assert_eq!(setup.code, 0, "setup over TLS: {setup:?}");
+    assert!(
+        setup.stdout.contains("connected over TLSv1."),
+        "{}",
+        setup.stdout
+    );
     let mut engine = Engine::spawn(&cfg.path, &["run"], &env);
     wait_for("the engine to stream", T, || {
         cfg.engine_status()
@@ -102,6 +122,10 @@ fn the_seed_event_reaches_every_sink_over_verified_tls_and_no_secret_is_printed(
     wait_for("the API to receive it", T, || {
         (api.stats()["unique_event_ids"] == 1).then_some(())
     });
+    assert!(
+        redis.cli(&["CLIENT", "LIST"]).contains(" user=cdc "),
+        "the engine logs in to Redis as its ACL user"
+    );
     // The replication connection is encrypted (plaintext would have been refused anyway,
     // as it was for `setup`'s query connection).
     assert_eq!(
@@ -129,7 +153,7 @@ fn the_seed_event_reaches_every_sink_over_verified_tls_and_no_secret_is_printed(
     ];
     assert_eq!(engine.terminate(), 0);
     for (i, out) in outputs.iter().chain([&engine.stderr()]).enumerate() {
-        for secret in [PG_PASSWORD, API_TOKEN] {
+        for secret in [PG_PASSWORD, API_TOKEN, REDIS_PASSWORD] {
             assert!(!out.contains(secret), "output {i} shows a secret: {out}");
         }
     }

@@ -34,11 +34,24 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     let client = pg::connect(pgc).await?;
     let facts = pg::server_facts(&client).await?;
     pg::check_server(&facts)?;
+    // What the server says of this very connection, so the operator sees TLS is in use.
+    let tls: Option<String> = client
+        .query_one(
+            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .context("cannot read pg_stat_ssl")?
+        .get(0);
     report.say(format!(
-        "postgres: {} {} (wal_level = logical, role {:?} may replicate)",
+        "postgres: {} {} (wal_level = logical, role {:?} may replicate; {})",
         pg::describe(pgc),
         facts.version,
-        facts.user
+        facts.user,
+        match tls {
+            Some(version) => format!("connected over {version}"),
+            None => "connected in plaintext".to_string(),
+        }
     ));
     pg::check_source_tables(&client, pgc).await?;
     let events = &pgc.events_table;

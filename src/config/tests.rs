@@ -98,7 +98,21 @@ fn bad_values_are_clear_errors() {
     let e = parse("[postgres]\nsslmode = \"bogus\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("postgres.sslmode: "), "{e}");
     // https is supported; a CA file that is not there is a configuration error naming it.
-    parse("[http]\nurl = \"https://api.example.com/events\"\n", &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    let c = parse(
+        &format!(
+            "[http]\nurl = \"https://api.example.com/events\"\nca_file = \"{}\"\n",
+            ca.display()
+        ),
+        &[],
+    )
+    .unwrap();
+    assert!(c.http().unwrap().tls().unwrap().is_some());
     let e = parse(
         "[http]\nurl = \"https://api.example.com/events\"\nca_file = \"/nonexistent/ca.pem\"\n",
         &[],

@@ -161,8 +161,11 @@ impl PgConnection {
         let path = |key: &str, from_key: &Option<PathBuf>, from_url: &Option<String>| {
             one_of(key, from_key.clone(), from_url.as_ref().map(PathBuf::from))
         };
+        // `sslrootcert=system` (libpq 16's spelling) is the system's roots, as no file is.
+        let ca_file = path("sslrootcert", &pg.sslrootcert, &url_tls.sslrootcert)?
+            .filter(|p| p.as_os_str() != "system");
         let tls = TlsFiles {
-            ca_file: path("sslrootcert", &pg.sslrootcert, &url_tls.sslrootcert)?,
+            ca_file,
             cert_file: path("sslcert", &pg.sslcert, &url_tls.sslcert)?,
             key_file: path("sslkey", &pg.sslkey, &url_tls.sslkey)?,
             keys: (
