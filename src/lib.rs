@@ -27,9 +27,11 @@
 //!   `load`, `mock-api`).
 //! - `ops/` — metrics and the engine's HTTP server (`/metrics`, `/status`, the dashboard).
 //! - `config/` — loading the TOML file and `ENGAGEMENT_CDC__SECTION__KEY` overrides into
-//!   the typed sections.
+//!   the typed sections, which live beside their layers; `checks` — the typed values and
+//!   checks they share (a leaf, so there is no cycle between `config/` and the layers).
 //! - `tls` — one rustls stack for every connection: roots, client certificates, how much
 //!   is verified, and what a failed handshake means.
+//! - `backoff` — exponential backoff with jitter for every retry loop.
 //! - [`error`] — errors a caller decides on (exit codes); `types` — `Lsn` and ids.
 //!
 //! The product contract these modules implement is in `docs/` (architecture, sinks,
@@ -43,6 +45,8 @@
 //! once and make repeats harmless, so the effect is exactly once. `docs/guarantees.md` lists
 //! the tests that prove each guarantee.
 
+pub(crate) mod backoff;
+pub mod checks;
 pub mod commands;
 pub mod config;
 pub mod enrich;

@@ -169,7 +169,7 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         .into());
     }
     let metrics = Arc::new(Metrics::default());
-    let mut sinks = sinks::build(config, &opts.sinks, None, &metrics).await?;
+    let mut sinks = sinks::build(&config.sinks(), &opts.sinks, None, &metrics).await?;
     let redis_at = opts.sinks.iter().position(|k| *k == SinkKind::Redis);
 
     let pgc = &config.postgres;

@@ -64,8 +64,13 @@ pub async fn command(config: &Config, cmd: DlqCommand) -> anyhow::Result<String>
                 http.on_failure = OnFailure::BestEffort;
             }
             let metrics = Arc::new(Metrics::default());
-            let mut sinks =
-                sinks::build(&replay_config, &[SinkKind::Http], Some(&store), &metrics).await?;
+            let mut sinks = sinks::build(
+                &replay_config.sinks(),
+                &[SinkKind::Http],
+                Some(&store),
+                &metrics,
+            )
+            .await?;
             let sink = &mut sinks[0];
             let (mut delivered, mut failed, mut events) = (0usize, 0usize, 0usize);
             for letter in dlq.list()? {

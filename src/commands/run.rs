@@ -9,11 +9,11 @@ use anyhow::{anyhow, bail, Context};
 use pgwire_replication::{FeedbackObserver, ReplicationClient};
 use tokio::sync::{watch, Notify};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, EngineState};
 use crate::pipeline::Pipeline;
-use crate::sinks::retry::Backoff;
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
 use crate::source::replication_config;
@@ -38,7 +38,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let pgc = &config.postgres;
-    let mut kinds = SinkKind::enabled(config);
+    let mut kinds = SinkKind::enabled(&config.sinks());
     if opts.stdout && !kinds.contains(&SinkKind::Stdout) {
         kinds.push(SinkKind::Stdout);
     }
@@ -99,7 +99,7 @@ pub async fn run(
     drop(client);
 
     let metrics = Arc::new(Metrics::default());
-    let sinks = sinks::build(config, &kinds, Some(&store), &metrics).await?;
+    let sinks = sinks::build(&config.sinks(), &kinds, Some(&store), &metrics).await?;
     metrics
         .checkpoint_lsn
         .store(checkpoint.0, Ordering::Relaxed);

@@ -6,7 +6,6 @@
 //! is an error that names the variable), then deserialize with unknown keys rejected and
 //! run [`Config::validate`]. Every failure is a [`UsageError`] (exit code 2).
 
-mod checks;
 mod env;
 
 use std::fmt;
@@ -14,6 +13,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checks::one_line;
+pub use crate::checks::{
+    check_http_url, check_identifier, check_range, empty_is_none, read_secret_file, redact_url,
+    secret_or_file, QualifiedTable, Secret,
+};
 use crate::error::UsageError;
 pub use crate::ops::config::ServerConfig;
 pub use crate::pipeline::config::PipelineConfig;
@@ -23,11 +27,6 @@ pub use crate::sinks::redis::RedisConfig;
 pub use crate::sinks::stdout::StdoutConfig;
 pub use crate::source::config::PostgresConfig;
 pub use crate::state::config::StateConfig;
-use checks::one_line;
-pub use checks::{
-    check_http_url, check_identifier, check_range, empty_is_none, read_secret_file, redact_url,
-    secret_or_file, QualifiedTable, Secret,
-};
 use env::apply_env_overrides;
 
 /// Prefix of the environment variables that override configuration keys.
@@ -218,6 +217,17 @@ impl Config {
     }
     pub fn http(&self) -> Option<&HttpConfig> {
         self.http.as_ref().filter(|c| c.enabled)
+    }
+
+    /// What the sink factory needs: the enabled sinks' sections and the state directory.
+    pub fn sinks(&self) -> crate::sinks::Sections<'_> {
+        crate::sinks::Sections {
+            clickhouse: self.clickhouse(),
+            redis: self.redis(),
+            http: self.http(),
+            stdout: self.stdout.enabled,
+            state_dir: &self.state.dir,
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::{empty_is_none, secret_or_file, Secret};
+use crate::checks::{empty_is_none, secret_or_file, Secret};
 use crate::error::UsageError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

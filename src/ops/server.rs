@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::task::JoinHandle;
 
-use crate::config::Secret;
+use crate::checks::Secret;
 use crate::ops::metrics::Metrics;
 use crate::types::Lsn;
 

@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::enrich::EnrichedEvent;
 use crate::error::UsageError;
 use crate::ops::metrics::Metrics;
@@ -177,29 +176,40 @@ impl SinkKind {
     }
 
     /// The sinks the configuration enables, in delivery order.
-    pub fn enabled(config: &Config) -> Vec<SinkKind> {
+    pub fn enabled(config: &Sections<'_>) -> Vec<SinkKind> {
         let mut out = Vec::new();
-        if config.clickhouse().is_some() {
+        if config.clickhouse.is_some() {
             out.push(SinkKind::ClickHouse);
         }
-        if config.redis().is_some() {
+        if config.redis.is_some() {
             out.push(SinkKind::Redis);
         }
-        if config.http().is_some() {
+        if config.http.is_some() {
             out.push(SinkKind::Http);
         }
-        if config.stdout.enabled {
+        if config.stdout {
             out.push(SinkKind::Stdout);
         }
         out
     }
 }
 
+/// What the factory needs of the configuration: the enabled sinks' sections and where the
+/// dead letters go (`Config::sinks` makes it).
+#[derive(Debug, Clone, Copy)]
+pub struct Sections<'a> {
+    pub clickhouse: Option<&'a clickhouse::ClickHouseConfig>,
+    pub redis: Option<&'a redis::RedisConfig>,
+    pub http: Option<&'a http::HttpConfig>,
+    pub stdout: bool,
+    pub state_dir: &'a std::path::Path,
+}
+
 /// Build and check the sinks named in `kinds` (each connects to its destination and checks
 /// it). The HTTP sink's dead letters go to the state store: `store`, or the one in
 /// `[state] dir` when none is open.
 pub async fn build(
-    config: &Config,
+    config: &Sections<'_>,
     kinds: &[SinkKind],
     store: Option<&StateStore>,
     metrics: &Arc<Metrics>,
@@ -215,22 +225,22 @@ pub async fn build(
     for &kind in kinds {
         match kind {
             SinkKind::ClickHouse => {
-                let cfg = config.clickhouse().ok_or_else(|| missing(kind))?;
+                let cfg = config.clickhouse.ok_or_else(|| missing(kind))?;
                 sinks.push(Box::new(
                     clickhouse::ClickHouseSink::connect(cfg, metrics.clone()).await?,
                 ));
             }
             SinkKind::Redis => {
-                let cfg = config.redis().ok_or_else(|| missing(kind))?;
+                let cfg = config.redis.ok_or_else(|| missing(kind))?;
                 sinks.push(Box::new(
                     redis::RedisSink::connect(cfg, metrics.clone()).await?,
                 ));
             }
             SinkKind::Http => {
-                let cfg = config.http().ok_or_else(|| missing(kind))?;
+                let cfg = config.http.ok_or_else(|| missing(kind))?;
                 let dlq = match store {
                     Some(s) => Dlq::open(s)?,
-                    None => Dlq::open(&StateStore::open(&config.state.dir)?)?,
+                    None => Dlq::open(&StateStore::open(config.state_dir)?)?,
                 };
                 sinks.push(Box::new(http::HttpSink::new(cfg, dlq, metrics.clone())?));
             }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{empty_is_none, redact_url, QualifiedTable, Secret};
+use crate::checks::{empty_is_none, redact_url, QualifiedTable, Secret};
 use crate::source::connect::SslMode;
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]

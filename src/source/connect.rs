@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{redact_url, secret_or_file, PostgresConfig};
+use crate::checks::{redact_url, secret_or_file};
 use crate::error::UsageError;
+use crate::source::config::PostgresConfig;
 use crate::tls::{TlsFiles, Verify};
 
 /// libpq's `sslmode`, as far as it concerns a client that never sends a certificate it was
@@ -291,7 +292,7 @@ fn describe(c: &tokio_postgres::Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::checks::Secret;
 
     fn conn(
         url: &str,

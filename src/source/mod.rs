@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use pgwire_replication::ReplicationConfig;
 
-use crate::config::PostgresConfig;
+use config::PostgresConfig;
 use connect::PgConnection;
 
 /// Session settings for the walsender, so text values are rendered the way the decoder

@@ -5,7 +5,8 @@ use anyhow::{anyhow, bail, Context};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::config::{redact_url, PostgresConfig, QualifiedTable};
+use crate::checks::{redact_url, QualifiedTable};
+use crate::source::config::PostgresConfig;
 use crate::source::connect::PgConnection;
 use crate::source::schema::{locate, RequiredColumn, CONTENT_COLUMNS, EVENT_COLUMNS};
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::QualifiedTable;
+use crate::checks::QualifiedTable;
 use crate::enrich::{days_from_civil, ContentRow, RawEvent};
 use crate::source::pgoutput::{Relation, Tuple, Value};
 use crate::source::schema::{locate, CONTENT_COLUMNS, EVENT_COLUMNS};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 
 use super::config::ClickHouseConfig;
-use crate::config::redact_url;
+use crate::checks::redact_url;
 use crate::error::UsageError;
 use crate::sinks::SinkError;
 

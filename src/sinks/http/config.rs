@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_http_url, check_range, empty_is_none, secret_or_file, Secret};
+use crate::checks::{check_http_url, check_range, empty_is_none, secret_or_file, Secret};
 use crate::error::UsageError;
 use crate::tls::{TlsFiles, Verify};
 

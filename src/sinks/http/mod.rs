@@ -16,7 +16,7 @@ use futures_util::stream::{self, StreamExt};
 
 use super::retry::{Exhausted, RetryPolicy};
 use super::{BoxFuture, Delivery, Sink, SinkError};
-use crate::config::{redact_url, Secret};
+use crate::checks::{redact_url, Secret};
 use crate::enrich::{now_us, rfc3339_us, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 use crate::state::dlq::{DeadLetter, Dlq};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{empty_is_none, redact_url, secret_or_file, Secret};
+use crate::checks::{empty_is_none, redact_url, secret_or_file, Secret};
 use crate::error::UsageError;
 use crate::tls::{TlsFiles, Verify};
 

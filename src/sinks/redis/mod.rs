@@ -22,7 +22,7 @@ use fred::types::scripts::Script;
 
 use super::retry::RetryPolicy;
 use super::{BoxFuture, Delivery, Sink, SinkError};
-use crate::config::redact_url;
+use crate::checks::redact_url;
 use crate::enrich::{now_us, utc_parts, EnrichedEvent};
 use crate::error::UsageError;
 use crate::ops::metrics::Metrics;

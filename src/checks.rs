@@ -1,5 +1,9 @@
-//! Values the configuration checks and types: secrets that are never printed, table
-//! names, identifiers, ranges and URLs.
+//! Typed values and checks every configuration section uses: secrets that are never printed
+//! (and secrets read from files), table names, identifiers, ranges, URLs, optional keys.
+//!
+//! A leaf: it depends on nothing but [`crate::error`]. The sections live beside the code
+//! that uses them (`source/config.rs`, `sinks/*/config.rs`, …) and `config/` gathers them,
+//! so neither depends on the other through here.
 
 use std::fmt;
 
