@@ -336,3 +336,59 @@ fn the_status_server_wants_its_token_and_the_state_directory_is_private() {
     assert_eq!(engine.terminate(), 0);
     assert!(!engine.stderr().contains(TOKEN));
 }
+
+#[test]
+fn postgres_client_certificates_serve_both_connections() {
+    let certs = Certs::new();
+    let pg = Postgres::start_with(PgOptions {
+        tls: Some((certs.server_cert(), certs.server_key())),
+        hostssl_only: true,
+        client_ca: Some(certs.ca()),
+        ..PgOptions::default()
+    });
+    pg.create_database("engagement", true);
+    // The client certificate's common name is the role; no password exists for it.
+    pg.psql(
+        "engagement",
+        "CREATE ROLE \"engagement-cdc\" SUPERUSER LOGIN",
+    );
+    let url = format!(
+        "postgres://engagement-cdc@localhost:{}/engagement?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        certs.ca().display()
+    );
+    // Without a certificate the server turns the role away.
+    let cfg = TestConfig::new(&url, "");
+    let run = cli(Some(&cfg.path), &["status"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.error_line().contains("certificate"), "{run:?}");
+    // With one, as keys of [postgres]: setup makes the query and the replication connection.
+    let text = std::fs::read_to_string(&cfg.path).unwrap().replace(
+        "[postgres]\n",
+        &format!(
+            "[postgres]\nsslcert = \"{}\"\nsslkey = \"{}\"\n",
+            certs.client_cert().display(),
+            certs.client_key().display()
+        ),
+    );
+    std::fs::write(&cfg.path, text).unwrap();
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    assert!(
+        setup.stdout.contains("slot \"engagement_cdc\" created"),
+        "{}",
+        setup.stdout
+    );
+    let mut engine = Engine::spawn(&cfg.path, &["run", "--stdout"], &[]);
+    let id = pg.psql(
+        "engagement",
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+         VALUES (1, 7, 'play', 1000, 'web') RETURNING id",
+    );
+    let lines = engine.wait_lines(1, T);
+    assert!(
+        lines[0].contains(&format!("\"event_id\":{id}")),
+        "{lines:?}"
+    );
+    assert_eq!(engine.terminate(), 0);
+}

@@ -91,6 +91,9 @@ pub struct PgOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// pg_hba.conf with `hostssl` lines only: plaintext TCP connections are refused.
     pub hostssl_only: bool,
+    /// With `hostssl_only`: the role `engagement-cdc` logs in by client certificate (its
+    /// common name), checked against this CA.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for PgOptions {
@@ -100,6 +103,7 @@ impl Default for PgOptions {
             extra_conf: String::new(),
             tls: None,
             hostssl_only: false,
+            client_ca: None,
         }
     }
 }
@@ -159,11 +163,22 @@ impl Postgres {
             )
             .unwrap();
         }
+        if let Some(ca) = &opts.client_ca {
+            std::fs::copy(ca, data.join("client-ca.crt")).unwrap();
+            writeln!(conf, "ssl_ca_file = 'client-ca.crt'").unwrap();
+        }
         if opts.hostssl_only {
+            let by_cert = if opts.client_ca.is_some() {
+                "hostssl all engagement-cdc 127.0.0.1/32 cert\n\
+                 hostssl replication engagement-cdc 127.0.0.1/32 cert\n"
+            } else {
+                ""
+            };
             std::fs::write(
                 data.join("pg_hba.conf"),
-                "local all all trust\n\
-                 hostssl all postgres 127.0.0.1/32 trust\n\
+                "local all all trust\n".to_string()
+                    + by_cert
+                    + "hostssl all postgres 127.0.0.1/32 trust\n\
                  hostssl replication postgres 127.0.0.1/32 trust\n\
                  hostssl all all 127.0.0.1/32 scram-sha-256\n\
                  hostssl replication all 127.0.0.1/32 scram-sha-256\n",
