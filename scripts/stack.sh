@@ -43,6 +43,8 @@ install_missing() {
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v clickhouse-server >/dev/null || missing+=(clickhouse-server)
   command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
+  # ZooKeeper coordinates the ClickHouse cluster of the tests (tests/support/clickhouse.rs).
+  [ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
   [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then

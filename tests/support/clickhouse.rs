@@ -1,4 +1,6 @@
-//! A private ClickHouse server per test (scripts/clickhouse/ holds its configuration).
+//! A private ClickHouse server per test (scripts/clickhouse/ holds its configuration), and
+//! a private ClickHouse cluster: ZooKeeper and three servers, two shards, the second with
+//! two replicas.
 
 use std::path::Path;
 use std::process::Command;
@@ -26,9 +28,17 @@ impl ClickHouse {
     }
 
     fn start_with(certs: Option<&Certs>) -> ClickHouse {
+        ClickHouse::start_ports(free_port(), free_port(), certs, &[])
+    }
+
+    /// A server on these ports with extra files in its `config.d/`.
+    fn start_ports(
+        http_port: u16,
+        tcp_port: u16,
+        certs: Option<&Certs>,
+        config_d: &[(&str, String)],
+    ) -> ClickHouse {
         let dir = TestDir::new("clickhouse");
-        let http_port = free_port();
-        let tcp_port = free_port();
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/clickhouse");
         let config = std::fs::read_to_string(root.join("config.xml"))
             .unwrap()
@@ -40,9 +50,12 @@ impl ClickHouse {
         }
         std::fs::write(dir.path.join("config.xml"), config).unwrap();
         std::fs::copy(root.join("users.xml"), dir.path.join("users.xml")).unwrap();
+        std::fs::create_dir_all(dir.path.join("config.d")).unwrap();
+        for (name, text) in config_d {
+            std::fs::write(dir.path.join("config.d").join(name), text).unwrap();
+        }
         let https_port = certs.map(|c| {
             let port = free_port();
-            std::fs::create_dir_all(dir.path.join("config.d")).unwrap();
             std::fs::write(
                 dir.path.join("config.d/https.xml"),
                 format!(
@@ -105,3 +118,116 @@ impl ClickHouse {
 }
 
 child_backed!(ClickHouse);
+
+/// ZooKeeper (Debian's `zookeeper` package) standalone, for the ClickHouse cluster.
+pub struct ZooKeeper {
+    pub port: u16,
+    server: ChildServer,
+    _dir: TestDir,
+}
+
+impl ZooKeeper {
+    pub fn start() -> ZooKeeper {
+        let dir = TestDir::new("zookeeper");
+        let port = free_port();
+        let data = dir.path.join("data");
+        let mut server = ChildServer::new(move || {
+            let mut c = Command::new("java");
+            c.args([
+                "-Xmx256m",
+                "-cp",
+                "/usr/share/java/*",
+                "-Dzookeeper.admin.enableServer=false",
+                "-Dzookeeper.4lw.commands.whitelist=ruok",
+                "org.apache.zookeeper.server.ZooKeeperServerMain",
+                &port.to_string(),
+            ])
+            .arg(&data);
+            c
+        });
+        server.spawn();
+        let zk = ZooKeeper {
+            port,
+            server,
+            _dir: dir,
+        };
+        zk.wait_ready();
+        zk
+    }
+
+    fn wait_ready(&self) {
+        use std::io::{Read, Write};
+        wait_for("zookeeper to answer ruok", Duration::from_secs(30), || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"ruok").ok()?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).ok()?;
+            (answer == "imok").then_some(())
+        });
+    }
+}
+
+child_backed!(ZooKeeper);
+
+/// Three ClickHouse servers in the cluster `CLUSTER`: shard 1 on `nodes[0]`, shard 2 on
+/// `nodes[1]` and `nodes[2]` (replicas), coordinated by one ZooKeeper.
+pub struct ClickHouseCluster {
+    pub nodes: Vec<ClickHouse>,
+    pub zookeeper: ZooKeeper,
+}
+
+impl ClickHouseCluster {
+    pub const NAME: &'static str = "events_cluster";
+
+    pub fn start() -> ClickHouseCluster {
+        let zookeeper = ZooKeeper::start();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let replica = |i: usize| {
+            format!(
+                "<replica><host>127.0.0.1</host><port>{}</port></replica>",
+                ports[i].1
+            )
+        };
+        let remote = format!(
+            "<remote_servers><{name}>\
+             <shard><internal_replication>true</internal_replication>{}</shard>\
+             <shard><internal_replication>true</internal_replication>{}{}</shard>\
+             </{name}></remote_servers>",
+            replica(0),
+            replica(1),
+            replica(2),
+            name = Self::NAME
+        );
+        let nodes = (0..3)
+            .map(|i| {
+                let (shard, name) = [("01", "r1"), ("02", "r1"), ("02", "r2")][i];
+                let xml = format!(
+                    "<?xml version=\"1.0\"?>\n<yandex>\
+                     <interserver_http_port>{}</interserver_http_port>\
+                     <interserver_http_host>127.0.0.1</interserver_http_host>\
+                     {remote}\
+                     <zookeeper><node><host>127.0.0.1</host><port>{}</port></node></zookeeper>\
+                     <macros><shard>{shard}</shard><replica>{name}</replica></macros>\
+                     <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>\
+                     </yandex>\n",
+                    ports[i].2, zookeeper.port
+                );
+                ClickHouse::start_ports(ports[i].0, ports[i].1, None, &[("cluster.xml", xml)])
+            })
+            .collect();
+        ClickHouseCluster { nodes, zookeeper }
+    }
+
+    /// The node the engine is pointed at.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// A query on the first node (through the Distributed table, it sees every shard).
+    pub fn query(&self, sql: &str) -> String {
+        self.nodes[0].query(sql)
+    }
+}

@@ -190,7 +190,7 @@ pub mod tls;
 #[allow(unused_imports)]
 pub use api::MockApi;
 #[allow(unused_imports)]
-pub use clickhouse::ClickHouse;
+pub use clickhouse::{ClickHouse, ClickHouseCluster};
 #[allow(unused_imports)]
 pub use engine::{bin, cli, cli_with_peak_rss, Engine, Run, Stdout, TestConfig};
 #[allow(unused_imports)]

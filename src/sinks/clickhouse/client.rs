@@ -79,6 +79,11 @@ impl ClickHouse {
         if let Some(password) = cfg.password()? {
             client = client.with_password(password.expose());
         }
+        if !cfg.cluster.is_empty() {
+            // An insert into the Distributed table returns once every shard has its rows,
+            // not when they are queued on this node: only then may the checkpoint move.
+            client = client.with_setting("insert_distributed_sync", "1");
+        }
         Ok(ClickHouse {
             client,
             cfg: cfg.clone(),

@@ -17,6 +17,9 @@ pub struct ClickHouseConfig {
     pub url: String,
     pub database: String,
     pub table: String,
+    /// A cluster of `remote_servers`: `setup` makes `table` the Distributed table over
+    /// replicated `{table}_local` tables on every node. Empty: one server.
+    pub cluster: String,
     pub user: String,
     pub password: Secret,
     #[serde(with = "empty_is_none")]
@@ -37,6 +40,7 @@ impl Default for ClickHouseConfig {
             url: "http://127.0.0.1:58123".into(),
             database: "engagement".into(),
             table: "events_enriched".into(),
+            cluster: String::new(),
             user: "default".into(),
             password: Secret::default(),
             password_file: None,
@@ -52,6 +56,9 @@ impl ClickHouseConfig {
         check_http_url("clickhouse.url", &self.url)?;
         check_identifier("clickhouse.database", &self.database)?;
         check_identifier("clickhouse.table", &self.table)?;
+        if !self.cluster.is_empty() {
+            check_identifier("clickhouse.cluster", &self.cluster)?;
+        }
         self.password()?;
         self.tls()?;
         Ok(())

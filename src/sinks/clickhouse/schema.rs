@@ -114,18 +114,60 @@ impl Layout {
     }
 }
 
-/// Create the database and table when missing (the layout for this server's version), then
-/// check that the table has every column the engine writes with the right type. Returns the
-/// layout and the server's version.
+/// The statements of a layout's migration, for one server or, with `cluster`, for a
+/// cluster: the database `ON CLUSTER`, the replicated table `{table}_local` on every node
+/// (ReplicatedReplacingMergeTree, still versioned by `source_lsn`), and `{table}` as the
+/// Distributed table over it, sharded by `event_id` so every delivery of an event lands on
+/// the same shard and `FINAL` stays exact (docs/sinks.md, "ClickHouse cluster").
+fn statements(layout: Layout, cluster: &str) -> anyhow::Result<Vec<String>> {
+    let single = split_statements(layout.migration());
+    if cluster.is_empty() {
+        return Ok(single);
+    }
+    let [database, table] = single.as_slice() else {
+        anyhow::bail!(
+            "the ClickHouse migration has {} statements, not 2",
+            single.len()
+        );
+    };
+    let rewrite = |text: &str, from: &str, to: &str| -> anyhow::Result<String> {
+        if !text.contains(from) {
+            anyhow::bail!("the ClickHouse migration has no {from:?} to make a cluster's");
+        }
+        Ok(text.replacen(from, to, 1))
+    };
+    let on = format!(" ON CLUSTER {cluster}");
+    let local = rewrite(
+        table,
+        "CREATE TABLE IF NOT EXISTS {database}.{table} (",
+        &format!("CREATE TABLE IF NOT EXISTS {{database}}.{{table}}_local{on} ("),
+    )?;
+    let local = rewrite(
+        &local,
+        "ENGINE = ReplacingMergeTree(source_lsn)",
+        "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}_local', '{replica}', source_lsn)",
+    )?;
+    Ok(vec![
+        format!("{database}{on}"),
+        local,
+        format!(
+            "CREATE TABLE IF NOT EXISTS {{database}}.{{table}}{on} AS {{database}}.{{table}}_local \
+             ENGINE = Distributed({cluster}, {{database}}, {{table}}_local, intHash64(event_id))"
+        ),
+    ])
+}
+
+/// Create the database and table when missing (the layout for this server's version; the
+/// cluster's tables when `[clickhouse] cluster` is set), then check that the table has every
+/// column the engine writes with the right type. Returns the layout and the server's version.
 pub async fn migrate(ch: &ClickHouse) -> anyhow::Result<(Layout, String)> {
     let version = ch.server_version().await?;
     let layout = Layout::for_version(&version)?;
     let cfg = ch.config();
-    let sql = layout
-        .migration()
-        .replace("{database}", &cfg.database)
-        .replace("{table}", &cfg.table);
-    for statement in split_statements(&sql) {
+    for statement in statements(layout, &cfg.cluster)? {
+        let statement = statement
+            .replace("{database}", &cfg.database)
+            .replace("{table}", &cfg.table);
         ch.execute(&statement).await.map_err(|e| {
             anyhow!(
                 "cannot apply the ClickHouse migration to {}.{}: {e}",
@@ -214,6 +256,21 @@ mod tests {
             }
         }
         assert_eq!(Layout::Modern.columns().len(), 12);
+        for layout in [Layout::Modern, Layout::Legacy] {
+            let stmts = statements(layout, "c1").unwrap();
+            assert_eq!(stmts.len(), 3, "{stmts:?}");
+            assert!(
+                stmts[0].ends_with("{database} ON CLUSTER c1"),
+                "{}",
+                stmts[0]
+            );
+            assert!(stmts[1].contains("{database}.{table}_local ON CLUSTER c1 ("));
+            assert!(stmts[1].contains(
+                "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}_local', '{replica}', source_lsn)"
+            ));
+            assert!(stmts[2]
+                .contains("Distributed(c1, {database}, {table}_local, intHash64(event_id))"));
+        }
         assert_eq!(Layout::Legacy.columns().len(), 13);
     }
 }
