@@ -110,6 +110,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Slot lag (bytes of WAL not yet confirmed) above which the status is a problem.
+        #[arg(long, default_value_t = commands::status::DEFAULT_MAX_LAG_BYTES)]
+        max_lag_bytes: i64,
     },
 }
 
@@ -288,13 +291,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tls,
             }))?;
         }
-        Command::Status { json } => {
+        Command::Status {
+            json,
+            max_lag_bytes,
+        } => {
             let config = load_config(cli.config.as_deref())?;
-            let status = runtime.block_on(commands::status::status(&config))?;
+            let status = runtime.block_on(commands::status::status(&config, max_lag_bytes))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status.render_text());
+            }
+            // For monitoring: 1 with the reasons on one line unless all is well.
+            if !status.healthy {
+                eprintln!("unhealthy: {}", status.problems.join("; "));
+                return Ok(ExitCode::from(1));
             }
         }
     }

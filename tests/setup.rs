@@ -383,3 +383,66 @@ fn an_unreadable_log_filter_exits_2_and_json_logs_are_json() {
     assert_eq!(line["level"], "DEBUG", "{line}");
     assert!(line["fields"]["message"].is_string(), "{line}");
 }
+
+#[test]
+fn setup_checks_every_enabled_sink() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let api = MockApi::start(&[]);
+    let nobody = free_port();
+    let setup = |extra: &str| {
+        let cfg = TestConfig::new(&pg.url("engagement"), extra);
+        cli(Some(&cfg.path), &["setup"], &[])
+    };
+
+    let run = setup(&format!("[redis]\nurl = \"redis://127.0.0.1:{nobody}\"\n"));
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains(&format!(
+            "cannot connect to Redis at redis://127.0.0.1:{nobody}"
+        )),
+        "{line}"
+    );
+
+    let run = setup(&format!(
+        "[http]\nurl = \"http://127.0.0.1:{nobody}/events\"\n"
+    ));
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains(&format!(
+            "cannot reach the API at http://127.0.0.1:{nobody}/events"
+        )),
+        "{line}"
+    );
+
+    let both = format!(
+        "[redis]\nurl = \"{}\"\n\n[http]\nurl = \"{}\"\n",
+        redis.url(),
+        api.url()
+    );
+    let run = setup(&both);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "redis: {} answers and accepts the batch script",
+            redis.url()
+        )),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("http: {} answers (HTTP 405 to HEAD)", api.url())),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(api.stats()["requests"], 0, "nothing was posted");
+
+    // Reachable but not authorised.
+    redis.cli(&["CONFIG", "SET", "requirepass", "redis-Pw-9"]);
+    let run = setup(&both);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.error_line().contains("Redis"), "{run:?}");
+}

@@ -36,7 +36,14 @@ fn env(api: MockApi, prefix: &str, http_extra: &str) -> Env {
             api.url()
         ),
     );
-    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    // setup refuses an API it cannot reach; a test that starts with the API down sets up
+    // the rest (setup needs nothing else of the API) and lets the engine meet the outage.
+    let skip_api: &[(&str, &str)] = if api.running() {
+        &[]
+    } else {
+        &[("ENGAGEMENT_CDC__HTTP__ENABLED", "false")]
+    };
+    let run = cli(Some(&cfg.path), &["setup"], skip_api);
     assert_eq!(run.code, 0, "setup: {run:?}");
     Env {
         pg,
@@ -606,4 +613,66 @@ fn sigterm_with_a_hung_sink_still_exits_0() {
     let _again = env.engine();
     // The API saw the unconfirmed events once before the stop: repeats there are expected.
     env.assert_exact(false);
+}
+
+#[test]
+fn status_exit_codes_follow_the_engine_and_its_sinks() {
+    let mut env = env(MockApi::start(&[]), "", "");
+    let mut engine = env.engine();
+    env.insert_n(100);
+    env.assert_exact(true);
+    let status = |env: &Env| cli(Some(&env.cfg.path), &["status"], &[]);
+    wait_for("status to be healthy", T, || {
+        let run = status(&env);
+        (run.code == 0).then_some(())
+    });
+    let run = status(&env);
+    assert!(
+        run.stdout.contains("health:              ok"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("sink clickhouse     delivering"),
+        "{}",
+        run.stdout
+    );
+    // The status server is read-only.
+    let port = env.cfg.server_port;
+    assert_eq!(http_request(port, "POST", "/status", b"").unwrap().0, 405);
+
+    // ClickHouse down while events arrive: exit 1, the sink and since when on one line.
+    env.ch.stop();
+    env.insert_n(10);
+    let run = wait_for("status to name the failing sink", T, || {
+        let run = status(&env);
+        (run.code == 1).then_some(run)
+    });
+    let line = run.stderr.trim_end();
+    assert!(
+        line.starts_with("unhealthy: sink clickhouse retrying since 20")
+            && line.contains("ClickHouse"),
+        "{run:?}"
+    );
+    let v: Value =
+        serde_json::from_str(&cli(Some(&env.cfg.path), &["status", "--json"], &[]).stdout).unwrap();
+    assert_eq!(v["sinks"]["clickhouse"]["state"], "retrying", "{v}");
+    assert_eq!(v["sinks"]["redis"]["state"], "delivering", "{v}");
+    assert_eq!(v["healthy"], false);
+
+    // Back: healthy again once the held batch is delivered.
+    env.ch.start_again();
+    env.assert_exact(true);
+    wait_for("status to be healthy again", T, || {
+        (status(&env).code == 0).then_some(())
+    });
+
+    // The engine stopped: exit 1.
+    assert_eq!(engine.terminate(), 0);
+    let run = status(&env);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(
+        run.stderr.trim_end(),
+        "unhealthy: the engine is not running"
+    );
 }

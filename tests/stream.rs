@@ -385,9 +385,16 @@ fn sigterm_confirms_the_checkpoint_and_exits_0() {
         }
     );
     let status = cli(Some(&env.cfg.path), &["status", "--json"], &[]);
-    assert_eq!(status.code, 0, "{status:?}");
+    // For monitoring, a stopped engine is a problem: exit 1 and the reason on one line.
+    assert_eq!(status.code, 1, "{status:?}");
+    assert_eq!(
+        status.stderr.trim_end(),
+        "unhealthy: the engine is not running",
+        "{status:?}"
+    );
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["engine_running"], false);
+    assert_eq!(v["healthy"], false);
     assert_eq!(v["checkpoint_lsn"], v["confirmed_flush_lsn"], "{v}");
     assert_eq!(v["wal_status"], "reserved");
     assert!(v["last_commit_time"].as_str().unwrap().ends_with('Z'));

@@ -111,6 +111,7 @@ pub async fn run(
         streaming: AtomicBool::new(false),
         slot: pgc.slot.clone(),
         dlq: Some(Dlq::open(&store)?),
+        not_streaming_reason: std::sync::Mutex::new(Some("connecting to Postgres".into())),
     });
     let _server = server::spawn(
         config.server.listen,
@@ -161,6 +162,7 @@ pub async fn run(
             Err(SessionEnd::Fatal(e)) => break Err(e),
             Err(SessionEnd::Lost(_)) if *shutdown.borrow() => break Ok(()),
             Err(SessionEnd::Lost(e)) => {
+                state.set_streaming(false, Some(format!("{e:#}")));
                 let delay = backoff.next_delay();
                 tracing::warn!("{:#}; retrying in {delay:?}", e);
                 tokio::select! {
@@ -171,12 +173,12 @@ pub async fn run(
             Err(SessionEnd::Shutdown) => break Ok(()),
         };
         metrics.counters.replication_sessions.inc();
-        state.streaming.store(true, Ordering::Relaxed);
+        state.set_streaming(true, None);
         tracing::info!("streaming slot {:?} from {start}", pgc.slot);
         let end = source
             .session(&mut client, &mut pipeline, start, &mut shutdown)
             .await;
-        state.streaming.store(false, Ordering::Relaxed);
+        state.set_streaming(false, Some(session_end_reason(&end)));
         match end {
             SessionEnd::Shutdown => {
                 let done = tokio::time::timeout(DRAIN_TIMEOUT, pipeline.drain()).await;
@@ -291,4 +293,13 @@ pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
         let _ = tx.send(true);
     });
     Ok(rx)
+}
+
+/// Why a session ended, for `/status` while the next one is not yet streaming.
+fn session_end_reason(end: &SessionEnd) -> String {
+    match end {
+        SessionEnd::Shutdown => "shutting down".into(),
+        SessionEnd::Lost(e) => format!("replication connection lost: {e:#}; reconnecting"),
+        SessionEnd::Fatal(e) => format!("stopped: {e:#}"),
+    }
 }

@@ -236,6 +236,23 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         ));
     }
 
+    // Every enabled sink is checked: an unreachable one is an error now, not at `run`.
+    if let Some(r) = config.redis() {
+        let metrics = std::sync::Arc::new(crate::ops::metrics::Metrics::default());
+        crate::sinks::redis::RedisSink::connect(r, metrics).await?;
+        report.say(format!(
+            "redis: {} answers and accepts the batch script",
+            crate::checks::redact_url(&r.url)
+        ));
+    }
+    if let Some(h) = config.http() {
+        let status = crate::sinks::http::check_reachable(h).await?;
+        report.say(format!(
+            "http: {} answers (HTTP {status} to HEAD)",
+            crate::checks::redact_url(&h.url)
+        ));
+    }
+
     match &store {
         Some(store) => {
             if store.identity()?.is_none() {

@@ -1,5 +1,8 @@
-//! `engagement-cdc status [--json]`: the checkpoint, the slot's confirmed position and lag,
-//! `wal_status`, the dead-letter queue's depth and the last commit time.
+//! `engagement-cdc status [--json] [--max-lag-bytes N]`: the checkpoint, the slot's
+//! confirmed position and lag, `wal_status`, each sink's health, the dead-letter queue's
+//! depth and the last commit time; and whether all is well, for monitoring: exit 0 only
+//! when the engine streams and every sink delivers, else 1 with the problems on one line
+//! (docs/operations.md, "Monitoring").
 //!
 //! A running engine holds the state store's lock, so then the engine's `/status` endpoint
 //! is asked instead of the store.
@@ -27,9 +30,20 @@ pub struct Status {
     /// Bytes of WAL between the server's current position and the slot's confirmed one.
     pub lag_bytes: Option<i64>,
     pub dlq_depth: Option<u64>,
+    /// The running engine's replication session is open.
+    pub streaming: Option<bool>,
+    pub not_streaming_reason: Option<String>,
+    /// Each sink's health as the running engine sees it (`delivering`, `retrying`, `failed`).
+    pub sinks: serde_json::Map<String, serde_json::Value>,
+    /// Why this is not healthy; empty when it is.
+    pub problems: Vec<String>,
+    pub healthy: bool,
 }
 
-pub async fn status(config: &Config) -> anyhow::Result<Status> {
+/// Slot lag above which `status` reports a problem unless told otherwise: 1 GiB.
+pub const DEFAULT_MAX_LAG_BYTES: i64 = 1 << 30;
+
+pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Status> {
     let mut st = Status {
         engine_running: false,
         checkpoint_lsn: None,
@@ -41,6 +55,11 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         slot_active: None,
         lag_bytes: None,
         dlq_depth: None,
+        streaming: None,
+        not_streaming_reason: None,
+        sinks: serde_json::Map::new(),
+        problems: Vec::new(),
+        healthy: false,
     };
     match engine_status(config.server.listen, config.server.auth_token()?).await {
         Some(v) => {
@@ -48,6 +67,9 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
             st.checkpoint_lsn = v["checkpoint_lsn"].as_str().map(str::to_string);
             st.last_commit_time = v["last_commit_time"].as_str().map(str::to_string);
             st.dlq_depth = v["dlq_depth"].as_u64();
+            st.streaming = v["streaming"].as_bool();
+            st.not_streaming_reason = v["not_streaming_reason"].as_str().map(str::to_string);
+            st.sinks = v["sinks"].as_object().cloned().unwrap_or_default();
         }
         None => {
             if config.state.dir.exists() {
@@ -75,7 +97,49 @@ pub async fn status(config: &Config) -> anyhow::Result<Status> {
         st.slot_active = Some(r.get(2));
         st.lag_bytes = r.get(3);
     }
+    st.problems = problems(&st, max_lag_bytes);
+    st.healthy = st.problems.is_empty();
     Ok(st)
+}
+
+/// Everything that keeps the status from being healthy, most fundamental first.
+fn problems(st: &Status, max_lag_bytes: i64) -> Vec<String> {
+    let mut out = Vec::new();
+    if !st.slot_exists {
+        out.push(format!(
+            "slot {:?} does not exist; run `engagement-cdc setup`",
+            st.slot
+        ));
+    } else if st.wal_status.as_deref() == Some("lost") {
+        out.push(format!(
+            "slot {:?} lost WAL it needed (wal_status lost); see docs/operations.md, \"Recovering from a lost slot\"",
+            st.slot
+        ));
+    }
+    if !st.engine_running {
+        out.push("the engine is not running".into());
+    } else if st.streaming == Some(false) {
+        out.push(format!(
+            "the engine is not streaming: {}",
+            st.not_streaming_reason.as_deref().unwrap_or("starting")
+        ));
+    }
+    for (name, h) in &st.sinks {
+        let state = h["state"].as_str().unwrap_or("?");
+        if state != "delivering" {
+            out.push(format!(
+                "sink {name} {state} since {}: {}",
+                h["since"].as_str().unwrap_or("?"),
+                h["last_error"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    if let Some(lag) = st.lag_bytes.filter(|&l| l > max_lag_bytes) {
+        out.push(format!(
+            "slot lag {lag} bytes is over {max_lag_bytes} (--max-lag-bytes)"
+        ));
+    }
+    out
 }
 
 async fn engine_status(
@@ -144,9 +208,37 @@ impl Status {
                 self.slot
             ));
         }
+        if self.engine_running {
+            out.push_str(&format!(
+                "streaming:           {}\n",
+                match (self.streaming, &self.not_streaming_reason) {
+                    (Some(true), _) => "yes".to_string(),
+                    (_, Some(reason)) => format!("no ({reason})"),
+                    _ => "no".to_string(),
+                }
+            ));
+        }
+        for (name, h) in &self.sinks {
+            let state = h["state"].as_str().unwrap_or("?");
+            match h["since"].as_str() {
+                Some(since) => out.push_str(&format!(
+                    "sink {name:<14} {state} since {since}: {}\n",
+                    h["last_error"].as_str().unwrap_or("?")
+                )),
+                None => out.push_str(&format!("sink {name:<14} {state}\n")),
+            }
+        }
         out.push_str(&format!(
             "dlq depth:           {}\n",
             self.dlq_depth.map_or("-".into(), |d| d.to_string())
+        ));
+        out.push_str(&format!(
+            "health:              {}\n",
+            if self.healthy {
+                "ok".to_string()
+            } else {
+                self.problems.join("; ")
+            }
         ));
         out
     }

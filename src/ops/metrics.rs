@@ -91,6 +91,8 @@ pub struct Metrics {
     commit_to_sink: LatencyFamily,
     /// Commit-to-read latency of the source.
     pub commit_to_read: Arc<Histogram>,
+    /// Each sink's health.
+    pub health: super::health::HealthBoard,
     registry: Registry,
 }
 
@@ -129,6 +131,8 @@ impl Default for Metrics {
             "The server's WAL end as last reported, as a byte position",
             PositionGauge(server_wal_end.clone()),
         );
+        let health = super::health::HealthBoard::default();
+        health.register(&mut registry);
         let last_commit_us = Arc::new(AtomicI64::new(0));
         registry.register(
             "last_commit_timestamp_seconds",
@@ -137,6 +141,7 @@ impl Default for Metrics {
         );
         Metrics {
             counters,
+            health,
             checkpoint_lsn,
             server_wal_end,
             last_commit_us,

@@ -25,6 +25,18 @@ pub struct EngineState {
     pub slot: String,
     /// The dead-letter queue, for its depth.
     pub dlq: Option<crate::state::dlq::Dlq>,
+    /// Why the engine is not streaming (the last session's end), while it is not.
+    pub not_streaming_reason: std::sync::Mutex<Option<String>>,
+}
+
+impl EngineState {
+    pub fn set_streaming(&self, streaming: bool, reason: Option<String>) {
+        self.streaming.store(streaming, Ordering::Relaxed);
+        *self
+            .not_streaming_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = if streaming { None } else { reason };
+    }
 }
 
 impl EngineState {
@@ -34,6 +46,8 @@ impl EngineState {
         serde_json::json!({
             "slot": self.slot,
             "streaming": self.streaming.load(Ordering::Relaxed),
+            "not_streaming_reason": self.not_streaming_reason.lock().map(|r| r.clone()).unwrap_or(None),
+            "sinks": m.health.snapshot(),
             "checkpoint_lsn": Lsn(m.checkpoint_lsn.load(Ordering::Relaxed)).to_string(),
             "last_commit_time": (last_commit != 0).then(|| crate::enrich::rfc3339_us(last_commit)),
             "dlq_depth": self.dlq.as_ref().map(|d| d.len()),
@@ -211,6 +225,7 @@ mod tests {
             streaming: AtomicBool::new(true),
             slot: "s<1>".into(),
             dlq: None,
+            not_streaming_reason: std::sync::Mutex::new(None),
         };
         let page = dashboard(&state.status_json());
         assert!(page.contains("<th>slot</th><td>s&lt;1&gt;</td>"), "{page}");

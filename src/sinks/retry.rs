@@ -68,16 +68,29 @@ impl RetryPolicy {
         loop {
             attempts += 1;
             let error = match attempt().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    if let Some(m) = metrics {
+                        m.health.ok(sink);
+                    }
+                    return Ok(v);
+                }
                 Err(e) => e,
             };
-            let retry_after = match &error {
-                SinkError::Permanent { .. } => return Err(Exhausted { error, attempts }),
-                SinkError::Transient { retry_after, .. } => *retry_after,
+            let give_up = match &error {
+                SinkError::Permanent { .. } => true,
+                SinkError::Transient { .. } => self.max_retries.is_some_and(|max| attempts > max),
             };
-            if self.max_retries.is_some_and(|max| attempts > max) {
+            if let Some(m) = metrics {
+                m.health
+                    .failing(sink, &format!("{}: {error}", what()), give_up);
+            }
+            if give_up {
                 return Err(Exhausted { error, attempts });
             }
+            let retry_after = match &error {
+                SinkError::Transient { retry_after, .. } => *retry_after,
+                SinkError::Permanent { .. } => None,
+            };
             if let Some(m) = metrics {
                 m.sink_retry(sink);
             }

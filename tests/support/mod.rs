@@ -160,6 +160,10 @@ pub trait ChildBacked {
     fn pid(&self) -> i32 {
         self.child().pid()
     }
+    /// Started and not stopped since.
+    fn running(&self) -> bool {
+        self.child().child.is_some()
+    }
 }
 
 macro_rules! child_backed {

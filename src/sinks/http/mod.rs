@@ -112,8 +112,35 @@ struct HttpSender {
     retry: RetryPolicy,
 }
 
+/// Whether the API answers at all: a `HEAD` of its URL, any HTTP status counting as an
+/// answer (`setup`'s check; nothing is posted). Returns the status.
+pub async fn check_reachable(cfg: &HttpConfig) -> anyhow::Result<u16> {
+    let client = HttpSender::client(cfg)?;
+    let mut request = client.head(&cfg.url);
+    if let Some(token) = cfg.auth_token()? {
+        request = request.bearer_auth(token.expose());
+    }
+    let url = redact_url(&cfg.url);
+    match request.send().await {
+        Ok(resp) => Ok(resp.status().as_u16()),
+        Err(e) => {
+            let why = crate::tls::explain(&e).unwrap_or_else(|| {
+                if e.is_timeout() {
+                    format!("no answer within {} ms", cfg.timeout_ms)
+                } else {
+                    crate::error::chain_text(&e)
+                }
+            });
+            Err(anyhow!(
+                "cannot reach the API at {url}: {why}; is it running? check [http] url (ENGAGEMENT_CDC__HTTP__URL)"
+            ))
+        }
+    }
+}
+
 impl HttpSender {
-    fn new(cfg: &HttpConfig, metrics: Arc<Metrics>) -> anyhow::Result<HttpSender> {
+    /// The client for `[http]`: timeouts, pool, and the section's TLS for `https://`.
+    fn client(cfg: &HttpConfig) -> anyhow::Result<reqwest::Client> {
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(5000)))
@@ -121,9 +148,13 @@ impl HttpSender {
         if let Some(tls) = cfg.tls()? {
             builder = builder.use_preconfigured_tls(tls);
         }
-        let client = builder
+        builder
             .build()
-            .map_err(|e| anyhow!("cannot build the HTTP client: {e}"))?;
+            .map_err(|e| anyhow!("cannot build the HTTP client: {e}"))
+    }
+
+    fn new(cfg: &HttpConfig, metrics: Arc<Metrics>) -> anyhow::Result<HttpSender> {
+        let client = HttpSender::client(cfg)?;
         let mut retry = RetryPolicy::limited(cfg.max_retries);
         if cfg.on_failure == OnFailure::FailFast {
             retry.max_retries = None;

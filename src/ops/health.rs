@@ -1,0 +1,141 @@
+//! Each sink's health as the retry policy sees it: delivering, retrying (a transient error,
+//! since when, the last one) or failed (a permanent error). `/status`, `status` and the
+//! `engagement_cdc_sink_up{sink}` gauge read it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use super::metrics::SinkLabel;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkState {
+    Delivering,
+    Retrying,
+    Failed,
+}
+
+/// One sink's health, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SinkHealth {
+    pub state: SinkState,
+    /// When the current failure began (RFC 3339); `None` while delivering.
+    pub since: Option<String>,
+    /// The last error (kept after recovery, for the record).
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: SinkState,
+    failing_since_us: Option<i64>,
+    last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct HealthBoard {
+    sinks: Mutex<BTreeMap<String, Entry>>,
+    up: Family<SinkLabel, Gauge>,
+}
+
+impl HealthBoard {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sink_up",
+            "1 while the sink is delivering, 0 while its writes fail",
+            self.up.clone(),
+        );
+    }
+
+    /// A write succeeded.
+    pub fn ok(&self, sink: &str) {
+        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        match sinks.get_mut(sink) {
+            Some(e) if e.state == SinkState::Delivering => return,
+            Some(e) => {
+                e.state = SinkState::Delivering;
+                e.failing_since_us = None;
+            }
+            None => {
+                sinks.insert(
+                    sink.to_string(),
+                    Entry {
+                        state: SinkState::Delivering,
+                        failing_since_us: None,
+                        last_error: None,
+                    },
+                );
+            }
+        }
+        self.up
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .set(1);
+    }
+
+    /// A write failed; `permanent` when no retry follows.
+    pub fn failing(&self, sink: &str, error: &str, permanent: bool) {
+        let now = crate::enrich::now_us();
+        let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        let e = sinks.entry(sink.to_string()).or_insert(Entry {
+            state: SinkState::Delivering,
+            failing_since_us: None,
+            last_error: None,
+        });
+        e.state = if permanent {
+            SinkState::Failed
+        } else {
+            SinkState::Retrying
+        };
+        e.failing_since_us.get_or_insert(now);
+        e.last_error = Some(error.to_string());
+        self.up
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .set(0);
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, SinkHealth> {
+        let sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
+        sinks
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    SinkHealth {
+                        state: e.state,
+                        since: e.failing_since_us.map(crate::enrich::rfc3339_us),
+                        last_error: e.last_error.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_its_start_until_a_success() {
+        let board = HealthBoard::default();
+        board.ok("redis");
+        assert_eq!(board.snapshot()["redis"].state, SinkState::Delivering);
+        board.failing("redis", "down", false);
+        let first = board.snapshot()["redis"].since.clone();
+        assert!(first.is_some());
+        board.failing("redis", "still down", false);
+        let h = &board.snapshot()["redis"];
+        assert_eq!((h.state, &h.since), (SinkState::Retrying, &first));
+        assert_eq!(h.last_error.as_deref(), Some("still down"));
+        board.ok("redis");
+        let h = &board.snapshot()["redis"];
+        assert_eq!((h.state, h.since.clone()), (SinkState::Delivering, None));
+        board.failing("http", "refused", true);
+        assert_eq!(board.snapshot()["http"].state, SinkState::Failed);
+    }
+}
