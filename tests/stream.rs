@@ -519,3 +519,35 @@ fn setup_while_the_engine_runs_changes_nothing_and_succeeds() {
     let id = env.insert("(1, 1, 'play', 100, 'web')")[0];
     assert_eq!(ids(&engine.wait_lines(1, T)), [id].into_iter().collect());
 }
+
+#[test]
+fn an_idle_slot_advances_while_another_database_writes() {
+    let env = env();
+    let _engine = env.engine(Stdout::Collect);
+    env.pg.create_database("busy", false);
+    env.pg.psql("busy", "CREATE TABLE t (x text)");
+    // About 25 MB of WAL that the slot's database never sees a change of.
+    env.pg.psql(
+        "busy",
+        "INSERT INTO t SELECT repeat(md5(g::text), 32) FROM generate_series(1, 20000) g",
+    );
+    let after = env.sql("SELECT pg_current_wal_lsn()");
+    env.pg.psql("busy", "CHECKPOINT");
+    wait_for(
+        "the idle slot to be confirmed past the other database's writes",
+        T,
+        || env.confirmed_flush_reaches(&after).then_some(()),
+    );
+    // The server lets go of that WAL: restart_lsn moves past it too.
+    wait_for("restart_lsn to pass the other database's writes", T, || {
+        env.pg.psql("busy", "CHECKPOINT");
+        (env.sql(&format!(
+            "SELECT restart_lsn >= '{after}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'"
+        )) == "t")
+            .then_some(())
+    });
+    let status = cli(Some(&env.cfg.path), &["status", "--json"], &[]);
+    let v: Value = serde_json::from_str(&status.stdout).unwrap();
+    let retained = v["retained_wal_bytes"].as_i64().unwrap();
+    assert!(retained < 16 << 20, "retained {retained} bytes: {v}");
+}

@@ -29,6 +29,11 @@ pub struct Status {
     pub slot_active: Option<bool>,
     /// Bytes of WAL between the server's current position and the slot's confirmed one.
     pub lag_bytes: Option<i64>,
+    /// Bytes of WAL the server keeps for the slot: its current position − `restart_lsn`.
+    pub retained_wal_bytes: Option<i64>,
+    /// How much more WAL may be written before the slot is in danger of losing what it
+    /// needs (`safe_wal_size`; none when `max_slot_wal_keep_size` is unlimited).
+    pub safe_wal_size: Option<i64>,
     pub dlq_depth: Option<u64>,
     /// The running engine's replication session is open.
     pub streaming: Option<bool>,
@@ -54,6 +59,8 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
         wal_status: None,
         slot_active: None,
         lag_bytes: None,
+        retained_wal_bytes: None,
+        safe_wal_size: None,
         dlq_depth: None,
         streaming: None,
         not_streaming_reason: None,
@@ -84,7 +91,9 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
     let row = client
         .query_opt(
             "SELECT confirmed_flush_lsn::text, wal_status, active,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
+                    safe_wal_size
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&config.postgres.slot],
         )
@@ -96,6 +105,8 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
         st.wal_status = r.get(1);
         st.slot_active = Some(r.get(2));
         st.lag_bytes = r.get(3);
+        st.retained_wal_bytes = r.get(4);
+        st.safe_wal_size = r.get(5);
     }
     st.problems = problems(&st, max_lag_bytes);
     st.healthy = st.problems.is_empty();
@@ -113,6 +124,11 @@ fn problems(st: &Status, max_lag_bytes: i64) -> Vec<String> {
     } else if st.wal_status.as_deref() == Some("lost") {
         out.push(format!(
             "slot {:?} lost WAL it needed (wal_status lost); see docs/operations.md, \"Recovering from a lost slot\"",
+            st.slot
+        ));
+    } else if st.wal_status.as_deref() == Some("unreserved") {
+        out.push(format!(
+            "slot {:?} retains more WAL than max_slot_wal_keep_size allows (wal_status unreserved): it will be invalidated at the next checkpoint unless the engine catches up",
             st.slot
         ));
     }
@@ -201,6 +217,15 @@ impl Status {
             out.push_str(&format!(
                 "wal_status:          {}\n",
                 dash(&self.wal_status)
+            ));
+            out.push_str(&format!(
+                "retained WAL:        {} bytes{}\n",
+                self.retained_wal_bytes
+                    .map_or("-".into(), |b| b.to_string()),
+                match self.safe_wal_size {
+                    Some(safe) => format!(" ({safe} more before the slot is at risk)"),
+                    None => String::new(),
+                }
             ));
         } else {
             out.push_str(&format!(
