@@ -440,6 +440,15 @@ fn setup_checks_every_enabled_sink() {
     );
     assert_eq!(api.stats()["requests"], 0, "nothing was posted");
 
+    // A Redis Cluster node is refused with the reason, not failed on at the first batch.
+    let node = Redis::start_cluster_node();
+    let run = setup(&format!("[redis]\nurl = \"{}\"\n", node.url()));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line().contains("is a Redis Cluster node"),
+        "{run:?}"
+    );
+
     // Reachable but not authorised.
     redis.cli(&["CONFIG", "SET", "requirepass", "redis-Pw-9"]);
     let run = setup(&both);

@@ -17,16 +17,31 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
-        Redis::start_with(None)
+        Redis::start_with(None, &[])
+    }
+
+    /// A node with `cluster-enabled yes` (no slots assigned): what a Redis Cluster node
+    /// looks like to a client.
+    pub fn start_cluster_node() -> Redis {
+        Redis::start_with(
+            None,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ],
+        )
     }
 
     /// TLS only (`--port 0 --tls-port`), with the certificates of `certs`; clients must
     /// present a certificate signed by the test CA.
     pub fn start_tls(certs: &Certs) -> Redis {
-        Redis::start_with(Some(certs))
+        Redis::start_with(Some(certs), &[])
     }
 
-    fn start_with(certs: Option<&Certs>) -> Redis {
+    fn start_with(certs: Option<&Certs>, extra: &[&str]) -> Redis {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         let dir = TestDir::new("redis");
         let port = free_port();
         let path = dir.path.clone();
@@ -61,6 +76,7 @@ impl Redis {
         let mut server = ChildServer::new(move || {
             let mut c = Command::new("redis-server");
             c.args(&listen)
+                .args(&extra)
                 .args(["--bind", "127.0.0.1", "--save", ""])
                 .args(["--appendonly", "yes", "--appendfsync", "everysec"])
                 .arg("--dir")

@@ -178,6 +178,17 @@ impl RedisSink {
                 ))
             }
         }
+        // A Redis Cluster node answers a plain client too, but the batch script touches keys
+        // in many hash slots: refuse it here rather than fail at the first batch.
+        let cluster: String = client
+            .info(Some(fred::types::InfoKind::Cluster))
+            .await
+            .map_err(|e| anyhow!("cannot read INFO cluster from Redis at {url}: {e}"))?;
+        if cluster.lines().any(|l| l.trim() == "cluster_enabled:1") {
+            return Err(anyhow!(
+                "Redis at {url} is a Redis Cluster node; the Redis sink does not support Redis Cluster yet (its batch script spans hash slots); point [redis] url at a standalone Redis or a primary with replicas"
+            ));
+        }
         let script = Script::from_lua(APPLY_BATCH);
         script
             .load(&client)
