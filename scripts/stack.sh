@@ -45,6 +45,8 @@ install_missing() {
   command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
   # ZooKeeper coordinates the ClickHouse cluster of the tests (tests/support/clickhouse.rs).
   [ -f /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+  # The dashboard test drives a headless browser.
+  command -v chromium >/dev/null || missing+=(chromium)
   [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then

@@ -676,3 +676,121 @@ fn status_exit_codes_follow_the_engine_and_its_sinks() {
         "unhealthy: the engine is not running"
     );
 }
+
+/// The page as headless Chromium renders it after `budget_ms` of virtual time (its timers
+/// run, `/status` is fetched), and what the browser logged (console messages included).
+fn browse(url: &str, budget_ms: u32) -> (String, String) {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .args(["--dump-dom", url])
+        .output()
+        .expect("run chromium (Debian's package `chromium`; scripts/stack.sh install adds it)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The scores the top-content bar chart shows.
+fn bar_scores(dom: &str) -> Vec<u64> {
+    dom.split("fill=\"#555\">")
+        .skip(1)
+        .filter_map(|rest| rest.split('<').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_dashboard_draws_live_charts_in_a_real_browser() {
+    let env = env(MockApi::start(&[]), "", "");
+    let _engine = env.engine();
+    env.insert_n(300);
+    env.assert_exact(true);
+    let url = format!("http://127.0.0.1:{}/", env.cfg.server_port);
+    // The engine reads the top list from Redis every 2 s or so: the page shows all 300 soon.
+    let (dom, log) = wait_for("the page to show every event", T, || {
+        let (dom, log) = browse(&url, 7000);
+        (bar_scores(&dom).iter().sum::<u64>() == 300).then_some((dom, log))
+    });
+    assert!(
+        !log.contains(":CONSOLE("),
+        "the page logged to the console:\n{log}"
+    );
+    // Every chart has data: a line per series with points, bars for the top content.
+    for series in ["read", "clickhouse", "redis", "http", "redis p99"] {
+        let marker = format!("data-name=\"{series}\"");
+        let at = dom
+            .find(&marker)
+            .unwrap_or_else(|| panic!("no {series} series in:\n{dom}"));
+        let points = dom[at..].split("points=\"").nth(1).unwrap();
+        assert!(
+            points.split('"').next().unwrap().contains(','),
+            "the {series} series has no points"
+        );
+    }
+    assert!(
+        dom.contains("class=\"badge delivering\">delivering"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("class=\"badge delivering\">streaming"),
+        "{dom}"
+    );
+    // Values change after an insert.
+    env.insert_n(120);
+    env.assert_exact(true);
+    let (dom, _) = wait_for("the page to show the new events", T, || {
+        let (dom, log) = browse(&url, 3000);
+        (bar_scores(&dom).iter().sum::<u64>() == 420).then_some((dom, log))
+    });
+    assert!(dom.contains("class=\"bar\""));
+
+    // `DASHBOARD_SCREENSHOT=FILE cargo test --test sinks the_dashboard` also saves a
+    // picture of the page under load (docs/dashboard.png is one).
+    if let Ok(file) = std::env::var("DASHBOARD_SCREENSHOT") {
+        let mut load = std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&env.cfg.path)
+            .args([
+                "load",
+                "--rate",
+                "400",
+                "--duration",
+                "70s",
+                "--contents",
+                "30",
+            ])
+            .env("ENGAGEMENT_CDC_LOG", "warn")
+            .spawn()
+            .unwrap();
+        // A minute of the engine's history under the load (12 samples, one per 5 s) is
+        // what the charts start from.
+        wait_for("a minute of history", T, || {
+            let h: Value =
+                serde_json::from_str(&http_get(env.cfg.server_port, "/history")?).ok()?;
+            (h.as_array()?.len() >= 12 + 4).then_some(())
+        });
+        let out = std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .args(["--window-size=1400,1000", "--virtual-time-budget=3000"])
+            .arg(format!("--screenshot={file}"))
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let _ = load.wait();
+    }
+}

@@ -112,7 +112,11 @@ pub async fn run(
         slot: pgc.slot.clone(),
         dlq: Some(Dlq::open(&store)?),
         not_streaming_reason: std::sync::Mutex::new(Some("connecting to Postgres".into())),
+        slot_health: Default::default(),
+        history: Default::default(),
     });
+    let slot_watch = tokio::spawn(server::watch_slot(config.postgres.clone(), state.clone()));
+    let _slot_watch = AbortOnDrop(slot_watch);
     let _server = server::spawn(
         config.server.listen,
         state.clone(),
@@ -301,5 +305,14 @@ fn session_end_reason(end: &SessionEnd) -> String {
         SessionEnd::Shutdown => "shutting down".into(),
         SessionEnd::Lost(e) => format!("replication connection lost: {e:#}; reconnecting"),
         SessionEnd::Fatal(e) => format!("stopped: {e:#}"),
+    }
+}
+
+/// Aborts the task when dropped, so it ends with `run`.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

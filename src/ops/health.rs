@@ -116,6 +116,20 @@ impl HealthBoard {
     }
 }
 
+/// The Redis sink's last read of `top:content:10m` (content id, score), for the dashboard.
+#[derive(Debug, Default)]
+pub struct TopContent(Mutex<Vec<(String, f64)>>);
+
+impl TopContent {
+    pub fn set(&self, top: Vec<(String, f64)>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = top;
+    }
+
+    pub fn get(&self) -> Vec<(String, f64)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

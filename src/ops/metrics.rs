@@ -93,6 +93,8 @@ pub struct Metrics {
     pub commit_to_read: Arc<Histogram>,
     /// Each sink's health.
     pub health: super::health::HealthBoard,
+    /// `top:content:10m` as last read by the Redis sink.
+    pub top_content: super::health::TopContent,
     registry: Registry,
 }
 
@@ -142,6 +144,7 @@ impl Default for Metrics {
         Metrics {
             counters,
             health,
+            top_content: Default::default(),
             checkpoint_lsn,
             server_wal_end,
             last_commit_us,

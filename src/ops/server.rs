@@ -27,6 +27,88 @@ pub struct EngineState {
     pub dlq: Option<crate::state::dlq::Dlq>,
     /// Why the engine is not streaming (the last session's end), while it is not.
     pub not_streaming_reason: std::sync::Mutex<Option<String>>,
+    /// The slot as `pg_replication_slots` last showed it (see [`watch_slot`]).
+    pub slot_health: std::sync::Mutex<serde_json::Value>,
+    /// The last 10 minutes of counters and latencies, a sample every 5 s, so the dashboard
+    /// has its charts' history as soon as it opens (`/history`).
+    pub history: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+/// Samples kept: 10 minutes at one every 5 s.
+const HISTORY_SAMPLES: usize = 120;
+const HISTORY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl EngineState {
+    /// Take a sample for `/history`: the time and what the charts draw.
+    pub fn sample(&self) {
+        let m = &self.metrics;
+        let streamed = m
+            .counters
+            .snapshot()
+            .into_iter()
+            .find(|(name, _)| *name == "events_streamed")
+            .map_or(0, |(_, v)| v);
+        let sample = serde_json::json!({
+            "t": crate::enrich::now_us() / 1000,
+            "counters": { "events_streamed": streamed },
+            "commit_to_sink": m.latency_summary(),
+        });
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if h.len() == HISTORY_SAMPLES {
+            h.pop_front();
+        }
+        h.push_back(sample);
+    }
+}
+
+async fn history(State(state): State<Arc<EngineState>>) -> Json<serde_json::Value> {
+    let h = state.history.lock().unwrap_or_else(|p| p.into_inner());
+    Json(serde_json::Value::Array(h.iter().cloned().collect()))
+}
+
+/// Every 10 s, read the slot's lag, retained WAL and `wal_status` for `/status` and the
+/// dashboard, on a connection of its own (reconnecting, with backoff, when it drops).
+pub async fn watch_slot(pg: crate::source::config::PostgresConfig, state: Arc<EngineState>) {
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(30),
+    );
+    loop {
+        let read = async {
+            let client = crate::source::pg::connect(&pg).await?;
+            loop {
+                let row = client
+                    .query_opt(
+                        "SELECT wal_status, active,
+                                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
+                                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
+                                safe_wal_size
+                           FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&pg.slot],
+                    )
+                    .await?;
+                let value = match row {
+                    Some(r) => serde_json::json!({
+                        "exists": true,
+                        "wal_status": r.get::<_, Option<String>>(0),
+                        "active": r.get::<_, Option<bool>>(1),
+                        "lag_bytes": r.get::<_, Option<i64>>(2),
+                        "retained_wal_bytes": r.get::<_, Option<i64>>(3),
+                        "safe_wal_size": r.get::<_, Option<i64>>(4),
+                    }),
+                    None => serde_json::json!({ "exists": false }),
+                };
+                *state.slot_health.lock().unwrap_or_else(|p| p.into_inner()) = value;
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        };
+        if let Err(e) = read.await {
+            tracing::debug!("cannot read the slot's health: {e:#}");
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 impl EngineState {
@@ -48,6 +130,10 @@ impl EngineState {
             "streaming": self.streaming.load(Ordering::Relaxed),
             "not_streaming_reason": self.not_streaming_reason.lock().map(|r| r.clone()).unwrap_or(None),
             "sinks": m.health.snapshot(),
+            "slot_health": self.slot_health.lock().map(|v| v.clone()).unwrap_or_default(),
+            "top_content_10m": m.top_content.get(),
+            "checkpoint_bytes": m.checkpoint_lsn.load(Ordering::Relaxed),
+            "server_wal_end_bytes": m.server_wal_end.load(Ordering::Relaxed),
             "checkpoint_lsn": Lsn(m.checkpoint_lsn.load(Ordering::Relaxed)).to_string(),
             "last_commit_time": (last_commit != 0).then(|| crate::enrich::rfc3339_us(last_commit)),
             "dlq_depth": self.dlq.as_ref().map(|d| d.len()),
@@ -67,10 +153,12 @@ pub async fn spawn(
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen} for the engine's HTTP endpoints; is another engine running? change [server] listen")
     })?;
+    let sampled = state.clone();
     // Everything but the probes may want the token.
     let mut guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/history", get(history))
         .route("/", get(page));
     if let Some(token) = token {
         guarded = guarded.route_layer(axum::middleware::from_fn_with_state(
@@ -89,7 +177,18 @@ pub async fn spawn(
             )
         })
         .with_state(state);
-    let handle = tokio::spawn(super::http::serve(listener, app, MAX_CONNECTIONS, None));
+    let sampler = async move {
+        let mut every = tokio::time::interval(HISTORY_EVERY);
+        loop {
+            every.tick().await;
+            sampled.sample();
+        }
+    };
+    // One task: aborting it stops the server and the sampler.
+    let serve = super::http::serve(listener, app, MAX_CONNECTIONS, None);
+    let handle = tokio::spawn(async move {
+        tokio::join!(serve, sampler);
+    });
     Ok(ServerHandle(handle))
 }
 
@@ -168,7 +267,7 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A page for people: checkpoint, counters and latencies, refreshed every 2 s.
+/// The dashboard: a live page (no external assets, no reloads) around the state at load.
 fn dashboard(status: &serde_json::Value) -> String {
     let mut rows = String::new();
     let mut row = |k: &str, v: String| {
@@ -203,13 +302,9 @@ fn dashboard(status: &serde_json::Value) -> String {
             row(k, v.to_string());
         }
     }
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-<title>engagement-cdc</title><style>body{{font-family:sans-serif;margin:2em}}\
-th{{text-align:left;padding-right:2em;font-weight:normal;color:#555}}td{{font-family:monospace}}</style></head>\
-<body><h1>engagement-cdc</h1><table>{rows}</table>\
-<p><a href=\"/metrics\">/metrics</a> · <a href=\"/status\">/status</a></p></body></html>"
-    )
+    // The live page draws its charts from `/status`, polled every 2 s; the table is the
+    // state at load, for reading without JavaScript.
+    include_str!("dashboard.html").replace("{{TABLE}}", &format!("<table>{rows}</table>"))
 }
 
 #[cfg(test)]
@@ -226,6 +321,8 @@ mod tests {
             slot: "s<1>".into(),
             dlq: None,
             not_streaming_reason: std::sync::Mutex::new(None),
+            slot_health: Default::default(),
+            history: Default::default(),
         };
         let page = dashboard(&state.status_json());
         assert!(page.contains("<th>slot</th><td>s&lt;1&gt;</td>"), "{page}");

@@ -47,6 +47,8 @@ pub struct RedisSink {
     prefix: String,
     url: String,
     last_rebuild: Instant,
+    /// When the dashboard's copy of `top:content:10m` was last read.
+    last_top: Option<Instant>,
     metrics: Arc<Metrics>,
     retry: RetryPolicy,
 }
@@ -200,6 +202,7 @@ impl RedisSink {
             prefix: cfg.key_prefix.clone(),
             url,
             last_rebuild: Instant::now(),
+            last_top: None,
             metrics,
             retry: RetryPolicy::until_success(),
         })
@@ -217,7 +220,29 @@ impl RedisSink {
             inserted += self.call(chunk).await?;
         }
         self.last_rebuild = Instant::now();
+        self.refresh_top().await;
         Ok(inserted)
+    }
+
+    /// At most every 2 s, read `top:content:10m` for the dashboard. Display only: a failure
+    /// is logged and the old copy kept.
+    async fn refresh_top(&mut self) {
+        if self
+            .last_top
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return;
+        }
+        self.last_top = Some(Instant::now());
+        let key = format!("{}top:content:10m", self.prefix);
+        let read = self
+            .client
+            .zrevrange::<Vec<(String, f64)>, _>(&key, 0, 9, true);
+        match tokio::time::timeout(Duration::from_secs(2), read).await {
+            Ok(Ok(top)) => self.metrics.top_content.set(top),
+            Ok(Err(e)) => tracing::debug!("cannot read {key} for the dashboard: {e}"),
+            Err(_) => tracing::debug!("reading {key} for the dashboard timed out"),
+        }
     }
 
     async fn call(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
@@ -287,6 +312,8 @@ impl Sink for RedisSink {
                 self.apply(&[]).await?;
                 self.last_rebuild = Instant::now();
             }
+            // The dashboard's copy catches up within seconds of the last batch.
+            self.refresh_top().await;
             Ok(())
         })
     }
