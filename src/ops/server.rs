@@ -277,13 +277,7 @@ fn dashboard(status: &serde_json::Value) -> String {
             escape(&v)
         ));
     };
-    for key in [
-        "slot",
-        "streaming",
-        "checkpoint_lsn",
-        "last_commit_time",
-        "dlq_depth",
-    ] {
+    for key in ["slot", "streaming", "last_commit_time", "dlq_depth"] {
         row(key, status[key].to_string().trim_matches('"').to_string());
     }
     if let Some(lat) = status["commit_to_sink"].as_object() {
