@@ -69,6 +69,23 @@ impl TlsFiles {
     }
 }
 
+/// A sink section's client settings when its URL uses the TLS `scheme` (`https://`,
+/// `rediss://`), always fully verified; `None` for a plaintext URL.
+pub fn for_scheme(
+    section: &str,
+    url: &str,
+    scheme: &str,
+    ca_file: &Option<PathBuf>,
+    cert_file: &Option<PathBuf>,
+    key_file: &Option<PathBuf>,
+) -> Result<Option<ClientConfig>, UsageError> {
+    if !url.starts_with(scheme) {
+        return Ok(None);
+    }
+    let files = TlsFiles::of_section(section, ca_file, cert_file, key_file);
+    client_config(section, &files, Verify::Full).map(Some)
+}
+
 /// The one crypto provider: ring.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::{check_http_url, check_identifier, empty_is_none, secret_or_file, Secret};
 use crate::error::UsageError;
-use crate::tls::{TlsFiles, Verify};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -76,11 +75,13 @@ impl ClickHouseConfig {
 
     /// The rustls settings for an `https://` URL; `None` for `http://`.
     pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
-        if !self.url.starts_with("https://") {
-            return Ok(None);
-        }
-        let files =
-            TlsFiles::of_section("clickhouse", &self.ca_file, &self.cert_file, &self.key_file);
-        crate::tls::client_config("clickhouse", &files, Verify::Full).map(Some)
+        crate::tls::for_scheme(
+            "clickhouse",
+            &self.url,
+            "https://",
+            &self.ca_file,
+            &self.cert_file,
+            &self.key_file,
+        )
     }
 }

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::{check_http_url, check_range, empty_is_none, secret_or_file, Secret};
 use crate::error::UsageError;
-use crate::tls::{TlsFiles, Verify};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,10 +100,13 @@ impl HttpConfig {
 
     /// The rustls settings for an `https://` URL; `None` for `http://`.
     pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
-        if !self.url.starts_with("https://") {
-            return Ok(None);
-        }
-        let files = TlsFiles::of_section("http", &self.ca_file, &self.cert_file, &self.key_file);
-        crate::tls::client_config("http", &files, Verify::Full).map(Some)
+        crate::tls::for_scheme(
+            "http",
+            &self.url,
+            "https://",
+            &self.ca_file,
+            &self.cert_file,
+            &self.key_file,
+        )
     }
 }

@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::{empty_is_none, redact_url, secret_or_file, Secret};
 use crate::error::UsageError;
-use crate::tls::{TlsFiles, Verify};
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -89,10 +88,13 @@ impl RedisConfig {
 
     /// The rustls settings for a `rediss://` URL; `None` for `redis://`.
     pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
-        if !self.url.starts_with("rediss://") {
-            return Ok(None);
-        }
-        let files = TlsFiles::of_section("redis", &self.ca_file, &self.cert_file, &self.key_file);
-        crate::tls::client_config("redis", &files, Verify::Full).map(Some)
+        crate::tls::for_scheme(
+            "redis",
+            &self.url,
+            "rediss://",
+            &self.ca_file,
+            &self.cert_file,
+            &self.key_file,
+        )
     }
 }
