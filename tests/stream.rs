@@ -550,4 +550,22 @@ fn an_idle_slot_advances_while_another_database_writes() {
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     let retained = v["retained_wal_bytes"].as_i64().unwrap();
     assert!(retained < 16 << 20, "retained {retained} bytes: {v}");
+    // The engine's own reading of the slot (every 10 s) is on /metrics: a retained WAL the
+    // size of a segment's worth at most, and wal_status healthy.
+    let gauge = |m: &str, name: &str| -> Option<f64> {
+        m.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    wait_for("the slot gauges", T, || {
+        let m = http_get(env.cfg.server_port, "/metrics")?;
+        let retained = gauge(&m, "engagement_cdc_slot_retained_wal_bytes")?;
+        (retained > 0.0
+            && retained < (16 << 20) as f64
+            && gauge(&m, "engagement_cdc_slot_wal_ok")? == 1.0)
+            .then_some(())
+    });
 }

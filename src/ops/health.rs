@@ -116,6 +116,43 @@ impl HealthBoard {
     }
 }
 
+/// The slot as the engine last read it from `pg_replication_slots`, as gauges:
+/// `engagement_cdc_slot_lag_bytes`, `engagement_cdc_slot_retained_wal_bytes` and
+/// `engagement_cdc_slot_safe_wal_size_bytes` (-1: no limit), `engagement_cdc_slot_wal_ok`
+/// (0 once `wal_status` is `unreserved` or `lost`).
+#[derive(Debug, Default)]
+pub struct SlotGauges {
+    pub lag_bytes: Gauge,
+    pub retained_wal_bytes: Gauge,
+    pub safe_wal_size_bytes: Gauge,
+    pub wal_ok: Gauge,
+}
+
+impl SlotGauges {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "slot_lag_bytes",
+            "WAL between the server's position and the slot's confirmed one",
+            self.lag_bytes.clone(),
+        );
+        registry.register(
+            "slot_retained_wal_bytes",
+            "WAL the server keeps for the slot (its position minus restart_lsn)",
+            self.retained_wal_bytes.clone(),
+        );
+        registry.register(
+            "slot_safe_wal_size_bytes",
+            "WAL that may still be written before the slot is at risk (-1: no limit)",
+            self.safe_wal_size_bytes.clone(),
+        );
+        registry.register(
+            "slot_wal_ok",
+            "1 while wal_status is reserved or extended, 0 when unreserved or lost",
+            self.wal_ok.clone(),
+        );
+    }
+}
+
 /// The Redis sink's last read of `top:content:10m` (content id, score), for the dashboard.
 #[derive(Debug, Default)]
 pub struct TopContent(Mutex<Vec<(String, f64)>>);

@@ -95,6 +95,8 @@ pub struct Metrics {
     pub health: super::health::HealthBoard,
     /// `top:content:10m` as last read by the Redis sink.
     pub top_content: super::health::TopContent,
+    /// The slot's lag and retained WAL.
+    pub slot: super::health::SlotGauges,
     registry: Registry,
 }
 
@@ -135,6 +137,10 @@ impl Default for Metrics {
         );
         let health = super::health::HealthBoard::default();
         health.register(&mut registry);
+        let slot = super::health::SlotGauges::default();
+        // Healthy until a read says otherwise, so the first bad one is a change (and logged).
+        slot.wal_ok.set(1);
+        slot.register(&mut registry);
         let last_commit_us = Arc::new(AtomicI64::new(0));
         registry.register(
             "last_commit_timestamp_seconds",
@@ -145,6 +151,7 @@ impl Default for Metrics {
             counters,
             health,
             top_content: Default::default(),
+            slot,
             checkpoint_lsn,
             server_wal_end,
             last_commit_us,

@@ -88,14 +88,35 @@ pub async fn watch_slot(pg: crate::source::config::PostgresConfig, state: Arc<En
                     )
                     .await?;
                 let value = match row {
-                    Some(r) => serde_json::json!({
-                        "exists": true,
-                        "wal_status": r.get::<_, Option<String>>(0),
-                        "active": r.get::<_, Option<bool>>(1),
-                        "lag_bytes": r.get::<_, Option<i64>>(2),
-                        "retained_wal_bytes": r.get::<_, Option<i64>>(3),
-                        "safe_wal_size": r.get::<_, Option<i64>>(4),
-                    }),
+                    Some(r) => {
+                        let wal_status: Option<String> = r.get(0);
+                        let (lag, retained, safe): (Option<i64>, Option<i64>, Option<i64>) =
+                            (r.get(2), r.get(3), r.get(4));
+                        let gauges = &state.metrics.slot;
+                        gauges.lag_bytes.set(lag.unwrap_or(0));
+                        gauges.retained_wal_bytes.set(retained.unwrap_or(0));
+                        gauges.safe_wal_size_bytes.set(safe.unwrap_or(-1));
+                        let at_risk = matches!(wal_status.as_deref(), Some("unreserved" | "lost"));
+                        if at_risk && gauges.wal_ok.set(0) != 0 {
+                            tracing::warn!(
+                                slot = pg.slot,
+                                "slot {:?} has wal_status {}: it retains {} bytes, more than max_slot_wal_keep_size allows; it will be invalidated unless the engine catches up (docs/operations.md, \"Slot lag and WAL retention\")",
+                                pg.slot,
+                                wal_status.as_deref().unwrap_or("?"),
+                                retained.unwrap_or(0)
+                            );
+                        } else if !at_risk {
+                            gauges.wal_ok.set(1);
+                        }
+                        serde_json::json!({
+                            "exists": true,
+                            "wal_status": wal_status,
+                            "active": r.get::<_, Option<bool>>(1),
+                            "lag_bytes": lag,
+                            "retained_wal_bytes": retained,
+                            "safe_wal_size": safe,
+                        })
+                    }
                     None => serde_json::json!({ "exists": false }),
                 };
                 *state.slot_health.lock().unwrap_or_else(|p| p.into_inner()) = value;
