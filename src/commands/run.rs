@@ -114,6 +114,7 @@ pub async fn run(
         not_streaming_reason: std::sync::Mutex::new(Some("connecting to Postgres".into())),
         slot_health: Default::default(),
         history: Default::default(),
+        last_counts: Default::default(),
     });
     let slot_watch = tokio::spawn(server::watch_slot(config.postgres.clone(), state.clone()));
     let _slot_watch = AbortOnDrop(slot_watch);

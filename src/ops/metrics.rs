@@ -188,6 +188,12 @@ impl Metrics {
     }
 
     /// `{sink: {count, p50_ms, p99_ms, max_ms, mean_ms}}`.
+    /// Each sink's latency histogram as bucket counts, for windows between two readings.
+    pub fn latency_counts(&self) -> Vec<(&'static str, Vec<u64>)> {
+        let sinks = self.commit_to_sink.0.lock().expect("metrics lock");
+        sinks.iter().map(|(n, h)| (*n, h.counts())).collect()
+    }
+
     pub fn latency_summary(&self) -> serde_json::Value {
         let sinks = self.commit_to_sink.0.lock().expect("metrics lock");
         serde_json::Value::Object(
@@ -238,6 +244,24 @@ pub struct Histogram {
 
 const HISTOGRAM_MS: usize = 10_000;
 
+/// The upper bound (ms) of the 1 ms bucket holding quantile `q` of `counts`, or `None`
+/// when they are all zero. Also used on the difference of two readings (a time window).
+pub fn quantile_of(counts: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (ms, n) in counts.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(ms as u64 + 1);
+        }
+    }
+    Some(counts.len() as u64)
+}
+
 /// The bucket bounds on `/metrics`, in milliseconds.
 const EXPOSED_BOUNDS_MS: [usize; 14] = [
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 10_001,
@@ -270,19 +294,15 @@ impl Histogram {
 
     /// The upper bound (ms) of the bucket holding quantile `q`, or `None` when empty.
     pub fn quantile_ms(&self, q: f64) -> Option<u64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (ms, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Ordering::Relaxed);
-            if seen >= rank {
-                return Some(ms as u64 + 1);
-            }
-        }
-        Some(HISTOGRAM_MS as u64 + 1)
+        quantile_of(&self.counts(), q)
+    }
+
+    /// Samples per 1 ms bucket (the last one: 10 s and more).
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub fn summary(&self) -> serde_json::Value {

@@ -32,6 +32,8 @@ pub struct EngineState {
     /// The last 10 minutes of counters and latencies, a sample every 5 s, so the dashboard
     /// has its charts' history as soon as it opens (`/history`).
     pub history: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// Each sink's latency bucket counts at the last sample, to take windows from.
+    pub last_counts: std::sync::Mutex<Vec<(&'static str, Vec<u64>)>>,
 }
 
 /// Samples kept: 10 minutes at one every 5 s.
@@ -48,10 +50,33 @@ impl EngineState {
             .into_iter()
             .find(|(name, _)| *name == "events_streamed")
             .map_or(0, |(_, v)| v);
+        // Latency over the last interval only: the difference of two readings.
+        let now = m.latency_counts();
+        let mut last = self.last_counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut window = serde_json::Map::new();
+        for (sink, counts) in &now {
+            let before = last.iter().find(|(n, _)| n == sink).map(|(_, c)| c);
+            let diff: Vec<u64> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, n)| n - before.and_then(|b| b.get(i)).copied().unwrap_or(0))
+                .collect();
+            window.insert(
+                sink.to_string(),
+                serde_json::json!({
+                    "count": diff.iter().sum::<u64>(),
+                    "p50_ms": crate::ops::metrics::quantile_of(&diff, 0.50),
+                    "p99_ms": crate::ops::metrics::quantile_of(&diff, 0.99),
+                }),
+            );
+        }
+        *last = now;
+        drop(last);
         let sample = serde_json::json!({
             "t": crate::enrich::now_us() / 1000,
             "counters": { "events_streamed": streamed },
             "commit_to_sink": m.latency_summary(),
+            "latency_window": window,
         });
         let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         if h.len() == HISTORY_SAMPLES {
@@ -338,6 +363,7 @@ mod tests {
             not_streaming_reason: std::sync::Mutex::new(None),
             slot_health: Default::default(),
             history: Default::default(),
+            last_counts: Default::default(),
         };
         let page = dashboard(&state.status_json());
         assert!(page.contains("<th>slot</th><td>s&lt;1&gt;</td>"), "{page}");
