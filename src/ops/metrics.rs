@@ -2,6 +2,10 @@
 //! exposed by `prometheus-client` on `/metrics` (OpenMetrics text: counters end in
 //! `_total`, times are in seconds, one `sink` label instead of per-sink names) and as JSON
 //! on `/status`. docs/operations.md lists every metric.
+//!
+//! A little over 400 lines on purpose: the histogram, its exposition and its quantiles
+//! (also over a window, for the dashboard) read as one piece; sink health and the slot's
+//! gauges are in `health.rs`, the tests in `metrics/tests.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
