@@ -550,22 +550,28 @@ fn an_idle_slot_advances_while_another_database_writes() {
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     let retained = v["retained_wal_bytes"].as_i64().unwrap();
     assert!(retained < 16 << 20, "retained {retained} bytes: {v}");
-    // The engine's own reading of the slot (every 10 s) is on /metrics: a retained WAL the
-    // size of a segment's worth at most, and wal_status healthy.
-    let gauge = |m: &str, name: &str| -> Option<f64> {
-        m.lines()
-            .find(|l| l.split_whitespace().next() == Some(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+    // The engine's own reading of the slot (every 10 s): the first one taken after the slot
+    // let go of the WAL shows it, in /status and on /metrics.
+    let read_at = |env: &Env| -> Option<Value> {
+        Some(env.cfg.engine_status()?["slot_health"]["read_at"].clone())
     };
-    wait_for("the slot gauges", T, || {
-        let m = http_get(env.cfg.server_port, "/metrics")?;
-        let retained = gauge(&m, "engagement_cdc_slot_retained_wal_bytes")?;
-        (retained > 0.0
-            && retained < (16 << 20) as f64
-            && gauge(&m, "engagement_cdc_slot_wal_ok")? == 1.0)
-            .then_some(())
+    let before = read_at(&env);
+    let slot = wait_for("the engine's next reading of the slot", T, || {
+        let s = env.cfg.engine_status()?;
+        (Some(&s["slot_health"]["read_at"]) != before.as_ref()).then(|| s["slot_health"].clone())
     });
+    let retained = slot["slot"]["retained_wal_bytes"].as_i64().unwrap();
+    assert!(retained < 16 << 20, "{slot}");
+    assert_eq!(slot["slot"]["wal_status"], "reserved", "{slot}");
+    let metrics = http_get(env.cfg.server_port, "/metrics").unwrap();
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(gauge("engagement_cdc_slot_retained_wal_bytes") < (16 << 20) as f64);
+    assert_eq!(gauge("engagement_cdc_slot_wal_ok"), 1.0);
 }

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
-use crate::ops::server::{self, EngineState};
+use crate::ops::server::{self, AbortOnDrop, EngineState};
 use crate::pipeline::Pipeline;
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
@@ -116,8 +116,10 @@ pub async fn run(
         history: Default::default(),
         last_counts: Default::default(),
     });
-    let slot_watch = tokio::spawn(server::watch_slot(config.postgres.clone(), state.clone()));
-    let _slot_watch = AbortOnDrop(slot_watch);
+    let _slot_watch = AbortOnDrop(tokio::spawn(watch_slot(
+        config.postgres.clone(),
+        state.clone(),
+    )));
     let _server = server::spawn(
         config.server.listen,
         state.clone(),
@@ -309,11 +311,58 @@ fn session_end_reason(end: &SessionEnd) -> String {
     }
 }
 
-/// Aborts the task when dropped, so it ends with `run`.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Every 10 s, read the slot (lag, retained WAL, `wal_status`) for `/status`, `/metrics`
+/// and the dashboard, on a connection of its own, reconnecting with backoff when it drops.
+async fn watch_slot(pg: crate::config::PostgresConfig, state: Arc<EngineState>) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        if let Err(e) = read_slot(&pg, &state, &mut backoff).await {
+            tracing::debug!("cannot read the slot's health: {e:#}");
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Read the slot every 10 s until the connection fails.
+async fn read_slot(
+    pg: &crate::config::PostgresConfig,
+    state: &EngineState,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let client = pg::connect(pg).await?;
+    loop {
+        let slot = pg::slot_info(&client, &pg.slot).await?;
+        backoff.reset();
+        let gauges = &state.metrics.slot;
+        let value = match &slot {
+            Some(s) => {
+                gauges.lag_bytes.set(s.lag_bytes.unwrap_or(0));
+                gauges
+                    .retained_wal_bytes
+                    .set(s.retained_wal_bytes.unwrap_or(0));
+                gauges
+                    .safe_wal_size_bytes
+                    .set(s.safe_wal_size.unwrap_or(-1));
+                let at_risk = matches!(s.wal_status.as_deref(), Some("unreserved" | "lost"));
+                // Logged once, when it turns.
+                if gauges.wal_ok.set(i64::from(!at_risk)) == 1 && at_risk {
+                    tracing::warn!(
+                        slot = pg.slot,
+                        "slot {:?} has wal_status {}: it retains {} bytes, more than max_slot_wal_keep_size allows; it will be invalidated unless the engine catches up (docs/operations.md, \"Slot lag and WAL retention\")",
+                        pg.slot,
+                        s.wal_status.as_deref().unwrap_or("?"),
+                        s.retained_wal_bytes.unwrap_or(0)
+                    );
+                }
+                serde_json::to_value(s)?
+            }
+            None => serde_json::Value::Null,
+        };
+        *state.slot_health.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
+            "read_at": crate::enrich::rfc3339_us(crate::enrich::now_us()),
+            "exists": slot.is_some(),
+            "slot": value,
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
     }
 }

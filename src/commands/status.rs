@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::{Config, Secret};
@@ -88,25 +87,14 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
         }
     }
     let client = pg::connect(&config.postgres).await?;
-    let row = client
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text, wal_status, active,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
-                    safe_wal_size
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.postgres.slot],
-        )
-        .await
-        .context("cannot read pg_replication_slots")?;
-    if let Some(r) = row {
+    if let Some(slot) = pg::slot_info(&client, &config.postgres.slot).await? {
         st.slot_exists = true;
-        st.confirmed_flush_lsn = r.get(0);
-        st.wal_status = r.get(1);
-        st.slot_active = Some(r.get(2));
-        st.lag_bytes = r.get(3);
-        st.retained_wal_bytes = r.get(4);
-        st.safe_wal_size = r.get(5);
+        st.confirmed_flush_lsn = slot.confirmed_flush_lsn;
+        st.wal_status = slot.wal_status;
+        st.slot_active = Some(slot.active);
+        st.lag_bytes = slot.lag_bytes;
+        st.retained_wal_bytes = slot.retained_wal_bytes;
+        st.safe_wal_size = slot.safe_wal_size;
     }
     st.problems = problems(&st, max_lag_bytes);
     st.healthy = st.problems.is_empty();

@@ -170,7 +170,9 @@ impl Config {
     /// Checks that deserialization cannot express: URLs, ranges, names.
     pub fn validate(&self) -> Result<(), UsageError> {
         let pg = &self.postgres;
-        crate::source::connect::PgConnection::from_config(pg)?;
+        // The TLS files are read here too, so a wrong path is a configuration error before
+        // any connection is tried.
+        crate::source::connect::PgConnection::from_config(pg)?.client_tls()?;
         check_identifier("postgres.slot", &pg.slot)?;
         check_identifier("postgres.publication", &pg.publication)?;
         check_range(

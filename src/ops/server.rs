@@ -27,7 +27,8 @@ pub struct EngineState {
     pub dlq: Option<crate::state::dlq::Dlq>,
     /// Why the engine is not streaming (the last session's end), while it is not.
     pub not_streaming_reason: std::sync::Mutex<Option<String>>,
-    /// The slot as `pg_replication_slots` last showed it (see [`watch_slot`]).
+    /// The slot as `pg_replication_slots` last showed it, with the time of that reading
+    /// (`commands/run.rs` reads it every 10 s).
     pub slot_health: std::sync::Mutex<serde_json::Value>,
     /// The last 10 minutes of counters and latencies, a sample every 5 s, so the dashboard
     /// has its charts' history as soon as it opens (`/history`).
@@ -44,12 +45,7 @@ impl EngineState {
     /// Take a sample for `/history`: the time and what the charts draw.
     pub fn sample(&self) {
         let m = &self.metrics;
-        let streamed = m
-            .counters
-            .snapshot()
-            .into_iter()
-            .find(|(name, _)| *name == "events_streamed")
-            .map_or(0, |(_, v)| v);
+        let streamed = m.counters.events_streamed.get();
         // Latency over the last interval only: the difference of two readings.
         let now = m.latency_counts();
         let mut last = self.last_counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,72 +87,6 @@ async fn history(State(state): State<Arc<EngineState>>) -> Json<serde_json::Valu
     Json(serde_json::Value::Array(h.iter().cloned().collect()))
 }
 
-/// Every 10 s, read the slot's lag, retained WAL and `wal_status` for `/status` and the
-/// dashboard, on a connection of its own (reconnecting, with backoff, when it drops).
-pub async fn watch_slot(pg: crate::source::config::PostgresConfig, state: Arc<EngineState>) {
-    let mut backoff = crate::backoff::Backoff::new(
-        std::time::Duration::from_secs(1),
-        std::time::Duration::from_secs(30),
-    );
-    loop {
-        let read = async {
-            let client = crate::source::pg::connect(&pg).await?;
-            loop {
-                let row = client
-                    .query_opt(
-                        "SELECT wal_status, active,
-                                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
-                                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
-                                safe_wal_size
-                           FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&pg.slot],
-                    )
-                    .await?;
-                let value = match row {
-                    Some(r) => {
-                        let wal_status: Option<String> = r.get(0);
-                        let (lag, retained, safe): (Option<i64>, Option<i64>, Option<i64>) =
-                            (r.get(2), r.get(3), r.get(4));
-                        let gauges = &state.metrics.slot;
-                        gauges.lag_bytes.set(lag.unwrap_or(0));
-                        gauges.retained_wal_bytes.set(retained.unwrap_or(0));
-                        gauges.safe_wal_size_bytes.set(safe.unwrap_or(-1));
-                        let at_risk = matches!(wal_status.as_deref(), Some("unreserved" | "lost"));
-                        if at_risk && gauges.wal_ok.set(0) != 0 {
-                            tracing::warn!(
-                                slot = pg.slot,
-                                "slot {:?} has wal_status {}: it retains {} bytes, more than max_slot_wal_keep_size allows; it will be invalidated unless the engine catches up (docs/operations.md, \"Slot lag and WAL retention\")",
-                                pg.slot,
-                                wal_status.as_deref().unwrap_or("?"),
-                                retained.unwrap_or(0)
-                            );
-                        } else if !at_risk {
-                            gauges.wal_ok.set(1);
-                        }
-                        serde_json::json!({
-                            "exists": true,
-                            "wal_status": wal_status,
-                            "active": r.get::<_, Option<bool>>(1),
-                            "lag_bytes": lag,
-                            "retained_wal_bytes": retained,
-                            "safe_wal_size": safe,
-                        })
-                    }
-                    None => serde_json::json!({ "exists": false }),
-                };
-                *state.slot_health.lock().unwrap_or_else(|p| p.into_inner()) = value;
-                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-            }
-            #[allow(unreachable_code)]
-            anyhow::Ok(())
-        };
-        if let Err(e) = read.await {
-            tracing::debug!("cannot read the slot's health: {e:#}");
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
-}
-
 impl EngineState {
     pub fn set_streaming(&self, streaming: bool, reason: Option<String>) {
         self.streaming.store(streaming, Ordering::Relaxed);
@@ -165,9 +95,7 @@ impl EngineState {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = if streaming { None } else { reason };
     }
-}
 
-impl EngineState {
     pub fn status_json(&self) -> serde_json::Value {
         let m = &self.metrics;
         let last_commit = m.last_commit_us.load(Ordering::Relaxed);
@@ -195,7 +123,7 @@ pub async fn spawn(
     listen: std::net::SocketAddr,
     state: Arc<EngineState>,
     token: Option<Secret>,
-) -> anyhow::Result<ServerHandle> {
+) -> anyhow::Result<AbortOnDrop> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen} for the engine's HTTP endpoints; is another engine running? change [server] listen")
     })?;
@@ -235,15 +163,16 @@ pub async fn spawn(
     let handle = tokio::spawn(async move {
         tokio::join!(serve, sampler);
     });
-    Ok(ServerHandle(handle))
+    Ok(AbortOnDrop(handle))
 }
 
 /// Connections served at once; monitoring needs a handful.
 const MAX_CONNECTIONS: usize = 64;
 
-pub struct ServerHandle(JoinHandle<()>);
+/// A background task that ends when this is dropped: the server, the engine's slot watch.
+pub struct AbortOnDrop(pub JoinHandle<()>);
 
-impl Drop for ServerHandle {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }

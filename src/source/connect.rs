@@ -198,15 +198,12 @@ impl PgConnection {
             _ => tokio_postgres::config::SslMode::Require,
         });
         let target = describe(&config);
-        let connection = PgConnection {
+        Ok(PgConnection {
             config,
             sslmode,
             tls,
             target,
-        };
-        // Read the files now, so a wrong path is a configuration error before any connection.
-        connection.client_tls()?;
-        Ok(connection)
+        })
     }
 
     /// How much is verified: libpq's rules (`require` with a root certificate is `verify-ca`).
@@ -303,7 +300,10 @@ mod tests {
             ..PostgresConfig::default()
         };
         extra(&mut pg);
-        PgConnection::from_config(&pg)
+        // As loading does: the TLS files are read too.
+        let c = PgConnection::from_config(&pg)?;
+        c.client_tls()?;
+        Ok(c)
     }
 
     #[test]

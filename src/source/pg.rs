@@ -193,8 +193,8 @@ pub async fn check_source_tables(client: &Client, pg: &PostgresConfig) -> anyhow
     Ok(())
 }
 
-/// A logical slot as `pg_replication_slots` shows it.
-#[derive(Debug, Clone)]
+/// A logical slot as `pg_replication_slots` shows it, with its lag and retained WAL.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SlotInfo {
     pub plugin: Option<String>,
     pub slot_type: String,
@@ -202,12 +202,21 @@ pub struct SlotInfo {
     pub confirmed_flush_lsn: Option<String>,
     pub wal_status: Option<String>,
     pub active: bool,
+    /// WAL between the server's position and `confirmed_flush_lsn`.
+    pub lag_bytes: Option<i64>,
+    /// WAL the server keeps for the slot: its position − `restart_lsn`.
+    pub retained_wal_bytes: Option<i64>,
+    /// WAL that may still be written before the slot is at risk; `None`: no limit.
+    pub safe_wal_size: Option<i64>,
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<SlotInfo>> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, slot_type, database::text, confirmed_flush_lsn::text, wal_status, active
+            "SELECT plugin::text, slot_type, database::text, confirmed_flush_lsn::text, wal_status, active,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,
+                    safe_wal_size
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -220,6 +229,9 @@ pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<Slo
         confirmed_flush_lsn: r.get(3),
         wal_status: r.get(4),
         active: r.get(5),
+        lag_bytes: r.get(6),
+        retained_wal_bytes: r.get(7),
+        safe_wal_size: r.get(8),
     }))
 }
 
