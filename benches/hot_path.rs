@@ -12,7 +12,8 @@ use engagement_cdc::enrich::{enrich, ContentRow, Dimension, EnrichedEvent};
 use engagement_cdc::sinks::http::requests;
 use engagement_cdc::sinks::redis::script_args;
 use engagement_cdc::source::pgoutput::{Message, RelColumn, Relation, Tuple, Value};
-use engagement_cdc::source::rows::{decode_event, RelKind, Relations};
+use engagement_cdc::source::rows::{decode_event, RelKind, Relations, Zone};
+use engagement_cdc::source::schema::{ContentColumns, EventColumns, TypeCatalog};
 use engagement_cdc::types::Lsn;
 
 /// The test encoder, which is not part of the library.
@@ -65,7 +66,11 @@ fn main() {
     let mut relations = Relations::new(
         QualifiedTable::parse("t", "public.engagement_events").unwrap(),
         QualifiedTable::parse("t", "public.content").unwrap(),
+        &EventColumns::default(),
+        &ContentColumns::default(),
+        TypeCatalog::default(),
     );
+    let zone = Zone::utc();
     let RelKind::Events(pos) = relations.update(&relation).unwrap().clone() else {
         unreachable!()
     };
@@ -100,7 +105,7 @@ fn main() {
         let mut n = 0;
         for m in &messages {
             if let Message::Insert { new, .. } = Message::parse(m).unwrap() {
-                n += decode_event(&new, &pos).unwrap().id;
+                n += decode_event(&new, &pos, &zone).unwrap().0.id;
             }
         }
         n
@@ -108,7 +113,7 @@ fn main() {
     let raws: Vec<_> = messages
         .iter()
         .map(|m| match Message::parse(m).unwrap() {
-            Message::Insert { new, .. } => decode_event(&new, &pos).unwrap(),
+            Message::Insert { new, .. } => decode_event(&new, &pos, &zone).unwrap().0,
             _ => unreachable!(),
         })
         .collect();

@@ -95,6 +95,11 @@ impl fmt::Display for QualifiedTable {
     }
 }
 
+/// A column (or other) name quoted for SQL, embedded quotes doubled: `"created_at"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 pub fn check_identifier(key: &str, value: &str) -> Result<(), UsageError> {
     let ok = !value.is_empty()
         && value.len() <= 63

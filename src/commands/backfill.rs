@@ -16,11 +16,13 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use crate::config::Config;
-use crate::enrich::{enrich, rfc3339_us, ContentRow, EnrichedEvent, RawEvent};
+use crate::enrich::{enrich, rfc3339_us, EnrichedEvent};
 use crate::error::UsageError;
 use crate::ops::metrics::Metrics;
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
+use crate::source::rows::{decode_content, decode_event, TextRow, UnfitLog};
+use crate::source::schema::{in_select_order, select_as_text};
 use crate::types::Lsn;
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,10 @@ pub struct BackfillReport {
     /// Events new to Redis (or written, when Redis is not among the sinks).
     pub inserted: u64,
     pub duplicates: u64,
+    /// Rows skipped because a required value was NULL or unreadable.
+    pub skipped: u64,
+    /// Values delivered as NULL because they do not fit their sink column.
+    pub invalid_values: u64,
 }
 
 impl std::fmt::Display for BackfillReport {
@@ -47,7 +53,15 @@ impl std::fmt::Display for BackfillReport {
             f,
             "Backfill done. scanned={} inserted={} duplicates={}",
             self.scanned, self.inserted, self.duplicates
-        )
+        )?;
+        // Shown only when something was not as the table's types promise.
+        if self.skipped > 0 {
+            write!(f, " skipped={}", self.skipped)?;
+        }
+        if self.invalid_values > 0 {
+            write!(f, " invalid_values={}", self.invalid_values)?;
+        }
+        Ok(())
     }
 }
 
@@ -89,13 +103,6 @@ fn system_time(us: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_micros(us as u64)
     } else {
         UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
-    }
-}
-
-fn micros(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_micros() as i64,
-        Err(e) => -(e.duration().as_micros() as i64),
     }
 }
 
@@ -176,12 +183,31 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let client = pg::connect(pgc).await?;
     let events = &pgc.events_table;
     let content = &pgc.content_table;
-    pg::check_source_tables(&client, pgc).await?;
+    let tables = pg::check_source_tables(&client, pgc).await?;
+    let zone = pgc.zone()?;
+    // The range's bounds are instants; a `timestamp without time zone` column is compared
+    // with them in the configured zone, as the stream reads it.
+    client
+        .query_one(
+            "SELECT set_config('TimeZone', $1, false), set_config('DateStyle', 'ISO, YMD', false)",
+            &[&zone.name()],
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "Postgres does not accept time zone {:?} (postgres.timestamp_zone): {}",
+                zone.name(),
+                crate::error::chain_text(&e)
+            )
+        })?;
+    let q = crate::checks::quote_ident;
+    let (ec, cc) = (&pgc.event_columns, &pgc.content_columns);
+    let (ts, id) = (q(&ec.event_ts), q(&ec.id));
     let (start, end) = (system_time(opts.start_us), system_time(opts.end_us));
     let total: i64 = client
         .query_one(
             &format!(
-                "SELECT count(*) FROM {} WHERE event_ts >= $1 AND event_ts < $2",
+                "SELECT count(*) FROM {} WHERE {ts} >= $1::timestamptz AND {ts} < $2::timestamptz",
                 events.quoted()
             ),
             &[&start, &end],
@@ -189,54 +215,93 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         .await
         .context("cannot count the events of the range")?
         .get(0);
-    let page = client
+    // Every field as text, converted by the stream's own code (source::rows).
+    let select = format!(
+        "SELECT {}, {}
+           FROM {} e LEFT JOIN {} c ON c.{} = e.{}
+          WHERE e.{ts} >= $1::timestamptz AND e.{ts} < $2::timestamptz",
+        select_as_text("e.", &ec.required()),
+        select_as_text("c.", &cc.required()),
+        events.quoted(),
+        content.quoted(),
+        q(&cc.content_id),
+        q(&ec.content_id),
+    );
+    let first_page = client
+        .prepare(&format!("{select} ORDER BY e.{ts}, e.{id} LIMIT $3"))
+        .await
+        .context("cannot prepare the backfill query")?;
+    // The next page starts after the last row's (event_ts, id), given back as the text
+    // Postgres wrote, cast to the columns' own types.
+    let next_page = client
         .prepare(&format!(
-            "SELECT e.id::int8, e.content_id::int8, e.user_id::int8, e.event_type::text, e.event_ts,
-                    e.duration_ms::int4, e.device::text,
-                    c.content_id::int8, c.content_type::text, c.length_seconds::int4
-               FROM {} e LEFT JOIN {} c ON c.content_id = e.content_id
-              WHERE e.event_ts >= $1 AND e.event_ts < $2 AND (e.event_ts, e.id) > ($3, $4)
-              ORDER BY e.event_ts, e.id
-              LIMIT $5",
-            events.quoted(),
-            content.quoted()
+            "{select} AND (e.{ts}, e.{id}) > ($4::text::{}, $5::text::{})
+              ORDER BY e.{ts}, e.{id} LIMIT $3",
+            tables.events.type_names[4], tables.events.type_names[0]
         ))
         .await
         .context("cannot prepare the backfill query")?;
+    let event_at = in_select_order(&tables.event_layout());
+    let mut content_at = in_select_order(&tables.content_layout());
+    for l in &mut content_at {
+        l.pos += event_at.len();
+    }
 
     let mut progress = Progress::new(total as u64);
     let mut report = BackfillReport::default();
-    let mut after: (SystemTime, i64) = (system_time(opts.start_us - 1), i64::MIN);
+    let mut unfit_log = UnfitLog::default();
+    let mut after: Option<(String, String)> = None;
     let limit = opts.batch_size as i64;
     loop {
-        let rows = client
-            .query(&page, &[&start, &end, &after.0, &after.1, &limit])
-            .await
-            .context("cannot read a page of events")?;
+        let rows = match &after {
+            None => client.query(&first_page, &[&start, &end, &limit]).await,
+            Some((t, i)) => {
+                client
+                    .query(&next_page, &[&start, &end, &limit, t, i])
+                    .await
+            }
+        }
+        .context("cannot read a page of events")?;
         if rows.is_empty() {
             break;
         }
         let mut batch: Vec<EnrichedEvent> = Vec::with_capacity(rows.len());
         for r in &rows {
-            let ts: SystemTime = r.get(4);
-            let raw = RawEvent {
-                id: r.get(0),
-                content_id: r.get(1),
-                user_id: r.get(2),
-                event_type: r.get(3),
-                event_ts_us: micros(ts),
-                duration_ms: r.get(5),
-                device: r.get(6),
+            let row = TextRow::from_row(r);
+            if let (Some(t), Some(i)) = (&row.0[4], &row.0[0]) {
+                after = Some((t.clone(), i.clone()));
+            }
+            report.scanned += 1;
+            let (raw, unfit) = match decode_event(&row, &event_at, &zone) {
+                Ok(decoded) => decoded,
+                Err(why) => {
+                    report.skipped += 1;
+                    tracing::warn!("skipped an event row: {why}");
+                    continue;
+                }
             };
-            after = (ts, raw.id);
-            let row = r.get::<_, Option<i64>>(7).map(|content_id| ContentRow {
-                content_id,
-                content_type: r.get::<_, Option<String>>(8).map(Into::into),
-                length_seconds: r.get(9),
-            });
-            batch.push(enrich(raw, row.as_ref(), Lsn(0)).0);
+            if let Some(why) = unfit {
+                report.invalid_values += 1;
+                unfit_log.note(&format!("event {}: {why}", raw.id), "backfill");
+            }
+            let content_row = match row.0[content_at[0].pos] {
+                None => None,
+                Some(_) => {
+                    let (c, unfit) = decode_content(&row, &content_at, None)
+                        .map_err(|e| anyhow::anyhow!("event {}: its content row's {e}", raw.id))?;
+                    if let Some(why) = unfit {
+                        report.invalid_values += 1;
+                        unfit_log.note(&format!("content row {}: {why}", c.content_id), "backfill");
+                    }
+                    Some(c)
+                }
+            };
+            batch.push(enrich(raw, content_row.as_ref(), Lsn(0)).0);
         }
-        report.scanned += batch.len() as u64;
+        if batch.is_empty() {
+            progress.show(report.scanned, false);
+            continue;
+        }
         let batch: Vec<&EnrichedEvent> = batch.iter().collect();
         let deliveries = sinks::deliver_all(&mut sinks, &batch).await?;
         match redis_at.and_then(|i| deliveries[i].new_events) {

@@ -144,6 +144,8 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
     let content = &pgc.content_table;
     let setup = pg::connect(pgc).await?;
     pg::check_source_tables(&setup, pgc).await?;
+    let (ec, cc) = (&pgc.event_columns, &pgc.content_columns);
+    let q = crate::checks::quote_ident;
     let mut values = String::new();
     for id in 1..=opts.contents {
         let (kind, len) = content_row(id);
@@ -157,8 +159,12 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
     }
     setup
         .batch_execute(&format!(
-            "INSERT INTO {} (content_id, content_type, length_seconds) VALUES {values} ON CONFLICT (content_id) DO NOTHING",
-            content.quoted()
+            "INSERT INTO {} ({}, {}, {}) VALUES {values} ON CONFLICT ({}) DO NOTHING",
+            content.quoted(),
+            q(&cc.content_id),
+            q(&cc.content_type),
+            q(&cc.length_seconds),
+            q(&cc.content_id),
         ))
         .await
         .with_context(|| format!("cannot create the content rows 1..{}", opts.contents))?;
@@ -167,8 +173,10 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
     for row in setup
         .query(
             &format!(
-                "SELECT content_id::int8, length_seconds::int4 FROM {} WHERE content_id BETWEEN 1 AND $1",
-                content.quoted()
+                "SELECT {id}::int8, {len}::int4 FROM {} WHERE {id} BETWEEN 1 AND $1",
+                content.quoted(),
+                id = q(&cc.content_id),
+                len = q(&cc.length_seconds),
             ),
             &[&(opts.contents as i64)],
         )
@@ -187,8 +195,13 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
         let mut gen = Generator::new(opts.contents);
         gen.lengths.clone_from(&lengths);
         let prefix = format!(
-            "INSERT INTO {} (content_id, user_id, event_type, duration_ms, device) VALUES ",
-            events.quoted()
+            "INSERT INTO {} ({}, {}, {}, {}, {}) VALUES ",
+            events.quoted(),
+            q(&ec.content_id),
+            q(&ec.user_id),
+            q(&ec.event_type),
+            q(&ec.duration_ms),
+            q(&ec.device),
         );
         let batch = opts.batch;
         tasks.spawn(async move {

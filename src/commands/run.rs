@@ -70,7 +70,7 @@ pub async fn run(
     let client = pg::connect(pgc).await?;
     let facts = pg::server_facts(&client).await?;
     pg::check_server(&facts)?;
-    pg::check_source_tables(&client, pgc).await?;
+    let tables = pg::check_source_tables(&client, pgc).await?;
     if facts.database != identity.database {
         bail!(
             "state directory {} belongs to {identity}, not to database {:?}; use another [state] dir",
@@ -145,7 +145,15 @@ pub async fn run(
         config.pipeline.max_batch_rows,
     );
     let mut source = Source {
-        relations: Relations::new(pgc.events_table.clone(), pgc.content_table.clone()),
+        relations: Relations::new(
+            pgc.events_table.clone(),
+            pgc.content_table.clone(),
+            &pgc.event_columns,
+            &pgc.content_columns,
+            tables.catalog,
+        ),
+        zone: pgc.zone()?,
+        unfit_log: Default::default(),
         dimension,
         metrics: metrics.clone(),
         max_batch_rows: config.pipeline.max_batch_rows,
@@ -227,6 +235,14 @@ pub async fn run(
                     _ = shutdown.changed() => break Ok(()),
                 }
                 source.dimension = store.load_dimension()?;
+                if let Some(oid) = source.relations.pending_type() {
+                    match reload_catalog(pgc).await {
+                        Ok(catalog) => source.relations.set_catalog(catalog),
+                        Err(e) => tracing::warn!(
+                            "cannot read the type catalog again for type oid {oid}: {e:#}; retrying"
+                        ),
+                    }
+                }
                 let delay = backoff.next_delay();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -238,6 +254,18 @@ pub async fn run(
     };
     pipeline.close(Duration::from_secs(5)).await;
     result
+}
+
+/// The type catalog, read again on its own connection.
+async fn reload_catalog(
+    pgc: &crate::config::PostgresConfig,
+) -> anyhow::Result<crate::source::schema::TypeCatalog> {
+    let client = tokio::time::timeout(Duration::from_secs(30), pg::connect(pgc))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from Postgres within 30 s"))??;
+    tokio::time::timeout(Duration::from_secs(30), pg::type_catalog(&client))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from Postgres within 30 s"))?
 }
 
 /// Connect, check the server's identity, start streaming.

@@ -5,7 +5,7 @@
 use anyhow::{anyhow, bail, Context};
 use pgwire_replication::ReplicationClient;
 
-use crate::config::{Config, QualifiedTable};
+use crate::config::Config;
 use crate::enrich::ContentRow;
 use crate::sinks::clickhouse;
 use crate::source::pg;
@@ -53,11 +53,21 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
             None => "connected in plaintext".to_string(),
         }
     ));
-    pg::check_source_tables(&client, pgc).await?;
+    let tables = pg::check_source_tables(&client, pgc).await?;
     let events = &pgc.events_table;
     let content = &pgc.content_table;
+    let event_ts = &tables.events.type_names[4];
+    let ts_note = match tables.events.at[4].base {
+        crate::source::schema::Base::Timestamp => format!(
+            "; {}.{} is {event_ts}, read in {}",
+            events,
+            pgc.event_columns.event_ts,
+            pgc.zone()?.name()
+        ),
+        _ => String::new(),
+    };
     report.say(format!(
-        "source tables: {events} and {content} have the required columns"
+        "source tables: {events} and {content} have the required columns{ts_note}"
     ));
 
     // The publication must exist before the slot: pgoutput looks publications up as of each
@@ -154,7 +164,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
             };
             if let (true, Some(store)) = (needs_copy, &store) {
                 // A slot we did not create: no snapshot to copy at, so copy what is there now.
-                let rows = copy_content(&client, content, None).await?;
+                let rows = copy_content(&client, pgc, &tables, None).await?;
                 let checkpoint = info
                     .confirmed_flush_lsn
                     .as_deref()
@@ -210,7 +220,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                 .map_err(|e: String| anyhow!(e))?;
             let snapshot =
                 text(2).ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT exported no snapshot"))?;
-            let rows = copy_content(&client, content, Some(&snapshot)).await?;
+            let rows = copy_content(&client, pgc, &tables, Some(&snapshot)).await?;
             drop(repl);
             store.replace_dimension(&rows, consistent_point)?;
             report.created_slot = true;
@@ -272,12 +282,17 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     Ok(report)
 }
 
-/// `content` rows, at `snapshot` when given (the slot's exported snapshot).
+/// `content` rows, at `snapshot` when given (the slot's exported snapshot), converted as
+/// the stream converts them.
 async fn copy_content(
     client: &tokio_postgres::Client,
-    content: &QualifiedTable,
+    pgc: &crate::config::PostgresConfig,
+    tables: &pg::SourceTables,
     snapshot: Option<&str>,
 ) -> anyhow::Result<Vec<ContentRow>> {
+    use crate::source::rows::{decode_content, TextRow, UnfitLog};
+    use crate::source::schema::{in_select_order, select_as_text};
+    let content = &pgc.content_table;
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await?;
@@ -290,7 +305,8 @@ async fn copy_content(
     let rows = client
         .query(
             &format!(
-                "SELECT content_id::int8, content_type::text, length_seconds::int4 FROM {}",
+                "SELECT {} FROM {}",
+                select_as_text("", &pgc.content_columns.required()),
                 content.quoted()
             ),
             &[],
@@ -298,14 +314,21 @@ async fn copy_content(
         .await
         .with_context(|| format!("cannot copy {content}"))?;
     client.batch_execute("COMMIT").await?;
-    Ok(rows
-        .iter()
-        .map(|r| ContentRow {
-            content_id: r.get(0),
-            content_type: r.get::<_, Option<String>>(1).map(Into::into),
-            length_seconds: r.get(2),
-        })
-        .collect())
+    let at = in_select_order(&tables.content_layout());
+    let mut log = UnfitLog::default();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let (row, unfit) = decode_content(&TextRow::from_row(r), &at, None)
+            .map_err(|e| anyhow!("cannot copy {content}: a row's {e}"))?;
+        if let Some(why) = unfit {
+            log.note(
+                &format!("content row {}: {why}", row.content_id),
+                "copy of the content table",
+            );
+        }
+        out.push(row);
+    }
+    Ok(out)
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {

@@ -18,31 +18,47 @@ pub(super) fn apply_env_overrides(
     vars.sort();
     for (name, raw) in vars {
         let path = &name[ENV_PREFIX.len()..];
-        let Some((section, key)) = path.split_once("__") else {
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if parts.len() < 2 || parts.iter().any(String::is_empty) {
             return Err(UsageError::new(format!(
                 "environment variable {name} does not name a key; use {ENV_PREFIX}<SECTION>__<KEY>, e.g. {ENV_PREFIX}POSTGRES__URL"
             )));
-        };
-        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-        let Some(default) = schema
-            .get(&section)
-            .and_then(|s| s.as_table())
-            .and_then(|s| s.get(&key))
-        else {
+        }
+        let dotted = parts.join(".");
+        // The key's default types the value; sub-tables such as postgres.event_columns are
+        // reached with one more `__`.
+        let mut default: Option<&toml::Value> = None;
+        let mut level = Some(&schema);
+        for part in &parts {
+            default = level.and_then(|t| t.get(part));
+            level = default.and_then(|v| v.as_table());
+        }
+        let Some(default) = default.filter(|d| !d.is_table()) else {
             return Err(UsageError::new(format!(
-                "environment variable {name} names no configuration key ({section}.{key}); see docs/configuration.md for the keys"
+                "environment variable {name} names no configuration key ({dotted}); see docs/configuration.md for the keys"
             )));
         };
         let value = typed_value(name, raw, default)?;
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let Some(section_table) = entry.as_table_mut() else {
-            return Err(UsageError::new(format!(
-                "configuration key {section} must be a section ([{section}]), not a value"
-            )));
-        };
-        section_table.insert(key, value);
+        let (key, tables) = parts.split_last().expect("two parts or more");
+        let mut table: &mut toml::Table = table;
+        let mut at = String::new();
+        for part in tables {
+            at = if at.is_empty() {
+                part.clone()
+            } else {
+                format!("{at}.{part}")
+            };
+            let entry = table
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(inner) = entry.as_table_mut() else {
+                return Err(UsageError::new(format!(
+                    "configuration key {at} must be a section ([{at}]), not a value"
+                )));
+            };
+            table = inner;
+        }
+        table.insert(key.clone(), value);
     }
     Ok(())
 }

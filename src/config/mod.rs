@@ -175,6 +175,7 @@ impl Config {
         crate::source::connect::PgConnection::from_config(pg)?.client_tls()?;
         check_identifier("postgres.slot", &pg.slot)?;
         check_identifier("postgres.publication", &pg.publication)?;
+        pg.validate_columns()?;
         check_range(
             "postgres.status_interval_ms",
             pg.status_interval_ms,

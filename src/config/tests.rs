@@ -75,6 +75,36 @@ fn unknown_keys_are_errors() {
 }
 
 #[test]
+fn column_names_and_the_zone_are_keys_with_environment_variables() {
+    let c = parse(
+        "[postgres.event_columns]\nevent_ts = \"created_at\"\n[postgres]\ntimestamp_zone = \"Europe/Paris\"\n",
+        &[("ENGAGEMENT_CDC__POSTGRES__CONTENT_COLUMNS__LENGTH_SECONDS", "secs")],
+    )
+    .unwrap();
+    assert_eq!(c.postgres.event_columns.event_ts, "created_at");
+    assert_eq!(c.postgres.event_columns.id, "id");
+    assert_eq!(c.postgres.content_columns.length_seconds, "secs");
+    assert_eq!(c.postgres.zone().unwrap().name(), "Europe/Paris");
+    let e = parse("[postgres]\ntimestamp_zone = \"Mars/Olympus\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("postgres.timestamp_zone"), "{e}");
+    let e = parse("[postgres.event_columns]\ndevice = \"user_id\"\n", &[]).unwrap_err();
+    assert!(
+        e.to_string().contains("both name column \"user_id\""),
+        "{e}"
+    );
+    let e = parse("[postgres.event_columns]\nwhen = \"x\"\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("when"), "{e}");
+    let e = parse(
+        "",
+        &[("ENGAGEMENT_CDC__POSTGRES__EVENT_COLUMNS__WHEN", "x")],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("postgres.event_columns.when"), "{e}");
+    let e = parse("", &[("ENGAGEMENT_CDC__POSTGRES__EVENT_COLUMNS", "x")]).unwrap_err();
+    assert!(e.to_string().contains("names no configuration key"), "{e}");
+}
+
+#[test]
 fn bad_values_are_clear_errors() {
     let e = parse("", &[("ENGAGEMENT_CDC__PIPELINE__MAX_BATCH_ROWS", "many")]).unwrap_err();
     assert!(e.to_string().contains("is not an integer"), "{e}");
@@ -198,10 +228,15 @@ mod docs_tests {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
             let key = cells[1].trim_matches('`');
             documented.insert(key.to_string());
-            let (section, name) = key.split_once('.').expect("section.key");
-            let default = schema
-                .get(section)
-                .and_then(|s| s.get(name))
+            let parts: Vec<&str> = key.split('.').collect();
+            assert!(parts.len() >= 2, "{key} is not section.key");
+            let mut default: Option<&toml::Value> = None;
+            let mut level = Some(&schema);
+            for part in &parts {
+                default = level.and_then(|t| t.get(*part));
+                level = default.and_then(|v| v.as_table());
+            }
+            let default = default
                 .unwrap_or_else(|| panic!("docs/configuration.md documents unknown key {key}"));
             let shown = match default {
                 toml::Value::String(s) => s.clone(),
@@ -216,21 +251,27 @@ mod docs_tests {
             assert_eq!(doc_default, shown, "default of {key}");
             assert_eq!(
                 cells[3].trim_matches('`'),
-                format!(
-                    "{ENV_PREFIX}{}__{}",
-                    section.to_uppercase(),
-                    name.to_uppercase()
-                ),
+                format!("{ENV_PREFIX}{}", parts.join("__").to_uppercase()),
                 "environment variable of {key}"
             );
         }
-        for (section, table) in &schema {
-            for name in table.as_table().unwrap().keys() {
-                assert!(
-                    documented.contains(&format!("{section}.{name}")),
-                    "{section}.{name} is missing from docs/configuration.md"
-                );
+        // Every leaf key, sub-tables such as postgres.event_columns included.
+        fn leaves(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+            for (name, value) in table {
+                let key = format!("{prefix}{name}");
+                match value.as_table() {
+                    Some(t) => leaves(&format!("{key}."), t, out),
+                    None => out.push(key),
+                }
             }
+        }
+        let mut keys = Vec::new();
+        leaves("", &schema, &mut keys);
+        for key in keys {
+            assert!(
+                documented.contains(&key),
+                "{key} is missing from docs/configuration.md"
+            );
         }
     }
 }

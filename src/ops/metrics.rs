@@ -56,6 +56,9 @@ counters! {
     events_invalid,
     /// Events with a negative duration (derived fields NULL).
     events_negative_duration,
+    /// Values delivered as NULL because they do not fit their sink column: an integer past
+    /// Int32 (duration_ms, length_seconds) or a numeric with a fraction.
+    invalid_values,
     /// Events whose content_id had no content row.
     events_unknown_content,
     /// Changes to the content dimension applied.

@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::checks::{empty_is_none, redact_url, QualifiedTable, Secret};
+use crate::error::UsageError;
 use crate::source::connect::SslMode;
+use crate::source::rows::Zone;
+use crate::source::schema::{ContentColumns, EventColumns};
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,6 +37,46 @@ pub struct PostgresConfig {
     pub events_table: QualifiedTable,
     pub content_table: QualifiedTable,
     pub status_interval_ms: u64,
+    /// The zone a `timestamp without time zone` event time is read in (IANA name).
+    pub timestamp_zone: String,
+    /// The events table's column for each field (docs/configuration.md, "Source columns").
+    pub event_columns: EventColumns,
+    /// The content table's column for each field.
+    pub content_columns: ContentColumns,
+}
+
+impl PostgresConfig {
+    /// `timestamp_zone`, checked.
+    pub fn zone(&self) -> Result<Zone, UsageError> {
+        Zone::named(&self.timestamp_zone)
+            .map_err(|e| UsageError::new(format!("postgres.timestamp_zone: {e}")))
+    }
+
+    /// Checks of the keys this section adds beyond connection settings.
+    pub fn validate_columns(&self) -> Result<(), UsageError> {
+        self.zone()?;
+        let events = self.event_columns.required();
+        let content = self.content_columns.required();
+        for r in events.iter().chain(content.iter()) {
+            if r.column.trim().is_empty() {
+                return Err(UsageError::new(format!(
+                    "{}.{} is empty; set it to the column that holds {} (default {:?})",
+                    r.section, r.field, r.field, r.field
+                )));
+            }
+        }
+        for list in [&events[..], &content[..]] {
+            for (i, a) in list.iter().enumerate() {
+                if let Some(b) = list[..i].iter().find(|b| b.column == a.column) {
+                    return Err(UsageError::new(format!(
+                        "{}.{} and {}.{} both name column {:?}; each field needs its own column",
+                        b.section, b.field, a.section, a.field, a.column
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -51,6 +94,9 @@ impl fmt::Debug for PostgresConfig {
             .field("events_table", &self.events_table)
             .field("content_table", &self.content_table)
             .field("status_interval_ms", &self.status_interval_ms)
+            .field("timestamp_zone", &self.timestamp_zone)
+            .field("event_columns", &self.event_columns)
+            .field("content_columns", &self.content_columns)
             .finish()
     }
 }
@@ -70,6 +116,9 @@ impl Default for PostgresConfig {
             events_table: QualifiedTable::public("engagement_events"),
             content_table: QualifiedTable::public("content"),
             status_interval_ms: 1000,
+            timestamp_zone: "UTC".into(),
+            event_columns: EventColumns::default(),
+            content_columns: ContentColumns::default(),
         }
     }
 }

@@ -8,7 +8,10 @@ use tokio_postgres::Client;
 use crate::checks::{redact_url, QualifiedTable};
 use crate::source::config::PostgresConfig;
 use crate::source::connect::PgConnection;
-use crate::source::schema::{locate, RequiredColumn, CONTENT_COLUMNS, EVENT_COLUMNS};
+use crate::source::schema::{
+    locate, CatalogType, ContentLayout, EventLayout, Located, RequiredColumn, TableColumn,
+    TypeCatalog, CATALOG_QUERY,
+};
 
 /// Where and as whom we connect, for messages (never the password), with the TLS mode.
 pub fn describe(pg: &PostgresConfig) -> String {
@@ -156,15 +159,39 @@ pub fn check_server(facts: &ServerFacts) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Enums, domains and string-like types of the database (see [`TypeCatalog`]).
+pub async fn type_catalog(client: &Client) -> anyhow::Result<TypeCatalog> {
+    let rows = client
+        .query(CATALOG_QUERY, &[])
+        .await
+        .context("cannot read the type catalog (pg_type)")?;
+    let first = |s: String| s.chars().next().unwrap_or(' ');
+    Ok(TypeCatalog::from_rows(rows.iter().map(|r| CatalogType {
+        oid: r.get(0),
+        typtype: first(r.get(1)),
+        base_oid: r.get(2),
+        base_typmod: r.get(3),
+        category: first(r.get(4)),
+        name: r.get(5),
+    })))
+}
+
+/// Where each required column of a table is and its type, as `format_type` spells it.
+pub struct TableLayout<const N: usize> {
+    pub at: [Located; N],
+    pub type_names: [String; N],
+}
+
 /// The table exists and has every required column with an accepted type.
 pub async fn check_table<const N: usize>(
     client: &Client,
     table: &QualifiedTable,
     required: &[RequiredColumn; N],
-) -> anyhow::Result<()> {
+    catalog: &TypeCatalog,
+) -> anyhow::Result<TableLayout<N>> {
     let rows = client
         .query(
-            "SELECT a.attname::text, a.atttypid::oid
+            "SELECT a.attname::text, a.atttypid::oid, a.atttypmod, format_type(a.atttypid, a.atttypmod)
                FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -179,18 +206,61 @@ pub async fn check_table<const N: usize>(
             "table {table} does not exist in this database; create it (migrations/postgres/ has the schema) or fix the table name in [postgres]"
         );
     }
-    let columns: Vec<(String, u32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    locate(&table.to_string(), required, &columns)
-        .map_err(|e| anyhow!("{e}; fix the table or the [postgres] table names"))?;
-    Ok(())
+    let columns: Vec<TableColumn> = rows
+        .iter()
+        .map(|r| TableColumn {
+            name: r.get(0),
+            type_oid: r.get(1),
+            typmod: r.get(2),
+        })
+        .collect();
+    let at = locate(&table.to_string(), required, &columns, catalog).map_err(|e| {
+        anyhow!("{e}; change the column, or map the field to another column in the configuration")
+    })?;
+    let type_names = at.map(|l| rows[l.pos].get::<_, String>(3));
+    Ok(TableLayout { at, type_names })
 }
 
-pub async fn check_source_tables(client: &Client, pg: &PostgresConfig) -> anyhow::Result<()> {
-    let events = &pg.events_table;
-    let content = &pg.content_table;
-    check_table(client, events, &EVENT_COLUMNS).await?;
-    check_table(client, content, &CONTENT_COLUMNS).await?;
-    Ok(())
+/// The source tables as the engine reads them.
+pub struct SourceTables {
+    pub catalog: TypeCatalog,
+    pub events: TableLayout<7>,
+    pub content: TableLayout<3>,
+}
+
+impl SourceTables {
+    pub fn event_layout(&self) -> EventLayout {
+        self.events.at
+    }
+    pub fn content_layout(&self) -> ContentLayout {
+        self.content.at
+    }
+}
+
+pub async fn check_source_tables(
+    client: &Client,
+    pg: &PostgresConfig,
+) -> anyhow::Result<SourceTables> {
+    let catalog = type_catalog(client).await?;
+    let events = check_table(
+        client,
+        &pg.events_table,
+        &pg.event_columns.required(),
+        &catalog,
+    )
+    .await?;
+    let content = check_table(
+        client,
+        &pg.content_table,
+        &pg.content_columns.required(),
+        &catalog,
+    )
+    .await?;
+    Ok(SourceTables {
+        catalog,
+        events,
+        content,
+    })
 }
 
 /// A logical slot as `pg_replication_slots` shows it, with its lag and retained WAL.

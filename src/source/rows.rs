@@ -1,23 +1,39 @@
-//! From pgoutput tuples to typed rows: the relation cache (columns found by name, replaced
-//! on every Relation message) and the parsing of text values.
+//! From pgoutput tuples (or rows read with SQL as text) to typed rows: the relation cache
+//! (columns found by their configured names, replaced on every Relation message) and the
+//! one conversion of text values that the stream, `backfill` and `setup` share
+//! (docs/configuration.md, "Source columns").
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::checks::QualifiedTable;
 use crate::enrich::{days_from_civil, ContentRow, RawEvent};
 use crate::source::pgoutput::{Relation, Tuple, Value};
-use crate::source::schema::{locate, CONTENT_COLUMNS, EVENT_COLUMNS};
+use crate::source::schema::{
+    locate, Base, ContentColumns, ContentLayout, EventColumns, EventLayout, Located,
+    RequiredColumn, TableColumn, TypeCatalog, CONTENT_FIELDS, EVENT_FIELDS,
+};
 
 /// What a relation id stands for.
 #[derive(Debug, Clone)]
 pub enum RelKind {
-    /// Positions of [`EVENT_COLUMNS`] in the relation's tuples.
-    Events([usize; 7]),
-    /// Positions of [`CONTENT_COLUMNS`].
-    Content([usize; 3]),
+    /// Where the event fields are in the relation's tuples.
+    Events(EventLayout),
+    /// Where the content fields are.
+    Content(ContentLayout),
     /// A table we do not read (changes to it are counted and ignored).
     Other(String),
+}
+
+/// Why a Relation message was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelationError {
+    /// A required column has a type created after the type catalog was read: read it again
+    /// ([`Relations::set_catalog`]) and reconnect.
+    UnknownType(u32),
+    /// A required column is missing or has a type the engine cannot read.
+    Refused(String),
 }
 
 /// The relation cache of one replication session.
@@ -25,31 +41,87 @@ pub enum RelKind {
 pub struct Relations {
     events: QualifiedTable,
     content: QualifiedTable,
+    event_columns: [RequiredColumn; EVENT_FIELDS],
+    content_columns: [RequiredColumn; CONTENT_FIELDS],
+    catalog: TypeCatalog,
+    /// Types looked for in a fresh catalog already: not asked for again.
+    looked_up: HashSet<u32>,
+    pending_type: Option<u32>,
     by_id: HashMap<u32, RelKind>,
 }
 
 impl Relations {
-    pub fn new(events: QualifiedTable, content: QualifiedTable) -> Self {
+    pub fn new(
+        events: QualifiedTable,
+        content: QualifiedTable,
+        event_columns: &EventColumns,
+        content_columns: &ContentColumns,
+        catalog: TypeCatalog,
+    ) -> Self {
         Relations {
             events,
             content,
+            event_columns: event_columns.required(),
+            content_columns: content_columns.required(),
+            catalog,
+            looked_up: HashSet::new(),
+            pending_type: None,
             by_id: HashMap::new(),
         }
     }
 
+    /// A type the last Relation message needed and the catalog did not have.
+    pub fn pending_type(&self) -> Option<u32> {
+        self.pending_type
+    }
+
+    /// A catalog read after [`RelationError::UnknownType`]: a type still missing from it is
+    /// then refused by name instead of asked for again.
+    pub fn set_catalog(&mut self, catalog: TypeCatalog) {
+        if let Some(oid) = self.pending_type.take() {
+            self.looked_up.insert(oid);
+        }
+        self.catalog = catalog;
+    }
+
     /// Record a Relation message. A source table without a required column (dropped or
     /// retyped) is an error naming it: the engine halts with the checkpoint held.
-    pub fn update(&mut self, rel: &Relation) -> Result<&RelKind, String> {
-        let columns: Vec<(String, u32)> = rel
+    pub fn update(&mut self, rel: &Relation) -> Result<&RelKind, RelationError> {
+        let columns: Vec<TableColumn> = rel
             .columns
             .iter()
-            .map(|c| (c.name.clone(), c.type_oid))
+            .map(|c| TableColumn {
+                name: c.name.clone(),
+                type_oid: c.type_oid,
+                typmod: c.type_modifier,
+            })
             .collect();
         let full = format!("{}.{}", rel.namespace, rel.name);
+        let ours = |required: &[RequiredColumn]| {
+            columns
+                .iter()
+                .filter(|c| required.iter().any(|r| r.column == c.name))
+                .map(|c| c.type_oid)
+                .find(|&oid| self.catalog.is_unknown(oid) && !self.looked_up.contains(&oid))
+        };
         let kind = if rel.namespace == self.events.schema && rel.name == self.events.name {
-            RelKind::Events(locate(&full, &EVENT_COLUMNS, &columns)?)
+            if let Some(oid) = ours(&self.event_columns) {
+                self.pending_type = Some(oid);
+                return Err(RelationError::UnknownType(oid));
+            }
+            RelKind::Events(
+                locate(&full, &self.event_columns, &columns, &self.catalog)
+                    .map_err(RelationError::Refused)?,
+            )
         } else if rel.namespace == self.content.schema && rel.name == self.content.name {
-            RelKind::Content(locate(&full, &CONTENT_COLUMNS, &columns)?)
+            if let Some(oid) = ours(&self.content_columns) {
+                self.pending_type = Some(oid);
+                return Err(RelationError::UnknownType(oid));
+            }
+            RelKind::Content(
+                locate(&full, &self.content_columns, &columns, &self.catalog)
+                    .map_err(RelationError::Refused)?,
+            )
         } else {
             RelKind::Other(full)
         };
@@ -62,17 +134,131 @@ impl Relations {
     }
 }
 
+/// A row's values by position: a pgoutput tuple, or a row read with SQL as text.
+pub trait Fields {
+    fn value(&self, i: usize) -> Value<'_>;
+}
+
+impl Fields for Tuple<'_> {
+    fn value(&self, i: usize) -> Value<'_> {
+        self.get(i)
+    }
+}
+
+/// A row read with SQL, every column cast to text (`backfill`, `setup`'s copy of
+/// `content`): the same text pgoutput sends, so the same conversion applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextRow(pub Vec<Option<String>>);
+
+impl TextRow {
+    pub fn from_row(row: &tokio_postgres::Row) -> TextRow {
+        TextRow((0..row.len()).map(|i| row.get(i)).collect())
+    }
+}
+
+impl Fields for TextRow {
+    fn value(&self, i: usize) -> Value<'_> {
+        match self.0.get(i) {
+            Some(Some(s)) => Value::Text(s.as_bytes()),
+            _ => Value::Null,
+        }
+    }
+}
+
+/// The zone a `timestamp without time zone` is read in (`postgres.timestamp_zone`).
+#[derive(Debug, Clone)]
+pub struct Zone {
+    name: String,
+    tz: jiff::tz::TimeZone,
+    utc: bool,
+}
+
+impl Zone {
+    /// An IANA zone name such as `UTC` or `Europe/Paris`.
+    pub fn named(name: &str) -> Result<Zone, String> {
+        let tz = jiff::tz::TimeZone::get(name).map_err(|e| {
+            format!("{name:?} is not a time zone this engine knows ({e}); use an IANA name such as UTC or Europe/Paris")
+        })?;
+        let utc = tz == jiff::tz::TimeZone::UTC || name.eq_ignore_ascii_case("utc");
+        Ok(Zone {
+            name: name.to_string(),
+            tz,
+            utc,
+        })
+    }
+
+    pub fn utc() -> Zone {
+        Zone {
+            name: "UTC".into(),
+            tz: jiff::tz::TimeZone::UTC,
+            utc: true,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A wall-clock time (µs, as if it were UTC) in this zone → µs since 1970 UTC. A time
+    /// skipped by a DST change reads with the offset before it, a repeated one as its
+    /// first occurrence (RFC 5545's "compatible" choice).
+    pub fn to_utc(&self, local_us: i64) -> Option<i64> {
+        if self.utc {
+            return Some(local_us);
+        }
+        let ts = jiff::Timestamp::from_microsecond(local_us).ok()?;
+        let civil = jiff::tz::Offset::UTC.to_datetime(ts);
+        let t = self.tz.to_ambiguous_timestamp(civil).compatible().ok()?;
+        Some(t.as_microsecond())
+    }
+}
+
+/// One log line per 10 s at most for values delivered as NULL, with how many were not
+/// logged in between; every one is counted in `engagement_cdc_invalid_values_total`.
+#[derive(Debug, Default)]
+pub struct UnfitLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl UnfitLog {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn note(&mut self, why: &str, at: impl std::fmt::Display) {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        let more = match self.suppressed {
+            0 => String::new(),
+            n => format!("; {n} more such values since the last line"),
+        };
+        tracing::warn!("{why} ({at}){more}; counted in engagement_cdc_invalid_values_total");
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
 /// Why an event row could not be read; the row is counted and skipped.
 pub type Invalid = String;
 
-pub fn decode_event(t: &Tuple<'_>, pos: &[usize; 7]) -> Result<RawEvent, Invalid> {
-    Ok(RawEvent {
-        id: required_i64(t, pos[0], "id")?,
-        content_id: required_i64(t, pos[1], "content_id")?,
-        user_id: required_i64(t, pos[2], "user_id")?,
-        event_type: required_text(t, pos[3], "event_type")?,
-        event_ts_us: match t.get(pos[4]) {
-            Value::Text(b) => parse_timestamptz(b).ok_or_else(|| {
+/// A value that did not fit its sink column and was delivered as NULL: what and why, for
+/// the (rate-limited) log line.
+pub type Unfit = String;
+
+pub fn decode_event(
+    t: &impl Fields,
+    at: &EventLayout,
+    zone: &Zone,
+) -> Result<(RawEvent, Option<Unfit>), Invalid> {
+    let mut unfit = None;
+    let event = RawEvent {
+        id: required_i64(t, at[0], "id")?,
+        content_id: required_i64(t, at[1], "content_id")?,
+        user_id: required_i64(t, at[2], "user_id")?,
+        event_type: required_text(t, at[3].pos, "event_type")?,
+        event_ts_us: match t.value(at[4].pos) {
+            Value::Text(b) => parse_event_ts(b, at[4].base, zone).ok_or_else(|| {
                 format!(
                     "event_ts {:?} is not a finite timestamp the sinks can store",
                     String::from_utf8_lossy(b)
@@ -80,70 +266,145 @@ pub fn decode_event(t: &Tuple<'_>, pos: &[usize; 7]) -> Result<RawEvent, Invalid
             })?,
             _ => return Err("event_ts is NULL".into()),
         },
-        duration_ms: optional_i32(t, pos[5], "duration_ms")?,
-        device: optional_text(t, pos[6]),
-    })
+        duration_ms: optional_i32(t, at[5], "duration_ms", &mut unfit),
+        device: optional_text(t, at[6].pos),
+    };
+    Ok((event, unfit))
+}
+
+fn parse_event_ts(b: &[u8], base: Base, zone: &Zone) -> Option<i64> {
+    match base {
+        Base::Timestamp => parse_timestamp(b, zone),
+        _ => parse_timestamptz(b),
+    }
 }
 
 /// A content row from a new tuple; an unchanged-TOAST `content_type` keeps `previous`'s.
 pub fn decode_content(
-    t: &Tuple<'_>,
-    pos: &[usize; 3],
+    t: &impl Fields,
+    at: &ContentLayout,
     previous: Option<&ContentRow>,
-) -> Result<ContentRow, Invalid> {
-    let content_id = required_i64(t, pos[0], "content_id")?;
-    let content_type = match t.get(pos[1]) {
+) -> Result<(ContentRow, Option<Unfit>), Invalid> {
+    let content_id = required_i64(t, at[0], "content_id")?;
+    let content_type = match t.value(at[1].pos) {
         Value::Text(b) => Some(Arc::<str>::from(String::from_utf8_lossy(b).as_ref())),
         Value::Unchanged => previous.and_then(|p| p.content_type.clone()),
         _ => None,
     };
-    let length_seconds = match t.get(pos[2]) {
+    let mut unfit = None;
+    let length_seconds = match t.value(at[2].pos) {
         Value::Unchanged => previous.and_then(|p| p.length_seconds),
-        _ => optional_i32(t, pos[2], "length_seconds")?,
+        _ => optional_i32(t, at[2], "length_seconds", &mut unfit),
     };
-    Ok(ContentRow {
-        content_id,
-        content_type,
-        length_seconds,
-    })
+    Ok((
+        ContentRow {
+            content_id,
+            content_type,
+            length_seconds,
+        },
+        unfit,
+    ))
 }
 
 /// The key of a content row in an old tuple (Delete, key-changing Update).
-pub fn content_key(t: &Tuple<'_>, pos: &[usize; 3]) -> Result<i64, Invalid> {
-    required_i64(t, pos[0], "content_id")
+pub fn content_key(t: &impl Fields, at: &ContentLayout) -> Result<i64, Invalid> {
+    required_i64(t, at[0], "content_id")
 }
 
-fn required_i64(t: &Tuple<'_>, i: usize, name: &str) -> Result<i64, Invalid> {
-    match t.get(i) {
-        Value::Text(b) => parse_int(b)
-            .ok_or_else(|| format!("{name} {:?} is not an integer", String::from_utf8_lossy(b))),
+fn required_i64(t: &impl Fields, at: Located, name: &str) -> Result<i64, Invalid> {
+    match t.value(at.pos) {
+        Value::Text(b) => parse_integer(b).map_err(|why| {
+            format!(
+                "{name} {:?} {}",
+                String::from_utf8_lossy(b),
+                why.describe("Int64")
+            )
+        }),
         Value::Null => Err(format!("{name} is NULL")),
         _ => Err(format!("{name} is not in the message")),
     }
 }
 
-fn optional_i32(t: &Tuple<'_>, i: usize, name: &str) -> Result<Option<i32>, Invalid> {
-    match t.get(i) {
-        Value::Text(b) => parse_int(b)
-            .and_then(|v| i32::try_from(v).ok())
-            .map(Some)
-            .ok_or_else(|| format!("{name} {:?} is not an integer", String::from_utf8_lossy(b))),
-        _ => Ok(None),
+/// An optional Int32 field: a value that does not fit is NULL, and `unfit` says why.
+fn optional_i32(
+    t: &impl Fields,
+    at: Located,
+    name: &str,
+    unfit: &mut Option<Unfit>,
+) -> Option<i32> {
+    let Value::Text(b) = t.value(at.pos) else {
+        return None;
+    };
+    let fitted =
+        parse_integer(b).and_then(|v| i32::try_from(v).map_err(|_| NotInteger::OutOfRange));
+    match fitted {
+        Ok(v) => Some(v),
+        Err(why) => {
+            unfit.get_or_insert_with(|| {
+                format!(
+                    "{name} {:?} {}; delivered as NULL",
+                    String::from_utf8_lossy(b),
+                    why.describe("Int32")
+                )
+            });
+            None
+        }
     }
 }
 
-fn required_text(t: &Tuple<'_>, i: usize, name: &str) -> Result<String, Invalid> {
+fn required_text(t: &impl Fields, i: usize, name: &str) -> Result<String, Invalid> {
     optional_text(t, i).ok_or_else(|| format!("{name} is NULL"))
 }
 
-fn optional_text(t: &Tuple<'_>, i: usize) -> Option<String> {
-    match t.get(i) {
+fn optional_text(t: &impl Fields, i: usize) -> Option<String> {
+    match t.value(i) {
         Value::Text(b) => Some(match std::str::from_utf8(b) {
             Ok(s) => s.to_string(),
             Err(_) => String::from_utf8_lossy(b).into_owned(),
         }),
         _ => None,
     }
+}
+
+/// Why an integer field's text is not an integer of the sink column's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotInteger {
+    /// Past the column's range.
+    OutOfRange,
+    /// A numeric with a non-zero fraction.
+    Fraction,
+    /// Not a number at all (`NaN`, `Infinity`, garbage).
+    NotANumber,
+}
+
+impl NotInteger {
+    fn describe(self, column: &str) -> String {
+        match self {
+            NotInteger::OutOfRange => format!("does not fit the sinks' {column}"),
+            NotInteger::Fraction => "has a fraction; the sinks need a whole number".into(),
+            NotInteger::NotANumber => "is not an integer".into(),
+        }
+    }
+}
+
+/// An integer in Postgres's text output of any integer type or of `numeric`: digits with an
+/// optional sign, and for numeric an optional fraction that must be all zeros (`120.000`).
+pub fn parse_integer(b: &[u8]) -> Result<i64, NotInteger> {
+    let (whole, frac) = match b.iter().position(|&c| c == b'.') {
+        Some(dot) => (&b[..dot], &b[dot + 1..]),
+        None => (b, &b[b.len()..]),
+    };
+    if !frac.iter().all(u8::is_ascii_digit) {
+        return Err(NotInteger::NotANumber);
+    }
+    let digits = whole.strip_prefix(b"-").unwrap_or(whole);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(NotInteger::NotANumber);
+    }
+    if frac.iter().any(|&c| c != b'0') {
+        return Err(NotInteger::Fraction);
+    }
+    parse_int(whole).ok_or(NotInteger::OutOfRange)
 }
 
 /// An integer in Postgres's text output.
@@ -171,12 +432,27 @@ pub fn parse_int(b: &[u8]) -> Option<i64> {
 
 /// A `timestamptz` in ISO text output (`2026-01-08 14:21:52.163702+00`, any offset such as
 /// `+05:30` or `-03:00:15`, optional ` BC`) → microseconds since 1970-01-01 UTC.
-/// `infinity`, `-infinity` and years past 9999 are `None`: no sink can store them.
+/// `infinity`, `-infinity`, years past 9999 and text without an offset are `None`.
 pub fn parse_timestamptz(b: &[u8]) -> Option<i64> {
-    parse_iso_fast(b).or_else(|| parse_timestamptz_general(b))
+    let (local, offset_secs) = parse_iso(b)?;
+    Some(local - offset_secs? * 1_000_000)
 }
 
-fn parse_timestamptz_general(b: &[u8]) -> Option<i64> {
+/// A `timestamp without time zone` in ISO text output (`2026-01-08 14:21:52.163702`),
+/// read as a wall-clock time in `zone` → microseconds since 1970-01-01 UTC.
+pub fn parse_timestamp(b: &[u8], zone: &Zone) -> Option<i64> {
+    match parse_iso(b)? {
+        (local, None) => zone.to_utc(local),
+        (_, Some(_)) => None,
+    }
+}
+
+/// The wall-clock time as µs (as if it were UTC) and the offset east in seconds, if any.
+fn parse_iso(b: &[u8]) -> Option<(i64, Option<i64>)> {
+    parse_iso_fast(b).or_else(|| parse_iso_general(b))
+}
+
+fn parse_iso_general(b: &[u8]) -> Option<(i64, Option<i64>)> {
     let s = std::str::from_utf8(b).ok()?;
     let (s, bc) = match s.strip_suffix(" BC") {
         Some(rest) => (rest, true),
@@ -212,24 +488,24 @@ fn parse_timestamptz_general(b: &[u8]) -> Option<i64> {
         }
         micros = frac.parse::<i64>().ok()? * 10i64.pow(6 - frac.len() as u32);
     }
-    let offset_secs: i64 = if offset.is_empty() {
-        0
+    let offset_secs: Option<i64> = if offset.is_empty() {
+        None
     } else {
         let sign = if offset.starts_with('-') { -1 } else { 1 };
         let mut op = offset[1..].splitn(3, ':');
         let h: i64 = op.next()?.parse().ok()?;
         let m: i64 = op.next().map(|m| m.parse().ok()).unwrap_or(Some(0))?;
         let sec: i64 = op.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
-        sign * (h * 3600 + m * 60 + sec)
+        Some(sign * (h * 3600 + m * 60 + sec))
     };
     let days = days_from_civil(year, month, day);
     let local = days * 86_400 + hour * 3600 + minute * 60 + second;
-    Some((local - offset_secs) * 1_000_000 + micros)
+    Some((local * 1_000_000 + micros, offset_secs))
 }
 
-/// The walsender's usual form, `YYYY-MM-DD HH:MM:SS[.f{1,6}]±HH[:MM]`, without allocating;
-/// `None` for anything else (the general parser then decides).
-fn parse_iso_fast(b: &[u8]) -> Option<i64> {
+/// The walsender's usual form, `YYYY-MM-DD HH:MM:SS[.f{1,6}][±HH[:MM]]`, without
+/// allocating; `None` for anything else (the general parser then decides).
+fn parse_iso_fast(b: &[u8]) -> Option<(i64, Option<i64>)> {
     fn num(b: &[u8]) -> Option<i64> {
         let mut v = 0i64;
         for &c in b {
@@ -240,7 +516,7 @@ fn parse_iso_fast(b: &[u8]) -> Option<i64> {
         }
         Some(v)
     }
-    if b.len() < 22
+    if b.len() < 19
         || b[4] != b'-'
         || b[7] != b'-'
         || b[10] != b' '
@@ -265,7 +541,7 @@ fn parse_iso_fast(b: &[u8]) -> Option<i64> {
     }
     let mut i = 19;
     let mut micros = 0i64;
-    if b[i] == b'.' {
+    if b.get(i) == Some(&b'.') {
         let start = i + 1;
         i = start;
         while i < b.len() && b[i].is_ascii_digit() {
@@ -277,7 +553,12 @@ fn parse_iso_fast(b: &[u8]) -> Option<i64> {
         }
         micros = num(&b[start..i])? * 10i64.pow(6 - digits as u32);
     }
-    let sign = match b.get(i)? {
+    let days = days_from_civil(year, month, day);
+    let local = (days * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000 + micros;
+    let Some(&sign) = b.get(i) else {
+        return Some((local, None));
+    };
+    let sign = match sign {
         b'+' => 1,
         b'-' => -1,
         _ => return None,
@@ -288,9 +569,7 @@ fn parse_iso_fast(b: &[u8]) -> Option<i64> {
         5 if rest[2] == b':' => num(&rest[0..2])? * 3600 + num(&rest[3..5])? * 60,
         _ => return None,
     };
-    let days = days_from_civil(year, month, day);
-    let local = days * 86_400 + hour * 3600 + minute * 60 + second;
-    Some((local - sign * offset_secs) * 1_000_000 + micros)
+    Some((local, Some(sign * offset_secs)))
 }
 
 #[cfg(test)]
@@ -340,6 +619,64 @@ mod tests {
         assert_eq!(parse_int(b"1.5"), None);
     }
 
+    #[test]
+    fn integers_of_every_type_and_numeric() {
+        assert_eq!(parse_integer(b"120"), Ok(120));
+        assert_eq!(parse_integer(b"-120"), Ok(-120));
+        assert_eq!(parse_integer(b"120.000"), Ok(120));
+        assert_eq!(parse_integer(b"120.5"), Err(NotInteger::Fraction));
+        assert_eq!(parse_integer(b"-0.001"), Err(NotInteger::Fraction));
+        assert_eq!(
+            parse_integer(b"99999999999999999999"),
+            Err(NotInteger::OutOfRange)
+        );
+        for nan in ["NaN", "Infinity", "-Infinity", "", "-", ".5", "1e5", "12a"] {
+            assert_eq!(
+                parse_integer(nan.as_bytes()),
+                Err(NotInteger::NotANumber),
+                "{nan}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_without_zone_read_in_the_configured_zone() {
+        let utc = Zone::utc();
+        let paris = Zone::named("Europe/Paris").unwrap();
+        let t = |s: &str, z: &Zone| parse_timestamp(s.as_bytes(), z).map(rfc3339_us);
+        assert_eq!(
+            t("2026-01-08 14:21:52.163702", &utc).unwrap(),
+            "2026-01-08T14:21:52.163702Z"
+        );
+        // Winter: UTC+1; summer: UTC+2.
+        assert_eq!(
+            t("2026-01-08 14:21:52", &paris).unwrap(),
+            "2026-01-08T13:21:52Z"
+        );
+        assert_eq!(
+            t("2026-07-08 14:21:52", &paris).unwrap(),
+            "2026-07-08T12:21:52Z"
+        );
+        // 02:30 on 29 March 2026 does not exist in Paris: read with the offset before.
+        assert_eq!(
+            t("2026-03-29 02:30:00", &paris).unwrap(),
+            "2026-03-29T01:30:00Z"
+        );
+        // 02:30 on 25 October 2026 happens twice: the first one.
+        assert_eq!(
+            t("2026-10-25 02:30:00", &paris).unwrap(),
+            "2026-10-25T00:30:00Z"
+        );
+        let bc = parse_timestamp(b"0044-03-15 12:00:00 BC", &utc);
+        assert!(bc.is_some());
+        assert_eq!(bc, parse_timestamptz(b"0044-03-15 12:00:00+00 BC"));
+        // An offset is not a timestamp without time zone, and no offset is not a timestamptz.
+        assert_eq!(t("2026-01-08 14:21:52+00", &utc), None);
+        assert_eq!(parse_timestamptz(b"2026-01-08 14:21:52"), None);
+        assert_eq!(t("infinity", &utc), None);
+        assert!(Zone::named("Mars/Olympus").unwrap_err().contains("IANA"));
+    }
+
     proptest! {
         #[test]
         fn integers_round_trip(v in any::<i64>()) {
@@ -359,8 +696,8 @@ mod tests {
             } else {
                 format!("{local}{sign}{:02}:{:02}", abs / 60, abs % 60)
             };
-            prop_assert_eq!(parse_iso_fast(text.as_bytes()), Some(us));
-            prop_assert_eq!(parse_timestamptz_general(text.as_bytes()), Some(us));
+            prop_assert_eq!(parse_iso_fast(text.as_bytes()).map(|(l, o)| l - o.unwrap() * 1_000_000), Some(us));
+            prop_assert_eq!(parse_iso_general(text.as_bytes()).map(|(l, o)| l - o.unwrap() * 1_000_000), Some(us));
         }
 
         #[test]

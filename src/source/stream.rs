@@ -17,7 +17,9 @@ use crate::enrich::{enrich, DimChange, Dimension};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::{Batch, Pipeline};
 use crate::source::pgoutput::Message;
-use crate::source::rows::{content_key, decode_content, decode_event, RelKind, Relations};
+use crate::source::rows::{
+    content_key, decode_content, decode_event, RelKind, RelationError, Relations, UnfitLog, Zone,
+};
 use crate::types::Lsn;
 
 /// Microseconds between 1970-01-01 and 2000-01-01 (Postgres's epoch).
@@ -26,6 +28,22 @@ pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// A batch also closes at this many bytes of event text, so 1 MB strings cannot make a
 /// 10,000-event batch take gigabytes.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// A Relation message named a column type created after the type catalog was read.
+#[derive(Debug)]
+struct NewType(u32);
+
+impl std::fmt::Display for NewType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a source column has type oid {}, created after the engine read the type catalog; reading the catalog again",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NewType {}
 
 /// How a session ended.
 #[derive(Debug)]
@@ -41,6 +59,10 @@ pub enum SessionEnd {
 /// The source's state that outlives a session.
 pub struct Source {
     pub relations: Relations,
+    /// The zone of a `timestamp without time zone` event time.
+    pub zone: Zone,
+    /// Values delivered as NULL because they did not fit: logged at most every 10 s.
+    pub unfit_log: UnfitLog,
     pub dimension: Dimension,
     pub metrics: Arc<Metrics>,
     pub max_batch_rows: usize,
@@ -197,6 +219,11 @@ impl Source {
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     if let Err(e) = self.apply(&data, tx.as_mut(), &mut b) {
+                        // A type newer than the catalog: read again from the checkpoint
+                        // once the catalog is (see `Relations::pending_type`).
+                        if let Some(t) = e.downcast_ref::<NewType>() {
+                            return SessionEnd::Lost(anyhow::anyhow!("{t}"));
+                        }
                         return SessionEnd::Fatal(e);
                     }
                 }
@@ -224,12 +251,13 @@ impl Source {
     fn apply(&mut self, data: &[u8], tx: Option<&mut Tx>, b: &mut Builder) -> anyhow::Result<()> {
         let msg = Message::parse(data)?;
         if let Message::Relation(rel) = &msg {
-            self.relations.update(rel).map_err(|e| {
-                anyhow::anyhow!(
+            return match self.relations.update(rel) {
+                Ok(_) => Ok(()),
+                Err(RelationError::UnknownType(oid)) => Err(anyhow::Error::new(NewType(oid))),
+                Err(RelationError::Refused(e)) => Err(anyhow::anyhow!(
                     "{e}; the engine stopped with its checkpoint held: restore the column (or fix the configuration) and start it again"
-                )
-            })?;
-            return Ok(());
+                )),
+            };
         }
         let Some(tx) = tx else {
             // Changes only come inside transactions; Type/Origin/Message may not.
@@ -247,8 +275,15 @@ impl Source {
         };
         match msg {
             Message::Insert { relation, new } => match kind(&self.relations, relation)? {
-                RelKind::Events(pos) => match decode_event(&new, &pos) {
-                    Ok(raw) => {
+                RelKind::Events(pos) => match decode_event(&new, &pos, &self.zone) {
+                    Ok((raw, unfit)) => {
+                        if let Some(why) = unfit {
+                            self.metrics.counters.invalid_values.inc();
+                            self.unfit_log.note(
+                                &format!("event {}: {why}", raw.id),
+                                format_args!("transaction committed at {}", tx.commit_lsn),
+                            );
+                        }
                         let content = self.dimension.get(raw.content_id);
                         let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
                         event.commit_us = tx.commit_us;
@@ -278,6 +313,7 @@ impl Source {
                         content_key(&new, &pos).map_err(|e| anyhow::anyhow!("content row: {e}"))?;
                     let row = decode_content(&new, &pos, self.dimension.get(id))
                         .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
+                    let row = self.fitted(row, tx.commit_lsn);
                     self.change(tx, DimChange::Upsert(row));
                 }
                 RelKind::Other(_) => {
@@ -297,6 +333,7 @@ impl Source {
                                 self.change(tx, DimChange::Delete(old_id));
                                 let row = decode_content(&new, &pos, previous.as_ref())
                                     .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
+                                let row = self.fitted(row, tx.commit_lsn);
                                 self.change(tx, DimChange::Upsert(row));
                                 return Ok(());
                             }
@@ -304,6 +341,7 @@ impl Source {
                     }
                     let row = decode_content(&new, &pos, self.dimension.get(id))
                         .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
+                    let row = self.fitted(row, tx.commit_lsn);
                     self.change(tx, DimChange::Upsert(row));
                 }
                 RelKind::Events(_) => {
@@ -347,6 +385,22 @@ impl Source {
             | Message::LogicalMessage { .. } => {}
         }
         Ok(())
+    }
+
+    /// A decoded content row; a value that did not fit is counted and logged.
+    fn fitted(
+        &mut self,
+        (row, unfit): (crate::enrich::ContentRow, Option<String>),
+        lsn: Lsn,
+    ) -> crate::enrich::ContentRow {
+        if let Some(why) = unfit {
+            self.metrics.counters.invalid_values.inc();
+            self.unfit_log.note(
+                &format!("content row {}: {why}", row.content_id),
+                format_args!("transaction committed at {lsn}"),
+            );
+        }
+        row
     }
 
     /// Apply a dimension change now (later events of this transaction see it) and keep it
