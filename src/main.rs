@@ -54,7 +54,7 @@ enum Command {
         /// End of the range (exclusive), RFC 3339; without an offset it is UTC.
         #[arg(long, value_parser = time_arg)]
         end: i64,
-        /// Comma-separated sinks: clickhouse, redis, http.
+        /// Comma-separated sinks: clickhouse, redis, http, stdout (one JSON line per event, to preview a backfill).
         #[arg(long, default_value = "clickhouse,redis")]
         sinks: String,
         /// Rows per page read from Postgres and per write to the sinks.

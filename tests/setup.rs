@@ -204,16 +204,82 @@ fn missing_table_and_missing_column_are_named() {
         "engagement",
         "ALTER TABLE engagement_events ADD COLUMN device TEXT",
     );
+    // numeric without a fraction is accepted (docs/configuration.md, "Source columns");
+    // with a fractional scale it is not.
     pg.psql(
         "engagement",
-        "ALTER TABLE content ALTER COLUMN length_seconds TYPE numeric",
+        "ALTER TABLE content ALTER COLUMN length_seconds TYPE numeric(10, 2)",
     );
     let run = cli(Some(&cfg.path), &["setup"], &[]);
     assert_eq!(run.code, 1, "{run:?}");
     let line = run.error_line();
     assert!(
-        line.contains("length_seconds") && line.contains("numeric"),
+        line.contains("length_seconds") && line.contains("numeric(10, 2)"),
         "{line}"
+    );
+}
+
+/// Types the engine cannot read exactly are refused by `setup`, naming the column, the
+/// field's configuration key and the type; the accepted ones pass.
+#[test]
+fn column_types_are_accepted_or_refused_by_name() {
+    let pg = Postgres::start();
+    let refused = [
+        ("event_type", "json", "json"),
+        ("event_type", "jsonb", "jsonb"),
+        ("duration_ms", "double precision", "double precision"),
+        ("duration_ms", "real", "real"),
+        ("duration_ms", "numeric(8, 1)", "numeric(8, 1)"),
+        ("user_id", "uuid", "uuid"),
+        ("device", "integer", "integer"),
+        ("event_ts", "date", "date"),
+    ];
+    for (i, (column, ty, shown)) in refused.iter().enumerate() {
+        let db = format!("refused{i}");
+        pg.create_database(&db, true);
+        pg.psql(
+            &db,
+            &format!(
+                "ALTER TABLE engagement_events ALTER COLUMN {column} DROP DEFAULT;
+                 ALTER TABLE engagement_events ALTER COLUMN {column} DROP NOT NULL;
+                 ALTER TABLE engagement_events ALTER COLUMN {column} TYPE {ty} USING NULL"
+            ),
+        );
+        let cfg = TestConfig::new(&pg.url(&db), "");
+        let run = cli(Some(&cfg.path), &["setup"], &[]);
+        assert_eq!(run.code, 1, "{column} {ty}: {run:?}");
+        let line = run.error_line();
+        assert!(
+            line.contains(&format!("engagement_events.{column}"))
+                && line.contains(&format!("postgres.event_columns.{column}"))
+                && line.contains(&format!("is {shown}")),
+            "{column} {ty}: {line}"
+        );
+    }
+    // Every accepted spelling at once, through an enum, citext, domains and numeric.
+    pg.create_database("accepted", true);
+    pg.psql(
+        "accepted",
+        "CREATE EXTENSION citext;
+         CREATE TYPE action AS ENUM ('play', 'pause', 'seek');
+         CREATE DOMAIN device_name AS varchar(32);
+         CREATE DOMAIN whole AS numeric(12, 0);
+         ALTER TABLE engagement_events ALTER COLUMN event_type TYPE action USING event_type::action;
+         ALTER TABLE engagement_events ALTER COLUMN device TYPE device_name;
+         ALTER TABLE engagement_events ALTER COLUMN user_id TYPE whole;
+         ALTER TABLE engagement_events ALTER COLUMN duration_ms TYPE bigint;
+         ALTER TABLE engagement_events ALTER COLUMN event_ts TYPE timestamp;
+         ALTER TABLE content ALTER COLUMN content_type TYPE citext;
+         ALTER TABLE content ALTER COLUMN length_seconds TYPE numeric;",
+    );
+    let cfg = TestConfig::new(&pg.url("accepted"), "");
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .contains("is timestamp without time zone, read in UTC"),
+        "{}",
+        run.stdout
     );
 }
 

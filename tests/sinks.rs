@@ -799,3 +799,188 @@ fn the_dashboard_draws_live_charts_in_a_real_browser() {
         let _ = load.wait();
     }
 }
+
+/// Tables that are the seed's in all but spelling (other names, a `timestamp` read in
+/// Europe/Paris, a `bigint` duration, an enum, `varchar`, `numeric`, a citext domain),
+/// mapped in the configuration: the walk-through gives the seed's values in every sink, an
+/// over-range duration is delivered as NULL and counted while streaming goes on, and a
+/// backfill gives byte for byte the JSON the stream gave.
+#[test]
+fn tables_of_other_types_and_names_give_the_seed_values() {
+    let pg = Postgres::start();
+    let ch = ClickHouse::start();
+    let redis = Redis::start();
+    let api = MockApi::start(&[]);
+    pg.create_database("shop", false);
+    let sql = |q: &str| pg.psql("shop", q);
+    sql("CREATE EXTENSION citext;
+         CREATE TYPE action AS ENUM ('play', 'pause', 'seek');
+         CREATE DOMAIN kind AS citext;
+         CREATE TABLE catalog (item_id numeric(12, 0) PRIMARY KEY, kind kind NOT NULL, secs numeric);
+         CREATE TABLE activity (
+           event_no bigserial PRIMARY KEY, item integer NOT NULL, who bigint NOT NULL,
+           what action NOT NULL, created_at timestamp NOT NULL, duration_ms bigint,
+           device varchar(16));
+         INSERT INTO catalog VALUES (1, 'video', 300), (2, 'Podcast', 1800.000);");
+    let cfg = TestConfig::with_postgres(
+        &pg.url("shop"),
+        "events_table = \"public.activity\"\ncontent_table = \"public.catalog\"\ntimestamp_zone = \"Europe/Paris\"\n\n\
+         [postgres.event_columns]\nid = \"event_no\"\ncontent_id = \"item\"\nuser_id = \"who\"\nevent_type = \"what\"\nevent_ts = \"created_at\"\n\n\
+         [postgres.content_columns]\ncontent_id = \"item_id\"\ncontent_type = \"kind\"\nlength_seconds = \"secs\"\n",
+        &format!(
+            "[clickhouse]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nurl = \"{}\"\n",
+            ch.url(),
+            redis.url(),
+            api.url()
+        ),
+    );
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    assert!(
+        setup.stdout.contains(
+            "public.activity.created_at is timestamp without time zone, read in Europe/Paris"
+        ),
+        "{}",
+        setup.stdout
+    );
+    let _engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    wait_for("the engine to stream", T, || {
+        cfg.engine_status()
+            .filter(|s| s["streaming"] == true)
+            .map(|_| ())
+    });
+    let insert = |values: &str| -> String {
+        sql(&format!(
+            "INSERT INTO activity (item, who, what, created_at, duration_ms, device) VALUES {values} RETURNING event_no"
+        ))
+    };
+    // The walk-through's event, at Paris's wall-clock time now.
+    let id = insert("(1, 999, 'play', now() AT TIME ZONE 'Europe/Paris', 7000, 'web')");
+    wait_for("the ClickHouse row", T, || {
+        (ch.query("SELECT count() FROM engagement.events_enriched FINAL") == "1").then_some(())
+    });
+    assert_eq!(
+        ch.query(
+            "SELECT event_id, content_id, user_id, event_type, engagement_seconds, engagement_pct, device, content_type, length_seconds
+             FROM engagement.events_enriched"
+        ),
+        format!("{id}\t1\t999\tplay\t7\t0.02\tweb\tvideo\t300")
+    );
+    // The instant is Postgres's own reading of the wall-clock time in Europe/Paris.
+    let pg_us: i64 = sql(&format!(
+        "SELECT (extract(epoch FROM created_at AT TIME ZONE 'Europe/Paris') * 1000000)::int8 FROM activity WHERE event_no = {id}"
+    ))
+    .parse()
+    .unwrap();
+    let last: Value = serde_json::from_str(&redis.cli(&["GET", "content:last:1"])).unwrap();
+    assert_eq!(last["event_id"].to_string(), id);
+    assert_eq!(last["engagement_pct"].to_string(), "0.02");
+    let streamed_us = last["event_ts"]
+        .as_str()
+        .unwrap()
+        .parse::<jiff::Timestamp>()
+        .unwrap()
+        .as_microsecond();
+    assert_eq!(streamed_us, pg_us, "event_ts {}", last["event_ts"]);
+    assert_eq!(redis.cli(&["GET", "content:count:1"]), "1");
+    assert_eq!(
+        redis.cli(&["ZREVRANGE", "top:content:10m", "0", "9", "WITHSCORES"]),
+        "1\n1"
+    );
+
+    // A summer time, a duration past Int32, then an ordinary event: streaming goes on.
+    let summer = insert("(2, 5, 'seek', '2026-07-08 14:21:52.5', 900000, 'tv')");
+    let over = insert("(2, 6, 'pause', now() AT TIME ZONE 'Europe/Paris', 3000000000, 'tv')");
+    let after = insert(
+        "(2, 7, 'play', now() AT TIME ZONE 'Europe/Paris' + interval '1 second', 90000, 'ios')",
+    );
+    wait_for("every row in ClickHouse", T, || {
+        (ch.query("SELECT count() FROM engagement.events_enriched FINAL") == "4").then_some(())
+    });
+    assert_eq!(
+        ch.query(
+            "SELECT event_id, duration_ms, engagement_seconds, engagement_pct, content_type, length_seconds
+             FROM engagement.events_enriched FINAL WHERE content_id = 2 ORDER BY event_id"
+        ),
+        format!(
+            "{summer}\t900000\t900\t0.5\tPodcast\t1800\n{over}\t\\N\t\\N\t\\N\tPodcast\t1800\n{after}\t90000\t90\t0.05\tPodcast\t1800"
+        )
+    );
+    assert_eq!(
+        ch.query(&format!(
+            "SELECT event_ts_us FROM engagement.events_enriched WHERE event_id = {summer}"
+        )),
+        // 14:21:52.5 in Paris in July is 12:21:52.5 UTC.
+        "1783513312500000"
+    );
+    assert_eq!(cfg.counter("invalid_values"), Some(1));
+    assert_eq!(cfg.counter("events_invalid"), Some(0));
+    assert_eq!(redis.cli(&["GET", "content:count:2"]), "3");
+    wait_for("the API to receive every event", T, || {
+        (api.stats()["unique_event_ids"] == 4).then_some(())
+    });
+
+    // The backfill reads the same rows with SQL and converts them with the same code.
+    let backfill = cli(
+        Some(&cfg.path),
+        &[
+            "backfill",
+            "--start",
+            "2026-01-01T00:00:00Z",
+            "--end",
+            "2100-01-01T00:00:00Z",
+            "--sinks",
+            "stdout",
+        ],
+        &[],
+    );
+    assert_eq!(backfill.code, 0, "{backfill:?}");
+    assert!(
+        backfill
+            .stdout
+            .contains("Backfill done. scanned=4 inserted=4 duplicates=0 invalid_values=1"),
+        "{}",
+        backfill.stdout
+    );
+    let lines: BTreeMap<String, &str> = backfill
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["event_id"].to_string(), l)
+        })
+        .collect();
+    assert_eq!(lines.len(), 4, "{}", backfill.stdout);
+    assert_eq!(lines[&id], redis.cli(&["GET", "content:last:1"]));
+    assert_eq!(lines[&after], redis.cli(&["GET", "content:last:2"]));
+    let over_json: Value = serde_json::from_str(lines[&over]).unwrap();
+    assert_eq!(over_json["duration_ms"], Value::Null);
+    assert_eq!(over_json["engagement_seconds"], Value::Null);
+    // The range compares the wall-clock column in Europe/Paris: the summer event is at
+    // 12:21:52.5 UTC exactly, inside [12:21:52.5, 12:21:52.500001) and outside [12:00, 12:21:52.5).
+    let scanned = |start: &str, end: &str| {
+        let run = cli(
+            Some(&cfg.path),
+            &[
+                "backfill", "--start", start, "--end", end, "--sinks", "stdout",
+            ],
+            &[],
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        run.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Backfill done. scanned="))
+            .and_then(|l| l.split(' ').next())
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        scanned("2026-07-08T12:21:52.5Z", "2026-07-08T12:21:52.500001Z"),
+        "1"
+    );
+    assert_eq!(
+        scanned("2026-07-08T12:00:00Z", "2026-07-08T12:21:52.5Z"),
+        "0"
+    );
+}

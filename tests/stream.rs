@@ -343,6 +343,39 @@ fn alter_table_and_ignored_changes() {
     assert_eq!(lines.len(), 3, "{lines:?}");
 }
 
+/// A column retyped while the engine streams, to a type created after the engine read the
+/// type catalog (an enum): the engine reads the catalog again and goes on, every event once.
+#[test]
+fn a_column_retyped_to_a_new_enum_while_streaming() {
+    let env = env();
+    let engine = env.engine(Stdout::Collect);
+    let e1 = env.insert("(1, 1, 'play', 100, 'web')")[0];
+    engine.wait_lines(1, T);
+    env.sql(
+        "CREATE TYPE action AS ENUM ('play', 'pause', 'seek');
+         ALTER TABLE engagement_events ALTER COLUMN event_type TYPE action USING event_type::action",
+    );
+    let e2 = env.insert("(2, 2, 'seek', 100, 'web')")[0];
+    let lines = engine.wait_lines(2, T);
+    assert_eq!(ids(&lines), [e1, e2].into_iter().collect::<BTreeSet<_>>());
+    assert_eq!(by_id(&parse(&lines), e2)["event_type"], "seek");
+    // A column retyped to something unreadable still halts, naming it.
+    env.sql("ALTER TABLE engagement_events ALTER COLUMN duration_ms TYPE real");
+    env.insert("(2, 3, 'play', 1.5, 'web')");
+    let mut engine = engine;
+    assert_eq!(engine.wait_exit(T), 1);
+    let err = engine.stderr();
+    assert!(
+        err.contains("duration_ms") && err.contains("is real"),
+        "{err}"
+    );
+    assert!(
+        err.contains("created after the engine read the type catalog"),
+        "the new enum was looked up: {err}"
+    );
+    assert_eq!(engine.lines().len(), 2);
+}
+
 #[test]
 fn a_dropped_required_column_halts_with_the_checkpoint_held() {
     let env = env();

@@ -157,9 +157,10 @@ impl SinkKind {
                 "clickhouse" => SinkKind::ClickHouse,
                 "redis" => SinkKind::Redis,
                 "http" => SinkKind::Http,
+                "stdout" => SinkKind::Stdout,
                 other => {
                     return Err(UsageError::new(format!(
-                        "--sinks: unknown sink {other:?}; use a comma-separated list of clickhouse, redis, http"
+                        "--sinks: unknown sink {other:?}; use a comma-separated list of clickhouse, redis, http, stdout"
                     )))
                 }
             };
@@ -169,7 +170,7 @@ impl SinkKind {
         }
         if out.is_empty() {
             return Err(UsageError::new(
-                "--sinks is empty; name at least one of clickhouse, redis, http",
+                "--sinks is empty; name at least one of clickhouse, redis, http, stdout",
             ));
         }
         Ok(out)

@@ -70,6 +70,11 @@ pub struct TestConfig {
 impl TestConfig {
     /// `[postgres]` and `[state]` for `pg`, plus the given extra TOML (sink sections).
     pub fn new(pg_url: &str, extra: &str) -> TestConfig {
+        TestConfig::with_postgres(pg_url, "", extra)
+    }
+
+    /// As [`TestConfig::new`], with more `[postgres]` keys.
+    pub fn with_postgres(pg_url: &str, pg_keys: &str, extra: &str) -> TestConfig {
         let dir = TestDir::new("config");
         let path = dir.path.join("engagement-cdc.toml");
         let state = dir.path.join("state");
@@ -78,7 +83,7 @@ impl TestConfig {
         std::fs::write(
             &path,
             format!(
-                "[postgres]\nurl = \"{pg_url}\"\nstatus_interval_ms = 200\n\n[state]\ndir = \"{}\"\n\n[server]\nlisten = \"{listen}\"\n\n{extra}\n",
+                "[postgres]\nurl = \"{pg_url}\"\nstatus_interval_ms = 200\n{pg_keys}\n\n[state]\ndir = \"{}\"\n\n[server]\nlisten = \"{listen}\"\n\n{extra}\n",
                 state.display()
             ),
         )
