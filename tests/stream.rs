@@ -8,7 +8,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::*;
@@ -374,6 +374,40 @@ fn a_column_retyped_to_a_new_enum_while_streaming() {
         "the new enum was looked up: {err}"
     );
     assert_eq!(engine.lines().len(), 2);
+}
+
+/// A Postgres that stops answering (SIGSTOP: the kernel still accepts connections):
+/// `status` and `setup` end with one clear line within their time limits, and the engine
+/// still stops on SIGTERM.
+#[test]
+fn a_postgres_that_stops_answering_never_hangs_a_command() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    env.insert("(1, 1, 'play', 100, 'web')");
+    engine.wait_lines(1, T);
+    env.pg.hang();
+    for command in ["status", "setup"] {
+        let started = Instant::now();
+        let run = cli(Some(&env.cfg.path), &[command], &[]);
+        let took = started.elapsed();
+        assert_eq!(run.code, 1, "{command}: {run:?}");
+        assert!(
+            run.error_line()
+                .contains("did not complete the connection startup (TLS, authentication) within 10 s"),
+            "{command}: {}",
+            run.stderr
+        );
+        assert!(took < Duration::from_secs(30), "{command} took {took:?}");
+    }
+    let started = Instant::now();
+    let code = engine.terminate();
+    assert_eq!(code, 0, "{}", engine.stderr());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the engine took {:?} to stop",
+        started.elapsed()
+    );
+    env.pg.resume();
 }
 
 #[test]

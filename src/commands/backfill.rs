@@ -187,31 +187,31 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let zone = pgc.zone()?;
     // The range's bounds are instants; a `timestamp without time zone` column is compared
     // with them in the configured zone, as the stream reads it.
-    client
+    pg::timed(client
         .query_one(
             "SELECT set_config('TimeZone', $1, false), set_config('DateStyle', 'ISO, YMD', false)",
             &[&zone.name()],
-        )
+        ))
         .await
         .map_err(|e| {
             anyhow::anyhow!(
                 "Postgres does not accept time zone {:?} (postgres.timestamp_zone): {}",
                 zone.name(),
-                crate::error::chain_text(&e)
+                format!("{e:#}")
             )
         })?;
     let q = crate::checks::quote_ident;
     let (ec, cc) = (&pgc.event_columns, &pgc.content_columns);
     let (ts, id) = (q(&ec.event_ts), q(&ec.id));
     let (start, end) = (system_time(opts.start_us), system_time(opts.end_us));
-    let total: i64 = client
+    let total: i64 = pg::timed_for(pg::LONG_QUERY_TIMEOUT, client
         .query_one(
             &format!(
                 "SELECT count(*) FROM {} WHERE {ts} >= $1::timestamptz AND {ts} < $2::timestamptz",
                 events.quoted()
             ),
             &[&start, &end],
-        )
+        ))
         .await
         .context("cannot count the events of the range")?
         .get(0);
@@ -227,18 +227,18 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         q(&cc.content_id),
         q(&ec.content_id),
     );
-    let first_page = client
-        .prepare(&format!("{select} ORDER BY e.{ts}, e.{id} LIMIT $3"))
+    let first_page = pg::timed(client
+        .prepare(&format!("{select} ORDER BY e.{ts}, e.{id} LIMIT $3")))
         .await
         .context("cannot prepare the backfill query")?;
     // The next page starts after the last row's (event_ts, id), given back as the text
     // Postgres wrote, cast to the columns' own types.
-    let next_page = client
+    let next_page = pg::timed(client
         .prepare(&format!(
             "{select} AND (e.{ts}, e.{id}) > ($4::text::{}, $5::text::{})
               ORDER BY e.{ts}, e.{id} LIMIT $3",
             tables.events.type_names[4], tables.events.type_names[0]
-        ))
+        )))
         .await
         .context("cannot prepare the backfill query")?;
     let event_at = in_select_order(&tables.event_layout());
@@ -254,10 +254,10 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let limit = opts.batch_size as i64;
     loop {
         let rows = match &after {
-            None => client.query(&first_page, &[&start, &end, &limit]).await,
+            None => pg::timed_for(pg::LONG_QUERY_TIMEOUT, client.query(&first_page, &[&start, &end, &limit])).await,
             Some((t, i)) => {
-                client
-                    .query(&next_page, &[&start, &end, &limit, t, i])
+                pg::timed_for(pg::LONG_QUERY_TIMEOUT, client
+                    .query(&next_page, &[&start, &end, &limit, t, i]))
                     .await
             }
         }

@@ -25,6 +25,8 @@ use crate::types::Lsn;
 
 /// How long a graceful shutdown waits for the sinks to make in-flight batches durable.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a shutdown may take: the drain, the final confirmation, and a margin.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -273,18 +275,36 @@ async fn open_session(
     rc: pgwire_replication::ReplicationConfig,
     identity: &Identity,
 ) -> Result<ReplicationClient, SessionEnd> {
-    let mut client = ReplicationClient::connect_gated(rc)
+    // Each step has a limit: a server that accepts and then stops answering is a lost
+    // session (retried with backoff), not a hang.
+    let silent = |what: &str| {
+        SessionEnd::Lost(anyhow!(
+            "Postgres did not answer {what} within {} s",
+            pg::QUERY_TIMEOUT.as_secs()
+        ))
+    };
+    let mut client = tokio::time::timeout(pg::QUERY_TIMEOUT, ReplicationClient::connect_gated(rc))
         .await
+        .map_err(|_| silent("the replication connection's startup"))?
         .map_err(classify)?;
-    let system = client.identify_system().await.map_err(classify)?;
+    let system = tokio::time::timeout(pg::QUERY_TIMEOUT, client.identify_system())
+        .await
+        .map_err(|_| silent("IDENTIFY_SYSTEM"))?
+        .map_err(classify)?;
     if system.system_id != identity.system_id {
         return Err(SessionEnd::Fatal(anyhow!(
             "this Postgres has system identifier {}, but the state directory belongs to {identity}; point [postgres] url at that server, or use another [state] dir",
             system.system_id
         )));
     }
-    client.start().await.map_err(classify)?;
-    client.wait_started().await.map_err(classify)?;
+    tokio::time::timeout(pg::QUERY_TIMEOUT, client.start())
+        .await
+        .map_err(|_| silent("START_REPLICATION"))?
+        .map_err(classify)?;
+    tokio::time::timeout(pg::QUERY_TIMEOUT, client.wait_started())
+        .await
+        .map_err(|_| silent("START_REPLICATION"))?
+        .map_err(classify)?;
     Ok(client)
 }
 
@@ -308,8 +328,14 @@ async fn confirm_and_stop(
             break;
         }
     }
-    if let Err(e) = client.shutdown().await {
-        tracing::debug!("replication session ended: {e}");
+    // A server that stopped answering never acknowledges the end of the stream.
+    match tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("replication session ended: {e}"),
+        Err(_) => {
+            tracing::warn!("Postgres did not acknowledge the end of the replication stream within 5 s; closing it");
+            client.abort();
+        }
     }
 }
 
@@ -326,6 +352,18 @@ pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
         }
         tracing::info!("shutdown requested: finishing in-flight batches");
         let _ = tx.send(true);
+        // Shutdown always completes: a second signal, or a shutdown still running after
+        // SHUTDOWN_DEADLINE (a server that stopped answering), ends the process at once.
+        // That is as safe as kill -9: what was not confirmed is read again at the next start.
+        tokio::select! {
+            _ = term.recv() => tracing::warn!("second signal: exiting now; the checkpoint is the last one confirmed"),
+            _ = int.recv() => tracing::warn!("second signal: exiting now; the checkpoint is the last one confirmed"),
+            _ = tokio::time::sleep(SHUTDOWN_DEADLINE) => tracing::warn!(
+                "shutdown did not finish within {} s; exiting now; the checkpoint is the last one confirmed",
+                SHUTDOWN_DEADLINE.as_secs()
+            ),
+        }
+        std::process::exit(1);
     });
     Ok(rx)
 }

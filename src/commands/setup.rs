@@ -35,11 +35,11 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     let facts = pg::server_facts(&client).await?;
     pg::check_server(&facts)?;
     // What the server says of this very connection, so the operator sees TLS is in use.
-    let tls: Option<String> = client
+    let tls: Option<String> = pg::timed(client
         .query_one(
             "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
-        )
+        ))
         .await
         .context("cannot read pg_stat_ssl")?
         .get(0);
@@ -74,7 +74,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
     // change's position, so changes older than the publication could not be decoded.
     match pg::publication_tables(&client, &pgc.publication).await? {
         None => {
-            client
+            pg::timed(client
                 .batch_execute(&format!(
                     // Via the partition root: a partitioned events table is published under
                     // its own name, not its partitions'.
@@ -82,7 +82,7 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                     pgc.publication,
                     events.quoted(),
                     content.quoted()
-                ))
+                )))
                 .await
                 .map_err(|e| {
                     anyhow!(
@@ -128,12 +128,23 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
 
     // One replication session: IDENTIFY_SYSTEM, and CREATE_REPLICATION_SLOT with an exported
     // snapshot when the slot is missing. The snapshot lives while this session is idle.
-    let mut repl = ReplicationClient::connect_gated(replication_config(pgc)?)
+    let silent = |what: &str| {
+        anyhow!(
+            "Postgres at {} did not answer {what} within {} s; is the server overloaded or stopped?",
+            pg::describe(pgc),
+            pg::QUERY_TIMEOUT.as_secs()
+        )
+    };
+    let mut repl = tokio::time::timeout(
+        pg::QUERY_TIMEOUT,
+        ReplicationClient::connect_gated(replication_config(pgc)?),
+    )
+    .await
+    .map_err(|_| silent("the replication connection's startup"))?
+    .map_err(|e| anyhow!("cannot open a replication connection: {e}"))?;
+    let system = tokio::time::timeout(pg::QUERY_TIMEOUT, repl.identify_system())
         .await
-        .map_err(|e| anyhow!("cannot open a replication connection: {e}"))?;
-    let system = repl
-        .identify_system()
-        .await
+        .map_err(|_| silent("IDENTIFY_SYSTEM"))?
         .map_err(|e| explain_replication_error(&e, pgc))?;
     let identity = Identity {
         system_id: system.system_id.clone(),
@@ -194,13 +205,23 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                     store.checkpoint()?
                 ));
             }
-            let rows = repl
-                .simple_query(&format!(
+            // The slot waits for transactions open at this moment to end: a longer limit.
+            let rows = tokio::time::timeout(
+                pg::LONG_QUERY_TIMEOUT,
+                repl.simple_query(&format!(
                     "CREATE_REPLICATION_SLOT \"{}\" LOGICAL pgoutput EXPORT_SNAPSHOT",
                     pgc.slot
-                ))
-                .await
-                .map_err(|e| {
+                )),
+            )
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "replication slot {:?} was not created within {} s: CREATE_REPLICATION_SLOT waits for the transactions open when it started to end; end long transactions (pg_stat_activity) and run setup again",
+                    pgc.slot,
+                    pg::LONG_QUERY_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| {
                     anyhow!(
                         "cannot create replication slot {:?}: {e}; check max_replication_slots and that the role may replicate",
                         pgc.slot
@@ -293,16 +314,16 @@ async fn copy_content(
     use crate::source::rows::{decode_content, TextRow, UnfitLog};
     use crate::source::schema::{in_select_order, select_as_text};
     let content = &pgc.content_table;
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    pg::timed(client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         .await?;
     if let Some(s) = snapshot {
-        client
-            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{s}'"))
+        pg::timed(client
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{s}'")))
             .await
             .with_context(|| format!("cannot use the slot's snapshot {s}"))?;
     }
-    let rows = client
+    let rows = pg::timed(client
         .query(
             &format!(
                 "SELECT {} FROM {}",
@@ -310,10 +331,10 @@ async fn copy_content(
                 content.quoted()
             ),
             &[],
-        )
+        ))
         .await
         .with_context(|| format!("cannot copy {content}"))?;
-    client.batch_execute("COMMIT").await?;
+    pg::timed(client.batch_execute("COMMIT")).await?;
     let at = in_select_order(&tables.content_layout());
     let mut log = UnfitLog::default();
     let mut out = Vec::with_capacity(rows.len());
@@ -331,10 +352,14 @@ async fn copy_content(
     Ok(out)
 }
 
-fn db_message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| d.message().to_string())
-        .unwrap_or_else(|| crate::error::chain_text(e))
+fn db_message(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<tokio_postgres::Error>() {
+        Some(pe) => pe
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| crate::error::chain_text(pe)),
+        None => format!("{e:#}"),
+    }
 }
 
 /// A replication-connection error as one actionable line.

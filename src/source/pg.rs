@@ -1,6 +1,8 @@
 //! Ordinary (non-replication) Postgres connections and the checks `setup` and `run` make:
 //! every failure is one line that says what failed, why, and what to do.
 
+use std::time::Duration;
+
 use anyhow::{anyhow, bail, Context};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -21,15 +23,53 @@ pub fn describe(pg: &PostgresConfig) -> String {
     }
 }
 
+/// How long one query may go unanswered: a server that stops answering (overloaded,
+/// SIGSTOPped, a proxy that holds the connection) is an error that says so, not a hang.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for the queries that read a table (`backfill`'s count and pages).
+pub const LONG_QUERY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A query with [`QUERY_TIMEOUT`].
+pub async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> anyhow::Result<T> {
+    timed_for(QUERY_TIMEOUT, f).await
+}
+
+/// A query with a time limit.
+pub async fn timed_for<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(anyhow!(
+            "Postgres did not answer within {} s; is the server overloaded or stopped?",
+            limit.as_secs()
+        )),
+    }
+}
+
 /// Connect with `[postgres]`'s TLS settings, spawning the connection task. Errors say what
-/// to check.
+/// to check. The whole startup (TCP, TLS, authentication) has `connect_timeout` (10 s
+/// unless the URL says otherwise).
 pub async fn connect(pg: &PostgresConfig) -> anyhow::Result<Client> {
     let conn = PgConnection::from_config(pg)?;
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(conn.client_tls()?);
-    let (client, connection) = conn
+    let limit = conn
         .config
-        .connect(tls)
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
+    let (client, connection) = tokio::time::timeout(limit, conn.config.connect(tls))
         .await
+        .map_err(|_| {
+            anyhow!(
+                "Postgres at {} did not complete the connection startup (TLS, authentication) within {} s; is it overloaded, stopped, or not a Postgres server? check [postgres] url",
+                conn.target,
+                limit.as_secs()
+            )
+        })?
         .map_err(|e| explain_connect_error(&e, &conn))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -116,13 +156,13 @@ pub struct ServerFacts {
 }
 
 pub async fn server_facts(client: &Client) -> anyhow::Result<ServerFacts> {
-    let row = client
+    let row = timed(client
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
                     current_setting('wal_level'), current_user::text, current_database()::text,
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
             &[],
-        )
+        ))
         .await
         .context("cannot read the server's settings")?;
     Ok(ServerFacts {
@@ -161,8 +201,8 @@ pub fn check_server(facts: &ServerFacts) -> anyhow::Result<()> {
 
 /// Enums, domains and string-like types of the database (see [`TypeCatalog`]).
 pub async fn type_catalog(client: &Client) -> anyhow::Result<TypeCatalog> {
-    let rows = client
-        .query(CATALOG_QUERY, &[])
+    let rows = timed(client
+        .query(CATALOG_QUERY, &[]))
         .await
         .context("cannot read the type catalog (pg_type)")?;
     let first = |s: String| s.chars().next().unwrap_or(' ');
@@ -189,7 +229,7 @@ pub async fn check_table<const N: usize>(
     required: &[RequiredColumn; N],
     catalog: &TypeCatalog,
 ) -> anyhow::Result<TableLayout<N>> {
-    let rows = client
+    let rows = timed(client
         .query(
             "SELECT a.attname::text, a.atttypid::oid, a.atttypmod, format_type(a.atttypid, a.atttypmod)
                FROM pg_attribute a
@@ -198,7 +238,7 @@ pub async fn check_table<const N: usize>(
               WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
               ORDER BY a.attnum",
             &[&table.schema, &table.name],
-        )
+        ))
         .await
         .with_context(|| format!("cannot read the columns of {table}"))?;
     if rows.is_empty() {
@@ -281,7 +321,7 @@ pub struct SlotInfo {
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<SlotInfo>> {
-    let row = client
+    let row = timed(client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text, confirmed_flush_lsn::text, wal_status, active,
                     pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
@@ -289,7 +329,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> anyhow::Result<Option<Slo
                     safe_wal_size
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
-        )
+        ))
         .await
         .context("cannot read pg_replication_slots")?;
     Ok(row.map(|r| SlotInfo {
@@ -333,21 +373,21 @@ pub async fn publication_tables(
     client: &Client,
     publication: &str,
 ) -> anyhow::Result<Option<Vec<String>>> {
-    let exists = client
+    let exists = timed(client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
             &[&publication],
-        )
+        ))
         .await
         .context("cannot read pg_publication")?;
     if exists.is_none() {
         return Ok(None);
     }
-    let rows = client
+    let rows = timed(client
         .query(
             "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1",
             &[&publication],
-        )
+        ))
         .await
         .context("cannot read pg_publication_tables")?;
     Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
