@@ -39,7 +39,13 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Check Postgres, create the publication and slot, copy the content dimension, apply the ClickHouse migration, record the identity. Safe to run again.
-    Setup,
+    Setup {
+        /// Drop the slot and create it again at the current position: the way out when the
+        /// engine stopped because the slot cannot decode past a change (a dropped publication,
+        /// a dropped required column). Prints the backfill that delivers the events in between.
+        #[arg(long)]
+        resync: bool,
+    },
     /// Stream from the slot to the enabled sinks until SIGINT or SIGTERM.
     Run {
         /// Also print each enriched event as one JSON line on stdout (logs go to stderr).
@@ -205,10 +211,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     match cli.command {
-        Command::Setup => {
+        Command::Setup { resync } => {
             let config = load_config(cli.config.as_deref())?;
             runtime.block_on(async {
-                let report = commands::setup::setup(&config).await?;
+                let report =
+                    commands::setup::setup(&config, commands::setup::SetupOptions { resync })
+                        .await?;
                 for line in &report.lines {
                     println!("{line}");
                 }

@@ -392,8 +392,9 @@ fn a_postgres_that_stops_answering_never_hangs_a_command() {
         let took = started.elapsed();
         assert_eq!(run.code, 1, "{command}: {run:?}");
         assert!(
-            run.error_line()
-                .contains("did not complete the connection startup (TLS, authentication) within 10 s"),
+            run.error_line().contains(
+                "did not complete the connection startup (TLS, authentication) within 10 s"
+            ),
             "{command}: {}",
             run.stderr
         );
@@ -408,6 +409,153 @@ fn a_postgres_that_stops_answering_never_hangs_a_command() {
         started.elapsed()
     );
     env.pg.resume();
+}
+
+/// The `--start` and `--end` of the backfill that `setup --resync` prints.
+fn resync_backfill_range(setup_stdout: &str) -> (String, String) {
+    let line = setup_stdout
+        .lines()
+        .find(|l| l.contains("engagement-cdc backfill --start"))
+        .unwrap_or_else(|| panic!("no backfill advice in:\n{setup_stdout}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |flag: &str| {
+        let i = words.iter().position(|w| *w == flag).unwrap();
+        words[i + 1].to_string()
+    };
+    (after("--start"), after("--end"))
+}
+
+impl Env {
+    /// `backfill --sinks stdout` over a range: the ids it would deliver.
+    fn backfill_ids(&self, start: &str, end: &str) -> BTreeSet<i64> {
+        let run = cli(
+            Some(&self.cfg.path),
+            &[
+                "backfill", "--start", start, "--end", end, "--sinks", "stdout",
+            ],
+            &[],
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        let lines: Vec<String> = run
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(str::to_string)
+            .collect();
+        ids(&lines)
+    }
+}
+
+/// DROP PUBLICATION under a running engine: one clear error and exit 1 (no reconnect
+/// loop); `setup` alone warns that the slot is stuck; `setup --resync` is the way out, and
+/// the backfill it prints delivers the events in between.
+#[test]
+fn a_dropped_publication_stops_the_engine_and_resync_is_the_way_out() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    let e1 = env.insert("(1, 1, 'play', 100, 'web')")[0];
+    engine.wait_lines(1, T);
+    env.sql("DROP PUBLICATION engagement_cdc");
+    let e2 = env.insert("(2, 2, 'play', 100, 'web')")[0];
+    assert_eq!(engine.wait_exit(T), 1);
+    let err = engine.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .expect("an error line");
+    assert!(
+        line.contains("publication") && line.contains("setup --resync"),
+        "{line}"
+    );
+    assert!(err.lines().count() < 20, "a reconnect loop:\n{err}");
+
+    let setup = cli(Some(&env.cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    assert!(setup.stdout.contains("setup --resync"), "{}", setup.stdout);
+    let resync = cli(Some(&env.cfg.path), &["setup", "--resync"], &[]);
+    assert_eq!(resync.code, 0, "{resync:?}");
+    assert!(
+        resync
+            .stdout
+            .contains("resync: slot \"engagement_cdc\" dropped"),
+        "{}",
+        resync.stdout
+    );
+    let (start, end) = resync_backfill_range(&resync.stdout);
+
+    let engine = env.engine(Stdout::Collect);
+    let e3 = env.insert("(3, 3, 'play', 100, 'web')")[0];
+    let lines = engine.wait_lines(1, T);
+    assert_eq!(ids(&lines), [e3].into_iter().collect::<BTreeSet<_>>());
+    let backfilled = env.backfill_ids(&start, &end);
+    assert!(backfilled.contains(&e2), "{backfilled:?}");
+    assert!(
+        backfilled.contains(&e1),
+        "the range starts at the last delivered commit"
+    );
+}
+
+/// The way out of a dropped required column: restoring it is not enough (the slot's next
+/// change still lacks it), `setup --resync` is.
+#[test]
+fn a_dropped_required_column_is_left_behind_with_resync() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    env.insert("(1, 1, 'play', 100, 'web')");
+    engine.wait_lines(1, T);
+    env.sql("ALTER TABLE engagement_events DROP COLUMN device");
+    let e2 = env.sql(
+        "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 2, 'play') RETURNING id",
+    );
+    assert_eq!(engine.wait_exit(T), 1);
+    assert!(
+        engine.stderr().contains("setup --resync"),
+        "{}",
+        engine.stderr()
+    );
+    env.sql("ALTER TABLE engagement_events ADD COLUMN device TEXT");
+    let mut again = Engine::spawn_with(&env.cfg.path, &["run", "--stdout"], &[], Stdout::Collect);
+    assert_eq!(
+        again.wait_exit(T),
+        1,
+        "restoring the column alone cannot work"
+    );
+    let resync = cli(Some(&env.cfg.path), &["setup", "--resync"], &[]);
+    assert_eq!(resync.code, 0, "{resync:?}");
+    let (start, end) = resync_backfill_range(&resync.stdout);
+    let engine = env.engine(Stdout::Collect);
+    let e3 = env.insert("(2, 3, 'play', 100, 'web')")[0];
+    assert_eq!(
+        ids(&engine.wait_lines(1, T)),
+        [e3].into_iter().collect::<BTreeSet<_>>()
+    );
+    assert!(env
+        .backfill_ids(&start, &end)
+        .contains(&e2.parse().unwrap()));
+}
+
+/// A second engine (its own state directory) on a slot another engine streams: one
+/// warning, then one clear error and exit 1 — not an endless retry.
+#[test]
+fn a_slot_streamed_by_another_engine_is_a_clear_error() {
+    let env = env();
+    let _first = env.engine(Stdout::Collect);
+    let other = TestConfig::new(&env.pg.url("engagement"), "");
+    let setup = cli(Some(&other.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    let mut second = Engine::spawn_with(&other.path, &["run", "--stdout"], &[], Stdout::Collect);
+    assert_eq!(second.wait_exit(Duration::from_secs(120)), 1);
+    let err = second.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .expect("an error line");
+    assert!(line.contains("another engine streams it"), "{line}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("in use")).count(),
+        2,
+        "one warning and one error:\n{err}"
+    );
 }
 
 #[test]

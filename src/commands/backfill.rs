@@ -187,34 +187,34 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let zone = pgc.zone()?;
     // The range's bounds are instants; a `timestamp without time zone` column is compared
     // with them in the configured zone, as the stream reads it.
-    pg::timed(client
-        .query_one(
-            "SELECT set_config('TimeZone', $1, false), set_config('DateStyle', 'ISO, YMD', false)",
-            &[&zone.name()],
-        ))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "Postgres does not accept time zone {:?} (postgres.timestamp_zone): {}",
-                zone.name(),
-                format!("{e:#}")
-            )
-        })?;
+    pg::timed(client.query_one(
+        "SELECT set_config('TimeZone', $1, false), set_config('DateStyle', 'ISO, YMD', false)",
+        &[&zone.name()],
+    ))
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "Postgres does not accept time zone {:?} (postgres.timestamp_zone): {e:#}",
+            zone.name()
+        )
+    })?;
     let q = crate::checks::quote_ident;
     let (ec, cc) = (&pgc.event_columns, &pgc.content_columns);
     let (ts, id) = (q(&ec.event_ts), q(&ec.id));
     let (start, end) = (system_time(opts.start_us), system_time(opts.end_us));
-    let total: i64 = pg::timed_for(pg::LONG_QUERY_TIMEOUT, client
-        .query_one(
+    let total: i64 = pg::timed_for(
+        pg::LONG_QUERY_TIMEOUT,
+        client.query_one(
             &format!(
                 "SELECT count(*) FROM {} WHERE {ts} >= $1::timestamptz AND {ts} < $2::timestamptz",
                 events.quoted()
             ),
             &[&start, &end],
-        ))
-        .await
-        .context("cannot count the events of the range")?
-        .get(0);
+        ),
+    )
+    .await
+    .context("cannot count the events of the range")?
+    .get(0);
     // Every field as text, converted by the stream's own code (source::rows).
     let select = format!(
         "SELECT {}, {}
@@ -227,20 +227,19 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
         q(&cc.content_id),
         q(&ec.content_id),
     );
-    let first_page = pg::timed(client
-        .prepare(&format!("{select} ORDER BY e.{ts}, e.{id} LIMIT $3")))
-        .await
-        .context("cannot prepare the backfill query")?;
+    let first_page =
+        pg::timed(client.prepare(&format!("{select} ORDER BY e.{ts}, e.{id} LIMIT $3")))
+            .await
+            .context("cannot prepare the backfill query")?;
     // The next page starts after the last row's (event_ts, id), given back as the text
     // Postgres wrote, cast to the columns' own types.
-    let next_page = pg::timed(client
-        .prepare(&format!(
-            "{select} AND (e.{ts}, e.{id}) > ($4::text::{}, $5::text::{})
+    let next_page = pg::timed(client.prepare(&format!(
+        "{select} AND (e.{ts}, e.{id}) > ($4::text::{}, $5::text::{})
               ORDER BY e.{ts}, e.{id} LIMIT $3",
-            tables.events.type_names[4], tables.events.type_names[0]
-        )))
-        .await
-        .context("cannot prepare the backfill query")?;
+        tables.events.type_names[4], tables.events.type_names[0]
+    )))
+    .await
+    .context("cannot prepare the backfill query")?;
     let event_at = in_select_order(&tables.event_layout());
     let mut content_at = in_select_order(&tables.content_layout());
     for l in &mut content_at {
@@ -254,11 +253,19 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let limit = opts.batch_size as i64;
     loop {
         let rows = match &after {
-            None => pg::timed_for(pg::LONG_QUERY_TIMEOUT, client.query(&first_page, &[&start, &end, &limit])).await,
+            None => {
+                pg::timed_for(
+                    pg::LONG_QUERY_TIMEOUT,
+                    client.query(&first_page, &[&start, &end, &limit]),
+                )
+                .await
+            }
             Some((t, i)) => {
-                pg::timed_for(pg::LONG_QUERY_TIMEOUT, client
-                    .query(&next_page, &[&start, &end, &limit, t, i]))
-                    .await
+                pg::timed_for(
+                    pg::LONG_QUERY_TIMEOUT,
+                    client.query(&next_page, &[&start, &end, &limit, t, i]),
+                )
+                .await
             }
         }
         .context("cannot read a page of events")?;

@@ -157,31 +157,29 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
             len.map_or("NULL".to_string(), |l| l.to_string())
         ));
     }
-    pg::timed(setup
-        .batch_execute(&format!(
-            "INSERT INTO {} ({}, {}, {}) VALUES {values} ON CONFLICT ({}) DO NOTHING",
-            content.quoted(),
-            q(&cc.content_id),
-            q(&cc.content_type),
-            q(&cc.length_seconds),
-            q(&cc.content_id),
-        )))
-        .await
-        .with_context(|| format!("cannot create the content rows 1..{}", opts.contents))?;
+    pg::timed(setup.batch_execute(&format!(
+        "INSERT INTO {} ({}, {}, {}) VALUES {values} ON CONFLICT ({}) DO NOTHING",
+        content.quoted(),
+        q(&cc.content_id),
+        q(&cc.content_type),
+        q(&cc.length_seconds),
+        q(&cc.content_id),
+    )))
+    .await
+    .with_context(|| format!("cannot create the content rows 1..{}", opts.contents))?;
 
     let mut lengths: Vec<Option<i32>> = (1..=opts.contents).map(|id| content_row(id).1).collect();
-    for row in pg::timed(setup
-        .query(
-            &format!(
-                "SELECT {id}::int8, {len}::int4 FROM {} WHERE {id} BETWEEN 1 AND $1",
-                content.quoted(),
-                id = q(&cc.content_id),
-                len = q(&cc.length_seconds),
-            ),
-            &[&(opts.contents as i64)],
-        ))
-        .await
-        .context("cannot read the content rows")?
+    for row in pg::timed(setup.query(
+        &format!(
+            "SELECT {id}::int8, {len}::int4 FROM {} WHERE {id} BETWEEN 1 AND $1",
+            content.quoted(),
+            id = q(&cc.content_id),
+            len = q(&cc.length_seconds),
+        ),
+        &[&(opts.contents as i64)],
+    ))
+    .await
+    .context("cannot read the content rows")?
     {
         let id: i64 = row.get(0);
         lengths[(id - 1) as usize] = row.get(1);
@@ -239,8 +237,7 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
                         gen.tuple(&mut rng, &mut sql);
                     }
                 }
-                let done = pg::timed(client
-                    .execute(sql.as_str(), &[]))
+                let done = pg::timed(client.execute(sql.as_str(), &[]))
                     .await
                     .context("an INSERT of the load failed")?;
                 inserted += done;

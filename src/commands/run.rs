@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use pgwire_replication::{FeedbackObserver, ReplicationClient};
@@ -18,13 +18,15 @@ use crate::sinks::{self, SinkKind};
 use crate::source::pg;
 use crate::source::replication_config;
 use crate::source::rows::Relations;
-use crate::source::stream::{classify, SessionEnd, Source};
+use crate::source::stream::{classify, SessionEnd, SlotInUse, Source};
 use crate::state::dlq::Dlq;
 use crate::state::{Identity, StateStore};
 use crate::types::Lsn;
 
 /// How long a graceful shutdown waits for the sinks to make in-flight batches durable.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the slot may stay in use by another process before `run` gives up.
+const SLOT_BUSY_LIMIT: Duration = Duration::from_secs(60);
 /// The longest a shutdown may take: the drain, the final confirmation, and a margin.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(45);
 
@@ -168,6 +170,7 @@ pub async fn run(
         FeedbackObserver::new(move |_| feedback.notify_waiters())
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut slot_busy_since: Option<Instant> = None;
     let result: anyhow::Result<()> = loop {
         let start = pipeline.progress().borrow().checkpoint;
         let rc = replication_config(pgc)?
@@ -181,6 +184,29 @@ pub async fn run(
             Err(SessionEnd::Lost(e)) => {
                 state.set_streaming(false, Some(format!("{e:#}")));
                 let delay = backoff.next_delay();
+                // Another process streams the slot: a killed engine's walsender lets go
+                // within seconds, another engine never does. Said once, then an exit.
+                if let Some(busy) = e.downcast_ref::<SlotInUse>() {
+                    let since = *slot_busy_since.get_or_insert_with(|| {
+                        tracing::warn!(
+                            "{busy}; waiting up to {} s for it to be released (a stopped engine's session ends within seconds)",
+                            SLOT_BUSY_LIMIT.as_secs()
+                        );
+                        Instant::now()
+                    });
+                    if since.elapsed() >= SLOT_BUSY_LIMIT {
+                        break Err(anyhow!(
+                            "replication slot {:?} stayed in use by another process for {} s ({}): another engine streams it; stop that engine, or give this one its own [postgres] slot (and state directory) with `engagement-cdc setup`",
+                            pgc.slot,
+                            SLOT_BUSY_LIMIT.as_secs(),
+                            busy.0
+                        ));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.changed() => break Ok(()),
+                    }
+                }
                 tracing::warn!("{:#}; retrying in {delay:?}", e);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
@@ -189,6 +215,8 @@ pub async fn run(
             }
             Err(SessionEnd::Shutdown) => break Ok(()),
         };
+        slot_busy_since = None;
+        let session_started = Instant::now();
         metrics.counters.replication_sessions.inc();
         state.set_streaming(true, None);
         tracing::info!("streaming slot {:?} from {start}", pgc.slot);
@@ -252,7 +280,12 @@ pub async fn run(
                 }
             }
         }
-        backoff.reset();
+        // A session that ended at once (an error the server repeats) keeps backing off.
+        if pipeline.progress().borrow().checkpoint > start
+            || session_started.elapsed() >= Duration::from_secs(30)
+        {
+            backoff.reset();
+        }
     };
     pipeline.close(Duration::from_secs(5)).await;
     result

@@ -28,21 +28,29 @@ impl SetupReport {
     }
 }
 
-pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
+/// `setup`'s options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetupOptions {
+    /// `--resync`: drop the slot and create it again at the server's current position
+    /// (the way out when the slot cannot decode past a change: a dropped publication or a
+    /// dropped required column), then say which `backfill` closes the gap.
+    pub resync: bool,
+}
+
+pub async fn setup(config: &Config, opts: SetupOptions) -> anyhow::Result<SetupReport> {
     let mut report = SetupReport::default();
     let pgc = &config.postgres;
     let client = pg::connect(pgc).await?;
     let facts = pg::server_facts(&client).await?;
     pg::check_server(&facts)?;
     // What the server says of this very connection, so the operator sees TLS is in use.
-    let tls: Option<String> = pg::timed(client
-        .query_one(
-            "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        ))
-        .await
-        .context("cannot read pg_stat_ssl")?
-        .get(0);
+    let tls: Option<String> = pg::timed(client.query_one(
+        "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    ))
+    .await
+    .context("cannot read pg_stat_ssl")?
+    .get(0);
     report.say(format!(
         "postgres: {} {} (wal_level = logical, role {:?} may replicate; {})",
         pg::describe(pgc),
@@ -124,7 +132,43 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
         Err(e) if e.downcast_ref::<StateLocked>().is_some() => None,
         Err(e) => return Err(e),
     };
-    let slot = pg::slot_info(&client, &pgc.slot).await?;
+    let mut slot = pg::slot_info(&client, &pgc.slot).await?;
+    // The last commit the engine delivered: where a resync's backfill starts.
+    let mut resync_from: Option<Option<i64>> = None;
+    if opts.resync {
+        let Some(store) = &store else {
+            bail!(
+                "an engine holds the state directory {}; stop it, then run `setup --resync` again",
+                config.state.dir.display()
+            );
+        };
+        resync_from = Some(store.last_commit_us()?);
+        if let Some(info) = &slot {
+            if info.active {
+                bail!(
+                    "slot {:?} is in use by a running process; stop the engine that streams it, then run `setup --resync` again",
+                    pgc.slot
+                );
+            }
+            pg::timed(client.query_one("SELECT pg_drop_replication_slot($1)::text", &[&pgc.slot]))
+                .await
+                .with_context(|| format!("cannot drop slot {:?} for --resync", pgc.slot))?;
+            report.say(format!(
+                "resync: slot {:?} dropped (it was at confirmed_flush_lsn {})",
+                pgc.slot,
+                info.confirmed_flush_lsn.as_deref().unwrap_or("-")
+            ));
+            slot = None;
+        }
+    } else if report.created_publication {
+        if let Some(info) = &slot {
+            report.say(format!(
+                "WARNING: slot {:?} (at {}) is older than the publication just created; pgoutput reads the publication as of each change, so changes between the slot's position and now cannot be decoded: if the engine stopped with \"publication does not exist\", run `engagement-cdc setup --resync`",
+                pgc.slot,
+                info.confirmed_flush_lsn.as_deref().unwrap_or("-")
+            ));
+        }
+    }
 
     // One replication session: IDENTIFY_SYSTEM, and CREATE_REPLICATION_SLOT with an exported
     // snapshot when the slot is missing. The snapshot lives while this session is idle.
@@ -198,7 +242,9 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                     config.state.dir.display()
                 );
             };
-            if store.has_dimension()? && store.identity()?.is_some() {
+            if resync_from.is_some() {
+                // Said below, with the backfill that closes the gap.
+            } else if store.has_dimension()? && store.identity()?.is_some() {
                 report.say(format!(
                     "WARNING: slot {:?} was missing and is created anew: changes committed since the last checkpoint ({}) may be missing; run `engagement-cdc backfill` over that time",
                     pgc.slot,
@@ -251,6 +297,31 @@ pub async fn setup(config: &Config) -> anyhow::Result<SetupReport> {
                 pgc.slot,
                 rows.len()
             ));
+            if let Some(from) = resync_from {
+                // Round up: a backfill past the slot's position only meets streamed events,
+                // which every sink recognises.
+                let end = crate::enrich::now_us().div_euclid(1_000_000) * 1_000_000 + 1_000_000;
+                let end = crate::enrich::rfc3339_us(end);
+                report.say(match from {
+                    // backfill selects on the event time, which a transaction open across
+                    // the last commit may have set earlier: start an hour before it
+                    // (re-delivery is idempotent, so the margin costs only time).
+                    Some(us) => format!(
+                        "resync: events committed after the last one delivered ({}) and before {consistent_point} were not streamed; deliver them with (an hour's margin for transactions open at the time): engagement-cdc backfill --start {} --end {end} --sinks {}",
+                        crate::enrich::rfc3339_us(us),
+                        crate::enrich::rfc3339_us(us - 3_600_000_000),
+                        crate::sinks::SinkKind::enabled(&config.sinks())
+                            .iter()
+                            .filter(|k| **k != crate::sinks::SinkKind::Stdout)
+                            .map(|k| k.name())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    None => format!(
+                        "resync: this state directory never delivered an event; to deliver events committed before {consistent_point}, run engagement-cdc backfill --start <time> --end {end}"
+                    ),
+                });
+            }
         }
     }
 
@@ -314,26 +385,22 @@ async fn copy_content(
     use crate::source::rows::{decode_content, TextRow, UnfitLog};
     use crate::source::schema::{in_select_order, select_as_text};
     let content = &pgc.content_table;
-    pg::timed(client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-        .await?;
+    pg::timed(client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")).await?;
     if let Some(s) = snapshot {
-        pg::timed(client
-            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{s}'")))
+        pg::timed(client.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{s}'")))
             .await
             .with_context(|| format!("cannot use the slot's snapshot {s}"))?;
     }
-    let rows = pg::timed(client
-        .query(
-            &format!(
-                "SELECT {} FROM {}",
-                select_as_text("", &pgc.content_columns.required()),
-                content.quoted()
-            ),
-            &[],
-        ))
-        .await
-        .with_context(|| format!("cannot copy {content}"))?;
+    let rows = pg::timed(client.query(
+        &format!(
+            "SELECT {} FROM {}",
+            select_as_text("", &pgc.content_columns.required()),
+            content.quoted()
+        ),
+        &[],
+    ))
+    .await
+    .with_context(|| format!("cannot copy {content}"))?;
     pg::timed(client.batch_execute("COMMIT")).await?;
     let at = in_select_order(&tables.content_layout());
     let mut log = UnfitLog::default();

@@ -156,15 +156,14 @@ pub struct ServerFacts {
 }
 
 pub async fn server_facts(client: &Client) -> anyhow::Result<ServerFacts> {
-    let row = timed(client
-        .query_one(
-            "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+    let row = timed(client.query_one(
+        "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
                     current_setting('wal_level'), current_user::text, current_database()::text,
                     (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
-            &[],
-        ))
-        .await
-        .context("cannot read the server's settings")?;
+        &[],
+    ))
+    .await
+    .context("cannot read the server's settings")?;
     Ok(ServerFacts {
         version_num: row.get(0),
         version: row.get(1),
@@ -201,8 +200,7 @@ pub fn check_server(facts: &ServerFacts) -> anyhow::Result<()> {
 
 /// Enums, domains and string-like types of the database (see [`TypeCatalog`]).
 pub async fn type_catalog(client: &Client) -> anyhow::Result<TypeCatalog> {
-    let rows = timed(client
-        .query(CATALOG_QUERY, &[]))
+    let rows = timed(client.query(CATALOG_QUERY, &[]))
         .await
         .context("cannot read the type catalog (pg_type)")?;
     let first = |s: String| s.chars().next().unwrap_or(' ');
@@ -229,18 +227,17 @@ pub async fn check_table<const N: usize>(
     required: &[RequiredColumn; N],
     catalog: &TypeCatalog,
 ) -> anyhow::Result<TableLayout<N>> {
-    let rows = timed(client
-        .query(
-            "SELECT a.attname::text, a.atttypid::oid, a.atttypmod, format_type(a.atttypid, a.atttypmod)
+    let rows = timed(client.query(
+        "SELECT a.attname::text, a.atttypid::oid, a.atttypmod, format_type(a.atttypid, a.atttypmod)
                FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
               ORDER BY a.attnum",
-            &[&table.schema, &table.name],
-        ))
-        .await
-        .with_context(|| format!("cannot read the columns of {table}"))?;
+        &[&table.schema, &table.name],
+    ))
+    .await
+    .with_context(|| format!("cannot read the columns of {table}"))?;
     if rows.is_empty() {
         bail!(
             "table {table} does not exist in this database; create it (migrations/postgres/ has the schema) or fix the table name in [postgres]"
@@ -373,13 +370,12 @@ pub async fn publication_tables(
     client: &Client,
     publication: &str,
 ) -> anyhow::Result<Option<Vec<String>>> {
-    let exists = timed(client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        ))
-        .await
-        .context("cannot read pg_publication")?;
+    let exists = timed(client.query_opt(
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        &[&publication],
+    ))
+    .await
+    .context("cannot read pg_publication")?;
     if exists.is_none() {
         return Ok(None);
     }

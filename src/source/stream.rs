@@ -45,6 +45,18 @@ impl std::fmt::Display for NewType {
 
 impl std::error::Error for NewType {}
 
+/// START_REPLICATION was refused because another process streams the slot.
+#[derive(Debug)]
+pub struct SlotInUse(pub String);
+
+impl std::fmt::Display for SlotInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the replication slot is in use: {}", self.0)
+    }
+}
+
+impl std::error::Error for SlotInUse {}
+
 /// How a session ended.
 #[derive(Debug)]
 pub enum SessionEnd {
@@ -255,7 +267,7 @@ impl Source {
                 Ok(_) => Ok(()),
                 Err(RelationError::UnknownType(oid)) => Err(anyhow::Error::new(NewType(oid))),
                 Err(RelationError::Refused(e)) => Err(anyhow::anyhow!(
-                    "{e}; the engine stopped with its checkpoint held: restore the column (or fix the configuration) and start it again"
+                    "{e}; the engine stopped with its checkpoint held. If the field is in another column, map it in the configuration and start again; otherwise restore the column and run `engagement-cdc setup --resync` (the slot cannot decode past this change), then the backfill it prints"
                 )),
             };
         }
@@ -444,6 +456,14 @@ pub fn classify(e: pgwire_replication::PgWireError) -> SessionEnd {
             SessionEnd::Fatal(anyhow::anyhow!(
                 "the replication slot is missing ({m}); run `engagement-cdc setup` to create it, then `engagement-cdc backfill` over the time since the last commit that `engagement-cdc status` shows"
             ))
+        }
+        E::Server(m) if m.contains("publication") && m.contains("does not exist") => {
+            SessionEnd::Fatal(anyhow::anyhow!(
+                "Postgres cannot decode the slot's next change: {m} (the publication was dropped while the engine ran, or created after the slot); the checkpoint is held; run `engagement-cdc setup --resync` (re-creates the publication and moves the slot to now), then the backfill it prints"
+            ))
+        }
+        E::Server(m) if m.contains("is active for PID") => {
+            SessionEnd::Lost(anyhow::Error::new(SlotInUse(m.clone())))
         }
         E::Server(m) if m.contains("can no longer get changes") || m.contains("invalidated") => {
             SessionEnd::Fatal(anyhow::anyhow!(
