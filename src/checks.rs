@@ -140,15 +140,17 @@ pub fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
     }
 }
 
-/// A URL with any password replaced by `***`, for messages.
+/// A connection string with every password replaced by `***`, for messages: the user-info
+/// password of a URL (`postgres://u:***@h/db`), a `password=` (or `pass=`) query parameter,
+/// and the `password=` of a libpq key=value string (`host=h password=***`, quoted or not).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+        return redact_key_values(url);
     };
     let after = &url[scheme_end + 3..];
-    let authority_end = after.find('/').unwrap_or(after.len());
+    let authority_end = after.find(['/', '?']).unwrap_or(after.len());
     let authority = &after[..authority_end];
-    match authority.rfind('@') {
+    let mut out = match authority.rfind('@') {
         Some(at) => {
             let userinfo = &authority[..at];
             match userinfo.find(':') {
@@ -162,7 +164,79 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         None => url.to_string(),
+    };
+    if let Some(q) = out.find('?') {
+        let query: Vec<String> = out[q + 1..]
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_password_key(k) => format!("{k}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{}?{}", &out[..q], query.join("&"));
     }
+    out
+}
+
+fn is_password_key(k: &str) -> bool {
+    matches!(
+        k.trim().to_ascii_lowercase().as_str(),
+        "password" | "pass" | "passwd" | "sslpassword"
+    )
+}
+
+/// libpq's `key=value key='quoted \' value'` form: the value of every password key
+/// (at the start or after whitespace, `=` with optional spaces) replaced, quoted or not.
+/// It does not need the string to be well formed: a malformed one is what error messages
+/// show.
+fn redact_key_values(s: &str) -> String {
+    const KEYS: [&str; 4] = ["sslpassword", "password", "passwd", "pass"];
+    let lower = s.to_ascii_lowercase();
+    let mut out = String::with_capacity(s.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < s.len() {
+        let at_word = i == 0 || s[..i].ends_with(char::is_whitespace);
+        let key = KEYS.iter().find(|k| lower[i..].starts_with(**k));
+        let (true, Some(key)) = (at_word, key) else {
+            i += s[i..].chars().next().map_or(1, char::len_utf8);
+            continue;
+        };
+        let mut j = i + key.len();
+        j += s[j..].len() - s[j..].trim_start().len();
+        if !s[j..].starts_with('=') {
+            i = j.max(i + 1);
+            continue;
+        }
+        j += 1;
+        j += s[j..].len() - s[j..].trim_start().len();
+        let value = &s[j..];
+        let len = if let Some(body) = value.strip_prefix('\'') {
+            let mut chars = body.char_indices();
+            let mut end = body.len();
+            while let Some((k, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '\'' => {
+                        end = k + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            1 + end
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out.push_str(&s[copied..j]);
+        out.push_str("***");
+        i = j + len;
+        copied = i;
+    }
+    out.push_str(&s[copied..]);
+    out
 }
 
 pub(crate) fn one_line(s: &str) -> String {
@@ -228,5 +302,60 @@ pub fn secret_or_file(
         (false, Some(_)) => Err(UsageError::new(format!(
             "both {key} and {file_key} are set; keep one"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_every_spelling_are_redacted() {
+        for (given, shown) in [
+            (
+                "postgres://u:s3cret@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            (
+                "postgres://u@h/db?password=s3cret&sslmode=require",
+                "postgres://u@h/db?password=***&sslmode=require",
+            ),
+            (
+                "postgres://u:s3cret@h?PASSWORD=s3cret",
+                "postgres://u:***@h?PASSWORD=***",
+            ),
+            (
+                "host=h password=s3cret dbname=db",
+                "host=h password=*** dbname=db",
+            ),
+            (
+                "host=h password = 's3 cr\\'et' dbname=db",
+                "host=h password = *** dbname=db",
+            ),
+            ("password=s3cret", "password=***"),
+            ("host=h user=u", "host=h user=u"),
+        ] {
+            let r = redact_url(given);
+            assert_eq!(r, shown, "{given}");
+            assert!(!r.contains("s3"), "{r}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn redaction_never_panics_and_hides_the_password(
+            text in "\\PC{0,40}",
+            password in "[a-z]{12}",
+        ) {
+            let _ = redact_url(&text);
+            for form in [
+                format!("host=h {text} password={password}"),
+                format!("postgres://u:{password}@h/db?{text}"),
+                format!("postgres://u@h/db?password={password}"),
+            ] {
+                let r = redact_url(&form);
+                proptest::prop_assert!(!r.contains(&password), "{form} -> {r}");
+            }
+        }
     }
 }

@@ -521,3 +521,24 @@ fn setup_checks_every_enabled_sink() {
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.error_line().contains("Redis"), "{run:?}");
 }
+
+/// Output piped into a reader that is gone (`dlq list --json | head`): the command ends
+/// quietly, as `cat` does, never with a panic.
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    use std::process::{Command, Stdio};
+    let dir = TestDir::new("pipe");
+    let mut child = Command::new(bin())
+        .args(["dlq", "list", "--json"])
+        .env("ENGAGEMENT_CDC__STATE__DIR", dir.path.join("state"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The read end is closed before the command writes: its write meets EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}
