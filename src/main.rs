@@ -104,6 +104,18 @@ enum Command {
         /// Delay of a slow answer, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         slow_ms: u64,
+        /// The HTTP status of an injected failure (e.g. 429, 503, or 400 to see a client error).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(400..600))]
+        fail_status: u16,
+        /// Send `Retry-After: SECS` with each injected failure.
+        #[arg(long)]
+        retry_after: Option<u64>,
+        /// Answer 401 to requests without `Authorization: Bearer TOKEN`.
+        #[arg(long)]
+        require_token: Option<String>,
+        /// Keep each event's JSON, served at GET /events/{id} (memory grows with the events).
+        #[arg(long)]
+        keep_events: bool,
         /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<std::path::PathBuf>,
@@ -289,6 +301,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fail_rate,
             slow_rate,
             slow_ms,
+            fail_status,
+            retry_after,
+            require_token,
+            keep_events,
             tls_cert,
             tls_key,
         } => {
@@ -305,6 +321,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fail_rate,
                 slow_rate,
                 slow_ms,
+                fail_status,
+                retry_after,
+                require_token,
+                keep_events,
                 tls,
             }))?;
         }

@@ -2,9 +2,14 @@
 //! a real HTTP server.
 //!
 //! `POST /events` takes a JSON array of events or one event object and answers
-//! `200 {"status":"ok","received":N}`, or `500` on an injected failure (`--fail-rate`),
-//! optionally after a delay (`--slow-rate`, `--slow-ms`). `GET /stats` answers the counts.
-//! Every request is logged on stdout in one access-log line.
+//! `200 {"status":"ok","received":N}`, or `--fail-status` (500) on an injected failure
+//! (`--fail-rate`, with `Retry-After` when `--retry-after` is set), optionally after a delay
+//! (`--slow-rate`, `--slow-ms`). Every event is checked against docs/sinks.md ("The
+//! enriched event": field order, types, the `event_ts` form): one that differs gets `422`
+//! naming the field and is counted in `invalid_events`. With `--require-token` a request
+//! without that bearer token gets `401`. `GET /stats` answers the counts; with
+//! `--keep-events`, `GET /events/{id}` answers the last JSON received for that event,
+//! byte for byte. Every request is logged on stdout in one access-log line.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -29,6 +34,14 @@ pub struct MockOptions {
     pub fail_rate: f64,
     pub slow_rate: f64,
     pub slow_ms: u64,
+    /// The status of an injected failure.
+    pub fail_status: u16,
+    /// `Retry-After` (seconds) sent with an injected failure.
+    pub retry_after: Option<u64>,
+    /// Requests must carry `Authorization: Bearer` this.
+    pub require_token: Option<String>,
+    /// Keep each event's JSON for `GET /events/{id}`.
+    pub keep_events: bool,
     /// HTTPS instead of HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -40,25 +53,145 @@ pub struct Stats {
     pub unique_event_ids: u64,
     pub duplicates: u64,
     pub failures_injected: u64,
+    /// Events whose JSON differs from docs/sinks.md (answered 422).
+    pub invalid_events: u64,
+    /// Requests without the required bearer token (answered 401).
+    pub unauthorized: u64,
 }
 
-/// What the mock reads of an event: its id (the other fields are checked as JSON only).
-#[derive(serde::Deserialize)]
-struct EventId {
-    event_id: Option<i64>,
+/// The fields of an enriched event, in the order docs/sinks.md gives them.
+const FIELDS: [&str; 11] = [
+    "event_id",
+    "content_id",
+    "user_id",
+    "event_type",
+    "event_ts",
+    "duration_ms",
+    "device",
+    "content_type",
+    "length_seconds",
+    "engagement_seconds",
+    "engagement_pct",
+];
+
+/// A JSON object with its keys in the order they came.
+struct Ordered(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Ordered, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The event's id, or what in it differs from docs/sinks.md.
+fn check_event(raw: &str) -> Result<i64, String> {
+    use serde_json::Value as J;
+    let obj: Ordered =
+        serde_json::from_str(raw).map_err(|e| format!("not an event object: {e}"))?;
+    let keys: Vec<&str> = obj.0.iter().map(|(k, _)| k.as_str()).collect();
+    if keys != FIELDS {
+        return Err(format!(
+            "fields {keys:?}, expected {FIELDS:?} in that order"
+        ));
+    }
+    let v = |i: usize| &obj.0[i].1;
+    let int = |i: usize, nullable: bool, max: i64| match v(i) {
+        J::Null if nullable => Ok(()),
+        J::Number(n) if n.as_i64().is_some_and(|x| x.unsigned_abs() <= max as u64) => Ok(()),
+        other => Err(format!(
+            "{} is {other}, expected an integer{}",
+            FIELDS[i],
+            if nullable { " or null" } else { "" }
+        )),
+    };
+    let text = |i: usize, nullable: bool| match v(i) {
+        J::Null if nullable => Ok(()),
+        J::String(_) => Ok(()),
+        other => Err(format!("{} is {other}, expected a string", FIELDS[i])),
+    };
+    let number = |i: usize| match v(i) {
+        J::Null | J::Number(_) => Ok(()),
+        other => Err(format!(
+            "{} is {other}, expected a number or null",
+            FIELDS[i]
+        )),
+    };
+    for i in 0..3 {
+        int(i, false, i64::MAX)?;
+    }
+    text(3, false)?;
+    let ts = v(4)
+        .as_str()
+        .ok_or_else(|| format!("event_ts is {}, expected a string", v(4)))?;
+    check_event_ts(ts)?;
+    int(5, true, i32::MAX as i64)?;
+    text(6, true)?;
+    text(7, true)?;
+    int(8, true, i32::MAX as i64)?;
+    number(9)?;
+    number(10)?;
+    Ok(v(0).as_i64().expect("checked"))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ`, or with `.ffffff` (six digits, not all zero) before the `Z`.
+fn check_event_ts(ts: &str) -> Result<(), String> {
+    let bad = || format!("event_ts {ts:?} is not YYYY-MM-DDTHH:MM:SS[.ffffff]Z");
+    let b = ts.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let shape = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    let fraction_ok = match b.len() {
+        20 => b[19] == b'Z',
+        27 => b[19] == b'.' && digits(20..26) && &b[20..26] != b"000000" && b[26] == b'Z',
+        _ => false,
+    };
+    if !(shape && fraction_ok) || ts.parse::<jiff::Timestamp>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
-enum Body {
-    Many(Vec<EventId>),
-    One(EventId),
+enum Body<'a> {
+    #[serde(borrow)]
+    Many(Vec<&'a serde_json::value::RawValue>),
+    One(&'a serde_json::value::RawValue),
 }
 
 #[derive(Default)]
 struct State {
     stats: Stats,
     seen: HashSet<i64>,
+    /// With `--keep-events`: each event's JSON as last received.
+    kept: std::collections::HashMap<i64, String>,
 }
 
 /// Connections served at once.
@@ -90,6 +223,7 @@ pub async fn serve(opts: MockOptions) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/stats", get(stats))
         .route("/events", post(events))
+        .route("/events/{id}", get(event_json))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -134,6 +268,28 @@ async fn stats(AxState(shared): AxState<Arc<Shared>>) -> Json<Stats> {
     Json(shared.state.lock().expect("stats lock").stats.clone())
 }
 
+/// `GET /events/{id}` (with `--keep-events`): the event's JSON as last received.
+async fn event_json(
+    AxState(shared): AxState<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<i64>,
+) -> axum::response::Response {
+    let kept = shared
+        .state
+        .lock()
+        .expect("stats lock")
+        .kept
+        .get(&id)
+        .cloned();
+    match kept {
+        Some(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "no such event received (or --keep-events is off)"})),
+        )
+            .into_response(),
+    }
+}
+
 async fn events(
     AxState(shared): AxState<Arc<Shared>>,
     headers: HeaderMap,
@@ -143,8 +299,34 @@ async fn events(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    if let Some(token) = &shared.opts.require_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(format!("Bearer {token}").as_str()) {
+            shared.state.lock().expect("stats lock").stats.unauthorized += 1;
+            let mut resp = (
+                StatusCode::UNAUTHORIZED,
+                Json(serde_json::json!({"error": "missing or wrong bearer token"})),
+            )
+                .into_response();
+            resp.extensions_mut()
+                .insert(Note(format!("key={key} unauthorized")));
+            return resp;
+        }
+    }
     let (status, body, note) = post_events(&body, &shared.state, &shared.opts, key).await;
     let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if status
+        == StatusCode::from_u16(shared.opts.fail_status)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        && note.contains("injected")
+    {
+        if let Some(secs) = shared.opts.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+    }
     resp.extensions_mut().insert(Note(note));
     resp
 }
@@ -156,7 +338,7 @@ async fn post_events(
     key: &str,
 ) -> (StatusCode, String, String) {
     state.lock().expect("stats lock").stats.requests += 1;
-    let events: Vec<EventId> = match serde_json::from_slice::<Body>(bytes) {
+    let raws: Vec<&serde_json::value::RawValue> = match serde_json::from_slice::<Body>(bytes) {
         Ok(Body::Many(v)) => v,
         Ok(Body::One(e)) => vec![e],
         Err(e) => {
@@ -167,26 +349,41 @@ async fn post_events(
             )
         }
     };
+    let mut events: Vec<(i64, &str)> = Vec::with_capacity(raws.len());
+    for raw in &raws {
+        match check_event(raw.get()) {
+            Ok(id) => events.push((id, raw.get())),
+            Err(why) => {
+                state.lock().expect("stats lock").stats.invalid_events += 1;
+                return (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({"error": format!("an event differs from docs/sinks.md: {why}")}).to_string(),
+                    format!("key={key} invalid event: {why}"),
+                );
+            }
+        }
+    }
     if opts.slow_rate > 0.0 && rand::random::<f64>() < opts.slow_rate {
         tokio::time::sleep(Duration::from_millis(opts.slow_ms)).await;
     }
     if opts.fail_rate > 0.0 && rand::random::<f64>() < opts.fail_rate {
         state.lock().expect("stats lock").stats.failures_injected += 1;
         return (
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::from_u16(opts.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             "{\"error\":\"injected failure\"}".into(),
             format!("key={key} injected failure"),
         );
     }
     let mut st = state.lock().expect("stats lock");
     st.stats.events += events.len() as u64;
-    for e in &events {
-        if let Some(id) = e.event_id {
-            if st.seen.insert(id) {
-                st.stats.unique_event_ids += 1;
-            } else {
-                st.stats.duplicates += 1;
-            }
+    for (id, raw) in &events {
+        if st.seen.insert(*id) {
+            st.stats.unique_event_ids += 1;
+        } else {
+            st.stats.duplicates += 1;
+        }
+        if opts.keep_events {
+            st.kept.insert(*id, raw.to_string());
         }
     }
     (

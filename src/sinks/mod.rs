@@ -282,6 +282,12 @@ mod tests {
         );
         assert!(SinkKind::parse_list("kafka").is_err());
         assert!(SinkKind::parse_list("").is_err());
-        assert!(SinkKind::parse_list("stdout").is_err());
+        // `backfill --sinks stdout` previews what a backfill would deliver.
+        assert_eq!(
+            SinkKind::parse_list("stdout").unwrap(),
+            vec![SinkKind::Stdout]
+        );
+        let e = SinkKind::parse_list("redis,kafka").unwrap_err().to_string();
+        assert!(e.contains("\"kafka\"") && e.contains("stdout"), "{e}");
     }
 }
