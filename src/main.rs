@@ -116,6 +116,9 @@ enum Command {
         /// Keep each event's JSON, served at GET /events/{id} (memory grows with the events).
         #[arg(long)]
         keep_events: bool,
+        /// Remember accepted event ids in this file across restarts.
+        #[arg(long)]
+        ids_file: Option<std::path::PathBuf>,
         /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<std::path::PathBuf>,
@@ -305,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             retry_after,
             require_token,
             keep_events,
+            ids_file,
             tls_cert,
             tls_key,
         } => {
@@ -325,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 retry_after,
                 require_token,
                 keep_events,
+                ids_file,
                 tls,
             }))?;
         }
@@ -347,4 +352,58 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Words the parser knows, so random command lines reach deep into it.
+    const WORDS: [&str; 24] = [
+        "setup",
+        "run",
+        "status",
+        "backfill",
+        "dlq",
+        "list",
+        "replay",
+        "purge",
+        "load",
+        "mock-api",
+        "--json",
+        "--stdout",
+        "--resync",
+        "--start",
+        "--end",
+        "--sinks",
+        "--fail-rate",
+        "--config",
+        "--batch-size",
+        "--max-lag-bytes",
+        "--rate",
+        "--listen",
+        "--fail-status",
+        "--retry-after",
+    ];
+
+    proptest! {
+        /// Any command line is parsed or refused, never a panic.
+        #[test]
+        fn any_command_line_is_parsed_or_refused(
+            args in prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(WORDS.to_vec()).prop_map(str::to_string),
+                    "\\PC{0,24}",
+                    "-?[0-9]{0,12}(\\.[0-9]{0,6})?",
+                    "20[0-9]{2}-[0-9]{2}-[0-9é]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|[+-][0-9]{2}:[0-9]{2})?",
+                ],
+                0..8,
+            )
+        ) {
+            let mut argv = vec!["engagement-cdc".to_string()];
+            argv.extend(args);
+            let _ = Cli::try_parse_from(&argv);
+        }
+    }
 }

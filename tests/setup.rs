@@ -542,3 +542,44 @@ fn a_closed_stdout_pipe_is_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+/// Two separately initialised clusters have different system identifiers: the state of
+/// one is refused on the other by `setup` and by `run`, even with the same database and
+/// slot names.
+#[test]
+fn the_state_of_another_cluster_is_refused() {
+    let a = Postgres::start();
+    let b = Postgres::start_with(PgOptions {
+        fresh_initdb: true,
+        ..Default::default()
+    });
+    b.create_database("engagement", true);
+    let id = |pg: &Postgres| {
+        pg.psql(
+            "engagement",
+            "SELECT system_identifier FROM pg_control_system()",
+        )
+    };
+    assert_ne!(id(&a), id(&b), "the clusters share a system identifier");
+    let on_a = TestConfig::new(&a.url("engagement"), "");
+    assert_eq!(cli(Some(&on_a.path), &["setup"], &[]).code, 0);
+    // The same state directory, pointed at B (where a slot of that name exists too).
+    let on_b = TestConfig::new(&b.url("engagement"), "");
+    assert_eq!(cli(Some(&on_b.path), &["setup"], &[]).code, 0);
+    let swapped = ("ENGAGEMENT_CDC__POSTGRES__URL", b.url("engagement"));
+    let env = [(swapped.0, swapped.1.as_str())];
+    let setup = cli(Some(&on_a.path), &["setup"], &env);
+    assert_eq!(setup.code, 1, "{setup:?}");
+    assert!(
+        setup.error_line().contains("belongs to"),
+        "{}",
+        setup.stderr
+    );
+    let run = cli(Some(&on_a.path), &["run", "--stdout"], &env);
+    assert_eq!(run.code, 1, "{run:?}");
+    let line = run.error_line();
+    assert!(
+        line.contains("system identifier") && line.contains(&id(&b)),
+        "{line}"
+    );
+}

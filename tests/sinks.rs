@@ -140,17 +140,30 @@ impl Env {
     }
 
     /// Insert events for 10 s while a sink is away, then check that the slot was not
-    /// confirmed past what that sink has not stored.
+    /// confirmed up to the commit of the first of them — the exact bound, which background
+    /// WAL cannot reach by accident. That commit's end LSN (what the engine confirms) is
+    /// read from a test_decoding slot created just before it.
     fn insert_for_10s_unconfirmed(&self, away: &str) {
+        self.sql("SELECT 1 FROM pg_create_logical_replication_slot('probe', 'test_decoding')");
+        let xid = self.sql(
+            "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 0, 'play') RETURNING txid_current()",
+        );
         let until = Instant::now() + Duration::from_secs(10);
         while Instant::now() < until {
             self.insert_n(100);
             std::thread::sleep(Duration::from_millis(250));
         }
-        let lsn = self.sql("SELECT pg_current_wal_lsn()");
+        let first_commit_end = self.sql(&format!(
+            "SELECT lsn FROM pg_logical_slot_peek_changes('probe', NULL, NULL) WHERE data = 'COMMIT {xid}'"
+        ));
+        self.sql("SELECT 1 FROM pg_drop_replication_slot('probe')");
         assert!(
-            !self.confirmed_flush_reaches(&lsn),
-            "slot confirmed past what {away} has not stored"
+            !first_commit_end.is_empty(),
+            "no COMMIT {xid} in the probe slot"
+        );
+        assert!(
+            !self.confirmed_flush_reaches(&first_commit_end),
+            "slot confirmed up to {first_commit_end}, the commit of an event {away} has not stored"
         );
     }
 
@@ -229,6 +242,19 @@ fn the_seed_walkthrough() {
     wait_for("the API to receive it", T, || {
         (env.api.stats()["unique_event_ids"] == 1).then_some(())
     });
+    // While nothing happens the engine still rebuilds the top 10 (every 5 s): a deleted
+    // key comes back with the same scores.
+    env.redis.cli(&["DEL", "top:content:10m"]);
+    wait_for(
+        "top:content:10m to be rebuilt while idle",
+        Duration::from_secs(20),
+        || {
+            (env.redis
+                .cli(&["ZREVRANGE", "top:content:10m", "0", "9", "WITHSCORES"])
+                == "1\n1")
+                .then_some(())
+        },
+    );
 }
 
 #[test]
@@ -431,17 +457,85 @@ fn a_hung_postgres_is_waited_out() {
     wait_for("the first events", T, || {
         (env.ch_count() == 100).then_some(())
     });
+    // The whole server stops answering: the engine itself stays responsive.
     env.pg.hang();
-    // Long enough for the engine to notice silence, short enough for the walsender to stay.
-    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        http_request(env.cfg.server_port, "GET", "/healthz", b"").map(|(s, _)| s),
+        Some(200)
+    );
+    assert!(
+        env.cfg.engine_status().is_some(),
+        "/status answers while Postgres hangs"
+    );
     env.pg.resume();
-    env.insert_n(100);
+    // Only the engine's walsender stops while events keep being committed: nothing of them
+    // can reach a sink, and all of them do once it goes on.
+    let walsender: i32 = env
+        .sql("SELECT pid FROM pg_stat_replication WHERE application_name = 'engagement-cdc'")
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(walsender, libc::SIGSTOP) };
+    for _ in 0..5 {
+        env.insert_n(100);
+    }
+    assert_eq!(
+        env.ch_count(),
+        100,
+        "delivered while the walsender was stopped"
+    );
+    unsafe { libc::kill(walsender, libc::SIGCONT) };
     env.assert_exact(true);
+}
+
+/// A crash (immediate shutdown) of Postgres while events are being committed: every
+/// committed event reaches every sink once; what the crash cut off never existed.
+#[test]
+fn a_postgres_crash_under_load_loses_and_doubles_nothing() {
+    let env = env(MockApi::start(&[]), "", "");
+    let _engine = env.engine();
+    let url = env.pg.url("engagement");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut committed = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Failures while the server is down are expected: Postgres's count decides.
+                let ok = std::process::Command::new("psql")
+                    .args([&url, "-qAt", "-v", "ON_ERROR_STOP=1", "-c"])
+                    .arg(
+                        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+                         SELECT 1 + g % 3, g, 'play', g % 9000, 'web' FROM generate_series(1, 200) g",
+                    )
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                committed += ok as u32;
+            }
+            committed
+        })
+    };
+    wait_for("events to flow", T, || {
+        (env.ch_count() >= 400).then_some(())
+    });
+    env.pg.crash_restart();
+    let at_crash = env.ch_count();
+    wait_for("events to flow again after the crash", T, || {
+        (env.ch_count() >= at_crash + 400).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let committed = writer.join().unwrap();
+    assert!(
+        committed >= 3,
+        "the writer committed {committed} transactions"
+    );
+    env.assert_exact(true);
+    assert!(env.cfg.counter("replication_sessions").unwrap() >= 2);
 }
 
 #[test]
 fn megabyte_strings_non_ascii_and_null_timestamps() {
-    let env = env(MockApi::start(&[]), "", "");
+    let env = env(MockApi::start(&["--keep-events"]), "", "");
     env.sql("ALTER TABLE engagement_events ALTER COLUMN event_ts DROP NOT NULL");
     let _engine = env.engine();
     let big = env.sql(
@@ -469,6 +563,21 @@ fn megabyte_strings_non_ascii_and_null_timestamps() {
     wait_for("the API to get both", T, || {
         (env.api.stats()["unique_event_ids"] == 2).then_some(())
     });
+    // The API got the same bytes as Redis (the mock checks each event's fields and form).
+    let api_big = env.api.event_json(&big).expect("the API kept the event");
+    assert_eq!(api_big, env.redis.cli(&["GET", "content:last:2"]));
+    let parsed: Value = serde_json::from_str(&api_big).unwrap();
+    assert_eq!(parsed["device"].as_str().unwrap(), "é".repeat(500_000));
+    assert_eq!(parsed["event_type"], "تشغيل");
+    let api_after: Value = serde_json::from_str(&env.api.event_json(&after).unwrap()).unwrap();
+    assert_eq!(
+        (
+            api_after["event_type"].as_str(),
+            api_after["device"].as_str()
+        ),
+        (Some("再生"), Some("電視"))
+    );
+    assert_eq!(env.api.stats()["invalid_events"], 0);
     // The NULL event_ts row is skipped and counted, not a crash.
     assert_eq!(env.cfg.counter("events_invalid"), Some(1));
     assert_eq!(env.redis.cli(&["GET", "content:count:1"]), "");
@@ -983,4 +1092,128 @@ fn tables_of_other_types_and_names_give_the_seed_values() {
         scanned("2026-07-08T12:00:00Z", "2026-07-08T12:21:52.5Z"),
         "0"
     );
+}
+
+/// The default retry settings under 30 % failures: every event reaches the API or the
+/// dead-letter queue (six failures in a row are possible), and a replay delivers the rest.
+#[test]
+fn an_api_failing_30_percent_with_default_retries_loses_nothing() {
+    let env = env(MockApi::start(&["--fail-rate", "0.3"]), "", "");
+    let mut engine = env.engine();
+    for _ in 0..4 {
+        env.insert_n(500);
+    }
+    let n = env.total();
+    wait_for("every event at the API or in the DLQ", T, || {
+        let at_api = env.api.stats()["unique_event_ids"].as_u64().unwrap_or(0);
+        let dead = env.cfg.counter("http_dead_lettered").unwrap_or(0);
+        (at_api + dead == n).then_some(())
+    });
+    assert_eq!(engine.terminate(), 0);
+    for _ in 0..20 {
+        let list = cli(Some(&env.cfg.path), &["dlq", "list"], &[]);
+        if list.stdout.starts_with("0 dead letters") {
+            break;
+        }
+        cli(Some(&env.cfg.path), &["dlq", "replay"], &[]);
+    }
+    assert_eq!(env.api.stats()["unique_event_ids"].as_u64(), Some(n));
+    assert!(env.api.stats()["failures_injected"].as_u64().unwrap() > 0);
+    assert_eq!(env.ch_count(), n);
+    assert_eq!(env.redis_counts(), env.pg_counts());
+}
+
+/// A 4xx other than 408 and 429 is not retried: one request, the events dead-lettered,
+/// the other sinks not held; `dlq purge` empties the queue.
+#[test]
+fn client_errors_are_dead_lettered_without_a_retry() {
+    let env = env(
+        MockApi::start(&["--fail-rate", "1", "--fail-status", "400"]),
+        "",
+        "",
+    );
+    let mut engine = env.engine();
+    env.insert_n(10);
+    wait_for("the events in the DLQ", T, || {
+        (env.cfg.counter("http_dead_lettered") == Some(10)).then_some(())
+    });
+    wait_for("ClickHouse and Redis", T, || {
+        (env.ch_count() == 10 && env.redis_counts() == env.pg_counts()).then_some(())
+    });
+    // The DLQ belongs to the engine while it runs. Each request that failed is one dead
+    // letter: a retry would have made more requests than letters.
+    assert_eq!(engine.terminate(), 0);
+    let list = cli(Some(&env.cfg.path), &["dlq", "list", "--json"], &[]);
+    let letters: Vec<Value> = serde_json::from_str(&list.stdout).unwrap();
+    assert!(!letters.is_empty());
+    assert_eq!(
+        env.api.stats()["requests"].as_u64(),
+        Some(letters.len() as u64),
+        "a client error was retried"
+    );
+    let purge = cli(Some(&env.cfg.path), &["dlq", "purge"], &[]);
+    assert_eq!(purge.code, 0, "{purge:?}");
+    let list = cli(Some(&env.cfg.path), &["dlq", "list"], &[]);
+    assert!(list.stdout.starts_with("0 dead letters"), "{}", list.stdout);
+}
+
+/// `Retry-After` on a 503 is waited for before the retry.
+#[test]
+fn retry_after_is_honoured() {
+    let env = env(
+        MockApi::start(&[
+            "--fail-rate",
+            "1",
+            "--fail-status",
+            "503",
+            "--retry-after",
+            "3",
+        ]),
+        "",
+        "max_retries = 1\n",
+    );
+    let mut engine = env.engine();
+    let started = Instant::now();
+    env.insert_n(10);
+    wait_for("the events in the DLQ", T, || {
+        (env.cfg.counter("http_dead_lettered") == Some(10)).then_some(())
+    });
+    assert_eq!(engine.terminate(), 0);
+    let list = cli(Some(&env.cfg.path), &["dlq", "list", "--json"], &[]);
+    let letters: Vec<Value> = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(
+        env.api.stats()["requests"].as_u64(),
+        Some(2 * letters.len() as u64),
+        "one try and one retry per request"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "retried after {:?}, before Retry-After's 3 s",
+        started.elapsed()
+    );
+}
+
+/// `http.auth_token` is sent as a bearer token; the mock refuses requests without it.
+#[test]
+fn the_api_gets_the_bearer_token() {
+    let env = env(
+        MockApi::start(&["--require-token", "s3cret-t0ken"]),
+        "",
+        "auth_token = \"s3cret-t0ken\"\n",
+    );
+    let _engine = env.engine();
+    env.insert_n(50);
+    env.assert_exact(true);
+    assert_eq!(env.api.stats()["unauthorized"], 0);
+}
+
+/// One transaction of a million rows through ClickHouse, Redis and the API.
+#[test]
+fn one_transaction_of_a_million_rows_through_every_sink() {
+    let env = env(MockApi::start(&[]), "", "");
+    let engine = env.engine();
+    env.insert_n(1_000_000);
+    env.assert_exact(true);
+    let rss_mb = engine.peak_rss_kb() / 1024;
+    assert!(rss_mb < 256, "peak RSS {rss_mb} MB");
 }

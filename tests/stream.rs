@@ -790,3 +790,66 @@ fn an_idle_slot_advances_while_another_database_writes() {
     assert!(gauge("engagement_cdc_slot_retained_wal_bytes") < (16 << 20) as f64);
     assert_eq!(gauge("engagement_cdc_slot_wal_ok"), 1.0);
 }
+
+/// `/readyz` answers 200 while a replication session streams and 503 while it does not;
+/// `/healthz` answers 200 throughout.
+#[test]
+fn readyz_follows_the_replication_session() {
+    let env = env();
+    let _engine = env.engine(Stdout::Collect);
+    let port = env.cfg.server_port;
+    let status = |path: &str| http_request(port, "GET", path, b"").map(|(s, _)| s);
+    assert_eq!(status("/readyz"), Some(200));
+    env.pg.stop();
+    wait_for("/readyz to answer 503", T, || {
+        (status("/readyz") == Some(503)).then_some(())
+    });
+    assert_eq!(status("/healthz"), Some(200));
+    env.pg.start_again();
+    wait_for("/readyz to answer 200 again", T, || {
+        (status("/readyz") == Some(200)).then_some(())
+    });
+}
+
+/// The least-privilege role of docs/operations.md: LOGIN REPLICATION, SELECT on the two
+/// tables, owner of nothing; the publication made by the tables' owner. `setup` and `run`
+/// work with it.
+#[test]
+fn a_least_privilege_role_sets_up_and_streams() {
+    let pg = Postgres::start();
+    pg.psql(
+        "engagement",
+        "CREATE ROLE cdc_reader LOGIN REPLICATION PASSWORD 'reader-pw';
+         GRANT SELECT ON public.engagement_events, public.content TO cdc_reader;
+         CREATE PUBLICATION engagement_cdc FOR TABLE public.engagement_events, public.content
+           WITH (publish_via_partition_root = true);",
+    );
+    assert_eq!(
+        pg.psql(
+            "engagement",
+            "SELECT rolsuper, (SELECT count(*) FROM pg_class WHERE relowner = 'cdc_reader'::regrole),
+                    has_table_privilege('cdc_reader', 'public.engagement_events', 'INSERT')
+               FROM pg_roles WHERE rolname = 'cdc_reader'"
+        ),
+        "f|0|f"
+    );
+    let url = format!(
+        "postgres://cdc_reader:reader-pw@127.0.0.1:{}/engagement",
+        pg.port
+    );
+    let cfg = TestConfig::new(&url, "");
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    let engine = Engine::spawn_with(&cfg.path, &["run", "--stdout"], &[], Stdout::Collect);
+    let id: i64 = pg
+        .psql(
+            "engagement",
+            "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 1, 'play') RETURNING id",
+        )
+        .parse()
+        .unwrap();
+    let lines = engine.wait_lines(1, T);
+    assert_eq!(ids(&lines), [id].into_iter().collect::<BTreeSet<_>>());
+    let status = cli(Some(&cfg.path), &["status"], &[]);
+    assert_eq!(status.code, 0, "{status:?}");
+}

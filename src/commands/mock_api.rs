@@ -42,6 +42,9 @@ pub struct MockOptions {
     pub require_token: Option<String>,
     /// Keep each event's JSON for `GET /events/{id}`.
     pub keep_events: bool,
+    /// Remember accepted event ids in this file across restarts (one per line, appended as
+    /// they arrive): a mock stopped and started again still knows what it received.
+    pub ids_file: Option<std::path::PathBuf>,
     /// HTTPS instead of HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -178,17 +181,31 @@ fn check_event_ts(ts: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum Body<'a> {
-    #[serde(borrow)]
-    Many(Vec<&'a serde_json::value::RawValue>),
-    One(&'a serde_json::value::RawValue),
+/// The events of a body: a JSON array of event objects, or one object; each kept as the
+/// bytes received.
+fn split_body(bytes: &[u8]) -> Result<Vec<&serde_json::value::RawValue>, serde_json::Error> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        serde_json::from_slice(bytes)
+    } else {
+        serde_json::from_slice(bytes).map(|one| vec![one])
+    }
+}
+
+/// `POST /control`: `{"fail_rate":0.5,"slow_rate":0.2,"slow_ms":1500}` (any subset).
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, Serialize)]
+struct Faults {
+    fail_rate: f64,
+    slow_rate: f64,
+    slow_ms: u64,
 }
 
 #[derive(Default)]
 struct State {
     stats: Stats,
+    /// Failure and slowness, changed at run time by `POST /control`.
+    faults: Faults,
+    ids_file: Option<std::fs::File>,
     seen: HashSet<i64>,
     /// With `--keep-events`: each event's JSON as last received.
     kept: std::collections::HashMap<i64, String>,
@@ -216,14 +233,39 @@ pub async fn serve(opts: MockOptions) -> anyhow::Result<()> {
         opts.slow_ms
     );
     let tls = opts.tls.clone();
+    let mut state = State {
+        faults: Faults {
+            fail_rate: opts.fail_rate,
+            slow_rate: opts.slow_rate,
+            slow_ms: opts.slow_ms,
+        },
+        ..State::default()
+    };
+    if let Some(path) = &opts.ids_file {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for id in text.lines().filter_map(|l| l.trim().parse::<i64>().ok()) {
+                if state.seen.insert(id) {
+                    state.stats.unique_event_ids += 1;
+                }
+            }
+        }
+        state.ids_file = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("mock-api cannot open --ids-file {}", path.display()))?,
+        );
+    }
     let shared = Arc::new(Shared {
         opts,
-        state: Mutex::new(State::default()),
+        state: Mutex::new(state),
     });
     let app = Router::new()
         .route("/stats", get(stats))
         .route("/events", post(events))
         .route("/events/{id}", get(event_json))
+        .route("/control", post(control))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -266,6 +308,41 @@ async fn access_log(
 
 async fn stats(AxState(shared): AxState<Arc<Shared>>) -> Json<Stats> {
     Json(shared.state.lock().expect("stats lock").stats.clone())
+}
+
+/// `POST /control`: change the injected failures and slowness while running.
+async fn control(AxState(shared): AxState<Arc<Shared>>, body: Bytes) -> axum::response::Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Change {
+        fail_rate: Option<f64>,
+        slow_rate: Option<f64>,
+        slow_ms: Option<u64>,
+    }
+    let change: Change = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": format!("expected {{\"fail_rate\":0..1,\"slow_rate\":0..1,\"slow_ms\":N}}: {e}")})),
+            )
+                .into_response()
+        }
+    };
+    let in_range = |r: Option<f64>| r.is_none_or(|r| (0.0..=1.0).contains(&r));
+    if !in_range(change.fail_rate) || !in_range(change.slow_rate) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": "rates are between 0 and 1"})),
+        )
+            .into_response();
+    }
+    let mut st = shared.state.lock().expect("stats lock");
+    let f = &mut st.faults;
+    f.fail_rate = change.fail_rate.unwrap_or(f.fail_rate);
+    f.slow_rate = change.slow_rate.unwrap_or(f.slow_rate);
+    f.slow_ms = change.slow_ms.unwrap_or(f.slow_ms);
+    Json(*f).into_response()
 }
 
 /// `GET /events/{id}` (with `--keep-events`): the event's JSON as last received.
@@ -338,9 +415,8 @@ async fn post_events(
     key: &str,
 ) -> (StatusCode, String, String) {
     state.lock().expect("stats lock").stats.requests += 1;
-    let raws: Vec<&serde_json::value::RawValue> = match serde_json::from_slice::<Body>(bytes) {
-        Ok(Body::Many(v)) => v,
-        Ok(Body::One(e)) => vec![e],
+    let raws = match split_body(bytes) {
+        Ok(v) => v,
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -363,10 +439,11 @@ async fn post_events(
             }
         }
     }
-    if opts.slow_rate > 0.0 && rand::random::<f64>() < opts.slow_rate {
-        tokio::time::sleep(Duration::from_millis(opts.slow_ms)).await;
+    let faults = state.lock().expect("stats lock").faults;
+    if faults.slow_rate > 0.0 && rand::random::<f64>() < faults.slow_rate {
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
     }
-    if opts.fail_rate > 0.0 && rand::random::<f64>() < opts.fail_rate {
+    if faults.fail_rate > 0.0 && rand::random::<f64>() < faults.fail_rate {
         state.lock().expect("stats lock").stats.failures_injected += 1;
         return (
             StatusCode::from_u16(opts.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -376,9 +453,13 @@ async fn post_events(
     }
     let mut st = state.lock().expect("stats lock");
     st.stats.events += events.len() as u64;
+    let mut new_ids = String::new();
     for (id, raw) in &events {
         if st.seen.insert(*id) {
             st.stats.unique_event_ids += 1;
+            if st.ids_file.is_some() {
+                new_ids.push_str(&format!("{id}\n"));
+            }
         } else {
             st.stats.duplicates += 1;
         }
@@ -386,9 +467,72 @@ async fn post_events(
             st.kept.insert(*id, raw.to_string());
         }
     }
+    if let Some(f) = st.ids_file.as_mut() {
+        // Before answering: what the engine hears as accepted is on file.
+        if let Err(e) = f.write_all(new_ids.as_bytes()) {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": format!("cannot write --ids-file: {e}")}).to_string(),
+                format!("key={key} ids-file error"),
+            );
+        }
+    }
     (
         StatusCode::OK,
         serde_json::json!({"status": "ok", "received": events.len()}).to_string(),
         format!("key={key} received={}", events.len()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"event_id":16,"content_id":1,"user_id":999,"event_type":"play","event_ts":"2026-01-08T14:21:52.163702Z","duration_ms":7000,"device":"web","content_type":"video","length_seconds":300,"engagement_seconds":7.0,"engagement_pct":0.02}"#;
+
+    #[test]
+    fn events_are_checked_against_the_documented_form() {
+        assert_eq!(check_event(GOOD), Ok(16));
+        let nulls = r#"{"event_id":1,"content_id":1,"user_id":1,"event_type":"x","event_ts":"2026-01-08T14:21:52Z","duration_ms":null,"device":null,"content_type":null,"length_seconds":null,"engagement_seconds":null,"engagement_pct":null}"#;
+        assert_eq!(check_event(nulls), Ok(1));
+        for (bad, why) in [
+            (
+                GOOD.replace(
+                    r#""content_id":1,"user_id":999"#,
+                    r#""user_id":999,"content_id":1"#,
+                ),
+                "order",
+            ),
+            (
+                GOOD.replace(r#""event_id":16"#, r#""event_id":"16""#),
+                "event_id",
+            ),
+            (GOOD.replace(".163702Z", ".000000Z"), "event_ts"),
+            (GOOD.replace(".163702Z", ".1637Z"), "event_ts"),
+            (GOOD.replace("Z\"", "+00:00\""), "event_ts"),
+            (
+                GOOD.replace(r#""duration_ms":7000"#, r#""duration_ms":7000000000"#),
+                "duration_ms",
+            ),
+            (GOOD.replace(r#","engagement_pct":0.02"#, ""), "order"),
+            (GOOD.replace(r#""device":"web""#, r#""device":7"#), "device"),
+        ] {
+            let e = check_event(&bad).unwrap_err();
+            assert!(
+                e.contains(why) || (why == "order" && e.contains("expected")),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            split_body(format!("[{GOOD},{GOOD}]").as_bytes())
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            split_body(format!(" {GOOD}").as_bytes()).unwrap()[0].get(),
+            GOOD
+        );
+        assert!(split_body(b"[1,").is_err());
+    }
 }

@@ -275,3 +275,64 @@ mod docs_tests {
         }
     }
 }
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every key of the configuration, as `section.key` (sub-tables included).
+    fn keys() -> Vec<String> {
+        fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+            for (k, v) in t {
+                match v.as_table() {
+                    Some(sub) => walk(&format!("{prefix}{k}."), sub, out),
+                    None => out.push(format!("{prefix}{k}")),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            "",
+            &toml::Table::try_from(Config::all_sections()).unwrap(),
+            &mut out,
+        );
+        out
+    }
+
+    proptest! {
+        /// Any value for any key, in the file or in the environment, is loaded or refused
+        /// with an error, never a panic.
+        #[test]
+        fn any_value_of_any_key_is_loaded_or_refused(
+            picks in prop::collection::vec((any::<prop::sample::Index>(), "\\PC{0,30}", any::<i64>(), any::<bool>()), 1..6),
+        ) {
+            let keys = keys();
+            let mut file = String::new();
+            let mut vars: Vec<(String, String)> = Vec::new();
+            for (index, text, number, in_env) in picks {
+                let key = index.get(&keys);
+                let (table, name) = key.rsplit_once('.').unwrap();
+                if in_env {
+                    vars.push((
+                        format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase()),
+                        text.clone(),
+                    ));
+                } else {
+                    let value = if number % 2 == 0 {
+                        number.to_string()
+                    } else {
+                        toml::Value::String(text.clone()).to_string()
+                    };
+                    file.push_str(&format!("[{table}]\n{name} = {value}\n"));
+                }
+            }
+            let _ = Config::from_toml_with_env(&file, &vars, &Source::Defaults);
+        }
+
+        /// Any text as the file.
+        #[test]
+        fn any_file_is_loaded_or_refused(text in "\\PC{0,200}") {
+            let _ = Config::from_toml_with_env(&text, &[], &Source::Defaults);
+        }
+    }
+}

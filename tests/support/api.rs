@@ -77,6 +77,12 @@ impl MockApi {
         }
     }
 
+    /// With `--keep-events`: the JSON the API last received for this event, byte for byte.
+    pub fn event_json(&self, id: &str) -> Option<String> {
+        let body = self.get(&format!("/events/{id}"))?;
+        (!body.starts_with("{\"error\"")).then_some(body)
+    }
+
     pub fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&self.get("/stats").expect("mock-api answers")).unwrap()
     }

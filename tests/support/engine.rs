@@ -275,6 +275,14 @@ impl Engine {
         }
     }
 
+    /// The exit code, once the process has exited by itself (a supervisor's check).
+    pub fn exited(&mut self) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let status = c.try_wait().unwrap()?;
+        self.child = None;
+        Some(status.code().unwrap_or(-1))
+    }
+
     /// Wait for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
         let c = self.child.as_mut().expect("engine running");

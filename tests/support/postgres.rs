@@ -33,34 +33,38 @@ fn pg_template() -> &'static Path {
                 "chown",
             );
         }
-        let data = dir.join("data");
-        run_checked(
-            as_postgres(&format!("{PG_BIN}/initdb")).args([
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ]),
-            "initdb",
-        );
-        // Trust for the superuser; passwords (SCRAM) for every other role, so wrong
-        // credentials can be tested.
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\n\
+        init_data_dir(&dir.join("data"))
+    })
+}
+
+/// initdb into `data` (its parent owned by the server's user), with the tests' pg_hba.conf.
+fn init_data_dir(data: &Path) -> PathBuf {
+    run_checked(
+        as_postgres(&format!("{PG_BIN}/initdb")).args([
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]),
+        "initdb",
+    );
+    // Trust for the superuser; passwords (SCRAM) for every other role, so wrong
+    // credentials can be tested.
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all trust\n\
              host all postgres 127.0.0.1/32 trust\n\
              host replication postgres 127.0.0.1/32 trust\n\
              host all all 127.0.0.1/32 scram-sha-256\n\
              host replication all 127.0.0.1/32 scram-sha-256\n",
-        )
-        .unwrap();
-        data
-    })
+    )
+    .unwrap();
+    data.to_path_buf()
 }
 
 /// Templates left by test processes that are gone.
@@ -94,6 +98,9 @@ pub struct PgOptions {
     /// With `hostssl_only`: the role `engagement-cdc` logs in by client certificate (its
     /// common name), checked against this CA.
     pub client_ca: Option<PathBuf>,
+    /// A data directory of its own initdb, not a copy of the template: another system
+    /// identifier (test servers copied from the template share one).
+    pub fresh_initdb: bool,
 }
 
 impl Default for PgOptions {
@@ -104,6 +111,7 @@ impl Default for PgOptions {
             tls: None,
             hostssl_only: false,
             client_ca: None,
+            fresh_initdb: false,
         }
     }
 }
@@ -127,14 +135,24 @@ impl Postgres {
     pub fn start_with(opts: PgOptions) -> Postgres {
         let dir = TestDir::new("pg");
         let data = dir.path.join("data");
-        run_checked(
-            Command::new("cp").args([
-                "-a",
-                pg_template().to_str().unwrap(),
-                data.to_str().unwrap(),
-            ]),
-            "copy the template data directory",
-        );
+        if opts.fresh_initdb {
+            if is_root() {
+                run_checked(
+                    Command::new("chown").args(["postgres:", dir.path.to_str().unwrap()]),
+                    "chown",
+                );
+            }
+            init_data_dir(&data);
+        } else {
+            run_checked(
+                Command::new("cp").args([
+                    "-a",
+                    pg_template().to_str().unwrap(),
+                    data.to_str().unwrap(),
+                ]),
+                "copy the template data directory",
+            );
+        }
         let port = free_port();
         let mut conf = std::fs::OpenOptions::new()
             .append(true)
@@ -220,6 +238,13 @@ impl Postgres {
     /// Fast shutdown (disconnects clients, like a restart by an operator).
     pub fn stop(&self) {
         self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// A crash: immediate shutdown (no checkpoint, clients cut off), then start again on
+    /// the same port and data; the server recovers from WAL.
+    pub fn crash_restart(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+        self.start_server();
     }
 
     /// Start again after [`Postgres::stop`], on the same port and data.

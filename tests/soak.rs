@@ -1,0 +1,304 @@
+//! The chaos soak (docs/guarantees.md, "Chaos soak"): steady load of mixed transaction
+//! sizes — most small, some of 100,000 rows — while a fault hits the stack every few
+//! seconds: kill -9 of the engine, a crash restart of Postgres, Redis stopped (SIGSTOP),
+//! ClickHouse stopped, the API failing, slow and down. At the end every event must be in
+//! ClickHouse `FINAL` once, Redis's counters must equal Postgres's per content, the API must
+//! hold every id (after a DLQ replay), and the engine's memory must have stayed bounded.
+//!
+//! `SOAK_MINUTES` sets the length (2 in the test suite); `scripts/soak.sh --minutes N` runs
+//! it and keeps the report (`SOAK_REPORT=FILE`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const T: Duration = Duration::from_secs(300);
+
+/// A small deterministic generator (xorshift), seeded from the clock and printed, so a run
+/// can be repeated with `SOAK_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+    fn secs(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.between(lo * 1000, hi * 1000))
+    }
+}
+
+const FAULTS: [&str; 7] = [
+    "kill -9 of the engine",
+    "Postgres crash restart",
+    "Redis stopped (SIGSTOP)",
+    "ClickHouse stopped",
+    "API failing 50 %",
+    "API slow (50 % of requests 1.5 s)",
+    "API down",
+];
+
+fn peak_rss_mb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+#[test]
+fn chaos_soak() {
+    let minutes: f64 = std::env::var("SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(2.0);
+    let seed: u64 = std::env::var("SOAK_SEED")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+
+    let pg = Postgres::start();
+    let mut ch = ClickHouse::start();
+    let redis = Redis::start();
+    let ids = TestDir::new("soak");
+    let ids_file = ids.path.join("api-ids");
+    let mut api = MockApi::start(&["--ids-file", ids_file.to_str().unwrap()]);
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!(
+            "[clickhouse]\nurl = \"{}\"\n\n[redis]\nurl = \"{}\"\n\n[http]\nurl = \"{}\"\ntimeout_ms = 1000\n",
+            ch.url(),
+            redis.url(),
+            api.url()
+        ),
+    );
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    let spawn = || Engine::spawn(&cfg.path, &["run"], &[]);
+    let mut engine = spawn();
+    let mut peak_mb = 0u64;
+    let mut restarts_after_exit = 0u32;
+
+    // The load: transactions of 1–50 rows mostly, 500–2,000 rows often, 100,000 rows about
+    // every 40 s. Failures while Postgres is down are expected; Postgres's table is the truth.
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed_tx = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, committed_tx) = (stop.clone(), committed_tx.clone());
+        let url = pg.url("engagement");
+        let mut rng = Rng(seed.rotate_left(17) | 1);
+        std::thread::spawn(move || {
+            let mut last_big = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let rows = if last_big.elapsed() >= Duration::from_secs(40) {
+                    last_big = Instant::now();
+                    100_000
+                } else if rng.between(0, 3) == 0 {
+                    rng.between(500, 2000)
+                } else {
+                    rng.between(1, 50)
+                };
+                let ok = std::process::Command::new("psql")
+                    .args([&url, "-qAt", "-v", "ON_ERROR_STOP=1", "-c"])
+                    .arg(format!(
+                        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+                         SELECT 1 + (g * 7) % 3, g, (ARRAY['play','pause','seek'])[1 + g % 3], g % 9000, 'web'
+                         FROM generate_series(1, {rows}) g"
+                    ))
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if ok {
+                    committed_tx.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    let deadline = started + Duration::from_secs_f64(minutes * 60.0);
+    let mut survived: BTreeMap<&str, u32> = BTreeMap::new();
+    let api_port = api.port;
+    let api_control = |body: &str| {
+        http_post(api_port, "/control", body.as_bytes());
+    };
+    while Instant::now() < deadline {
+        // The pause between faults, then one fault; a supervisor restarts an engine that
+        // exited (it exits 1 when it starts while Postgres is down).
+        std::thread::sleep(rng.secs(3, 8));
+        if engine.exited().is_some() {
+            restarts_after_exit += 1;
+            engine = spawn();
+        }
+        peak_mb = peak_mb.max(peak_rss_mb(engine.pid()));
+        let fault = FAULTS[rng.between(0, FAULTS.len() as u64 - 1) as usize];
+        match fault {
+            "kill -9 of the engine" => {
+                engine.kill9();
+                engine = spawn();
+            }
+            "Postgres crash restart" => pg.crash_restart(),
+            "Redis stopped (SIGSTOP)" => {
+                redis.hang();
+                std::thread::sleep(rng.secs(2, 6));
+                redis.resume();
+            }
+            "ClickHouse stopped" => {
+                ch.stop();
+                std::thread::sleep(rng.secs(3, 10));
+                ch.start_again();
+            }
+            "API failing 50 %" => {
+                api_control("{\"fail_rate\":0.5}");
+                std::thread::sleep(rng.secs(4, 10));
+                api_control("{\"fail_rate\":0}");
+            }
+            "API slow (50 % of requests 1.5 s)" => {
+                api_control("{\"slow_rate\":0.5,\"slow_ms\":1500}");
+                std::thread::sleep(rng.secs(4, 10));
+                api_control("{\"slow_rate\":0}");
+            }
+            _ => {
+                api.stop();
+                std::thread::sleep(rng.secs(3, 8));
+                api.start_again();
+            }
+        }
+        *survived.entry(fault).or_default() += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    if engine.exited().is_some() {
+        restarts_after_exit += 1;
+        engine = spawn();
+    }
+
+    // Everything committed reaches ClickHouse and Redis exactly once.
+    let count = |sql: &str| -> u64 { pg.psql("engagement", sql).parse().unwrap() };
+    let events = count("SELECT count(*) FROM engagement_events");
+    let pg_counts: BTreeMap<i64, u64> = pg
+        .psql(
+            "engagement",
+            "SELECT content_id, count(*) FROM engagement_events GROUP BY 1 ORDER BY 1",
+        )
+        .lines()
+        .map(|l| {
+            let (c, n) = l.split_once('|').unwrap();
+            (c.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect();
+    let redis_counts = || -> BTreeMap<i64, u64> {
+        pg_counts
+            .keys()
+            .map(|c| {
+                (
+                    *c,
+                    redis
+                        .cli(&["GET", &format!("content:count:{c}")])
+                        .parse()
+                        .unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let ch_final = || -> u64 {
+        ch.query("SELECT count() FROM engagement.events_enriched FINAL")
+            .parse()
+            .unwrap_or(0)
+    };
+    wait_for("ClickHouse and Redis to hold every event", T, || {
+        (ch_final() == events && redis_counts() == pg_counts).then_some(())
+    });
+    let unique: u64 = ch
+        .query("SELECT uniqExact(event_id) FROM engagement.events_enriched FINAL")
+        .parse()
+        .unwrap();
+    let api_stats = || api.stats();
+    let dead = cfg.counter("http_dead_lettered").unwrap_or(0);
+    wait_for("every event at the API or in the DLQ", T, || {
+        let at_api = api_stats()["unique_event_ids"].as_u64().unwrap_or(0);
+        (at_api >= events || at_api + cfg.counter("http_dead_lettered").unwrap_or(0) >= events)
+            .then_some(())
+    });
+    peak_mb = peak_mb.max(peak_rss_mb(engine.pid()));
+    assert_eq!(engine.terminate(), 0, "{}", engine.stderr());
+    let mut replays = 0;
+    while api_stats()["unique_event_ids"].as_u64() != Some(events) && replays < 20 {
+        let replay = cli(Some(&cfg.path), &["dlq", "replay"], &[]);
+        assert_eq!(replay.code, 0, "{replay:?}");
+        replays += 1;
+    }
+    let at_api = api_stats()["unique_event_ids"].as_u64().unwrap();
+    let api_resent = api_stats()["duplicates"].as_u64().unwrap();
+    let invalid = api_stats()["invalid_events"].as_u64().unwrap();
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "chaos soak: {minutes} min of faults, seed {seed}, {:.0} s in all",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        report,
+        "events committed: {events} in {} transactions (largest 100,000 rows)",
+        committed_tx.load(Ordering::Relaxed)
+    );
+    for (fault, n) in &survived {
+        let _ = writeln!(report, "  survived {n:>3} × {fault}");
+    }
+    let _ = writeln!(
+        report,
+        "engine restarted by the supervisor after exiting: {restarts_after_exit}"
+    );
+    let _ = writeln!(
+        report,
+        "ClickHouse FINAL: {} rows, {unique} distinct ids (lost {}, doubled {})",
+        ch_final(),
+        events - unique.min(events),
+        ch_final() - unique
+    );
+    let _ = writeln!(
+        report,
+        "Redis content:count per content: {:?} (Postgres: {pg_counts:?})",
+        redis_counts()
+    );
+    let _ = writeln!(report, "API: {at_api} distinct ids of {events} (dead-lettered {dead}, replays {replays}); re-sent deliveries (same id twice, deduplicated by Idempotency-Key): {api_resent}; malformed events: {invalid}");
+    let _ = writeln!(report, "engine peak RSS: {peak_mb} MB");
+    eprint!("{report}");
+    if let Ok(path) = std::env::var("SOAK_REPORT") {
+        std::fs::write(path, &report).unwrap();
+    }
+    assert_eq!(unique, events, "lost events in ClickHouse");
+    assert_eq!(ch_final(), events, "doubled events in ClickHouse");
+    assert_eq!(
+        redis_counts(),
+        pg_counts,
+        "Redis counters differ from Postgres"
+    );
+    assert_eq!(at_api, events, "events missing at the API");
+    assert_eq!(invalid, 0, "the API received malformed events");
+    assert!(peak_mb < 300, "engine peak RSS {peak_mb} MB");
+    assert!(!survived.is_empty());
+}
