@@ -133,6 +133,14 @@ impl Env {
             .sum()
     }
 
+    /// A sample of the engine's `/metrics`, by its name with labels.
+    fn metric(&self, name: &str) -> f64 {
+        let text = http_get(self.cfg.server_port, "/metrics").expect("/metrics answers");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
     fn confirmed_flush_reaches(&self, lsn: &str) -> bool {
         self.sql(&format!(
             "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'"
@@ -306,6 +314,12 @@ fn a_hung_redis_and_a_stopped_clickhouse_lose_and_double_nothing() {
     env.insert_for_10s_unconfirmed("Redis");
     env.redis.resume();
     env.assert_exact(true);
+    // The client gave up on the hung server and sent the batch again (so the exact counts
+    // above prove the script's dedup, not the absence of a re-send).
+    assert!(
+        env.metric("engagement_cdc_sink_retries_total{sink=\"redis\"}") > 0.0,
+        "no re-send to Redis happened"
+    );
 
     // ClickHouse is stopped for 10 s, then started again on the same data.
     env.ch.stop();

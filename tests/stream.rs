@@ -853,3 +853,40 @@ fn a_least_privilege_role_sets_up_and_streams() {
     let status = cli(Some(&cfg.path), &["status"], &[]);
     assert_eq!(status.code, 0, "{status:?}");
 }
+
+/// The slot dropped while the engine streams (its session ended first, as Postgres
+/// requires): one clear error and exit 1, not a reconnect loop.
+#[test]
+fn a_slot_dropped_while_streaming_is_one_clear_error() {
+    let env = env();
+    let mut engine = env.engine(Stdout::Collect);
+    env.insert("(1, 1, 'play', 100, 'web')");
+    engine.wait_lines(1, T);
+    wait_for("the slot to be dropped between two sessions", T, || {
+        env.sql(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = 'engagement_cdc' AND active_pid IS NOT NULL",
+        );
+        let dropped = env
+            .pg
+            .client("psql", "engagement")
+            .args([
+                "-qAt",
+                "-c",
+                "SELECT pg_drop_replication_slot('engagement_cdc')",
+            ])
+            .output()
+            .unwrap();
+        dropped.status.success().then_some(())
+    });
+    assert_eq!(engine.wait_exit(T), 1);
+    let err = engine.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .expect("an error line");
+    assert!(
+        line.contains("slot") && line.contains("engagement-cdc setup"),
+        "{line}"
+    );
+    assert!(err.lines().count() < 30, "a reconnect loop:\n{err}");
+}
