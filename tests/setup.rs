@@ -583,3 +583,67 @@ fn the_state_of_another_cluster_is_refused() {
         "{line}"
     );
 }
+
+/// The inputs a hostile user tried: each is one clear line and exit 2, never a panic or a
+/// silent default.
+#[test]
+fn hostile_inputs_are_usage_errors() {
+    let dir = TestDir::new("hostile");
+    let state = dir.path.join("state");
+    let state = state.to_str().unwrap();
+    let env = [("ENGAGEMENT_CDC__STATE__DIR", state)];
+    for (args, says) in [
+        (
+            vec![
+                "backfill",
+                "--start",
+                "2026-01-0éT09:00:00Z",
+                "--end",
+                "2026-01-09",
+            ],
+            "is not a time",
+        ),
+        (
+            vec!["backfill", "--start", "2026-02-30", "--end", "2026-03-09"],
+            "is not a time",
+        ),
+        (
+            vec![
+                "backfill",
+                "--start",
+                "2026-01-08T09:00:00+99:99",
+                "--end",
+                "2026-03-09",
+            ],
+            "is not a time",
+        ),
+        (
+            vec![
+                "backfill",
+                "--start",
+                "2026-01-09",
+                "--end",
+                "2026-01-08",
+                "--sinks",
+                "stdout",
+            ],
+            "must be after",
+        ),
+    ] {
+        let run = cli(None, &args, &env);
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    }
+    let run = cli(
+        None,
+        &["dlq", "list"],
+        &[("ENGAGEMENT_CDC_LOG", "notafilter["), env[0]],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("ENGAGEMENT_CDC_LOG") && run.stderr.contains("not a log filter"),
+        "{}",
+        run.stderr
+    );
+}
