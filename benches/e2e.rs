@@ -10,7 +10,9 @@
 //! 2. **Steady state**: `engagement-cdc load` at `--rate` events/s for `--seconds`; the
 //!    engine's commit-to-sink latency (p50, p99) and resident memory.
 //!
-//! Options: `--events N` (default 500000), `--sinks clickhouse,redis,http` (default all
+//! Options: `--events N` (default 500000), `--contents N` (default 1000: the events spread
+//! evenly over that many content ids, each with a content row; 3 and 100000 are the other
+//! spreads docs/benchmarks.md reports), `--sinks clickhouse,redis,http` (default all
 //! three), `--rate N` (default 1000), `--seconds N` (default 30), `--tls` (every connection
 //! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too).
 
@@ -26,6 +28,8 @@ struct Options {
     /// Every connection over TLS, verified (`--tls`).
     tls: bool,
     events: u64,
+    /// Content ids the events are spread over.
+    contents: u64,
     sinks: Vec<String>,
     rate: u64,
     seconds: u64,
@@ -35,6 +39,7 @@ fn options() -> Options {
     let mut o = Options {
         tls: false,
         events: 500_000,
+        contents: 1000,
         sinks: vec!["clickhouse".into(), "redis".into(), "http".into()],
         rate: 1000,
         seconds: 30,
@@ -53,6 +58,10 @@ fn options() -> Options {
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--events" => o.events = v.parse().expect("--events N"),
+            "--contents" => {
+                o.contents = v.parse().expect("--contents N");
+                assert!(o.contents >= 1, "--contents is at least 1");
+            }
             "--sinks" => o.sinks = v.split(',').map(str::to_string).collect(),
             "--rate" => o.rate = v.parse().expect("--rate N"),
             "--seconds" => o.seconds = v.parse().expect("--seconds N"),
@@ -135,14 +144,24 @@ fn main() {
     assert_eq!(setup.code, 0, "setup: {setup:?}");
     sql("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')");
 
-    // The backlog: 1000-row transactions.
+    // Content rows for every id the events use (the migration has 1–3).
+    sql(&format!(
+        "INSERT INTO content (content_id, content_type, length_seconds)
+         SELECT g, (ARRAY['video','podcast','article'])[1 + g % 3], 60 + g % 3600
+           FROM generate_series(1, {}) g ON CONFLICT (content_id) DO NOTHING",
+        o.contents
+    ));
+    // The backlog: 1000-row transactions, content ids spread evenly (each transaction walks
+    // on from where the last one stopped).
     let t = Instant::now();
     let mut script = String::new();
-    for _ in 0..o.events / 1000 {
-        script.push_str(
+    for tx in 0..o.events / 1000 {
+        script.push_str(&format!(
             "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device) \
-             SELECT 1 + g % 3, g, 'play', g % 300000, 'web' FROM generate_series(1, 1000) g;\n",
-        );
+             SELECT 1 + ({} + g) % {}, g, 'play', g % 300000, 'web' FROM generate_series(1, 1000) g;\n",
+            tx * 1000,
+            o.contents
+        ));
     }
     let file = cfg.dir.path.join("backlog.sql");
     std::fs::write(&file, script).unwrap();
@@ -320,8 +339,9 @@ fn main() {
     println!("## engagement-cdc end-to-end benchmark");
     println!();
     println!(
-        "sinks: {}; backlog {n} events in 1000-row transactions; {}",
+        "sinks: {}; backlog {n} events in 1000-row transactions over {} content ids; {}",
         o.sinks.join(", "),
+        o.contents,
         if o.tls {
             "every connection over TLS (verify-full)"
         } else {
