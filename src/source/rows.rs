@@ -620,6 +620,20 @@ mod tests {
     }
 
     #[test]
+    fn values_that_do_not_fit_are_logged_at_most_every_10_s() {
+        let mut log = UnfitLog::default();
+        log.note("first", "here");
+        let first = log.last;
+        log.note("second", "here");
+        log.note("third", "here");
+        assert_eq!(log.suppressed, 2, "two lines held back within 10 s");
+        assert_eq!(log.last, first);
+        log.last = log.last.map(|t| t - UnfitLog::EVERY);
+        log.note("fourth", "here");
+        assert_eq!(log.suppressed, 0, "a line again after 10 s, saying how many were held");
+    }
+
+    #[test]
     fn integers_of_every_type_and_numeric() {
         assert_eq!(parse_integer(b"120"), Ok(120));
         assert_eq!(parse_integer(b"-120"), Ok(-120));
