@@ -630,7 +630,10 @@ mod tests {
         assert_eq!(log.last, first);
         log.last = log.last.map(|t| t - UnfitLog::EVERY);
         log.note("fourth", "here");
-        assert_eq!(log.suppressed, 0, "a line again after 10 s, saying how many were held");
+        assert_eq!(
+            log.suppressed, 0,
+            "a line again after 10 s, saying how many were held"
+        );
     }
 
     #[test]
