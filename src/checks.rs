@@ -178,11 +178,12 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// Connection-string keys whose values are secrets; longer first, so a key-value scan
+/// matches `sslpassword` before `pass`.
+const PASSWORD_KEYS: [&str; 4] = ["sslpassword", "password", "passwd", "pass"];
+
 fn is_password_key(k: &str) -> bool {
-    matches!(
-        k.trim().to_ascii_lowercase().as_str(),
-        "password" | "pass" | "passwd" | "sslpassword"
-    )
+    PASSWORD_KEYS.contains(&k.trim().to_ascii_lowercase().as_str())
 }
 
 /// libpq's `key=value key='quoted \' value'` form: the value of every password key
@@ -190,14 +191,13 @@ fn is_password_key(k: &str) -> bool {
 /// It does not need the string to be well formed: a malformed one is what error messages
 /// show.
 fn redact_key_values(s: &str) -> String {
-    const KEYS: [&str; 4] = ["sslpassword", "password", "passwd", "pass"];
     let lower = s.to_ascii_lowercase();
     let mut out = String::with_capacity(s.len());
     let mut copied = 0;
     let mut i = 0;
     while i < s.len() {
         let at_word = i == 0 || s[..i].ends_with(char::is_whitespace);
-        let key = KEYS.iter().find(|k| lower[i..].starts_with(**k));
+        let key = PASSWORD_KEYS.iter().find(|k| lower[i..].starts_with(**k));
         let (true, Some(key)) = (at_word, key) else {
             i += s[i..].chars().next().map_or(1, char::len_utf8);
             continue;

@@ -459,10 +459,7 @@ fn a_dropped_publication_stops_the_engine_and_resync_is_the_way_out() {
     let e2 = env.insert("(2, 2, 'play', 100, 'web')")[0];
     assert_eq!(engine.wait_exit(T), 1);
     let err = engine.stderr();
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .expect("an error line");
+    let line = error_line_of(&err);
     assert!(
         line.contains("publication") && line.contains("setup --resync"),
         "{line}"
@@ -546,10 +543,7 @@ fn a_slot_streamed_by_another_engine_is_a_clear_error() {
     let mut second = Engine::spawn_with(&other.path, &["run", "--stdout"], &[], Stdout::Collect);
     assert_eq!(second.wait_exit(Duration::from_secs(120)), 1);
     let err = second.stderr();
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .expect("an error line");
+    let line = error_line_of(&err);
     assert!(line.contains("another engine streams it"), "{line}");
     assert_eq!(
         err.lines().filter(|l| l.contains("in use")).count(),
@@ -572,10 +566,7 @@ fn a_dropped_required_column_halts_with_the_checkpoint_held() {
     let code = engine.wait_exit(T);
     assert_eq!(code, 1);
     let err = engine.stderr();
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .expect("an error line");
+    let line = error_line_of(&err);
     assert!(
         line.contains("no column \"device\"") && line.contains("checkpoint held"),
         "{line}"
@@ -880,10 +871,7 @@ fn a_slot_dropped_while_streaming_is_one_clear_error() {
     });
     assert_eq!(engine.wait_exit(T), 1);
     let err = engine.stderr();
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .expect("an error line");
+    let line = error_line_of(&err);
     assert!(
         line.contains("slot") && line.contains("engagement-cdc setup"),
         "{line}"

@@ -22,7 +22,7 @@ use crate::ops::metrics::Metrics;
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
 use crate::source::rows::{decode_content, decode_event, TextRow, UnfitLog};
-use crate::source::schema::{in_select_order, select_as_text};
+use crate::source::schema::{in_select_order, select_as_text, EVENT_ID, EVENT_TS};
 use crate::types::Lsn;
 
 #[derive(Debug, Clone)]
@@ -236,12 +236,12 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let next_page = pg::timed(client.prepare(&format!(
         "{select} AND (e.{ts}, e.{id}) > ($4::text::{}, $5::text::{})
               ORDER BY e.{ts}, e.{id} LIMIT $3",
-        tables.events.type_names[4], tables.events.type_names[0]
+        tables.events.type_names[EVENT_TS], tables.events.type_names[EVENT_ID]
     )))
     .await
     .context("cannot prepare the backfill query")?;
-    let event_at = in_select_order(&tables.event_layout());
-    let mut content_at = in_select_order(&tables.content_layout());
+    let event_at = in_select_order(&tables.events.at);
+    let mut content_at = in_select_order(&tables.content.at);
     for l in &mut content_at {
         l.pos += event_at.len();
     }
@@ -252,30 +252,21 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
     let mut after: Option<(String, String)> = None;
     let limit = opts.batch_size as i64;
     loop {
-        let rows = match &after {
-            None => {
-                pg::timed_for(
-                    pg::LONG_QUERY_TIMEOUT,
-                    client.query(&first_page, &[&start, &end, &limit]),
-                )
-                .await
-            }
-            Some((t, i)) => {
-                pg::timed_for(
-                    pg::LONG_QUERY_TIMEOUT,
-                    client.query(&next_page, &[&start, &end, &limit, t, i]),
-                )
-                .await
-            }
-        }
-        .context("cannot read a page of events")?;
+        type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+        let (statement, params): (_, Vec<Param>) = match &after {
+            None => (&first_page, vec![&start, &end, &limit]),
+            Some((t, i)) => (&next_page, vec![&start, &end, &limit, t, i]),
+        };
+        let rows = pg::timed_for(pg::LONG_QUERY_TIMEOUT, client.query(statement, &params))
+            .await
+            .context("cannot read a page of events")?;
         if rows.is_empty() {
             break;
         }
         let mut batch: Vec<EnrichedEvent> = Vec::with_capacity(rows.len());
         for r in &rows {
             let row = TextRow::from_row(r);
-            if let (Some(t), Some(i)) = (&row.0[4], &row.0[0]) {
+            if let (Some(t), Some(i)) = (&row.0[EVENT_TS], &row.0[EVENT_ID]) {
                 after = Some((t.clone(), i.clone()));
             }
             report.scanned += 1;

@@ -392,35 +392,50 @@ async fn events(
             return resp;
         }
     }
-    let (status, body, note) = post_events(&body, &shared.state, &shared.opts, key).await;
-    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-    if status
-        == StatusCode::from_u16(shared.opts.fail_status)
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-        && note.contains("injected")
-    {
-        if let Some(secs) = shared.opts.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
-        }
+    let answer = post_events(&body, &shared.state, &shared.opts, key).await;
+    let mut resp = (
+        answer.status,
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.body,
+    )
+        .into_response();
+    if let Some(secs) = answer.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
     }
-    resp.extensions_mut().insert(Note(note));
+    resp.extensions_mut().insert(Note(answer.note));
     resp
 }
 
-async fn post_events(
-    bytes: &[u8],
-    state: &Mutex<State>,
-    opts: &MockOptions,
-    key: &str,
-) -> (StatusCode, String, String) {
+/// What `POST /events` answers.
+struct Answer {
+    status: StatusCode,
+    body: String,
+    /// For the access log.
+    note: String,
+    /// `Retry-After` seconds (injected failures only).
+    retry_after: Option<u64>,
+}
+
+impl Answer {
+    fn new(status: StatusCode, body: serde_json::Value, note: String) -> Answer {
+        Answer {
+            status,
+            body: body.to_string(),
+            note,
+            retry_after: None,
+        }
+    }
+}
+
+async fn post_events(bytes: &[u8], state: &Mutex<State>, opts: &MockOptions, key: &str) -> Answer {
     state.lock().expect("stats lock").stats.requests += 1;
     let raws = match split_body(bytes) {
         Ok(v) => v,
         Err(e) => {
-            return (
+            return Answer::new(
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("expected an event object or an array of events: {e}")}).to_string(),
+                serde_json::json!({"error": format!("expected an event object or an array of events: {e}")}),
                 format!("key={key} invalid body"),
             )
         }
@@ -431,9 +446,9 @@ async fn post_events(
             Ok(id) => events.push((id, raw.get())),
             Err(why) => {
                 state.lock().expect("stats lock").stats.invalid_events += 1;
-                return (
+                return Answer::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    serde_json::json!({"error": format!("an event differs from docs/sinks.md: {why}")}).to_string(),
+                    serde_json::json!({"error": format!("an event differs from docs/sinks.md: {why}")}),
                     format!("key={key} invalid event: {why}"),
                 );
             }
@@ -445,21 +460,38 @@ async fn post_events(
     }
     if faults.fail_rate > 0.0 && rand::random::<f64>() < faults.fail_rate {
         state.lock().expect("stats lock").stats.failures_injected += 1;
-        return (
-            StatusCode::from_u16(opts.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            "{\"error\":\"injected failure\"}".into(),
-            format!("key={key} injected failure"),
-        );
+        return Answer {
+            retry_after: opts.retry_after,
+            ..Answer::new(
+                StatusCode::from_u16(opts.fail_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                serde_json::json!({"error": "injected failure"}),
+                format!("key={key} injected failure"),
+            )
+        };
     }
     let mut st = state.lock().expect("stats lock");
+    // The ids new to this mock go on file before anything is counted: a request that
+    // cannot be recorded is answered 500 and changes nothing.
+    if let Some(f) = st.ids_file.as_ref() {
+        let mut fresh = HashSet::new();
+        let mut lines = String::new();
+        for (id, _) in &events {
+            if !st.seen.contains(id) && fresh.insert(*id) {
+                lines.push_str(&format!("{id}\n"));
+            }
+        }
+        if let Err(e) = (&*f).write_all(lines.as_bytes()) {
+            return Answer::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": format!("cannot write --ids-file: {e}")}),
+                format!("key={key} ids-file error"),
+            );
+        }
+    }
     st.stats.events += events.len() as u64;
-    let mut new_ids = String::new();
     for (id, raw) in &events {
         if st.seen.insert(*id) {
             st.stats.unique_event_ids += 1;
-            if st.ids_file.is_some() {
-                new_ids.push_str(&format!("{id}\n"));
-            }
         } else {
             st.stats.duplicates += 1;
         }
@@ -467,19 +499,9 @@ async fn post_events(
             st.kept.insert(*id, raw.to_string());
         }
     }
-    if let Some(f) = st.ids_file.as_mut() {
-        // Before answering: what the engine hears as accepted is on file.
-        if let Err(e) = f.write_all(new_ids.as_bytes()) {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                serde_json::json!({"error": format!("cannot write --ids-file: {e}")}).to_string(),
-                format!("key={key} ids-file error"),
-            );
-        }
-    }
-    (
+    Answer::new(
         StatusCode::OK,
-        serde_json::json!({"status": "ok", "received": events.len()}).to_string(),
+        serde_json::json!({"status": "ok", "received": events.len()}),
         format!("key={key} received={}", events.len()),
     )
 }

@@ -202,12 +202,9 @@ pub async fn run(
                             busy.0
                         ));
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = shutdown.changed() => break Ok(()),
-                    }
+                } else {
+                    tracing::warn!("{:#}; retrying in {delay:?}", e);
                 }
-                tracing::warn!("{:#}; retrying in {delay:?}", e);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
                     _ = shutdown.changed() => break Ok(()),
@@ -291,16 +288,11 @@ pub async fn run(
     result
 }
 
-/// The type catalog, read again on its own connection.
+/// The type catalog, read again on its own connection (every step of which is bounded).
 async fn reload_catalog(
     pgc: &crate::config::PostgresConfig,
 ) -> anyhow::Result<crate::source::schema::TypeCatalog> {
-    let client = tokio::time::timeout(Duration::from_secs(30), pg::connect(pgc))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from Postgres within 30 s"))??;
-    tokio::time::timeout(Duration::from_secs(30), pg::type_catalog(&client))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer from Postgres within 30 s"))?
+    pg::type_catalog(&pg::connect(pgc).await?).await
 }
 
 /// Connect, check the server's identity, start streaming.
@@ -310,19 +302,18 @@ async fn open_session(
 ) -> Result<ReplicationClient, SessionEnd> {
     // Each step has a limit: a server that accepts and then stops answering is a lost
     // session (retried with backoff), not a hang.
-    let silent = |what: &str| {
-        SessionEnd::Lost(anyhow!(
-            "Postgres did not answer {what} within {} s",
-            pg::QUERY_TIMEOUT.as_secs()
-        ))
-    };
-    let mut client = tokio::time::timeout(pg::QUERY_TIMEOUT, ReplicationClient::connect_gated(rc))
+    let limit = pg::QUERY_TIMEOUT;
+    let mut client = pg::within(
+        limit,
+        "the replication connection's startup",
+        ReplicationClient::connect_gated(rc),
+    )
+    .await
+    .map_err(SessionEnd::Lost)?
+    .map_err(classify)?;
+    let system = pg::within(limit, "IDENTIFY_SYSTEM", client.identify_system())
         .await
-        .map_err(|_| silent("the replication connection's startup"))?
-        .map_err(classify)?;
-    let system = tokio::time::timeout(pg::QUERY_TIMEOUT, client.identify_system())
-        .await
-        .map_err(|_| silent("IDENTIFY_SYSTEM"))?
+        .map_err(SessionEnd::Lost)?
         .map_err(classify)?;
     if system.system_id != identity.system_id {
         return Err(SessionEnd::Fatal(anyhow!(
@@ -330,13 +321,13 @@ async fn open_session(
             system.system_id
         )));
     }
-    tokio::time::timeout(pg::QUERY_TIMEOUT, client.start())
+    pg::within(limit, "START_REPLICATION", client.start())
         .await
-        .map_err(|_| silent("START_REPLICATION"))?
+        .map_err(SessionEnd::Lost)?
         .map_err(classify)?;
-    tokio::time::timeout(pg::QUERY_TIMEOUT, client.wait_started())
+    pg::within(limit, "START_REPLICATION", client.wait_started())
         .await
-        .map_err(|_| silent("START_REPLICATION"))?
+        .map_err(SessionEnd::Lost)?
         .map_err(classify)?;
     Ok(client)
 }

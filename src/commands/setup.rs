@@ -64,8 +64,9 @@ pub async fn setup(config: &Config, opts: SetupOptions) -> anyhow::Result<SetupR
     let tables = pg::check_source_tables(&client, pgc).await?;
     let events = &pgc.events_table;
     let content = &pgc.content_table;
-    let event_ts = &tables.events.type_names[4];
-    let ts_note = match tables.events.at[4].base {
+    use crate::source::schema::EVENT_TS;
+    let event_ts = &tables.events.type_names[EVENT_TS];
+    let ts_note = match tables.events.at[EVENT_TS].base {
         crate::source::schema::Base::Timestamp => format!(
             "; {}.{} is {event_ts}, read in {}",
             events,
@@ -172,23 +173,15 @@ pub async fn setup(config: &Config, opts: SetupOptions) -> anyhow::Result<SetupR
 
     // One replication session: IDENTIFY_SYSTEM, and CREATE_REPLICATION_SLOT with an exported
     // snapshot when the slot is missing. The snapshot lives while this session is idle.
-    let silent = |what: &str| {
-        anyhow!(
-            "Postgres at {} did not answer {what} within {} s; is the server overloaded or stopped?",
-            pg::describe(pgc),
-            pg::QUERY_TIMEOUT.as_secs()
-        )
-    };
-    let mut repl = tokio::time::timeout(
+    let mut repl = pg::within(
         pg::QUERY_TIMEOUT,
+        "the replication connection's startup",
         ReplicationClient::connect_gated(replication_config(pgc)?),
     )
-    .await
-    .map_err(|_| silent("the replication connection's startup"))?
+    .await?
     .map_err(|e| anyhow!("cannot open a replication connection: {e}"))?;
-    let system = tokio::time::timeout(pg::QUERY_TIMEOUT, repl.identify_system())
-        .await
-        .map_err(|_| silent("IDENTIFY_SYSTEM"))?
+    let system = pg::within(pg::QUERY_TIMEOUT, "IDENTIFY_SYSTEM", repl.identify_system())
+        .await?
         .map_err(|e| explain_replication_error(&e, pgc))?;
     let identity = Identity {
         system_id: system.system_id.clone(),
@@ -402,7 +395,7 @@ async fn copy_content(
     .await
     .with_context(|| format!("cannot copy {content}"))?;
     pg::timed(client.batch_execute("COMMIT")).await?;
-    let at = in_select_order(&tables.content_layout());
+    let at = in_select_order(&tables.content.at);
     let mut log = UnfitLog::default();
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {

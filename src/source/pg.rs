@@ -11,8 +11,8 @@ use crate::checks::{redact_url, QualifiedTable};
 use crate::source::config::PostgresConfig;
 use crate::source::connect::PgConnection;
 use crate::source::schema::{
-    locate, CatalogType, ContentLayout, EventLayout, Located, RequiredColumn, TableColumn,
-    TypeCatalog, CATALOG_QUERY,
+    locate, CatalogType, Located, RequiredColumn, TableColumn, TypeCatalog, CATALOG_QUERY,
+    CONTENT_FIELDS, EVENT_FIELDS,
 };
 
 /// Where and as whom we connect, for messages (never the password), with the TLS mode.
@@ -41,13 +41,22 @@ pub async fn timed_for<T>(
     limit: Duration,
     f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> anyhow::Result<T> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(anyhow!(
-            "Postgres did not answer within {} s; is the server overloaded or stopped?",
+    Ok(within(limit, "a query", f).await??)
+}
+
+/// Any step against Postgres (a query, a replication command) with a time limit; the
+/// error names the step. The step's own result is left to the caller to explain.
+pub async fn within<F: std::future::Future>(
+    limit: Duration,
+    what: &str,
+    f: F,
+) -> anyhow::Result<F::Output> {
+    tokio::time::timeout(limit, f).await.map_err(|_| {
+        anyhow!(
+            "Postgres did not answer {what} within {} s; is the server overloaded or stopped?",
             limit.as_secs()
-        )),
-    }
+        )
+    })
 }
 
 /// Connect with `[postgres]`'s TLS settings, spawning the connection task. Errors say what
@@ -261,17 +270,8 @@ pub async fn check_table<const N: usize>(
 /// The source tables as the engine reads them.
 pub struct SourceTables {
     pub catalog: TypeCatalog,
-    pub events: TableLayout<7>,
-    pub content: TableLayout<3>,
-}
-
-impl SourceTables {
-    pub fn event_layout(&self) -> EventLayout {
-        self.events.at
-    }
-    pub fn content_layout(&self) -> ContentLayout {
-        self.content.at
-    }
+    pub events: TableLayout<EVENT_FIELDS>,
+    pub content: TableLayout<CONTENT_FIELDS>,
 }
 
 pub async fn check_source_tables(

@@ -97,34 +97,18 @@ impl Relations {
             })
             .collect();
         let full = format!("{}.{}", rel.namespace, rel.name);
-        let ours = |required: &[RequiredColumn]| {
-            columns
-                .iter()
-                .filter(|c| required.iter().any(|r| r.column == c.name))
-                .map(|c| c.type_oid)
-                .find(|&oid| self.catalog.is_unknown(oid) && !self.looked_up.contains(&oid))
-        };
+        let (catalog, looked_up) = (&self.catalog, &self.looked_up);
         let kind = if rel.namespace == self.events.schema && rel.name == self.events.name {
-            if let Some(oid) = ours(&self.event_columns) {
-                self.pending_type = Some(oid);
-                return Err(RelationError::UnknownType(oid));
-            }
-            RelKind::Events(
-                locate(&full, &self.event_columns, &columns, &self.catalog)
-                    .map_err(RelationError::Refused)?,
-            )
+            layout(&full, &self.event_columns, &columns, catalog, looked_up).map(RelKind::Events)
         } else if rel.namespace == self.content.schema && rel.name == self.content.name {
-            if let Some(oid) = ours(&self.content_columns) {
-                self.pending_type = Some(oid);
-                return Err(RelationError::UnknownType(oid));
-            }
-            RelKind::Content(
-                locate(&full, &self.content_columns, &columns, &self.catalog)
-                    .map_err(RelationError::Refused)?,
-            )
+            layout(&full, &self.content_columns, &columns, catalog, looked_up).map(RelKind::Content)
         } else {
-            RelKind::Other(full)
+            Ok(RelKind::Other(full))
         };
+        if let Err(RelationError::UnknownType(oid)) = &kind {
+            self.pending_type = Some(*oid);
+        }
+        let kind = kind?;
         self.by_id.insert(rel.id, kind);
         Ok(&self.by_id[&rel.id])
     }
@@ -132,6 +116,26 @@ impl Relations {
     pub fn get(&self, id: u32) -> Option<&RelKind> {
         self.by_id.get(&id)
     }
+}
+
+/// Where `required` are in a relation's columns — unless one of them has a type the catalog
+/// does not know yet (and was not looked up again already).
+fn layout<const N: usize>(
+    table: &str,
+    required: &[RequiredColumn; N],
+    columns: &[TableColumn],
+    catalog: &TypeCatalog,
+    looked_up: &HashSet<u32>,
+) -> Result<[Located; N], RelationError> {
+    let new_type = columns
+        .iter()
+        .filter(|c| required.iter().any(|r| r.column == c.name))
+        .map(|c| c.type_oid)
+        .find(|&oid| catalog.is_unknown(oid) && !looked_up.contains(&oid));
+    if let Some(oid) = new_type {
+        return Err(RelationError::UnknownType(oid));
+    }
+    locate(table, required, columns, catalog).map_err(RelationError::Refused)
 }
 
 /// A row's values by position: a pgoutput tuple, or a row read with SQL as text.

@@ -273,6 +273,10 @@ pub struct RequiredColumn {
 
 /// Field order of [`EventLayout`]: id first.
 pub const EVENT_FIELDS: usize = 7;
+/// Positions in [`EventColumns::required`] (and in an [`EventLayout`]) of the two fields
+/// `backfill` pages by.
+pub const EVENT_ID: usize = 0;
+pub const EVENT_TS: usize = 4;
 /// Field order of [`ContentLayout`]: the key first.
 pub const CONTENT_FIELDS: usize = 3;
 

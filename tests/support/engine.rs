@@ -26,11 +26,16 @@ pub struct Run {
 impl Run {
     /// The `error: …` line, which must be the only line on stderr that says error.
     pub fn error_line(&self) -> &str {
-        self.stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or_else(|| panic!("no error line in stderr: {}", self.stderr))
+        error_line_of(&self.stderr)
     }
+}
+
+/// The `error: …` line of a command's or engine's stderr.
+pub fn error_line_of(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in stderr: {stderr}"))
 }
 
 /// Run `engagement-cdc ARGS` with the configuration file and extra environment.

@@ -196,7 +196,7 @@ pub use api::MockApi;
 #[allow(unused_imports)]
 pub use clickhouse::{ClickHouse, ClickHouseCluster};
 #[allow(unused_imports)]
-pub use engine::{bin, cli, cli_with_peak_rss, Engine, Run, Stdout, TestConfig};
+pub use engine::{bin, cli, cli_with_peak_rss, error_line_of, Engine, Run, Stdout, TestConfig};
 #[allow(unused_imports)]
 pub use postgres::{PgOptions, Postgres, PG_BIN};
 #[allow(unused_imports)]
