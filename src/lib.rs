@@ -51,6 +51,7 @@ pub mod commands;
 pub mod config;
 pub mod enrich;
 pub mod error;
+pub mod journal;
 pub(crate) mod ops;
 pub(crate) mod pipeline;
 pub mod sinks;

@@ -67,6 +67,19 @@ enum Command {
         #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         batch_size: u32,
     },
+    /// Re-deliver what the journal still holds to one sink, from an LSN or a commit time (a truncated table, a flushed Redis, a new API endpoint). Safe to repeat, and while the engine runs.
+    #[command(group(clap::ArgGroup::new("from").required(true).args(["from_lsn", "from_time"])))]
+    Replay {
+        /// The sink: clickhouse, redis or http.
+        #[arg(long)]
+        sink: String,
+        /// Events of transactions that committed at or after this LSN (as Postgres writes it, 0/16B3748).
+        #[arg(long, value_parser = lsn_arg)]
+        from_lsn: Option<engagement_cdc::types::Lsn>,
+        /// Events of transactions that committed at or after this time, RFC 3339; without an offset it is UTC.
+        #[arg(long, value_parser = time_arg)]
+        from_time: Option<i64>,
+    },
     /// Insert realistic events into Postgres at a given rate (skewed content popularity, several event types and devices).
     Load {
         /// Events per second; 0 means as fast as possible.
@@ -153,6 +166,10 @@ enum DlqAction {
 
 fn time_arg(s: &str) -> Result<i64, String> {
     commands::backfill::parse_time(s).map_err(|e| e.to_string())
+}
+
+fn lsn_arg(s: &str) -> Result<engagement_cdc::types::Lsn, String> {
+    s.trim().parse()
 }
 
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
@@ -269,6 +286,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 batch_size: batch_size as usize,
             };
             let report = runtime.block_on(commands::backfill::backfill(&config, &opts))?;
+            println!("{report}");
+        }
+        Command::Replay {
+            sink,
+            from_lsn,
+            from_time,
+        } => {
+            let config = load_config(cli.config.as_deref())?;
+            let kinds = engagement_cdc::sinks::SinkKind::parse_list(&sink)?;
+            let [sink] = kinds[..] else {
+                return Err(engagement_cdc::error::UsageError::new(format!(
+                    "--sink takes one sink (clickhouse, redis or http), not {sink:?}"
+                ))
+                .into());
+            };
+            let from = match (from_lsn, from_time) {
+                (Some(l), _) => commands::replay::From::Lsn(l),
+                (None, Some(t)) => commands::replay::From::Time(t),
+                (None, None) => {
+                    return Err(engagement_cdc::error::UsageError::new(
+                        "replay needs --from-lsn LSN or --from-time TIME",
+                    )
+                    .into())
+                }
+            };
+            let opts = commands::replay::ReplayOptions { sink, from };
+            let report = runtime.block_on(commands::replay::replay(&config, &opts))?;
             println!("{report}");
         }
         Command::Load {

@@ -25,6 +25,13 @@ impl FromStr for Lsn {
     }
 }
 
+/// Serialized as Postgres writes it (`"0/16B3748"`), as `/status` shows LSNs.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl From<pgwire_replication::Lsn> for Lsn {
     fn from(l: pgwire_replication::Lsn) -> Self {
         Lsn(l.0)

@@ -5,6 +5,7 @@ pub mod backfill;
 pub mod dlq;
 pub mod load;
 pub mod mock_api;
+pub mod replay;
 pub mod run;
 pub mod setup;
 pub mod status;

@@ -13,7 +13,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, AbortOnDrop, EngineState};
-use crate::pipeline::Pipeline;
+use crate::journal;
+use crate::pipeline::{JournalParts, Pipeline};
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
 use crate::source::replication_config;
@@ -141,12 +142,14 @@ pub async fn run(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let journal = open_journal(config, &store, checkpoint, &sinks)?;
     let mut pipeline = Pipeline::start(
         sinks,
         Arc::new(store.clone()),
         metrics.clone(),
         checkpoint,
         config.pipeline.max_batch_rows,
+        journal,
     );
     let mut source = Source {
         relations: Relations::new(
@@ -286,6 +289,67 @@ pub async fn run(
     };
     pipeline.close(Duration::from_secs(5)).await;
     result
+}
+
+/// The journal and each sink's cursor in it; `None` when `journal.max_bytes = 0`, which
+/// is refused while the journal still holds batches an enabled sink has not received.
+fn open_journal(
+    config: &Config,
+    store: &StateStore,
+    checkpoint: Lsn,
+    sinks: &[Box<dyn crate::sinks::Sink>],
+) -> anyhow::Result<Option<JournalParts>> {
+    let dir = journal::dir(&config.state.dir);
+    let saved = store.cursors()?;
+    let saved = |name: &str| saved.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+    if !config.journal.enabled() {
+        let (summary, _) = journal::scan(&dir, 0)?;
+        if summary.segments > 0 {
+            for s in sinks {
+                let cursor = saved(s.name()).unwrap_or(0);
+                if cursor < summary.last_seq {
+                    bail!(crate::error::UsageError::new(format!(
+                        "journal.max_bytes = 0, but the journal in {} holds batches the {} sink has not received ({} after its cursor {cursor}); run with the journal on until `engagement-cdc status` shows it caught up, then turn it off",
+                        dir.display(),
+                        s.name(),
+                        summary.last_seq - cursor
+                    )));
+                }
+            }
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove the journal {}", dir.display()))?;
+            store.clear_cursors()?;
+            tracing::info!("journal off: removed {} (every sink had received it)", dir.display());
+        }
+        return Ok(None);
+    }
+    let writer = journal::Writer::open(&dir, &config.journal, checkpoint)?;
+    let summary = writer.summary();
+    let last = writer.last_seq();
+    // Batches before the first segment were deleted only once every sink had them.
+    let floor = summary.first_seq.map_or(last, |f| f - 1);
+    let cursors = sinks
+        .iter()
+        .map(|s| match saved(s.name()) {
+            Some(c) => c.clamp(floor, last),
+            // A sink new to this state directory starts at the end, as without a journal.
+            None => last,
+        })
+        .collect();
+    tracing::info!(
+        "journal: {} bytes in {} segments (batches {}..={last}, budget {} bytes, retain {})",
+        summary.bytes,
+        summary.segments,
+        summary.first_seq.unwrap_or(last + 1),
+        summary.max_bytes,
+        config.journal.retain
+    );
+    Ok(Some(JournalParts {
+        writer,
+        dir,
+        cursors,
+        cursor_store: Arc::new(store.clone()),
+    }))
 }
 
 /// The type catalog, read again on its own connection (every step of which is bounded).

@@ -20,6 +20,7 @@ pub use crate::checks::{
 };
 use crate::error::UsageError;
 pub use crate::ops::config::ServerConfig;
+pub use crate::journal::JournalConfig;
 pub use crate::pipeline::config::PipelineConfig;
 pub use crate::sinks::clickhouse::ClickHouseConfig;
 pub use crate::sinks::http::{HttpConfig, HttpMode, OnFailure};
@@ -41,6 +42,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub state: StateConfig,
     pub pipeline: PipelineConfig,
+    pub journal: JournalConfig,
     /// `None` when the section is absent: the sink is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clickhouse: Option<ClickHouseConfig>,
@@ -59,6 +61,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             state: StateConfig::default(),
             pipeline: PipelineConfig::default(),
+            journal: JournalConfig::default(),
             clickhouse: None,
             redis: None,
             http: None,
@@ -199,6 +202,7 @@ impl Config {
             0,
             60_000,
         )?;
+        self.journal.validate()?;
         if let Some(ch) = &self.clickhouse {
             ch.validate()?;
         }

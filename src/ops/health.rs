@@ -190,3 +190,122 @@ mod tests {
         assert_eq!(board.snapshot()["http"].state, SinkState::Failed);
     }
 }
+
+/// The journal's extent and each sink's cursor, for `/metrics`, `/status` and the
+/// dashboard.
+#[derive(Debug, Default)]
+pub struct JournalGauges {
+    bytes: Gauge,
+    max_bytes: Gauge,
+    full: Gauge,
+    last_seq: Gauge,
+    behind: Family<SinkLabel, Gauge>,
+    state: Mutex<JournalState>,
+}
+
+#[derive(Debug, Default)]
+struct JournalState {
+    on: bool,
+    summary: crate::journal::Summary,
+    full: bool,
+    cursors: BTreeMap<String, CursorInfo>,
+}
+
+/// Where a sink is in the journal.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CursorInfo {
+    /// The last batch it received.
+    pub seq: u64,
+    /// Commit LSN and time of the last event it received.
+    pub lsn: Option<String>,
+    pub commit_time: Option<String>,
+}
+
+impl JournalGauges {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "journal_bytes",
+            "Bytes the journal holds on disk",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "journal_max_bytes",
+            "The journal's budget (journal.max_bytes; 0: off)",
+            self.max_bytes.clone(),
+        );
+        registry.register(
+            "journal_full",
+            "1 while the journal's budget is spent by what a sink has not received: the slot is held for it",
+            self.full.clone(),
+        );
+        registry.register(
+            "journal_last_batch",
+            "Sequence number of the last batch in the journal",
+            self.last_seq.clone(),
+        );
+        registry.register(
+            "journal_sink_behind_batches",
+            "Batches in the journal a sink has not received yet",
+            self.behind.clone(),
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JournalState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_summary(&self, summary: crate::journal::Summary, full: bool) {
+        self.bytes.set(summary.bytes as i64);
+        self.max_bytes.set(summary.max_bytes as i64);
+        self.full.set(i64::from(full));
+        self.last_seq.set(summary.last_seq as i64);
+        let mut st = self.lock();
+        st.on = true;
+        for (name, c) in &st.cursors {
+            self.behind
+                .get_or_create(&SinkLabel { sink: name.clone() })
+                .set(summary.last_seq.saturating_sub(c.seq) as i64);
+        }
+        st.summary = summary;
+        st.full = full;
+    }
+
+    /// A sink received everything up to batch `seq`, whose last event committed at `lsn`.
+    pub fn cursor(&self, sink: &str, seq: u64, lsn: crate::types::Lsn, commit_us: i64) {
+        let mut st = self.lock();
+        let last = st.summary.last_seq.max(seq);
+        self.behind
+            .get_or_create(&SinkLabel { sink: sink.into() })
+            .set(last.saturating_sub(seq) as i64);
+        st.cursors.insert(
+            sink.to_string(),
+            CursorInfo {
+                seq,
+                lsn: (lsn.0 > 0).then(|| lsn.to_string()),
+                commit_time: (commit_us > 0).then(|| crate::enrich::rfc3339_us(commit_us)),
+            },
+        );
+    }
+
+    /// `/status`'s `journal`: `null` while the journal is off.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let st = self.lock();
+        if !st.on {
+            return serde_json::Value::Null;
+        }
+        let s = &st.summary;
+        serde_json::json!({
+            "bytes": s.bytes,
+            "max_bytes": s.max_bytes,
+            "segments": s.segments,
+            "full": st.full,
+            "first_batch": s.first_seq,
+            "last_batch": s.last_seq,
+            "first_lsn": s.first_lsn.map(|l| l.to_string()),
+            "last_lsn": s.last_lsn.map(|l| l.to_string()),
+            "first_commit_time": s.first_commit_us.map(crate::enrich::rfc3339_us),
+            "last_commit_time": s.last_commit_us.map(crate::enrich::rfc3339_us),
+            "cursors": st.cursors,
+        })
+    }
+}

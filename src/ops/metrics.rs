@@ -104,6 +104,8 @@ pub struct Metrics {
     pub top_content: super::health::TopContent,
     /// The slot's lag and retained WAL.
     pub slot: super::health::SlotGauges,
+    /// The journal and each sink's place in it.
+    pub journal: super::health::JournalGauges,
     registry: Registry,
 }
 
@@ -148,6 +150,8 @@ impl Default for Metrics {
         // Healthy until a read says otherwise, so the first bad one is a change (and logged).
         slot.wal_ok.set(1);
         slot.register(&mut registry);
+        let journal = super::health::JournalGauges::default();
+        journal.register(&mut registry);
         let last_commit_us = Arc::new(AtomicI64::new(0));
         registry.register(
             "last_commit_timestamp_seconds",
@@ -159,6 +163,7 @@ impl Default for Metrics {
             health,
             top_content: Default::default(),
             slot,
+            journal,
             checkpoint_lsn,
             server_wal_end,
             last_commit_us,

@@ -105,6 +105,7 @@ impl EngineState {
             "not_streaming_reason": self.not_streaming_reason.lock().map(|r| r.clone()).unwrap_or(None),
             "sinks": m.health.snapshot(),
             "slot_health": self.slot_health.lock().map(|v| v.clone()).unwrap_or_default(),
+            "journal": m.journal.snapshot(),
             "top_content_10m": m.top_content.get(),
             "checkpoint_bytes": m.checkpoint_lsn.load(Ordering::Relaxed),
             "server_wal_end_bytes": m.server_wal_end.load(Ordering::Relaxed),

@@ -20,18 +20,21 @@
 //! prefix that every sink acked is durable, and the checkpoint moves to the last commit in
 //! it, written to sled with that prefix's dimension changes before Postgres hears of it.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::enrich::{DimChange, EnrichedEvent};
 use crate::ops::metrics::Histogram;
 use crate::ops::metrics::Metrics;
-use crate::sinks::Sink;
-use crate::state::CheckpointStore;
+use crate::journal;
+use crate::sinks::{Sink, SinkError};
+use crate::state::{CheckpointStore, CursorStore};
 use crate::types::Lsn;
 
 pub mod config;
@@ -54,6 +57,8 @@ pub struct Batch {
     pub last_commit_us: Option<i64>,
     /// Dimension changes of the transactions that committed in this batch, in order.
     pub dim_changes: Vec<DimChange>,
+    /// Budget permits it holds while in memory.
+    pub permits: usize,
 }
 
 impl Batch {
@@ -76,22 +81,73 @@ pub(super) struct Registration {
     /// Sent to no sink: done as soon as everything before it is.
     marker: bool,
     events: usize,
-    /// Budget permits the batch holds until it is durable.
-    permits: usize,
     commit_end: Option<Lsn>,
     last_commit_us: Option<i64>,
     dim_changes: Vec<DimChange>,
 }
 
+/// The journal's part in a pipeline (docs/architecture.md, "The journal").
+pub struct JournalParts {
+    pub writer: journal::Writer,
+    pub dir: PathBuf,
+    /// Each sink's cursor (the last batch it received), in the order of the sinks.
+    pub cursors: Vec<u64>,
+    /// Where the cursors are kept.
+    pub cursor_store: Arc<dyn CursorStore>,
+}
+
+/// The batches held in memory, shared by the source (which adds) and the sinks (which read
+/// at their own pace); the tracker drops what is no longer needed there.
+#[derive(Default)]
+pub(super) struct Hub {
+    state: Mutex<HubState>,
+    /// A batch was added, or the pipeline closed.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct HubState {
+    batches: VecDeque<Arc<Batch>>,
+    /// The last sequence number dropped from memory: a sink behind it reads the journal.
+    dropped_through: u64,
+    /// Events held.
+    events: usize,
+    closed: bool,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drop front batches while `drop` says so; returns the permits they held.
+    pub(super) fn drop_front(&self, mut drop: impl FnMut(&Batch, usize) -> bool) -> usize {
+        let mut st = self.lock();
+        let mut permits = 0;
+        while let Some(front) = st.batches.front() {
+            if !drop(front, st.events) {
+                break;
+            }
+            let front = st.batches.pop_front().expect("front");
+            st.events -= front.events.len();
+            st.dropped_through = front.seq;
+            permits += front.permits;
+        }
+        permits
+    }
+}
+
 pub struct Pipeline {
-    senders: Vec<mpsc::Sender<Arc<Batch>>>,
+    hub: Arc<Hub>,
+    journal_tx: Option<mpsc::UnboundedSender<Arc<Batch>>>,
     register: mpsc::UnboundedSender<Registration>,
     progress: watch::Receiver<Progress>,
     failures: mpsc::UnboundedReceiver<anyhow::Error>,
     tasks: JoinSet<()>,
     last_seq: u64,
     metrics: Arc<Metrics>,
-    /// Permits are events in flight; the tracker returns them when a batch is durable.
+    /// Permits are events held in memory; the tracker returns them when a batch is dropped
+    /// from memory (durable and received by every sink, or journaled).
     budget: Arc<Semaphore>,
     budget_size: usize,
 }
@@ -103,6 +159,7 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         checkpoint: Lsn,
         max_batch_rows: usize,
+        journal: Option<JournalParts>,
     ) -> Pipeline {
         let budget_size = IN_FLIGHT_BATCHES * max_batch_rows.max(1000);
         let budget = Arc::new(Semaphore::new(budget_size));
@@ -113,109 +170,99 @@ impl Pipeline {
             done_seq: 0,
             checkpoint,
         });
-        let mut tasks = JoinSet::new();
-        let mut senders = Vec::new();
         let n = sinks.len();
-        for (index, mut sink) in sinks.into_iter().enumerate() {
-            // The budget bounds what the queue can hold.
-            let (tx, mut rx) = mpsc::channel::<Arc<Batch>>(budget_size);
-            senders.push(tx);
-            let ack = ack_tx.clone();
+        let names: Vec<&'static str> = sinks.iter().map(|s| s.name()).collect();
+        // Sequence numbers go on from the journal's last batch, so cursors stay valid.
+        let first_seq = journal.as_ref().map_or(0, |j| j.writer.last_seq());
+        let hub = Arc::new(Hub {
+            state: Mutex::new(HubState {
+                dropped_through: first_seq,
+                ..HubState::default()
+            }),
+            changed: Notify::new(),
+        });
+        let (journaled_tx, journaled_rx) = watch::channel(first_seq);
+        let mut tasks = JoinSet::new();
+        let cursors: Vec<u64> = match &journal {
+            Some(j) => j.cursors.clone(),
+            None => vec![first_seq; n],
+        };
+        let journal_dir = journal.as_ref().map(|j| j.dir.clone());
+        for (index, sink) in sinks.into_iter().enumerate() {
+            let task = SinkTask {
+                index,
+                sink,
+                hub: hub.clone(),
+                cursor: cursors[index],
+                reader: journal_dir.as_deref().map(journal::Reader::new),
+                journaled: journaled_rx.clone(),
+                write_limit: 0,
+                ack: ack_tx.clone(),
+                metrics: metrics.clone(),
+            };
             let fail = fail_tx.clone();
-            let latency = metrics.latency(sink.name());
-            let write_limit = sink.write_limit(max_batch_rows).max(1);
             tasks.spawn(async move {
-                let mut idle = tokio::time::interval(Duration::from_secs(1));
-                idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut last_write = tokio::time::Instant::now();
-                loop {
-                    tokio::select! {
-                        batch = rx.recv() => {
-                            let Some(first) = batch else { break };
-                            // Take what else is waiting, up to the sink's write limit; a sink
-                            // that lingers waits a little for more.
-                            let mut n = first.events.len();
-                            let mut group = vec![first];
-                            let linger_until = last_write + sink.linger();
-                            loop {
-                                if n >= write_limit {
-                                    break;
-                                }
-                                match rx.try_recv() {
-                                    Ok(b) => {
-                                        n += b.events.len();
-                                        group.push(b);
-                                        continue;
-                                    }
-                                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                                    Err(mpsc::error::TryRecvError::Empty) => {}
-                                }
-                                if tokio::time::Instant::now() >= linger_until {
-                                    break;
-                                }
-                                match tokio::time::timeout_at(linger_until, rx.recv()).await {
-                                    Ok(Some(b)) => {
-                                        n += b.events.len();
-                                        group.push(b);
-                                    }
-                                    _ => break,
-                                }
-                            }
-                            last_write = tokio::time::Instant::now();
-                            let events: Vec<&EnrichedEvent> =
-                                group.iter().flat_map(|b| b.events.iter()).collect();
-                            if let Err(e) = sink.deliver(&events).await {
-                                let _ = fail.send(anyhow!("{} sink failed: {e}", sink.name()));
-                                break;
-                            }
-                            record_latency(&latency, &events);
-                            let last = group.last().expect("a batch").seq;
-                            let _ = ack.send((index, last));
-                            idle.reset();
-                        }
-                        _ = idle.tick() => {
-                            if let Err(e) = sink.idle().await {
-                                let _ = fail.send(anyhow!("{} sink failed: {e}", sink.name()));
-                                break;
-                            }
-                        }
-                    }
+                let name = task.sink.name();
+                if let Err(e) = task.run(max_batch_rows).await {
+                    let _ = fail.send(anyhow!("{name} sink failed: {e}"));
                 }
             });
         }
+        let (delivered_tx, delivered_rx) = watch::channel(cursors.iter().copied().min().unwrap_or(first_seq));
+        let (journal_tx, cursor_store) = match journal {
+            Some(j) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let fail = fail_tx.clone();
+                let ack = ack_tx.clone();
+                let m = metrics.clone();
+                tasks.spawn(async move {
+                    if let Err(e) =
+                        journal_task(j.writer, rx, ack, n, delivered_rx, journaled_tx, m).await
+                    {
+                        let _ = fail.send(e);
+                    }
+                });
+                (Some(tx), Some(j.cursor_store))
+            }
+            None => (None, None),
+        };
         drop(ack_tx);
-        let tracker_metrics = metrics.clone();
-        let tracker_budget = budget.clone();
+        let t = tracker::Tracker {
+            sinks: n,
+            names,
+            journaled: first_seq,
+            store,
+            cursor_store,
+            progress_tx,
+            metrics: metrics.clone(),
+            budget: budget.clone(),
+            budget_size,
+            hub: hub.clone(),
+            delivered_tx,
+            acked: cursors,
+        };
         tasks.spawn(async move {
-            if let Err(e) = tracker::track(
-                n,
-                reg_rx,
-                ack_rx,
-                store,
-                progress_tx,
-                tracker_metrics,
-                tracker_budget,
-            )
-            .await
-            {
+            if let Err(e) = t.track(reg_rx, ack_rx).await {
                 let _ = fail_tx.send(e);
             }
         });
         Pipeline {
-            senders,
+            hub,
+            journal_tx,
             register,
             progress,
             failures,
             tasks,
-            last_seq: 0,
+            last_seq: first_seq,
             metrics,
             budget,
             budget_size,
         }
     }
 
-    /// Hand a batch to every sink, waiting while a sink's queue is full. A batch without
-    /// events becomes a marker (its commit and dimension changes still count).
+    /// Hand a batch to every sink (and the journal), waiting while the in-flight budget is
+    /// spent. A batch without events becomes a marker (its commit and dimension changes
+    /// still count).
     pub async fn send(&mut self, mut batch: Batch) -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
@@ -239,12 +286,12 @@ impl Pipeline {
         }
         self.last_seq += 1;
         batch.seq = self.last_seq;
+        batch.permits = want;
         self.register
             .send(Registration {
                 seq: batch.seq,
                 marker,
                 events: batch.events.len(),
-                permits: want,
                 commit_end: batch.commit_end,
                 last_commit_us: batch.last_commit_us,
                 dim_changes: std::mem::take(&mut batch.dim_changes),
@@ -255,18 +302,17 @@ impl Pipeline {
         }
         self.metrics.counters.batches.inc();
         let batch = Arc::new(batch);
-        for tx in &self.senders {
-            tokio::select! {
-                sent = tx.send(batch.clone()) => {
-                    if sent.is_err() {
-                        return Err(self.failure().await);
-                    }
-                }
-                e = self.failures.recv() => {
-                    return Err(e.unwrap_or_else(|| anyhow!("the pipeline stopped")));
-                }
+        if let Some(tx) = &self.journal_tx {
+            if tx.send(batch.clone()).is_err() {
+                return Err(self.failure().await);
             }
         }
+        {
+            let mut st = self.hub.lock();
+            st.events += batch.events.len();
+            st.batches.push_back(batch);
+        }
+        self.hub.changed.notify_waiters();
         Ok(())
     }
 
@@ -279,7 +325,6 @@ impl Pipeline {
                 seq: self.last_seq,
                 marker: true,
                 events: 0,
-                permits: 0,
                 commit_end: Some(lsn),
                 last_commit_us: None,
                 dim_changes: Vec::new(),
@@ -296,7 +341,8 @@ impl Pipeline {
         self.progress.clone()
     }
 
-    /// Wait until everything sent so far is durable, or a sink fails.
+    /// Wait until everything sent so far is durable (journaled, or with the journal off
+    /// received by every sink), or a sink fails.
     pub async fn drain(&mut self) -> anyhow::Result<Progress> {
         let target = self.last_seq;
         let mut progress = self.progress.clone();
@@ -316,11 +362,14 @@ impl Pipeline {
             .unwrap_or_else(|| anyhow!("the pipeline stopped"))
     }
 
-    /// Stop the sink tasks after they delivered what they hold, then the tracker; what is
-    /// still running after `grace` (a sink that does not answer) is aborted — it was not
-    /// checkpointed, so it is read again at the next start.
+    /// Stop the sink tasks after they delivered what memory holds, then the journal and the
+    /// tracker; what is still running after `grace` (a sink that does not answer) is
+    /// aborted — it was not checkpointed (or its cursor not moved), so it is read again at
+    /// the next start.
     pub async fn close(mut self, grace: Duration) {
-        self.senders.clear();
+        self.journal_tx = None;
+        self.hub.lock().closed = true;
+        self.hub.changed.notify_waiters();
         drop(self.register);
         let joined = tokio::time::timeout(grace, async {
             while self.tasks.join_next().await.is_some() {}
@@ -329,6 +378,247 @@ impl Pipeline {
         if joined.is_err() {
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
+        }
+    }
+}
+
+/// One sink's task: reads batches after its cursor, from memory or (when it fell behind
+/// what memory holds) from the journal, and acks each write.
+struct SinkTask {
+    index: usize,
+    sink: Box<dyn Sink>,
+    hub: Arc<Hub>,
+    cursor: u64,
+    reader: Option<journal::Reader>,
+    journaled: watch::Receiver<u64>,
+    write_limit: usize,
+    ack: mpsc::UnboundedSender<(usize, u64)>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a sink task found to do.
+enum Next {
+    Write(Vec<Arc<Batch>>),
+    /// Behind memory: read the journal.
+    Journal,
+    Wait,
+    Closed,
+}
+
+impl SinkTask {
+    async fn run(mut self, max_batch_rows: usize) -> Result<(), SinkError> {
+        self.write_limit = self.sink.write_limit(max_batch_rows).max(1);
+        let latency = self.metrics.latency(self.sink.name());
+        let mut idle = tokio::time::interval(Duration::from_secs(1));
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_write = tokio::time::Instant::now();
+        let hub = self.hub.clone();
+        loop {
+            let changed = hub.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let group = match self.take(self.write_limit) {
+                Next::Write(mut group) => {
+                    // A sink that lingers waits a little for more.
+                    let linger_until = last_write + self.sink.linger();
+                    let mut n: usize = group.iter().map(|b| b.events.len()).sum();
+                    while n < self.write_limit && tokio::time::Instant::now() < linger_until {
+                        let more = hub.changed.notified();
+                        tokio::pin!(more);
+                        more.as_mut().enable();
+                        let after = group.last().map_or(self.cursor, |b| b.seq);
+                        match self.take_after(after, self.write_limit - n) {
+                            Next::Write(m) => {
+                                n += m.iter().map(|b| b.events.len()).sum::<usize>();
+                                group.extend(m);
+                                continue;
+                            }
+                            Next::Wait => {}
+                            _ => break,
+                        }
+                        if tokio::time::timeout_at(linger_until, more).await.is_err() {
+                            break;
+                        }
+                    }
+                    group
+                }
+                Next::Journal => self.read_journal().await?,
+                Next::Closed => return Ok(()),
+                Next::Wait => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = idle.tick() => self.sink.idle().await?,
+                    }
+                    continue;
+                }
+            };
+            if group.is_empty() {
+                // The journal has not caught up with what memory dropped: wait for it.
+                let mut journaled = self.journaled.clone();
+                let cursor = self.cursor;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    journaled.wait_for(|j| *j > cursor),
+                )
+                .await;
+                continue;
+            }
+            last_write = tokio::time::Instant::now();
+            let events: Vec<&EnrichedEvent> = group.iter().flat_map(|b| b.events.iter()).collect();
+            self.sink.deliver(&events).await?;
+            record_latency(&latency, &events);
+            let last = group.last().expect("a batch");
+            self.cursor = last.seq;
+            if let Some(e) = events.last() {
+                self.metrics
+                    .journal
+                    .cursor(self.sink.name(), last.seq, e.source_lsn, e.commit_us);
+            }
+            let _ = self.ack.send((self.index, last.seq));
+            idle.reset();
+        }
+    }
+
+    fn take(&self, max_events: usize) -> Next {
+        self.take_after(self.cursor, max_events)
+    }
+
+    /// Batches after `after` from memory, up to `max_events` (at least one).
+    fn take_after(&self, after: u64, max_events: usize) -> Next {
+        let st = self.hub.lock();
+        if after < st.dropped_through {
+            return Next::Journal;
+        }
+        let start = st.batches.partition_point(|b| b.seq <= after);
+        let mut group = Vec::new();
+        let mut n = 0;
+        for b in st.batches.range(start..) {
+            if n >= max_events && !group.is_empty() {
+                break;
+            }
+            n += b.events.len();
+            group.push(b.clone());
+        }
+        if !group.is_empty() {
+            Next::Write(group)
+        } else if st.closed {
+            Next::Closed
+        } else {
+            Next::Wait
+        }
+    }
+
+    /// Up to a write's worth of batches after the cursor from the journal.
+    async fn read_journal(&mut self) -> Result<Vec<Arc<Batch>>, SinkError> {
+        let Some(mut reader) = self.reader.take() else {
+            return Err(SinkError::permanent(
+                "a sink fell behind what memory holds with the journal off; this is a bug",
+            ));
+        };
+        let (after, up_to, limit) = (self.cursor, *self.journaled.borrow(), self.write_limit);
+        let (reader, read) = tokio::task::spawn_blocking(move || {
+            let r = reader.read(after, up_to, limit);
+            (reader, r)
+        })
+        .await
+        .map_err(|e| SinkError::permanent(format!("the journal reader stopped: {e}")))?;
+        self.reader = Some(reader);
+        let records = read.map_err(|e| SinkError::permanent(format!("{e:#}")))?;
+        Ok(records
+            .into_iter()
+            .map(|r| {
+                Arc::new(Batch {
+                    seq: r.seq,
+                    events: r.events,
+                    commit_end: r.commit_end,
+                    last_commit_us: r.last_commit_us,
+                    dim_changes: Vec::new(),
+                    permits: 0,
+                })
+            })
+            .collect())
+    }
+}
+
+/// Append every batch to the journal, fsync, and ack it (as sink `index`): the checkpoint
+/// may then move past it. When the budget is spent by what a sink has not received, wait
+/// (the slot is held) and say so.
+async fn journal_task(
+    mut writer: journal::Writer,
+    mut rx: mpsc::UnboundedReceiver<Arc<Batch>>,
+    ack: mpsc::UnboundedSender<(usize, u64)>,
+    index: usize,
+    mut delivered: watch::Receiver<u64>,
+    journaled: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let gauges = &metrics.journal;
+    gauges.set_summary(writer.summary(), false);
+    let mut full_since: Option<std::time::Instant> = None;
+    let mut last_upkeep = std::time::Instant::now();
+    loop {
+        let first = tokio::select! {
+            b = rx.recv() => b,
+            // Retention runs while the stream is idle too.
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                let d = *delivered.borrow();
+                let _ = writer.room(d, 0, crate::enrich::now_us());
+                gauges.set_summary(writer.summary(), full_since.is_some());
+                continue;
+            }
+        };
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let mut group = vec![first];
+        while let Ok(b) = rx.try_recv() {
+            group.push(b);
+        }
+        let need = writer.encode(
+            group
+                .iter()
+                .map(|b| (b.seq, b.commit_end, b.last_commit_us, b.events.as_slice())),
+        );
+        loop {
+            let d = *delivered.borrow_and_update();
+            match writer.room(d, need, crate::enrich::now_us()) {
+                Ok(()) => break,
+                Err(full) => {
+                    if full_since.is_none() {
+                        full_since = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            "journal: the budget (journal.max_bytes = {}) is spent by batches a sink has not received (from batch {}); holding the replication slot until it catches up — see `engagement-cdc status`",
+                            writer.summary().max_bytes,
+                            full.waiting_for
+                        );
+                        gauges.set_summary(writer.summary(), true);
+                    }
+                    if delivered.changed().await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if let Some(since) = full_since.take() {
+            tracing::info!(
+                "journal: room again after {:.1} s; the slot advances with the journal",
+                since.elapsed().as_secs_f64()
+            );
+        }
+        let (w, written) = tokio::task::spawn_blocking(move || {
+            let r = writer.write_encoded();
+            (writer, r)
+        })
+        .await
+        .map_err(|_| anyhow!("the journal writer stopped"))?;
+        writer = w;
+        written?;
+        let last = group.last().expect("a batch").seq;
+        journaled.send_replace(last);
+        let _ = ack.send((index, last));
+        if last_upkeep.elapsed() >= Duration::from_secs(1) {
+            last_upkeep = std::time::Instant::now();
+            gauges.set_summary(writer.summary(), false);
         }
     }
 }

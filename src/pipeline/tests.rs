@@ -51,6 +51,7 @@ fn batch(ids: &[i64], commit: Option<u64>, changes: Vec<DimChange>) -> Batch {
         commit_end: commit.map(Lsn),
         last_commit_us: commit.map(|c| c as i64),
         dim_changes: changes,
+        permits: 0,
     }
 }
 
@@ -79,6 +80,7 @@ async fn the_checkpoint_follows_the_slowest_sink_and_carries_the_dimension() {
         Arc::new(Metrics::default()),
         Lsn(10),
         100,
+        None,
     );
     let row = ContentRow {
         content_id: 9,
@@ -126,4 +128,139 @@ async fn the_checkpoint_follows_the_slowest_sink_and_carries_the_dimension() {
     assert_eq!(marked.checkpoint, Lsn(40));
     assert!(!p.in_flight());
     p.close(Duration::from_secs(5)).await;
+}
+
+fn journal_parts(state: &std::path::Path, store: &StateStore, checkpoint: Lsn) -> JournalParts {
+    let dir = crate::journal::dir(state);
+    let cfg = crate::journal::JournalConfig::default();
+    let writer = crate::journal::Writer::open(&dir, &cfg, checkpoint).unwrap();
+    let last = writer.last_seq();
+    let saved = store.cursors().unwrap();
+    let cursors = ["gated", "slow"]
+        .iter()
+        .map(|n| {
+            saved
+                .iter()
+                .find(|(s, _)| s == n)
+                .map_or(last, |(_, c)| *c)
+        })
+        .collect();
+    JournalParts {
+        writer,
+        dir,
+        cursors,
+        cursor_store: Arc::new(store.clone()),
+    }
+}
+
+/// A gated sink under another name, so the two have cursors of their own.
+struct SlowSink(GatedSink);
+
+impl Sink for SlowSink {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        self.0.deliver(events)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_journal_a_dead_sink_holds_neither_the_checkpoint_nor_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let fast_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slow_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dead = Arc::new(Gate::new(0));
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(GatedSink {
+            gate: Arc::new(Gate::new(100_000)),
+            seen: fast_seen.clone(),
+        }),
+        Box::new(SlowSink(GatedSink {
+            gate: dead.clone(),
+            seen: slow_seen.clone(),
+        })),
+    ];
+    // Batches of 1000 rows: the budget is 8000 events in memory, 4000 once journaled.
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        1000,
+        Some(journal_parts(dir.path(), &store, Lsn(10))),
+    );
+    // 30,000 events while the slow sink writes nothing: far past the memory budget.
+    for b in 0..30i64 {
+        let ids: Vec<i64> = (b * 1000 + 1..=b * 1000 + 1000).collect();
+        p.send(batch(&ids, Some(100 + b as u64), vec![])).await.unwrap();
+    }
+    let done = tokio::time::timeout(Duration::from_secs(30), p.drain())
+        .await
+        .expect("the checkpoint moves with the journal, not with the dead sink")
+        .unwrap();
+    assert_eq!(done.checkpoint, Lsn(129));
+    assert_eq!(store.checkpoint().unwrap(), Lsn(129));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while fast_seen.lock().unwrap().len() < 30_000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the live sink received everything");
+    assert!(slow_seen.lock().unwrap().is_empty());
+    p.close(Duration::from_secs(1)).await;
+    let cursors = store.cursors().unwrap();
+    assert!(cursors.contains(&("gated".into(), 30)), "{cursors:?}");
+    assert!(cursors.contains(&("slow".into(), 0)), "{cursors:?}");
+
+    // Restarted: the slow sink now writes and drains the journal in order from its cursor;
+    // the fast one receives nothing again.
+    dead.add_permits(1_000_000);
+    let fast_again = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(GatedSink {
+            gate: Arc::new(Gate::new(100_000)),
+            seen: fast_again.clone(),
+        }),
+        Box::new(SlowSink(GatedSink {
+            gate: dead.clone(),
+            seen: slow_seen.clone(),
+        })),
+    ];
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(129),
+        1000,
+        Some(journal_parts(dir.path(), &store, Lsn(129))),
+    );
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while slow_seen.lock().unwrap().len() < 30_000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the slow sink drained the journal");
+    assert_eq!(*slow_seen.lock().unwrap(), (1..=30_000).collect::<Vec<i64>>());
+    // New batches go on after the journal's last one, to both.
+    p.send(batch(&[30_001], Some(200), vec![])).await.unwrap();
+    p.drain().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while slow_seen.lock().unwrap().len() < 30_001 || fast_again.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(*fast_again.lock().unwrap(), [30_001]);
+    p.close(Duration::from_secs(1)).await;
+    let cursors = store.cursors().unwrap();
+    assert!(cursors.contains(&("slow".into(), 31)), "{cursors:?}");
 }

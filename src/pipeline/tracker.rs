@@ -1,7 +1,9 @@
-//! The ack tracker: sees every batch registered in order and every sink's acks (each sink
-//! acks in order); the longest prefix that every sink acked is durable, and the checkpoint
-//! moves to the last commit in it, stored with that prefix's dimension changes before
-//! Postgres hears of it.
+//! The ack tracker: sees every batch registered in order and every ack (each sink and the
+//! journal ack in order). Without the journal, the longest prefix that every sink acked is
+//! durable; with it, the longest prefix the journal holds. The checkpoint moves to the last
+//! commit in that prefix, stored with the prefix's dimension changes before Postgres hears
+//! of it. The tracker also drops from memory what no sink needs there any more (returning
+//! the budget), and keeps each sink's cursor in the state store.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,101 +11,173 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::{Progress, Registration};
+use super::{Hub, Progress, Registration};
 use crate::ops::metrics::Metrics;
-use crate::state::CheckpointStore;
+use crate::state::{CheckpointStore, CursorStore};
 
-pub(super) async fn track(
-    sinks: usize,
-    mut reg_rx: mpsc::UnboundedReceiver<Registration>,
-    mut ack_rx: mpsc::UnboundedReceiver<(usize, u64)>,
-    store: Arc<dyn CheckpointStore>,
-    progress_tx: watch::Sender<Progress>,
-    metrics: Arc<Metrics>,
-    budget: Arc<Semaphore>,
-) -> anyhow::Result<()> {
-    let mut pending: VecDeque<Registration> = VecDeque::new();
-    let mut acked = vec![0u64; sinks];
-    let mut progress = *progress_tx.borrow();
-    let mut registering = true;
-    let mut acks_open = true;
-    loop {
-        tokio::select! {
-            r = reg_rx.recv(), if registering => match r {
-                Some(r) => pending.push_back(r),
-                None => registering = false,
-            },
-            a = ack_rx.recv(), if acks_open => match a {
-                Some((sink, seq)) => acked[sink] = acked[sink].max(seq),
-                None => acks_open = false,
-            },
-            else => break,
-        }
-        // Take everything else already waiting, so one sled write covers it all.
-        while let Ok(r) = reg_rx.try_recv() {
-            pending.push_back(r);
-        }
-        while let Ok((sink, seq)) = ack_rx.try_recv() {
-            acked[sink] = acked[sink].max(seq);
-        }
-        let all_acked = acked.iter().copied().min().unwrap_or(u64::MAX);
-        let mut changes = Vec::new();
-        let mut new_checkpoint = progress.checkpoint;
-        let mut last_commit_us = None;
-        let mut done = progress.done_seq;
-        let mut events = 0u64;
-        while let Some(front) = pending.front() {
-            if !(front.marker || front.seq <= all_acked) {
+pub(super) struct Tracker {
+    pub sinks: usize,
+    pub names: Vec<&'static str>,
+    pub store: Arc<dyn CheckpointStore>,
+    /// With the journal: where the cursors go.
+    pub cursor_store: Option<Arc<dyn CursorStore>>,
+    pub progress_tx: watch::Sender<Progress>,
+    pub metrics: Arc<Metrics>,
+    pub budget: Arc<Semaphore>,
+    pub budget_size: usize,
+    pub hub: Arc<Hub>,
+    /// The lowest cursor: what every sink received (the journal may delete up to it).
+    pub delivered_tx: watch::Sender<u64>,
+    /// Each sink's last acked batch (its cursor at the start).
+    pub acked: Vec<u64>,
+    /// The journal's last durable batch.
+    pub journaled: u64,
+}
+
+impl Tracker {
+    pub(super) async fn track(
+        mut self,
+        mut reg_rx: mpsc::UnboundedReceiver<Registration>,
+        mut ack_rx: mpsc::UnboundedReceiver<(usize, u64)>,
+    ) -> anyhow::Result<()> {
+        let journal = self.cursor_store.is_some();
+        let mut pending: VecDeque<Registration> = VecDeque::new();
+        let mut progress = *self.progress_tx.borrow();
+        let mut saved: Vec<u64> = self.acked.clone();
+        let mut registering = true;
+        let mut acks_open = true;
+        loop {
+            tokio::select! {
+                r = reg_rx.recv(), if registering => match r {
+                    Some(r) => pending.push_back(r),
+                    None => registering = false,
+                },
+                a = ack_rx.recv(), if acks_open => match a {
+                    Some((who, seq)) => self.ack(who, seq),
+                    None => acks_open = false,
+                },
+                else => break,
+            }
+            // Take everything else already waiting, so one sled write covers it all.
+            while let Ok(r) = reg_rx.try_recv() {
+                pending.push_back(r);
+            }
+            while let Ok((who, seq)) = ack_rx.try_recv() {
+                self.ack(who, seq);
+            }
+            let all_acked = self.acked.iter().copied().min().unwrap_or(u64::MAX);
+            let durable = if journal { self.journaled } else { all_acked };
+
+            // Memory: what every sink has is dropped; with the journal, what is journaled
+            // is dropped too once memory is half full (a sink behind reads the file).
+            let (journaled, half) = (self.journaled, self.budget_size / 2);
+            let permits = self.hub.drop_front(|b, held| {
+                b.seq <= all_acked || (journal && b.seq <= journaled && held > half)
+            });
+            self.budget.add_permits(permits);
+
+            if let Some(cursors) = &self.cursor_store {
+                // A cursor never passes what the journal holds: after a crash the batches
+                // past it are numbered again.
+                let now: Vec<u64> = self.acked.iter().map(|&a| a.min(self.journaled)).collect();
+                if now != saved {
+                    let named: Vec<(&'static str, u64)> =
+                        self.names.iter().copied().zip(now.iter().copied()).collect();
+                    let writer = cursors.clone();
+                    tokio::task::spawn_blocking(move || writer.save_cursors(&named))
+                        .await
+                        .map_err(|_| anyhow!("the cursor writer stopped"))??;
+                    self.delivered_tx
+                        .send_replace(now.iter().copied().min().unwrap_or(self.journaled));
+                    saved = now;
+                }
+            }
+
+            let mut changes = Vec::new();
+            let mut new_checkpoint = progress.checkpoint;
+            let mut last_commit_us = None;
+            let mut done = progress.done_seq;
+            let mut events = 0u64;
+            while let Some(front) = pending.front() {
+                if !(front.marker || front.seq <= durable) {
+                    break;
+                }
+                let r = pending.pop_front().expect("front exists");
+                done = r.seq;
+                events += r.events as u64;
+                changes.extend(r.dim_changes);
+                if let Some(lsn) = r.commit_end {
+                    new_checkpoint = new_checkpoint.max(lsn);
+                }
+                last_commit_us = r.last_commit_us.or(last_commit_us);
+            }
+            if done == progress.done_seq {
+                if self.finished(registering, acks_open, &pending, journal) {
+                    break;
+                }
+                continue;
+            }
+            if new_checkpoint > progress.checkpoint {
+                // The store writes and fsyncs on the calling thread: keep that off the
+                // async workers.
+                let writer = self.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    writer.commit(new_checkpoint, &changes, last_commit_us)
+                })
+                .await
+                .map_err(|_| anyhow!("the checkpoint writer stopped"))??;
+                self.metrics
+                    .checkpoint_lsn
+                    .store(new_checkpoint.0, std::sync::atomic::Ordering::Relaxed);
+                if let Some(t) = last_commit_us {
+                    self.metrics
+                        .last_commit_us
+                        .store(t, std::sync::atomic::Ordering::Relaxed);
+                }
+            } else if !changes.is_empty() {
+                return Err(anyhow!(
+                    "dimension changes without a newer commit (checkpoint {}); this is a bug",
+                    progress.checkpoint
+                ));
+            }
+            self.metrics.counters.events_delivered.inc_by(events);
+            progress = Progress {
+                done_seq: done,
+                checkpoint: new_checkpoint,
+            };
+            self.progress_tx.send_replace(progress);
+            if self.finished(registering, acks_open, &pending, journal) {
                 break;
             }
-            let r = pending.pop_front().expect("front exists");
-            done = r.seq;
-            events += r.events as u64;
-            budget.add_permits(r.permits);
-            changes.extend(r.dim_changes);
-            if let Some(lsn) = r.commit_end {
-                new_checkpoint = new_checkpoint.max(lsn);
-            }
-            last_commit_us = r.last_commit_us.or(last_commit_us);
         }
-        if done == progress.done_seq {
-            if !registering && (pending.is_empty() || !acks_open) {
-                break;
-            }
-            continue;
-        }
-        if new_checkpoint > progress.checkpoint {
-            // The store writes and fsyncs on the calling thread: keep that off the async
-            // workers.
-            let writer = store.clone();
-            tokio::task::spawn_blocking(move || {
-                writer.commit(new_checkpoint, &changes, last_commit_us)
-            })
-            .await
-            .map_err(|_| anyhow!("the checkpoint writer stopped"))??;
-            metrics
-                .checkpoint_lsn
-                .store(new_checkpoint.0, std::sync::atomic::Ordering::Relaxed);
-            if let Some(t) = last_commit_us {
-                metrics
-                    .last_commit_us
-                    .store(t, std::sync::atomic::Ordering::Relaxed);
-            }
-        } else if !changes.is_empty() {
-            return Err(anyhow!(
-                "dimension changes without a newer commit (checkpoint {}); this is a bug",
-                progress.checkpoint
-            ));
-        }
-        metrics.counters.events_delivered.inc_by(events);
-        progress = Progress {
-            done_seq: done,
-            checkpoint: new_checkpoint,
-        };
-        progress_tx.send_replace(progress);
-        if !registering && pending.is_empty() {
-            break;
+        Ok(())
+    }
+
+    fn ack(&mut self, who: usize, seq: u64) {
+        if who == self.sinks {
+            self.journaled = self.journaled.max(seq);
+        } else {
+            self.acked[who] = self.acked[who].max(seq);
         }
     }
-    Ok(())
+
+    /// Without the journal the tracker is done when nothing more can become durable; with
+    /// it, only when every sink task (and the journal) stopped, so the last cursors are
+    /// kept.
+    fn finished(
+        &self,
+        registering: bool,
+        acks_open: bool,
+        pending: &VecDeque<Registration>,
+        journal: bool,
+    ) -> bool {
+        if registering {
+            return false;
+        }
+        if journal {
+            !acks_open
+        } else {
+            pending.is_empty() || !acks_open
+        }
+    }
 }

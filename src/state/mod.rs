@@ -30,3 +30,11 @@ pub trait CheckpointStore: Send + Sync + 'static {
         last_commit_us: Option<i64>,
     ) -> anyhow::Result<()>;
 }
+
+/// Where each sink's journal cursor lives (docs/architecture.md, "The journal").
+///
+/// Contract: a saved cursor may lag what the sink received (it then receives batches
+/// again, which sinks make harmless) but never runs ahead of it. `save_cursors` may block.
+pub trait CursorStore: Send + Sync + 'static {
+    fn save_cursors(&self, cursors: &[(&'static str, u64)]) -> anyhow::Result<()>;
+}

@@ -16,6 +16,7 @@ const KEY_CHECKPOINT: &[u8] = b"m:checkpoint";
 const KEY_IDENTITY: &[u8] = b"m:identity";
 const KEY_LAST_COMMIT: &[u8] = b"m:last_commit_us";
 const CONTENT_PREFIX: &[u8] = b"c:";
+const CURSOR_PREFIX: &[u8] = b"j:cursor:";
 
 /// Which Postgres cluster, database and slot this state belongs to (docs/guarantees.md, "Safety").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +209,47 @@ impl StateStore {
     pub fn generate_id(&self) -> anyhow::Result<u64> {
         Ok(self.db.generate_id()?)
     }
+
+    /// Each sink's journal cursor (the last batch it received), by sink name.
+    pub fn cursors(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(CURSOR_PREFIX) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[CURSOR_PREFIX.len()..]).into_owned();
+            out.push((name, u64_from(&v)));
+        }
+        Ok(out)
+    }
+
+    pub fn cursor(&self, sink: &str) -> anyhow::Result<Option<u64>> {
+        Ok(self.db.get(cursor_key(sink))?.map(|v| u64_from(&v)))
+    }
+
+    /// Set cursors (not flushed: sled flushes within half a second, and a cursor that lags
+    /// only means batches received again).
+    pub fn set_cursors(&self, cursors: &[(&str, u64)]) -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        for (name, seq) in cursors {
+            batch.insert(cursor_key(name), &seq.to_be_bytes());
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Forget every cursor (the journal is off and empty).
+    pub fn clear_cursors(&self) -> anyhow::Result<()> {
+        for kv in self.db.scan_prefix(CURSOR_PREFIX) {
+            self.db.remove(kv?.0)?;
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn cursor_key(sink: &str) -> Vec<u8> {
+    let mut k = CURSOR_PREFIX.to_vec();
+    k.extend_from_slice(sink.as_bytes());
+    k
 }
 
 /// Order-preserving key for a signed id (sign bit flipped, big-endian).
@@ -221,6 +263,12 @@ fn u64_from(v: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&v[..8]);
     u64::from_be_bytes(b)
+}
+
+impl super::CursorStore for StateStore {
+    fn save_cursors(&self, cursors: &[(&'static str, u64)]) -> anyhow::Result<()> {
+        self.set_cursors(cursors)
+    }
 }
 
 impl super::CheckpointStore for StateStore {

@@ -1,0 +1,547 @@
+//! The journal: a durable local log of enriched batches between the stream and the sinks
+//! (docs/architecture.md, "The journal").
+//!
+//! Append-only segment files in `<state dir>/journal/`, each named by the sequence number
+//! of its first batch (`00000000000000000042.seg`). The engine appends every batch and
+//! fsyncs before the slot may be confirmed past it; each sink reads at its own pace from
+//! memory, or from these files when it fell behind. A segment is deleted only when every
+//! sink has received all of it, and then only when it is older than `retain` or the budget
+//! needs the room. The files are read without a lock, so `replay` and `status` can read
+//! them while the engine runs; a record still being written fails its CRC and is read as
+//! the end.
+
+pub mod codec;
+pub mod config;
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use serde::Serialize;
+
+pub use codec::Record;
+pub use config::JournalConfig;
+
+use crate::enrich::EnrichedEvent;
+use crate::types::Lsn;
+
+/// The journal's directory inside the state directory.
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journal")
+}
+
+/// What one segment holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SegmentInfo {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+    /// Commit LSNs of its streamed events.
+    pub first_lsn: Option<Lsn>,
+    pub last_lsn: Option<Lsn>,
+    /// Commit times (µs since 1970) of its first and last transactions.
+    pub first_commit_us: Option<i64>,
+    pub last_commit_us: Option<i64>,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+impl SegmentInfo {
+    fn add(&mut self, r: &Record, bytes: u64) {
+        if self.bytes == 0 {
+            self.first_seq = r.seq;
+        }
+        self.last_seq = r.seq;
+        self.bytes += bytes;
+        if let Some((lo, hi)) = r.lsn_range() {
+            self.first_lsn = Some(self.first_lsn.map_or(lo, |l| l.min(lo)));
+            self.last_lsn = Some(self.last_lsn.map_or(hi, |l| l.max(hi)));
+        }
+        if let Some(t) = r.last_commit_us {
+            self.first_commit_us.get_or_insert(t);
+            self.last_commit_us = Some(t);
+        }
+    }
+}
+
+/// The journal's extent, for `status`, `/status`, `/metrics` and `replay`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub segments: usize,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    pub first_lsn: Option<Lsn>,
+    pub last_lsn: Option<Lsn>,
+    pub first_commit_us: Option<i64>,
+    pub last_commit_us: Option<i64>,
+}
+
+fn summarize<'a>(segments: impl Iterator<Item = &'a SegmentInfo>, max_bytes: u64) -> Summary {
+    let mut s = Summary {
+        max_bytes,
+        ..Summary::default()
+    };
+    for g in segments {
+        s.segments += 1;
+        s.bytes += g.bytes;
+        s.first_seq.get_or_insert(g.first_seq);
+        s.last_seq = g.last_seq;
+        if s.first_lsn.is_none() {
+            s.first_lsn = g.first_lsn;
+        }
+        s.last_lsn = g.last_lsn.or(s.last_lsn);
+        if s.first_commit_us.is_none() {
+            s.first_commit_us = g.first_commit_us;
+        }
+        s.last_commit_us = g.last_commit_us.or(s.last_commit_us);
+    }
+    s
+}
+
+/// The segment files in `dir`, oldest first, by the first sequence number in their name.
+fn segment_files(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow!("cannot list the journal {}: {e}", dir.display())),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(first) = name
+            .strip_suffix(".seg")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            files.push((first, path));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Read records from `file` until its end or the first record that is incomplete or fails
+/// its CRC; `on_record` sees each with its framed size. Returns the offset after the last
+/// good record.
+fn scan_file(
+    file: &mut BufReader<File>,
+    mut on_record: impl FnMut(Record, u64) -> bool,
+) -> anyhow::Result<u64> {
+    let mut at = 0u64;
+    let mut payload = Vec::new();
+    loop {
+        match read_record(file, &mut payload)? {
+            Some((record, size)) => {
+                at += size;
+                if !on_record(record, size) {
+                    return Ok(at);
+                }
+            }
+            None => return Ok(at),
+        }
+    }
+}
+
+/// The next good record, or `None` at the end (or at a torn / damaged record).
+fn read_record(
+    file: &mut BufReader<File>,
+    payload: &mut Vec<u8>,
+) -> anyhow::Result<Option<(Record, u64)>> {
+    let mut head = [0u8; codec::HEADER];
+    if !read_full(file, &mut head)? {
+        return Ok(None);
+    }
+    let (len, crc) = codec::header(&head);
+    payload.resize(len, 0);
+    if !read_full(file, payload)? || crc32fast::hash(payload) != crc {
+        return Ok(None);
+    }
+    Ok(codec::decode(payload).map(|r| (r, (codec::HEADER + len) as u64)))
+}
+
+/// Fill `buf`; `false` when the file ends first.
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> anyhow::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(anyhow!("cannot read the journal: {e}")),
+        }
+    }
+    Ok(true)
+}
+
+/// Why an append cannot go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full {
+    /// The oldest sequence number some sink has not received.
+    pub waiting_for: u64,
+}
+
+/// The engine's side: appends and deletes.
+pub struct Writer {
+    dir: PathBuf,
+    segments: VecDeque<SegmentInfo>,
+    /// The last segment, open for appending; `None` after it was closed.
+    active: Option<File>,
+    segment_bytes: u64,
+    max_bytes: u64,
+    retain: Duration,
+    buf: Vec<u8>,
+    pending: Vec<Pending>,
+    last_seq: u64,
+}
+
+/// A record encoded and not yet written.
+struct Pending {
+    seq: u64,
+    commit_end: Option<Lsn>,
+    last_commit_us: Option<i64>,
+    lsns: Option<(Lsn, Lsn)>,
+    size: u64,
+}
+
+impl Writer {
+    /// Open the journal in `dir`, creating it when missing. Records after the last one that
+    /// ends at or before `checkpoint` are cut off: the stream delivers them again from the
+    /// checkpoint (a crash between the journal's fsync and the checkpoint's, or a batch
+    /// holding part of a transaction).
+    pub fn open(dir: &Path, cfg: &JournalConfig, checkpoint: Lsn) -> anyhow::Result<Writer> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the journal directory {}", dir.display()))?;
+        let mut segments = VecDeque::new();
+        let mut cut = false;
+        for (_, path) in segment_files(dir)? {
+            if cut {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                continue;
+            }
+            let mut info = SegmentInfo {
+                path: path.clone(),
+                ..SegmentInfo::default()
+            };
+            // Keep the prefix up to the last record that closed a transaction at or
+            // before the checkpoint.
+            let mut kept = SegmentInfo::default();
+            let mut kept_at = 0u64;
+            let mut at = 0u64;
+            let mut file = BufReader::with_capacity(1 << 20, File::open(&path)?);
+            let end = scan_file(&mut file, |r, size| {
+                at += size;
+                if r.commit_end.is_some_and(|l| l > checkpoint) {
+                    return false;
+                }
+                info.add(&r, size);
+                if r.commit_end.is_some() {
+                    kept = info.clone();
+                    kept_at = at;
+                }
+                true
+            })?;
+            let len = std::fs::metadata(&path)?.len();
+            if kept_at < len || end < len {
+                cut = true;
+                if kept_at == 0 {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("cannot remove {}", path.display()))?;
+                    continue;
+                }
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(kept_at)?;
+                f.sync_all()?;
+                tracing::info!(
+                    "journal: cut {} after batch {} (the stream delivers the rest again from the checkpoint {checkpoint})",
+                    path.display(),
+                    kept.last_seq
+                );
+            }
+            kept.path = path;
+            segments.push_back(kept);
+        }
+        let last_seq = segments.back().map_or(0, |s| s.last_seq);
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            segments,
+            active: None,
+            segment_bytes: (cfg.max_bytes / 8).clamp(1 << 20, 64 << 20),
+            max_bytes: cfg.max_bytes,
+            retain: cfg.retain()?,
+            buf: Vec::new(),
+            pending: Vec::new(),
+            last_seq,
+        })
+    }
+
+    /// The sequence number of the last batch the journal holds (0 when it never held one).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn summary(&self) -> Summary {
+        summarize(self.segments.iter(), self.max_bytes)
+    }
+
+    /// Append batches and make them durable (fsync): [`Writer::encode`] then
+    /// [`Writer::write_encoded`].
+    pub fn append<'a>(
+        &mut self,
+        batches: impl IntoIterator<Item = (u64, Option<Lsn>, Option<i64>, &'a [EnrichedEvent])>,
+    ) -> anyhow::Result<()> {
+        self.encode(batches);
+        self.write_encoded()
+    }
+
+    /// Encode batches for the next [`Writer::write_encoded`]; returns their size in bytes
+    /// (what [`Writer::room`] is asked for).
+    pub fn encode<'a>(
+        &mut self,
+        batches: impl IntoIterator<Item = (u64, Option<Lsn>, Option<i64>, &'a [EnrichedEvent])>,
+    ) -> u64 {
+        self.buf.clear();
+        self.pending.clear();
+        for (seq, commit_end, last_commit_us, events) in batches {
+            let start = self.buf.len();
+            codec::encode(&mut self.buf, seq, commit_end, last_commit_us, events);
+            // The summary needs only the LSNs and times, not the events themselves.
+            let lsns = events
+                .iter()
+                .map(|e| e.source_lsn)
+                .filter(|l| l.0 > 0)
+                .fold(None, |acc: Option<(Lsn, Lsn)>, l| {
+                    Some(acc.map_or((l, l), |(lo, hi)| (lo.min(l), hi.max(l))))
+                });
+            self.pending.push(Pending {
+                seq,
+                commit_end,
+                last_commit_us,
+                lsns,
+                size: (self.buf.len() - start) as u64,
+            });
+        }
+        self.buf.len() as u64
+    }
+
+    /// Write what [`Writer::encode`] prepared and fsync it.
+    pub fn write_encoded(&mut self) -> anyhow::Result<()> {
+        let Some(first) = self.pending.first().map(|p| p.seq) else {
+            return Ok(());
+        };
+        let full = self
+            .segments
+            .back()
+            .is_none_or(|s| s.bytes >= self.segment_bytes);
+        if self.active.is_none() || full {
+            let path = self.dir.join(format!("{first:020}.seg"));
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot create the journal segment {}", path.display()))?;
+            self.active = Some(file);
+            self.segments.push_back(SegmentInfo {
+                path,
+                ..SegmentInfo::default()
+            });
+            // The new file's name must survive a crash too.
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
+        }
+        let file = self.active.as_mut().expect("an active segment");
+        file.write_all(&self.buf)
+            .and_then(|_| file.sync_data())
+            .with_context(|| {
+                format!(
+                    "cannot write the journal in {} (is the disk full?)",
+                    self.dir.display()
+                )
+            })?;
+        let seg = self.segments.back_mut().expect("an active segment");
+        for p in self.pending.drain(..) {
+            let r = Record {
+                seq: p.seq,
+                commit_end: p.commit_end,
+                last_commit_us: p.last_commit_us,
+                events: Vec::new(),
+            };
+            seg.add(&r, p.size);
+            if let Some((lo, hi)) = p.lsns {
+                seg.first_lsn = Some(seg.first_lsn.map_or(lo, |f| f.min(lo)));
+                seg.last_lsn = Some(seg.last_lsn.map_or(hi, |f| f.max(hi)));
+            }
+            self.last_seq = p.seq;
+        }
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Delete what every sink received (all batches up to `delivered`) when it is older
+    /// than `retain` or the budget needs room for `need` more bytes; then whether `need`
+    /// fits. `Err(Full)` when it does not and a sink still needs the oldest segment.
+    pub fn room(&mut self, delivered: u64, need: u64, now_us: i64) -> Result<(), Full> {
+        let retain_us = self.retain.as_micros().min(i64::MAX as u128) as i64;
+        loop {
+            let total: u64 = self.segments.iter().map(|s| s.bytes).sum();
+            let over = total + need > self.max_bytes;
+            let Some(front) = self.segments.front() else {
+                return Ok(());
+            };
+            let is_active = self.segments.len() == 1 && self.active.is_some();
+            let received = front.last_seq <= delivered;
+            let old = front
+                .last_commit_us
+                .is_some_and(|t| now_us.saturating_sub(t) > retain_us);
+            if received && (over || old) {
+                if is_active {
+                    // Close it first; the next append starts a new segment.
+                    self.active = None;
+                }
+                let front = self.segments.pop_front().expect("front");
+                if let Err(e) = std::fs::remove_file(&front.path) {
+                    tracing::warn!("journal: cannot delete {}: {e}", front.path.display());
+                }
+                continue;
+            }
+            if !over {
+                return Ok(());
+            }
+            if received {
+                // Everything is delivered and young, yet the budget is spent: the budget
+                // wins over retention only for what was delivered, which this is.
+                return Ok(());
+            }
+            return Err(Full {
+                waiting_for: delivered + 1,
+            });
+        }
+    }
+}
+
+/// A sink's (or `replay`'s) reader: sequential reads from any sequence number.
+pub struct Reader {
+    dir: PathBuf,
+    /// The open segment, and the last sequence number read from it.
+    open: Option<(BufReader<File>, u64)>,
+    payload: Vec<u8>,
+}
+
+impl Reader {
+    pub fn new(dir: &Path) -> Reader {
+        Reader {
+            dir: dir.to_path_buf(),
+            open: None,
+            payload: Vec::new(),
+        }
+    }
+
+    /// Records with `after < seq <= up_to`, in order, until they hold `max_events` events
+    /// (at least one record when there is one). Empty when the journal holds none yet.
+    pub fn read(&mut self, after: u64, up_to: u64, max_events: usize) -> anyhow::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        let mut events = 0;
+        let mut next = after;
+        loop {
+            if next >= up_to || (events >= max_events && !out.is_empty()) {
+                return Ok(out);
+            }
+            if !matches!(&self.open, Some((_, last)) if *last == next) {
+                self.open = self.position(next)?;
+            }
+            let Some((file, last)) = self.open.as_mut() else {
+                return Ok(out);
+            };
+            let pos = file
+                .stream_position()
+                .map_err(|e| anyhow!("cannot read the journal: {e}"))?;
+            match read_record(file, &mut self.payload)? {
+                Some((r, _)) if r.seq <= next => *last = r.seq,
+                Some((r, _)) if r.seq > up_to => {
+                    // Not yet durable for this reader: read it again next time.
+                    file.seek(SeekFrom::Start(pos))?;
+                    return Ok(out);
+                }
+                Some((r, _)) => {
+                    *last = r.seq;
+                    next = r.seq;
+                    events += r.events.len();
+                    out.push(r);
+                }
+                None => {
+                    // The end of this segment (or a record still being written): the next
+                    // segment when there is one, else wait here.
+                    let files = segment_files(&self.dir)?;
+                    match files.iter().find(|(first, _)| *first > next) {
+                        Some((_, path)) => {
+                            let f = File::open(path).with_context(|| {
+                                format!("cannot open the journal segment {}", path.display())
+                            })?;
+                            self.open = Some((BufReader::with_capacity(1 << 20, f), next));
+                        }
+                        None => {
+                            file.seek(SeekFrom::Start(pos))?;
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Open the segment holding the first record after `after`, positioned at its start.
+    fn position(&self, after: u64) -> anyhow::Result<Option<(BufReader<File>, u64)>> {
+        let files = segment_files(&self.dir)?;
+        // The last segment that starts at or before after + 1, else the first.
+        let pick = files
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= after + 1)
+            .or(files.first());
+        let Some((first, path)) = pick else {
+            return Ok(None);
+        };
+        let mut f = File::open(path)
+            .with_context(|| format!("cannot open the journal segment {}", path.display()))?;
+        f.seek(SeekFrom::Start(0))?;
+        // Records before `after` are skipped by the caller.
+        Ok(Some((BufReader::with_capacity(1 << 20, f), first.saturating_sub(1))))
+    }
+}
+
+/// The journal's extent as the files say (the engine may be running): every segment is
+/// read through, so this costs a read of the journal.
+pub fn scan(dir: &Path, max_bytes: u64) -> anyhow::Result<(Summary, Vec<SegmentInfo>)> {
+    let mut segments = Vec::new();
+    for (_, path) in segment_files(dir)? {
+        let mut info = SegmentInfo::default();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Deleted by the engine since the listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(anyhow!("cannot open {}: {e}", path.display())),
+        };
+        let mut file = BufReader::with_capacity(1 << 20, file);
+        scan_file(&mut file, |r, size| {
+            info.add(&r, size);
+            true
+        })?;
+        if info.bytes > 0 {
+            info.path = path;
+            segments.push(info);
+        }
+    }
+    Ok((summarize(segments.iter(), max_bytes), segments))
+}
+
+#[cfg(test)]
+mod tests;

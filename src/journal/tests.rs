@@ -1,0 +1,138 @@
+use super::*;
+use crate::journal::config::MIN_BYTES;
+use crate::enrich::{enrich, RawEvent};
+
+fn events(first_id: i64, n: usize, lsn: u64) -> Vec<EnrichedEvent> {
+    (0..n as i64)
+        .map(|i| {
+            enrich(
+                RawEvent {
+                    id: first_id + i,
+                    content_id: 1,
+                    user_id: 2,
+                    event_type: "play".into(),
+                    event_ts_us: 1_767_882_112_000_000,
+                    duration_ms: Some(1000),
+                    device: Some("x".repeat(400)),
+                },
+                None,
+                Lsn(lsn),
+            )
+            .0
+        })
+        .collect()
+}
+
+fn cfg(max_bytes: u64) -> JournalConfig {
+    JournalConfig {
+        max_bytes,
+        retain: "1h".into(),
+    }
+}
+
+/// Batches 1..=n of 100 events, each a whole transaction ending at LSN 1000 × seq.
+fn fill(w: &mut Writer, from: u64, to: u64) {
+    for seq in from..=to {
+        let ev = events(seq as i64 * 100, 100, seq * 1000 - 1);
+        w.append([(seq, Some(Lsn(seq * 1000)), Some(seq as i64), ev.as_slice())])
+            .unwrap();
+    }
+}
+
+#[test]
+fn append_read_reopen_and_cut_after_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB segments.
+    let mut w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(0)).unwrap();
+    fill(&mut w, 1, 30);
+    // A batch holding part of a transaction at the end.
+    let part = events(99_000, 10, 0);
+    w.append([(31, None, None, part.as_slice())]).unwrap();
+    assert_eq!(w.last_seq(), 31);
+    let s = w.summary();
+    assert!(s.segments >= 2, "{s:?}"); // 1 MiB segments: several
+    assert_eq!((s.first_seq, s.last_seq), (Some(1), 31));
+    assert_eq!(s.first_lsn, Some(Lsn(999)));
+    drop(w);
+
+    // A reader from any point, across segments, bounded by what is durable.
+    let mut r = Reader::new(dir.path());
+    let got = r.read(4, 20, 250).unwrap();
+    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6, 7]);
+    assert_eq!(got[0].events[0].event_id, 500);
+    let got = r.read(7, 20, usize::MAX).unwrap();
+    assert_eq!(got.first().map(|r| r.seq), Some(8));
+    assert_eq!(got.last().map(|r| r.seq), Some(20));
+    assert!(r.read(20, 20, 10).unwrap().is_empty());
+
+    // Reopened with the checkpoint at batch 25's commit: 26..31 are cut and seq goes on.
+    let w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(25_000)).unwrap();
+    assert_eq!(w.last_seq(), 25);
+    let mut r = Reader::new(dir.path());
+    let all = r.read(0, u64::MAX, usize::MAX).unwrap();
+    assert_eq!(all.len(), 25);
+    assert_eq!(all.last().unwrap().seq, 25);
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_damage_ends_the_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(16 << 20), Lsn(0)).unwrap();
+    fill(&mut w, 1, 3);
+    drop(w);
+    let (_, path) = segment_files(dir.path()).unwrap().pop().unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    // Half a record written when the process died.
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(&[7u8; 50]).unwrap();
+    drop(f);
+    let w = Writer::open(dir.path(), &cfg(16 << 20), Lsn(u64::MAX)).unwrap();
+    assert_eq!(w.last_seq(), 3);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+}
+
+#[test]
+fn the_budget_deletes_only_what_every_sink_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(MIN_BYTES), Lsn(0)).unwrap();
+    // About 30 KB a batch; 2 MiB segments.
+    fill(&mut w, 1, 400);
+    let before = w.summary();
+    assert!(before.bytes > 8 << 20);
+    // Room for 10 MiB more while the sinks received nothing: full, waiting for batch 1.
+    assert_eq!(w.room(0, 10 << 20, 401), Err(Full { waiting_for: 1 }));
+    assert_eq!(w.summary(), before);
+    // Received up to 100: only whole segments at or before 100 go, then still full.
+    assert!(w.room(100, 10 << 20, 401).is_err());
+    let s = w.summary();
+    assert!(s.first_seq.unwrap() <= 101, "{s:?}");
+    assert!(s.first_seq.unwrap() > 1);
+    // Everything received: room is made.
+    assert_eq!(w.room(400, 10 << 20, 401), Ok(()));
+    assert!(w.summary().bytes + (10 << 20) <= MIN_BYTES);
+    // Within budget and young: kept for replay.
+    let kept = w.summary();
+    assert_eq!(w.room(400, 0, 401), Ok(()));
+    assert_eq!(w.summary(), kept);
+}
+
+#[test]
+fn retention_deletes_old_received_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(1 << 30), Lsn(0)).unwrap();
+    let hour = 3_600_000_000i64;
+    for seq in 1..=3u64 {
+        let ev = events(seq as i64, 1, seq);
+        w.append([(seq, Some(Lsn(seq * 10)), Some(seq as i64 * hour), ev.as_slice())])
+            .unwrap();
+        // One segment each: close the active one.
+        w.active = None;
+    }
+    assert_eq!(w.summary().segments, 3);
+    // At 3 h 30 min with 1 h retention: segments of 1 h and 2 h are old; only what was
+    // received goes.
+    assert_eq!(w.room(1, 0, 3 * hour + hour / 2), Ok(()));
+    assert_eq!(w.summary().first_seq, Some(2));
+    assert_eq!(w.room(3, 0, 3 * hour + hour / 2), Ok(()));
+    assert_eq!(w.summary().first_seq, Some(3));
+}
