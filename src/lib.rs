@@ -19,6 +19,8 @@
 //! - `enrich/` — the `content` dimension, the join, the derived-field arithmetic, the
 //!   enriched event's JSON and the UTC calendar.
 //! - `pipeline/` — fan-out to the sinks, the in-flight budget, ack tracking → checkpoint.
+//! - `journal/` — the durable local log between the stream and the sinks: segment files,
+//!   their record format, budget and retention, and the readers of sinks and `replay`.
 //! - `sinks/` — the `Sink` contract, the one retry policy, the factory that builds the
 //!   enabled sinks, and one module per destination with its `[section]` configuration.
 //! - `state/` — the sled store behind small traits: checkpoint and dimension, identity,
@@ -39,9 +41,10 @@
 //!
 //! # Guarantees
 //!
-//! The checkpoint is the commit end LSN of the last transaction whose every effect is
-//! durable in every enabled sink; it is flushed to sled, together with the dimension as of
-//! that LSN, before Postgres is told. It never moves backward. Sinks receive events at least
+//! The checkpoint is the commit end LSN of the last transaction that is durable in the
+//! journal (`journal/`; with the journal off, whose every effect is durable in every enabled
+//! sink); it is flushed to sled, together with the dimension as of that LSN, before
+//! Postgres is told. Each sink's cursor in the journal says what it has made durable. It never moves backward. Sinks receive events at least
 //! once and make repeats harmless, so the effect is exactly once. `docs/guarantees.md` lists
 //! the tests that prove each guarantee.
 

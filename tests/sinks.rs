@@ -14,6 +14,9 @@ use support::*;
 
 const T: Duration = Duration::from_secs(120);
 
+/// Appended after `[http]`: the journal off, every sink holds the slot.
+const JOURNAL_OFF: &str = "\n[journal]\nmax_bytes = 0\n";
+
 struct Env {
     pg: Postgres,
     ch: ClickHouse,
@@ -302,7 +305,9 @@ fn kill_9_at_random_points_keeps_every_sink_exact() {
 
 #[test]
 fn a_hung_redis_and_a_stopped_clickhouse_lose_and_double_nothing() {
-    let mut env = env(MockApi::start(&[]), "t1:", "");
+    // With the journal off, a sink that is away holds the slot (the journal's own test is
+    // a_stopped_clickhouse_holds_neither_the_slot_nor_the_other_sinks).
+    let mut env = env(MockApi::start(&[]), "t1:", JOURNAL_OFF);
     let _engine = env.engine();
     env.insert_n(500);
     wait_for("the first events everywhere", T, || {
@@ -396,7 +401,7 @@ fn fail_fast_holds_the_checkpoint_until_the_api_returns() {
     let mut env = env(
         MockApi::down(&[]),
         "",
-        "max_retries = 1\non_failure = \"fail_fast\"\n",
+        &format!("max_retries = 1\non_failure = \"fail_fast\"\n{JOURNAL_OFF}"),
     );
     let _engine = env.engine();
     env.insert_n(200);
@@ -671,7 +676,8 @@ fn a_sink_down_at_start_is_one_clear_line() {
 
 #[test]
 fn memory_stays_bounded_while_redis_hangs() {
-    let env = env(MockApi::start(&[]), "", "");
+    // The journal off: the source stops at the in-flight budget.
+    let env = env(MockApi::start(&[]), "", JOURNAL_OFF);
     let engine = env.engine();
     env.redis.hang();
     for _ in 0..30 {
@@ -1230,4 +1236,120 @@ fn one_transaction_of_a_million_rows_through_every_sink() {
     env.assert_exact(true);
     let rss_mb = engine.peak_rss_kb() / 1024;
     assert!(rss_mb < 256, "peak RSS {rss_mb} MB");
+}
+
+/// The journal (on by default): ClickHouse stopped while events stream holds neither the
+/// slot nor Redis and the API; it drains in order when it returns, across a kill -9 of the
+/// engine; then a truncated table is restored by `replay --from-lsn`.
+#[test]
+fn a_stopped_clickhouse_holds_neither_the_slot_nor_the_other_sinks() {
+    let mut env = env(MockApi::start(&[]), "", "");
+    let mut engine = env.engine();
+    env.insert_n(500);
+    wait_for("the first events everywhere", T, || {
+        (env.ch_count() == 500).then_some(())
+    });
+    let first_lsn = env
+        .ch
+        .query("SELECT min(source_lsn) FROM engagement.events_enriched");
+
+    env.ch.stop();
+    for _ in 0..20 {
+        env.insert_n(100);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let n = env.total();
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    // Redis and the API are current, and the slot moves on, while ClickHouse is away.
+    wait_for("Redis and the API to hold every event", T, || {
+        (env.redis_counts() == env.pg_counts()
+            && env.api.stats()["unique_event_ids"].as_u64() == Some(n))
+        .then_some(())
+    });
+    wait_for("the slot to be confirmed past the last insert", T, || {
+        env.confirmed_flush_reaches(&lsn).then_some(())
+    });
+    let status = env.cfg.engine_status().expect("/status answers");
+    let journal = &status["journal"];
+    let last = journal["last_batch"].as_u64().unwrap();
+    assert!(
+        journal["cursors"]["clickhouse"]["seq"].as_u64().unwrap() < last,
+        "{journal}"
+    );
+    assert_eq!(
+        journal["cursors"]["redis"]["seq"].as_u64(),
+        Some(last),
+        "{journal}"
+    );
+    assert!(env.metric("engagement_cdc_journal_sink_behind_batches{sink=\"clickhouse\"}") > 0.0);
+    assert!(env.metric("engagement_cdc_journal_bytes") > 0.0);
+    assert_eq!(env.metric("engagement_cdc_journal_full"), 0.0);
+
+    // kill -9 while ClickHouse is still away; it returns while the engine is down.
+    env.insert_n(300);
+    engine.kill9();
+    env.ch.start_again();
+    let _engine = env.engine();
+    env.assert_exact(false);
+
+    // The table truncated by mistake: replayed from the journal, exactly.
+    env.ch.query("TRUNCATE TABLE engagement.events_enriched");
+    let lsn: u64 = first_lsn.parse().unwrap();
+    let from = format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff);
+    let run = cli(
+        Some(&env.cfg.path),
+        &["replay", "--sink", "clickhouse", "--from-lsn", &from],
+        &[],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let n = env.total();
+    assert!(
+        run.stdout.contains(&format!("events={n}")),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(env.ch_count(), n);
+    assert_eq!(
+        env.ch
+            .query("SELECT uniqExact(event_id) FROM engagement.events_enriched FINAL"),
+        n.to_string()
+    );
+    // Before the journal's start: said, with the way out.
+    let run = cli(
+        Some(&env.cfg.path),
+        &["replay", "--sink", "clickhouse", "--from-lsn", "0/1"],
+        &[],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("before the journal's start") && run.stderr.contains("backfill"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// With the journal, a hung Redis does not stop the source: everything is read and
+/// journaled, memory holds only the budget, and Redis drains the journal when it returns.
+#[test]
+fn memory_stays_bounded_while_redis_hangs_with_the_journal() {
+    let env = env(MockApi::start(&[]), "", "");
+    let engine = env.engine();
+    env.redis.hang();
+    for _ in 0..30 {
+        env.insert_n(10_000);
+    }
+    wait_for("every event read and journaled", T, || {
+        (env.cfg.counter("events_delivered").unwrap_or(0) >= 300_000).then_some(())
+    });
+    // ClickHouse is not held by the hung Redis.
+    wait_for(
+        "ClickHouse to hold every event while Redis hangs",
+        T,
+        || (env.ch_count() == 300_000).then_some(()),
+    );
+    let peak_mb = engine.peak_rss_kb() / 1024;
+    eprintln!("while Redis hung with the journal: peak RSS {peak_mb} MB");
+    assert!(peak_mb < 150, "peak RSS {peak_mb} MB while Redis hung");
+    env.redis.resume();
+    env.assert_exact(true);
 }

@@ -288,6 +288,42 @@ fn writes_to_other_tables_still_advance_the_slot() {
     );
 }
 
+/// Heartbeat messages: an idle slot is confirmed past another database's writes within
+/// seconds, whatever the server's keepalive pace.
+#[test]
+fn heartbeats_advance_an_idle_slot_within_seconds() {
+    let env = env();
+    env.pg.create_database("busy", false);
+    env.pg.psql("busy", "CREATE TABLE t (x int)");
+    let e = Engine::spawn_with(
+        &env.cfg.path,
+        &["run", "--stdout"],
+        &[("ENGAGEMENT_CDC__POSTGRES__HEARTBEAT_INTERVAL_MS", "500")],
+        Stdout::Collect,
+    );
+    wait_for("the engine to stream", T, || {
+        env.cfg
+            .engine_status()
+            .filter(|s| s["streaming"] == true)
+            .map(|_| ())
+    });
+    for _ in 0..5 {
+        env.pg
+            .psql("busy", "INSERT INTO t SELECT generate_series(1, 20000)");
+    }
+    let lsn = env.pg.psql("busy", "SELECT pg_current_wal_lsn()");
+    wait_for(
+        "confirmed_flush_lsn to pass the other database's writes",
+        Duration::from_secs(10),
+        || env.confirmed_flush_reaches(&lsn).then_some(()),
+    );
+    assert!(
+        e.lines().is_empty(),
+        "no event was written: {:?}",
+        e.lines()
+    );
+}
+
 #[test]
 fn one_transaction_of_a_million_rows_in_bounded_memory() {
     let env = env();

@@ -43,7 +43,11 @@ pub async fn replay(config: &Config, opts: &ReplayOptions) -> anyhow::Result<Str
             "the journal in {} holds no events (journal.max_bytes = {}{}); {backfill_hint}",
             dir.display(),
             config.journal.max_bytes,
-            if config.journal.enabled() { "" } else { ": off" }
+            if config.journal.enabled() {
+                ""
+            } else {
+                ": off"
+            }
         )));
     };
     let first_time = summary.first_commit_us.map(rfc3339_us).unwrap_or_default();

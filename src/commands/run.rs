@@ -11,9 +11,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::journal;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, AbortOnDrop, EngineState};
-use crate::journal;
 use crate::pipeline::{JournalParts, Pipeline};
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
@@ -125,6 +125,12 @@ pub async fn run(
         config.postgres.clone(),
         state.clone(),
     )));
+    let _heartbeat = (pgc.heartbeat_interval_ms > 0).then(|| {
+        AbortOnDrop(tokio::spawn(heartbeat(
+            config.postgres.clone(),
+            Duration::from_millis(pgc.heartbeat_interval_ms),
+        )))
+    });
     let _server = server::spawn(
         config.server.listen,
         state.clone(),
@@ -319,7 +325,10 @@ fn open_journal(
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot remove the journal {}", dir.display()))?;
             store.clear_cursors()?;
-            tracing::info!("journal off: removed {} (every sink had received it)", dir.display());
+            tracing::info!(
+                "journal off: removed {} (every sink had received it)",
+                dir.display()
+            );
         }
         return Ok(None);
     }
@@ -462,6 +471,45 @@ fn session_end_reason(end: &SessionEnd) -> String {
         SessionEnd::Shutdown => "shutting down".into(),
         SessionEnd::Lost(e) => format!("replication connection lost: {e:#}; reconnecting"),
         SessionEnd::Fatal(e) => format!("stopped: {e:#}"),
+    }
+}
+
+/// Every `interval`, write a non-transactional logical message into the WAL of the
+/// engine's database (`pg_logical_emit_message`): the stream receives it, and when nothing
+/// is in flight the engine confirms its position, so an idle slot advances even while only
+/// other databases write. A role without the right to emit messages is told once; the
+/// keepalives still move the slot, more slowly.
+async fn heartbeat(pg: crate::config::PostgresConfig, interval: Duration) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let result: anyhow::Result<()> = async {
+            let client = pg::connect(&pg).await?;
+            loop {
+                pg::within(
+                    pg::QUERY_TIMEOUT,
+                    "the heartbeat message",
+                    client.execute(
+                        "SELECT pg_logical_emit_message(false, 'engagement-cdc', 'heartbeat')",
+                        &[],
+                    ),
+                )
+                .await??;
+                backoff.reset();
+                tokio::time::sleep(interval).await;
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            let text = format!("{e:#}");
+            if text.contains("permission denied") {
+                tracing::warn!(
+                    "cannot write heartbeat messages: {text}; grant EXECUTE on pg_logical_emit_message(boolean, text, text) to the engine's role, or set postgres.heartbeat_interval_ms = 0"
+                );
+                return;
+            }
+            tracing::debug!("heartbeat: {text}; retrying");
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

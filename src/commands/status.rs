@@ -39,6 +39,9 @@ pub struct Status {
     pub not_streaming_reason: Option<String>,
     /// Each sink's health as the running engine sees it (`delivering`, `retrying`, `failed`).
     pub sinks: serde_json::Map<String, serde_json::Value>,
+    /// The journal's extent and each sink's cursor in it (docs/architecture.md, "The
+    /// journal"); `null` while it is off.
+    pub journal: serde_json::Value,
     /// Why this is not healthy; empty when it is.
     pub problems: Vec<String>,
     pub healthy: bool,
@@ -64,6 +67,7 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
         streaming: None,
         not_streaming_reason: None,
         sinks: serde_json::Map::new(),
+        journal: serde_json::Value::Null,
         problems: Vec::new(),
         healthy: false,
     };
@@ -76,6 +80,7 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
             st.streaming = v["streaming"].as_bool();
             st.not_streaming_reason = v["not_streaming_reason"].as_str().map(str::to_string);
             st.sinks = v["sinks"].as_object().cloned().unwrap_or_default();
+            st.journal = v["journal"].clone();
         }
         None => {
             if config.state.dir.exists() {
@@ -83,6 +88,7 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
                 st.checkpoint_lsn = Some(store.checkpoint()?.to_string());
                 st.last_commit_time = store.last_commit_us()?.map(rfc3339_us);
                 st.dlq_depth = Some(crate::state::dlq::Dlq::open(&store)?.len() as u64);
+                st.journal = stopped_journal(config, &store)?;
             }
         }
     }
@@ -99,6 +105,33 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
     st.problems = problems(&st, max_lag_bytes);
     st.healthy = st.problems.is_empty();
     Ok(st)
+}
+
+/// The journal as its files and the stored cursors say, while the engine is stopped.
+fn stopped_journal(config: &Config, store: &StateStore) -> anyhow::Result<serde_json::Value> {
+    let dir = crate::journal::dir(&config.state.dir);
+    let (s, _) = crate::journal::scan(&dir, config.journal.max_bytes)?;
+    if s.segments == 0 && !config.journal.enabled() {
+        return Ok(serde_json::Value::Null);
+    }
+    let cursors: serde_json::Map<String, serde_json::Value> = store
+        .cursors()?
+        .into_iter()
+        .map(|(name, seq)| (name, serde_json::json!({ "seq": seq })))
+        .collect();
+    Ok(serde_json::json!({
+        "bytes": s.bytes,
+        "max_bytes": s.max_bytes,
+        "segments": s.segments,
+        "full": false,
+        "first_batch": s.first_seq,
+        "last_batch": s.last_seq,
+        "first_lsn": s.first_lsn.map(|l| l.to_string()),
+        "last_lsn": s.last_lsn.map(|l| l.to_string()),
+        "first_commit_time": s.first_commit_us.map(rfc3339_us),
+        "last_commit_time": s.last_commit_us.map(rfc3339_us),
+        "cursors": cursors,
+    }))
 }
 
 /// Everything that keeps the status from being healthy, most fundamental first.
@@ -137,6 +170,21 @@ fn problems(st: &Status, max_lag_bytes: i64) -> Vec<String> {
                 h["last_error"].as_str().unwrap_or("?")
             ));
         }
+    }
+    if st.journal["full"] == true {
+        let last = st.journal["last_batch"].as_u64().unwrap_or(0);
+        let behind: Vec<String> = st.journal["cursors"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, c)| c["seq"].as_u64().unwrap_or(0) < last)
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.push(format!(
+            "the journal is full (journal.max_bytes = {}) with batches {} has not received: the slot is held until it catches up",
+            st.journal["max_bytes"],
+            behind.join(", ")
+        ));
     }
     if let Some(lag) = st.lag_bytes.filter(|&l| l > max_lag_bytes) {
         out.push(format!(
@@ -240,6 +288,38 @@ impl Status {
                 )),
                 None => out.push_str(&format!("sink {name:<14} {state}\n")),
             }
+        }
+        let j = &self.journal;
+        if j.is_object() {
+            let last = j["last_batch"].as_u64().unwrap_or(0);
+            out.push_str(&format!(
+                "journal:             {} of {} bytes, batches {}..{last}, LSN {} to {}{}\n",
+                j["bytes"],
+                j["max_bytes"],
+                j["first_batch"]
+                    .as_u64()
+                    .map_or("-".into(), |f| f.to_string()),
+                j["first_lsn"].as_str().unwrap_or("-"),
+                j["last_lsn"].as_str().unwrap_or("-"),
+                if j["full"] == true {
+                    " FULL: slot held"
+                } else {
+                    ""
+                }
+            ));
+            for (name, c) in j["cursors"].as_object().into_iter().flatten() {
+                let seq = c["seq"].as_u64().unwrap_or(0);
+                out.push_str(&format!(
+                    "cursor {name:<12} batch {seq} ({} behind){}\n",
+                    last.saturating_sub(seq),
+                    c["lsn"]
+                        .as_str()
+                        .map(|l| format!(", at LSN {l}"))
+                        .unwrap_or_default()
+                ));
+            }
+        } else {
+            out.push_str("journal:             off\n");
         }
         out.push_str(&format!(
             "dlq depth:           {}\n",

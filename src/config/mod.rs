@@ -19,8 +19,8 @@ pub use crate::checks::{
     secret_or_file, QualifiedTable, Secret,
 };
 use crate::error::UsageError;
-pub use crate::ops::config::ServerConfig;
 pub use crate::journal::JournalConfig;
+pub use crate::ops::config::ServerConfig;
 pub use crate::pipeline::config::PipelineConfig;
 pub use crate::sinks::clickhouse::ClickHouseConfig;
 pub use crate::sinks::http::{HttpConfig, HttpMode, OnFailure};
@@ -185,6 +185,14 @@ impl Config {
             10,
             3_600_000,
         )?;
+        if pg.heartbeat_interval_ms != 0 {
+            check_range(
+                "postgres.heartbeat_interval_ms",
+                pg.heartbeat_interval_ms,
+                100,
+                86_400_000,
+            )?;
+        }
         if self.state.dir.as_os_str().is_empty() {
             return Err(UsageError::new(
                 "state.dir is empty; set it to a directory for the engine's sled store",

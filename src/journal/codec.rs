@@ -247,7 +247,10 @@ mod tests {
         assert_eq!(r.commit_end, Some(Lsn(99)));
         assert_eq!(r.last_commit_us, None);
         assert_eq!(r.events, events);
-        assert_eq!(r.lsn_range(), Some((Lsn(0x1_0000_0010), Lsn(0x1_0000_0010))));
+        assert_eq!(
+            r.lsn_range(),
+            Some((Lsn(0x1_0000_0010), Lsn(0x1_0000_0010)))
+        );
         // A truncated payload never decodes.
         assert!(decode(&out[HEADER..out.len() - 1]).is_none());
     }

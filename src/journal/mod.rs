@@ -447,16 +447,25 @@ impl Reader {
 
     /// Records with `after < seq <= up_to`, in order, until they hold `max_events` events
     /// (at least one record when there is one). Empty when the journal holds none yet.
-    pub fn read(&mut self, after: u64, up_to: u64, max_events: usize) -> anyhow::Result<Vec<Record>> {
+    pub fn read(
+        &mut self,
+        after: u64,
+        up_to: u64,
+        max_events: usize,
+    ) -> anyhow::Result<Vec<Record>> {
         let mut out = Vec::new();
         let mut events = 0;
         let mut next = after;
+        if after >= up_to {
+            return Ok(out);
+        }
+        // Go on where the last read ended, or find the segment again.
+        if !matches!(&self.open, Some((_, last)) if *last == after) {
+            self.open = self.position(after)?;
+        }
         loop {
             if next >= up_to || (events >= max_events && !out.is_empty()) {
                 return Ok(out);
-            }
-            if !matches!(&self.open, Some((_, last)) if *last == next) {
-                self.open = self.position(next)?;
             }
             let Some((file, last)) = self.open.as_mut() else {
                 return Ok(out);
@@ -514,7 +523,10 @@ impl Reader {
             .with_context(|| format!("cannot open the journal segment {}", path.display()))?;
         f.seek(SeekFrom::Start(0))?;
         // Records before `after` are skipped by the caller.
-        Ok(Some((BufReader::with_capacity(1 << 20, f), first.saturating_sub(1))))
+        Ok(Some((
+            BufReader::with_capacity(1 << 20, f),
+            first.saturating_sub(1),
+        )))
     }
 }
 

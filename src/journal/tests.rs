@@ -1,6 +1,6 @@
 use super::*;
-use crate::journal::config::MIN_BYTES;
 use crate::enrich::{enrich, RawEvent};
+use crate::journal::config::MIN_BYTES;
 
 fn events(first_id: i64, n: usize, lsn: u64) -> Vec<EnrichedEvent> {
     (0..n as i64)
@@ -123,8 +123,13 @@ fn retention_deletes_old_received_segments() {
     let hour = 3_600_000_000i64;
     for seq in 1..=3u64 {
         let ev = events(seq as i64, 1, seq);
-        w.append([(seq, Some(Lsn(seq * 10)), Some(seq as i64 * hour), ev.as_slice())])
-            .unwrap();
+        w.append([(
+            seq,
+            Some(Lsn(seq * 10)),
+            Some(seq as i64 * hour),
+            ev.as_slice(),
+        )])
+        .unwrap();
         // One segment each: close the active one.
         w.active = None;
     }

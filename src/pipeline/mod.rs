@@ -30,9 +30,9 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::enrich::{DimChange, EnrichedEvent};
+use crate::journal;
 use crate::ops::metrics::Histogram;
 use crate::ops::metrics::Metrics;
-use crate::journal;
 use crate::sinks::{Sink, SinkError};
 use crate::state::{CheckpointStore, CursorStore};
 use crate::types::Lsn;
@@ -208,7 +208,8 @@ impl Pipeline {
                 }
             });
         }
-        let (delivered_tx, delivered_rx) = watch::channel(cursors.iter().copied().min().unwrap_or(first_seq));
+        let (delivered_tx, delivered_rx) =
+            watch::channel(cursors.iter().copied().min().unwrap_or(first_seq));
         let (journal_tx, cursor_store) = match journal {
             Some(j) => {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -555,7 +556,6 @@ async fn journal_task(
     let gauges = &metrics.journal;
     gauges.set_summary(writer.summary(), false);
     let mut full_since: Option<std::time::Instant> = None;
-    let mut last_upkeep = std::time::Instant::now();
     loop {
         let first = tokio::select! {
             b = rx.recv() => b,
@@ -614,12 +614,9 @@ async fn journal_task(
         writer = w;
         written?;
         let last = group.last().expect("a batch").seq;
+        gauges.set_summary(writer.summary(), false);
         journaled.send_replace(last);
         let _ = ack.send((index, last));
-        if last_upkeep.elapsed() >= Duration::from_secs(1) {
-            last_upkeep = std::time::Instant::now();
-            gauges.set_summary(writer.summary(), false);
-        }
     }
 }
 

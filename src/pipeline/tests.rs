@@ -138,12 +138,7 @@ fn journal_parts(state: &std::path::Path, store: &StateStore, checkpoint: Lsn) -
     let saved = store.cursors().unwrap();
     let cursors = ["gated", "slow"]
         .iter()
-        .map(|n| {
-            saved
-                .iter()
-                .find(|(s, _)| s == n)
-                .map_or(last, |(_, c)| *c)
-        })
+        .map(|n| saved.iter().find(|(s, _)| s == n).map_or(last, |(_, c)| *c))
         .collect();
     JournalParts {
         writer,
@@ -198,7 +193,9 @@ async fn with_the_journal_a_dead_sink_holds_neither_the_checkpoint_nor_the_other
     // 30,000 events while the slow sink writes nothing: far past the memory budget.
     for b in 0..30i64 {
         let ids: Vec<i64> = (b * 1000 + 1..=b * 1000 + 1000).collect();
-        p.send(batch(&ids, Some(100 + b as u64), vec![])).await.unwrap();
+        p.send(batch(&ids, Some(100 + b as u64), vec![]))
+            .await
+            .unwrap();
     }
     let done = tokio::time::timeout(Duration::from_secs(30), p.drain())
         .await
@@ -248,7 +245,10 @@ async fn with_the_journal_a_dead_sink_holds_neither_the_checkpoint_nor_the_other
     })
     .await
     .expect("the slow sink drained the journal");
-    assert_eq!(*slow_seen.lock().unwrap(), (1..=30_000).collect::<Vec<i64>>());
+    assert_eq!(
+        *slow_seen.lock().unwrap(),
+        (1..=30_000).collect::<Vec<i64>>()
+    );
     // New batches go on after the journal's last one, to both.
     p.send(batch(&[30_001], Some(200), vec![])).await.unwrap();
     p.drain().await.unwrap();

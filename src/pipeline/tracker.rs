@@ -81,8 +81,12 @@ impl Tracker {
                 // past it are numbered again.
                 let now: Vec<u64> = self.acked.iter().map(|&a| a.min(self.journaled)).collect();
                 if now != saved {
-                    let named: Vec<(&'static str, u64)> =
-                        self.names.iter().copied().zip(now.iter().copied()).collect();
+                    let named: Vec<(&'static str, u64)> = self
+                        .names
+                        .iter()
+                        .copied()
+                        .zip(now.iter().copied())
+                        .collect();
                     let writer = cursors.clone();
                     tokio::task::spawn_blocking(move || writer.save_cursors(&named))
                         .await

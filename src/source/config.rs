@@ -37,6 +37,9 @@ pub struct PostgresConfig {
     pub events_table: QualifiedTable,
     pub content_table: QualifiedTable,
     pub status_interval_ms: u64,
+    /// How often the engine writes a logical heartbeat message into the WAL, so an idle
+    /// slot advances while other databases write (0: never).
+    pub heartbeat_interval_ms: u64,
     /// The zone a `timestamp without time zone` event time is read in (IANA name).
     pub timestamp_zone: String,
     /// The events table's column for each field (docs/configuration.md, "Source columns").
@@ -94,6 +97,7 @@ impl fmt::Debug for PostgresConfig {
             .field("events_table", &self.events_table)
             .field("content_table", &self.content_table)
             .field("status_interval_ms", &self.status_interval_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("timestamp_zone", &self.timestamp_zone)
             .field("event_columns", &self.event_columns)
             .field("content_columns", &self.content_columns)
@@ -116,6 +120,7 @@ impl Default for PostgresConfig {
             events_table: QualifiedTable::public("engagement_events"),
             content_table: QualifiedTable::public("content"),
             status_interval_ms: 1000,
+            heartbeat_interval_ms: 10_000,
             timestamp_zone: "UTC".into(),
             event_columns: EventColumns::default(),
             content_columns: ContentColumns::default(),

@@ -254,6 +254,22 @@ impl Source {
                         }
                     }
                 }
+                // A heartbeat (or any message outside a transaction) while nothing is in
+                // flight: confirm its position, as for a keepalive.
+                ReplicationEvent::Message {
+                    transactional: false,
+                    lsn,
+                    ..
+                } => {
+                    if tx.is_none() && b.batch.is_empty() && !pipeline.in_flight() {
+                        let lsn = Lsn::from(lsn);
+                        if lsn > pipeline.progress().borrow().checkpoint {
+                            if let Err(e) = pipeline.mark(lsn) {
+                                return SessionEnd::Fatal(e);
+                            }
+                        }
+                    }
+                }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
             }
         }
