@@ -175,9 +175,22 @@ fn derived_fields_and_their_null_rules() {
 #[test]
 fn each_event_joins_the_content_row_of_its_commit_also_on_replay() {
     let env = env();
+    // The journal off: this is the replay from the slot (with the journal, the events are
+    // kept enriched and a replay reads them as joined at their commit).
+    let journal_off = [("ENGAGEMENT_CDC__JOURNAL__MAX_BYTES", "0")];
+    let engine = |mode| {
+        let e = Engine::spawn_with(&env.cfg.path, &["run", "--stdout"], &journal_off, mode);
+        wait_for("the engine to stream", T, || {
+            env.cfg
+                .engine_status()
+                .filter(|s| s["streaming"] == true)
+                .map(|_| ())
+        });
+        e
+    };
     // Run 1: the stdout pipe (4 KB) is not read, so a 20 KB event blocks the sink and the
     // checkpoint stays before everything below, while the source still reads it all.
-    let mut first = env.engine(Stdout::Gated);
+    let mut first = engine(Stdout::Gated);
     env.sql(
         "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
          VALUES (1, 1, 'filler', 1000, repeat('x', 20000))",
@@ -204,7 +217,7 @@ fn each_event_joins_the_content_row_of_its_commit_also_on_replay() {
     first.kill9();
 
     // Run 2 replays from the checkpoint with the dimension stored beside it.
-    let second = env.engine(Stdout::Collect);
+    let second = engine(Stdout::Collect);
     let lines = second.wait_lines(3, T);
     let events = parse(&lines);
     let (ea, eb) = (by_id(&events, a), by_id(&events, b));
