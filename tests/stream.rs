@@ -301,13 +301,17 @@ fn writes_to_other_tables_still_advance_the_slot() {
     );
 }
 
-/// Heartbeat messages: an idle slot is confirmed past another database's writes within
-/// seconds, whatever the server's keepalive pace.
+/// Heartbeat messages are written at the configured interval (a `test_decoding` probe slot
+/// sees them), they deliver nothing, and an idle slot is confirmed past another database's
+/// writes within seconds. (On Postgres 15 the server's keepalives move an idle slot too; the
+/// heartbeat is the second way, for servers that send keepalives only every
+/// `wal_sender_timeout / 2`.)
 #[test]
-fn heartbeats_advance_an_idle_slot_within_seconds() {
+fn heartbeats_are_written_and_an_idle_slot_advances() {
     let env = env();
     env.pg.create_database("busy", false);
     env.pg.psql("busy", "CREATE TABLE t (x int)");
+    env.sql("SELECT 1 FROM pg_create_logical_replication_slot('probe', 'test_decoding')");
     let e = Engine::spawn_with(
         &env.cfg.path,
         &["run", "--stdout"],
@@ -320,6 +324,18 @@ fn heartbeats_advance_an_idle_slot_within_seconds() {
             .filter(|s| s["streaming"] == true)
             .map(|_| ())
     });
+    let heartbeats = || -> usize {
+        env.sql(
+            "SELECT count(*) FROM pg_logical_slot_peek_changes('probe', NULL, NULL)
+             WHERE data LIKE 'message: transactional: 0 prefix: engagement-cdc%heartbeat'",
+        )
+        .parse()
+        .unwrap()
+    };
+    wait_for("three heartbeat messages", Duration::from_secs(10), || {
+        (heartbeats() >= 3).then_some(())
+    });
+    env.sql("SELECT 1 FROM pg_drop_replication_slot('probe')");
     for _ in 0..5 {
         env.pg
             .psql("busy", "INSERT INTO t SELECT generate_series(1, 20000)");
@@ -332,7 +348,7 @@ fn heartbeats_advance_an_idle_slot_within_seconds() {
     );
     assert!(
         e.lines().is_empty(),
-        "no event was written: {:?}",
+        "a heartbeat delivered something: {:?}",
         e.lines()
     );
 }

@@ -36,7 +36,7 @@ const WRITE: usize = 5000;
 
 pub async fn replay(config: &Config, opts: &ReplayOptions) -> anyhow::Result<String> {
     let dir = journal::dir(&config.state.dir);
-    let (summary, _) = journal::scan(&dir, config.journal.max_bytes)?;
+    let summary = journal::scan(&dir, config.journal.max_bytes)?;
     let backfill_hint = "events the journal no longer holds are re-delivered from Postgres with `engagement-cdc backfill --start … --end … --sinks …`";
     let (Some(first_lsn), Some(last_lsn)) = (summary.first_lsn, summary.last_lsn) else {
         bail!(UsageError::new(format!(

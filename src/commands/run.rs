@@ -307,17 +307,16 @@ fn open_journal(
 ) -> anyhow::Result<Option<JournalParts>> {
     let dir = journal::dir(&config.state.dir);
     let saved = store.cursors()?;
-    let saved = |name: &str| saved.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+    let names: Vec<&str> = sinks.iter().map(|s| s.name()).collect();
     if !config.journal.enabled() {
-        let (summary, _) = journal::scan(&dir, 0)?;
+        let summary = journal::scan(&dir, 0)?;
         if summary.segments > 0 {
-            for s in sinks {
-                let cursor = saved(s.name()).unwrap_or(0);
+            let cursors = journal::start_cursors(&summary, &saved, &names);
+            for (name, cursor) in names.iter().zip(cursors) {
                 if cursor < summary.last_seq {
                     bail!(crate::error::UsageError::new(format!(
-                        "journal.max_bytes = 0, but the journal in {} holds batches the {} sink has not received ({} after its cursor {cursor}); run with the journal on until `engagement-cdc status` shows it caught up, then turn it off",
+                        "journal.max_bytes = 0, but the journal in {} holds batches the {name} sink has not received ({} after its cursor {cursor}); run with the journal on until `engagement-cdc status` shows it caught up, then turn it off",
                         dir.display(),
-                        s.name(),
                         summary.last_seq - cursor
                     )));
                 }
@@ -334,17 +333,8 @@ fn open_journal(
     }
     let writer = journal::Writer::open(&dir, &config.journal, checkpoint)?;
     let summary = writer.summary();
-    let last = writer.last_seq();
-    // Batches before the first segment were deleted only once every sink had them.
-    let floor = summary.first_seq.map_or(last, |f| f - 1);
-    let cursors = sinks
-        .iter()
-        .map(|s| match saved(s.name()) {
-            Some(c) => c.clamp(floor, last),
-            // A sink new to this state directory starts at the end, as without a journal.
-            None => last,
-        })
-        .collect();
+    let last = summary.last_seq;
+    let cursors = journal::start_cursors(&summary, &saved, &names);
     tracing::info!(
         "journal: {} bytes in {} segments (batches {}..={last}, budget {} bytes, retain {})",
         summary.bytes,

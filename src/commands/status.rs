@@ -110,7 +110,7 @@ pub async fn status(config: &Config, max_lag_bytes: i64) -> anyhow::Result<Statu
 /// The journal as its files and the stored cursors say, while the engine is stopped.
 fn stopped_journal(config: &Config, store: &StateStore) -> anyhow::Result<serde_json::Value> {
     let dir = crate::journal::dir(&config.state.dir);
-    let (s, _) = crate::journal::scan(&dir, config.journal.max_bytes)?;
+    let s = crate::journal::scan(&dir, config.journal.max_bytes)?;
     if s.segments == 0 && !config.journal.enabled() {
         return Ok(serde_json::Value::Null);
     }
@@ -119,19 +119,7 @@ fn stopped_journal(config: &Config, store: &StateStore) -> anyhow::Result<serde_
         .into_iter()
         .map(|(name, seq)| (name, serde_json::json!({ "seq": seq })))
         .collect();
-    Ok(serde_json::json!({
-        "bytes": s.bytes,
-        "max_bytes": s.max_bytes,
-        "segments": s.segments,
-        "full": false,
-        "first_batch": s.first_seq,
-        "last_batch": s.last_seq,
-        "first_lsn": s.first_lsn.map(|l| l.to_string()),
-        "last_lsn": s.last_lsn.map(|l| l.to_string()),
-        "first_commit_time": s.first_commit_us.map(rfc3339_us),
-        "last_commit_time": s.last_commit_us.map(rfc3339_us),
-        "cursors": cursors,
-    }))
+    Ok(s.to_json(false, cursors.into()))
 }
 
 /// Everything that keeps the status from being healthy, most fundamental first.

@@ -23,11 +23,19 @@ pub struct Record {
 impl Record {
     /// The commit LSNs of its streamed events (backfilled ones carry 0).
     pub fn lsn_range(&self) -> Option<(Lsn, Lsn)> {
-        let mut it = self.events.iter().map(|e| e.source_lsn).filter(|l| l.0 > 0);
-        let first = it.next()?;
-        let (lo, hi) = it.fold((first, first), |(lo, hi), l| (lo.min(l), hi.max(l)));
-        Some((lo, hi))
+        lsn_range(&self.events)
     }
+}
+
+/// The lowest and highest commit LSN of streamed events (backfilled ones carry 0).
+pub fn lsn_range(events: &[EnrichedEvent]) -> Option<(Lsn, Lsn)> {
+    events
+        .iter()
+        .map(|e| e.source_lsn)
+        .filter(|l| l.0 > 0)
+        .fold(None, |acc, l| {
+            Some(acc.map_or((l, l), |(lo, hi): (Lsn, Lsn)| (lo.min(l), hi.max(l))))
+        })
 }
 
 /// Append one framed record to `out`.

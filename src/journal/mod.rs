@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use serde::Serialize;
 
 pub use codec::Record;
 pub use config::JournalConfig;
@@ -34,8 +33,8 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 }
 
 /// What one segment holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct SegmentInfo {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SegmentInfo {
     pub first_seq: u64,
     pub last_seq: u64,
     pub bytes: u64,
@@ -45,22 +44,22 @@ pub struct SegmentInfo {
     /// Commit times (µs since 1970) of its first and last transactions.
     pub first_commit_us: Option<i64>,
     pub last_commit_us: Option<i64>,
-    #[serde(skip)]
     path: PathBuf,
 }
 
 impl SegmentInfo {
-    fn add(&mut self, r: &Record, bytes: u64) {
+    /// Count one record of `bytes` bytes: its batch number, commit time and commit LSNs.
+    fn add(&mut self, seq: u64, last_commit_us: Option<i64>, lsns: Option<(Lsn, Lsn)>, bytes: u64) {
         if self.bytes == 0 {
-            self.first_seq = r.seq;
+            self.first_seq = seq;
         }
-        self.last_seq = r.seq;
+        self.last_seq = seq;
         self.bytes += bytes;
-        if let Some((lo, hi)) = r.lsn_range() {
+        if let Some((lo, hi)) = lsns {
             self.first_lsn = Some(self.first_lsn.map_or(lo, |l| l.min(lo)));
             self.last_lsn = Some(self.last_lsn.map_or(hi, |l| l.max(hi)));
         }
-        if let Some(t) = r.last_commit_us {
+        if let Some(t) = last_commit_us {
             self.first_commit_us.get_or_insert(t);
             self.last_commit_us = Some(t);
         }
@@ -68,7 +67,7 @@ impl SegmentInfo {
 }
 
 /// The journal's extent, for `status`, `/status`, `/metrics` and `replay`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub segments: usize,
     pub bytes: u64,
@@ -79,6 +78,42 @@ pub struct Summary {
     pub last_lsn: Option<Lsn>,
     pub first_commit_us: Option<i64>,
     pub last_commit_us: Option<i64>,
+}
+
+impl Summary {
+    /// `journal` in `/status` and `status --json`: the extent, whether the budget is spent
+    /// (the slot held), and `cursors` (each sink's place, as the caller knows it).
+    pub fn to_json(&self, full: bool, cursors: serde_json::Value) -> serde_json::Value {
+        let time = |t: Option<i64>| t.map(crate::enrich::rfc3339_us);
+        serde_json::json!({
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "segments": self.segments,
+            "full": full,
+            "first_batch": self.first_seq,
+            "last_batch": self.last_seq,
+            "first_lsn": self.first_lsn.map(|l| l.to_string()),
+            "last_lsn": self.last_lsn.map(|l| l.to_string()),
+            "first_commit_time": time(self.first_commit_us),
+            "last_commit_time": time(self.last_commit_us),
+            "cursors": cursors,
+        })
+    }
+}
+
+/// Each sink's cursor at start: the saved one, kept between the journal's first batch (the
+/// batches before it were deleted only once every sink had them) and its last; a sink new
+/// to the state directory starts at the end, as it would without a journal.
+pub fn start_cursors(summary: &Summary, saved: &[(String, u64)], sinks: &[&str]) -> Vec<u64> {
+    let last = summary.last_seq;
+    let floor = summary.first_seq.map_or(last, |f| f - 1);
+    sinks
+        .iter()
+        .map(|name| match saved.iter().find(|(n, _)| n == name) {
+            Some((_, c)) => (*c).clamp(floor, last),
+            None => last,
+        })
+        .collect()
 }
 
 fn summarize<'a>(segments: impl Iterator<Item = &'a SegmentInfo>, max_bytes: u64) -> Summary {
@@ -204,7 +239,6 @@ pub struct Writer {
 /// A record encoded and not yet written.
 struct Pending {
     seq: u64,
-    commit_end: Option<Lsn>,
     last_commit_us: Option<i64>,
     lsns: Option<(Lsn, Lsn)>,
     size: u64,
@@ -241,7 +275,7 @@ impl Writer {
                 if r.commit_end.is_some_and(|l| l > checkpoint) {
                     return false;
                 }
-                info.add(&r, size);
+                info.add(r.seq, r.last_commit_us, r.lsn_range(), size);
                 if r.commit_end.is_some() {
                     kept = info.clone();
                     kept_at = at;
@@ -293,6 +327,7 @@ impl Writer {
 
     /// Append batches and make them durable (fsync): [`Writer::encode`] then
     /// [`Writer::write_encoded`].
+    #[cfg(test)]
     pub fn append<'a>(
         &mut self,
         batches: impl IntoIterator<Item = (u64, Option<Lsn>, Option<i64>, &'a [EnrichedEvent])>,
@@ -313,18 +348,10 @@ impl Writer {
             let start = self.buf.len();
             codec::encode(&mut self.buf, seq, commit_end, last_commit_us, events);
             // The summary needs only the LSNs and times, not the events themselves.
-            let lsns = events
-                .iter()
-                .map(|e| e.source_lsn)
-                .filter(|l| l.0 > 0)
-                .fold(None, |acc: Option<(Lsn, Lsn)>, l| {
-                    Some(acc.map_or((l, l), |(lo, hi)| (lo.min(l), hi.max(l))))
-                });
             self.pending.push(Pending {
                 seq,
-                commit_end,
                 last_commit_us,
-                lsns,
+                lsns: codec::lsn_range(events),
                 size: (self.buf.len() - start) as u64,
             });
         }
@@ -369,17 +396,7 @@ impl Writer {
             })?;
         let seg = self.segments.back_mut().expect("an active segment");
         for p in self.pending.drain(..) {
-            let r = Record {
-                seq: p.seq,
-                commit_end: p.commit_end,
-                last_commit_us: p.last_commit_us,
-                events: Vec::new(),
-            };
-            seg.add(&r, p.size);
-            if let Some((lo, hi)) = p.lsns {
-                seg.first_lsn = Some(seg.first_lsn.map_or(lo, |f| f.min(lo)));
-                seg.last_lsn = Some(seg.last_lsn.map_or(hi, |f| f.max(hi)));
-            }
+            seg.add(p.seq, p.last_commit_us, p.lsns, p.size);
             self.last_seq = p.seq;
         }
         self.buf.clear();
@@ -519,9 +536,8 @@ impl Reader {
         let Some((first, path)) = pick else {
             return Ok(None);
         };
-        let mut f = File::open(path)
+        let f = File::open(path)
             .with_context(|| format!("cannot open the journal segment {}", path.display()))?;
-        f.seek(SeekFrom::Start(0))?;
         // Records before `after` are skipped by the caller.
         Ok(Some((
             BufReader::with_capacity(1 << 20, f),
@@ -532,7 +548,7 @@ impl Reader {
 
 /// The journal's extent as the files say (the engine may be running): every segment is
 /// read through, so this costs a read of the journal.
-pub fn scan(dir: &Path, max_bytes: u64) -> anyhow::Result<(Summary, Vec<SegmentInfo>)> {
+pub fn scan(dir: &Path, max_bytes: u64) -> anyhow::Result<Summary> {
     let mut segments = Vec::new();
     for (_, path) in segment_files(dir)? {
         let mut info = SegmentInfo::default();
@@ -544,15 +560,14 @@ pub fn scan(dir: &Path, max_bytes: u64) -> anyhow::Result<(Summary, Vec<SegmentI
         };
         let mut file = BufReader::with_capacity(1 << 20, file);
         scan_file(&mut file, |r, size| {
-            info.add(&r, size);
+            info.add(r.seq, r.last_commit_us, r.lsn_range(), size);
             true
         })?;
         if info.bytes > 0 {
-            info.path = path;
             segments.push(info);
         }
     }
-    Ok((summarize(segments.iter(), max_bytes), segments))
+    Ok(summarize(segments.iter(), max_bytes))
 }
 
 #[cfg(test)]

@@ -293,19 +293,7 @@ impl JournalGauges {
         if !st.on {
             return serde_json::Value::Null;
         }
-        let s = &st.summary;
-        serde_json::json!({
-            "bytes": s.bytes,
-            "max_bytes": s.max_bytes,
-            "segments": s.segments,
-            "full": st.full,
-            "first_batch": s.first_seq,
-            "last_batch": s.last_seq,
-            "first_lsn": s.first_lsn.map(|l| l.to_string()),
-            "last_lsn": s.last_lsn.map(|l| l.to_string()),
-            "first_commit_time": s.first_commit_us.map(crate::enrich::rfc3339_us),
-            "last_commit_time": s.last_commit_us.map(crate::enrich::rfc3339_us),
-            "cursors": st.cursors,
-        })
+        let cursors = serde_json::to_value(&st.cursors).unwrap_or_default();
+        st.summary.to_json(st.full, cursors)
     }
 }

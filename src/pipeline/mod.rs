@@ -1,24 +1,27 @@
-//! Batching, fan-out and ack tracking → the checkpoint (docs/architecture.md, "Fan-out,
-//! batching, back-pressure").
+//! Batching, fan-out, the journal and ack tracking → the checkpoint (docs/architecture.md,
+//! "Fan-out, batching, back-pressure" and "The journal").
 //!
 //! ```text
-//!  source ──register──────────────────────────────► tracker ──► sled (checkpoint + dimension)
-//!     │                                                ▲            │
-//!     ├──Arc<Batch>──► [bounded] ──► sink task A ──ack─┤            ▼
-//!     └──Arc<Batch>──► [bounded] ──► sink task B ──ack─┘      progress watch ──► source
-//!                                                              (update_applied_lsn)
+//!  source ──register──────────────────────────────────────► tracker ──► sled (checkpoint,
+//!     │                                                       ▲  │        dimension, cursors)
+//!     ├──Arc<Batch>──► journal task (append, fsync) ─────ack──┤  ▼
+//!     └──Arc<Batch>──► hub (memory) ──► sink task A ─────ack──┤  drops from the hub,
+//!                          ▲   │ ─────► sink task B ─────ack──┘  progress watch ──► source
+//!          segment files ──┘   (a sink behind the hub reads the journal's files)
 //! ```
 //!
-//! Each sink has its own task and queue. The events in flight (handed to the sinks, not yet
-//! durable in all of them) are bounded by a budget of [`IN_FLIGHT_BATCHES`] × `max_batch_rows`:
-//! a sink may run that far ahead of the slowest, and when the budget is spent the source
-//! waits, and with it the replication stream (back-pressure, never an unbounded queue).
-//! Batches close small when the stream is quiet (latency); a sink that falls behind takes
-//! every batch waiting in its queue, up to `max_batch_rows` events, as one write
-//! (throughput). The tracker sees every
-//! batch registered in order and every sink's acks (each sink acks in order); the longest
-//! prefix that every sink acked is durable, and the checkpoint moves to the last commit in
-//! it, written to sled with that prefix's dimension changes before Postgres hears of it.
+//! Every batch goes to the journal (when on) and into the hub, the batches held in memory.
+//! Each sink has its own task, which reads the batches after its cursor — from the hub while
+//! it keeps up, from the journal's segment files once it fell behind what the hub holds —
+//! and takes what is waiting, up to its write limit, as one write (throughput); batches close
+//! small when the stream is quiet (latency). The hub is bounded by a budget of
+//! [`IN_FLIGHT_BATCHES`] × `max_batch_rows` events: when it is spent the source waits, and
+//! with it the replication stream (back-pressure, never an unbounded queue). The tracker
+//! sees every batch registered in order and every ack (each sink and the journal ack in
+//! order). With the journal the longest journaled prefix is durable and each sink's cursor
+//! is stored; without it, the longest prefix every sink acked. The checkpoint moves to the
+//! last commit in that prefix, written to sled with the prefix's dimension changes before
+//! Postgres hears of it.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -98,7 +101,6 @@ pub struct JournalParts {
 
 /// The batches held in memory, shared by the source (which adds) and the sinks (which read
 /// at their own pace); the tracker drops what is no longer needed there.
-#[derive(Default)]
 pub(super) struct Hub {
     state: Mutex<HubState>,
     /// A batch was added, or the pipeline closed.
@@ -191,19 +193,19 @@ impl Pipeline {
         for (index, sink) in sinks.into_iter().enumerate() {
             let task = SinkTask {
                 index,
+                write_limit: sink.write_limit(max_batch_rows).max(1),
                 sink,
                 hub: hub.clone(),
                 cursor: cursors[index],
                 reader: journal_dir.as_deref().map(journal::Reader::new),
                 journaled: journaled_rx.clone(),
-                write_limit: 0,
                 ack: ack_tx.clone(),
                 metrics: metrics.clone(),
             };
             let fail = fail_tx.clone();
             tasks.spawn(async move {
                 let name = task.sink.name();
-                if let Err(e) = task.run(max_batch_rows).await {
+                if let Err(e) = task.run().await {
                     let _ = fail.send(anyhow!("{name} sink failed: {e}"));
                 }
             });
@@ -407,8 +409,7 @@ enum Next {
 }
 
 impl SinkTask {
-    async fn run(mut self, max_batch_rows: usize) -> Result<(), SinkError> {
-        self.write_limit = self.sink.write_limit(max_batch_rows).max(1);
+    async fn run(mut self) -> Result<(), SinkError> {
         let latency = self.metrics.latency(self.sink.name());
         let mut idle = tokio::time::interval(Duration::from_secs(1));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -418,7 +419,7 @@ impl SinkTask {
             let changed = hub.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let group = match self.take(self.write_limit) {
+            let group = match self.take_after(self.cursor, self.write_limit) {
                 Next::Write(mut group) => {
                     // A sink that lingers waits a little for more.
                     let linger_until = last_write + self.sink.linger();
@@ -470,7 +471,7 @@ impl SinkTask {
             record_latency(&latency, &events);
             let last = group.last().expect("a batch");
             self.cursor = last.seq;
-            if let Some(e) = events.last() {
+            if let (Some(e), Some(_)) = (events.last(), &self.reader) {
                 self.metrics
                     .journal
                     .cursor(self.sink.name(), last.seq, e.source_lsn, e.commit_us);
@@ -478,10 +479,6 @@ impl SinkTask {
             let _ = self.ack.send((self.index, last.seq));
             idle.reset();
         }
-    }
-
-    fn take(&self, max_events: usize) -> Next {
-        self.take_after(self.cursor, max_events)
     }
 
     /// Batches after `after` from memory, up to `max_events` (at least one).

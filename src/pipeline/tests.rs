@@ -134,12 +134,8 @@ fn journal_parts(state: &std::path::Path, store: &StateStore, checkpoint: Lsn) -
     let dir = crate::journal::dir(state);
     let cfg = crate::journal::JournalConfig::default();
     let writer = crate::journal::Writer::open(&dir, &cfg, checkpoint).unwrap();
-    let last = writer.last_seq();
     let saved = store.cursors().unwrap();
-    let cursors = ["gated", "slow"]
-        .iter()
-        .map(|n| saved.iter().find(|(s, _)| s == n).map_or(last, |(_, c)| *c))
-        .collect();
+    let cursors = crate::journal::start_cursors(&writer.summary(), &saved, &["gated", "slow"]);
     JournalParts {
         writer,
         dir,

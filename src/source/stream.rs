@@ -245,28 +245,22 @@ impl Source {
                         .store(wal_end.0, Ordering::Relaxed);
                     // Nothing in flight: confirm the server's position, so an idle database
                     // (or one with writes to other tables only) does not retain WAL.
-                    if tx.is_none() && b.batch.is_empty() && !pipeline.in_flight() {
-                        let lsn = Lsn::from(wal_end);
-                        if lsn > pipeline.progress().borrow().checkpoint {
-                            if let Err(e) = pipeline.mark(lsn) {
-                                return SessionEnd::Fatal(e);
-                            }
+                    if tx.is_none() && b.batch.is_empty() {
+                        if let Err(e) = confirm_when_idle(pipeline, wal_end.into()) {
+                            return SessionEnd::Fatal(e);
                         }
                     }
                 }
-                // A heartbeat (or any message outside a transaction) while nothing is in
-                // flight: confirm its position, as for a keepalive.
+                // A heartbeat (or any message outside a transaction): the same, at its
+                // position.
                 ReplicationEvent::Message {
                     transactional: false,
                     lsn,
                     ..
                 } => {
-                    if tx.is_none() && b.batch.is_empty() && !pipeline.in_flight() {
-                        let lsn = Lsn::from(lsn);
-                        if lsn > pipeline.progress().borrow().checkpoint {
-                            if let Err(e) = pipeline.mark(lsn) {
-                                return SessionEnd::Fatal(e);
-                            }
+                    if tx.is_none() && b.batch.is_empty() {
+                        if let Err(e) = confirm_when_idle(pipeline, lsn.into()) {
+                            return SessionEnd::Fatal(e);
                         }
                     }
                 }
@@ -494,4 +488,13 @@ pub fn classify(e: pgwire_replication::PgWireError) -> SessionEnd {
         }
         _ => SessionEnd::Lost(anyhow::anyhow!("replication stream failed: {text}")),
     }
+}
+
+/// Let the checkpoint move to `lsn` when the pipeline holds nothing unconfirmed: a position
+/// between transactions (a keepalive's, a heartbeat message's) that nothing read waits on.
+fn confirm_when_idle(pipeline: &mut Pipeline, lsn: Lsn) -> anyhow::Result<()> {
+    if !pipeline.in_flight() && lsn > pipeline.progress().borrow().checkpoint {
+        pipeline.mark(lsn)?;
+    }
+    Ok(())
 }
