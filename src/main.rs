@@ -139,7 +139,7 @@ enum Command {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<std::path::PathBuf>,
     },
-    /// Show the checkpoint, the slot (lag, retained WAL, wal_status), each sink's health, the DLQ depth and the last commit time; exit 1 with the reason unless all is well.
+    /// Show the checkpoint, the slot (lag, retained WAL, wal_status), each sink's health, the journal and each sink's cursor in it, the DLQ depth and the last commit time; exit 1 with the reason unless all is well.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]

@@ -433,11 +433,7 @@ impl Writer {
             if !over {
                 return Ok(());
             }
-            if received {
-                // Everything is delivered and young, yet the budget is spent: the budget
-                // wins over retention only for what was delivered, which this is.
-                return Ok(());
-            }
+            // Over the budget, and the oldest segment is not received by every sink.
             return Err(Full {
                 waiting_for: delivered + 1,
             });
