@@ -144,7 +144,15 @@ pub fn check_http_url(key: &str, value: &str) -> Result<(), UsageError> {
 /// password of a URL (`postgres://u:***@h/db`), a `password=` (or `pass=`) query parameter,
 /// and the `password=` of a libpq key=value string (`host=h password=***`, quoted or not).
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    // A URL starts with its scheme; anything else (`host=h ://…`) is libpq's key=value form.
+    let scheme_end = url.find("://").filter(|&e| {
+        let scheme = &url[..e];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    let Some(scheme_end) = scheme_end else {
         return redact_key_values(url);
     };
     let after = &url[scheme_end + 3..];
@@ -333,6 +341,7 @@ mod tests {
                 "host=h password = *** dbname=db",
             ),
             ("password=s3cret", "password=***"),
+            ("host=h :// password=s3cret", "host=h :// password=***"),
             ("host=h user=u", "host=h user=u"),
         ] {
             let r = redact_url(given);
