@@ -73,7 +73,9 @@ counters! {
     transactions_replayed_skipped,
     /// Batches handed to the sinks.
     batches,
-    /// Events the sinks made durable (counted once per batch, when every sink acked it).
+    /// Events every sink made durable (counted once per batch, when every sink acked it; the
+    /// batches of this run only: with the journal, what a sink drains after a restart is
+    /// not counted).
     events_delivered,
     /// Replication sessions started (1 + reconnects).
     replication_sessions,

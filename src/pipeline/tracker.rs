@@ -42,6 +42,9 @@ impl Tracker {
     ) -> anyhow::Result<()> {
         let journal = self.cursor_store.is_some();
         let mut pending: VecDeque<Registration> = VecDeque::new();
+        // Batches (number, events) not yet acked by every sink: `events_delivered` counts
+        // what every sink has, with or without the journal.
+        let mut unacked: VecDeque<(u64, u64)> = VecDeque::new();
         let mut progress = *self.progress_tx.borrow();
         let mut saved: Vec<u64> = self.acked.clone();
         let mut registering = true;
@@ -49,7 +52,10 @@ impl Tracker {
         loop {
             tokio::select! {
                 r = reg_rx.recv(), if registering => match r {
-                    Some(r) => pending.push_back(r),
+                    Some(r) => {
+                        unacked.push_back((r.seq, r.events as u64));
+                        pending.push_back(r);
+                    }
                     None => registering = false,
                 },
                 a = ack_rx.recv(), if acks_open => match a {
@@ -60,12 +66,18 @@ impl Tracker {
             }
             // Take everything else already waiting, so one sled write covers it all.
             while let Ok(r) = reg_rx.try_recv() {
+                unacked.push_back((r.seq, r.events as u64));
                 pending.push_back(r);
             }
             while let Ok((who, seq)) = ack_rx.try_recv() {
                 self.ack(who, seq);
             }
             let all_acked = self.acked.iter().copied().min().unwrap_or(u64::MAX);
+            let mut delivered = 0;
+            while unacked.front().is_some_and(|(seq, _)| *seq <= all_acked) {
+                delivered += unacked.pop_front().expect("front").1;
+            }
+            self.metrics.counters.events_delivered.inc_by(delivered);
             let durable = if journal { self.journaled } else { all_acked };
 
             // Memory: what every sink has is dropped; with the journal, what is journaled
@@ -101,14 +113,12 @@ impl Tracker {
             let mut new_checkpoint = progress.checkpoint;
             let mut last_commit_us = None;
             let mut done = progress.done_seq;
-            let mut events = 0u64;
             while let Some(front) = pending.front() {
                 if !(front.marker || front.seq <= durable) {
                     break;
                 }
                 let r = pending.pop_front().expect("front exists");
                 done = r.seq;
-                events += r.events as u64;
                 changes.extend(r.dim_changes);
                 if let Some(lsn) = r.commit_end {
                     new_checkpoint = new_checkpoint.max(lsn);
@@ -144,7 +154,6 @@ impl Tracker {
                     progress.checkpoint
                 ));
             }
-            self.metrics.counters.events_delivered.inc_by(events);
             progress = Progress {
                 done_seq: done,
                 checkpoint: new_checkpoint,
