@@ -14,7 +14,9 @@
 //! evenly over that many content ids, each with a content row; 3 and 100000 are the other
 //! spreads docs/benchmarks.md reports), `--sinks clickhouse,redis,http` (default all
 //! three), `--rate N` (default 1000), `--seconds N` (default 30), `--tls` (every connection
-//! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too).
+//! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too),
+//! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine). Catch-up ends
+//! when every sink has every event (`events_delivered`), with or without the journal.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -33,6 +35,7 @@ struct Options {
     sinks: Vec<String>,
     rate: u64,
     seconds: u64,
+    journal: bool,
 }
 
 fn options() -> Options {
@@ -43,6 +46,7 @@ fn options() -> Options {
         sinks: vec!["clickhouse".into(), "redis".into(), "http".into()],
         rate: 1000,
         seconds: 30,
+        journal: true,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -65,6 +69,13 @@ fn options() -> Options {
             "--sinks" => o.sinks = v.split(',').map(str::to_string).collect(),
             "--rate" => o.rate = v.parse().expect("--rate N"),
             "--seconds" => o.seconds = v.parse().expect("--seconds N"),
+            "--journal" => {
+                o.journal = match v.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => panic!("--journal on|off"),
+                }
+            }
             other => panic!("unknown option {other}; see the header of benches/e2e.rs"),
         }
         i += 2;
@@ -139,6 +150,9 @@ fn main() {
     } else {
         pg.url("engagement")
     };
+    if !o.journal {
+        sections += "[journal]\nmax_bytes = 0\n";
+    }
     let cfg = TestConfig::new(&pg_url, &sections);
     let setup = cli(Some(&cfg.path), &["setup"], &[]);
     assert_eq!(setup.code, 0, "setup: {setup:?}");
@@ -339,14 +353,15 @@ fn main() {
     println!("## engagement-cdc end-to-end benchmark");
     println!();
     println!(
-        "sinks: {}; backlog {n} events in 1000-row transactions over {} content ids; {}",
+        "sinks: {}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}",
         o.sinks.join(", "),
         o.contents,
         if o.tls {
             "every connection over TLS (verify-full)"
         } else {
             "plaintext connections"
-        }
+        },
+        if o.journal { "on" } else { "off" }
     );
     println!();
     println!("| measure | value |");
