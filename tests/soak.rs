@@ -455,7 +455,7 @@ fn clickhouse_outage_under_steady_load() {
     let started = Instant::now();
     let mut max_retained_in_outage = 0i64;
     let mut lsn_5s_before_end = String::new();
-    let (mut at_stop, mut at_return) = ((0, 0), (0, 0));
+    let mut at_stop = (0, 0);
     let mut api_at_stop = (0, 0);
     let mut drain = None;
     let mut ch_at_stop = 0;
@@ -479,7 +479,7 @@ fn clickhouse_outage_under_steady_load() {
         }
         if t == warmup + outage {
             let m = http_get(cfg.server_port, "/metrics").unwrap_or_default();
-            at_return = within_1s(&m, "redis");
+            let at_return = within_1s(&m, "redis");
             let api_now = within_1s(&m, "http");
             let confirmed = sql(&format!(
                 "SELECT confirmed_flush_lsn >= '{lsn_5s_before_end}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'"
