@@ -62,6 +62,8 @@ pub struct Batch {
     pub dim_changes: Vec<DimChange>,
     /// Budget permits it holds while in memory.
     pub permits: usize,
+    /// When it was put in memory.
+    pub added: Option<std::time::Instant>,
 }
 
 impl Batch {
@@ -290,6 +292,7 @@ impl Pipeline {
         self.last_seq += 1;
         batch.seq = self.last_seq;
         batch.permits = want;
+        batch.added = Some(std::time::Instant::now());
         self.register
             .send(Registration {
                 seq: batch.seq,
@@ -532,6 +535,7 @@ impl SinkTask {
                     last_commit_us: r.last_commit_us,
                     dim_changes: Vec::new(),
                     permits: 0,
+                    added: None,
                 })
             })
             .collect())

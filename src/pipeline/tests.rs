@@ -52,6 +52,7 @@ fn batch(ids: &[i64], commit: Option<u64>, changes: Vec<DimChange>) -> Batch {
         last_commit_us: commit.map(|c| c as i64),
         dim_changes: changes,
         permits: 0,
+        added: None,
     }
 }
 

@@ -15,6 +15,10 @@ use super::{Hub, Progress, Registration};
 use crate::ops::metrics::Metrics;
 use crate::state::{CheckpointStore, CursorStore};
 
+/// How long a batch waits in memory for a sink before, with memory half full, that sink is
+/// left to read it from the journal.
+pub(super) const STALLED: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) struct Tracker {
     pub sinks: usize,
     pub names: Vec<&'static str>,
@@ -49,6 +53,8 @@ impl Tracker {
         let mut saved: Vec<u64> = self.acked.clone();
         let mut registering = true;
         let mut acks_open = true;
+        let mut stall_check = tokio::time::interval(STALLED / 4);
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 r = reg_rx.recv(), if registering => match r {
@@ -62,6 +68,9 @@ impl Tracker {
                     Some((who, seq)) => self.ack(who, seq),
                     None => acks_open = false,
                 },
+                // Batches age in memory while nothing else happens (a stalled sink, the
+                // source waiting for room): look again.
+                _ = stall_check.tick(), if journal && (registering || acks_open) => {}
                 else => break,
             }
             // Take everything else already waiting, so one sled write covers it all.
@@ -80,11 +89,17 @@ impl Tracker {
             self.metrics.counters.events_delivered.inc_by(delivered);
             let durable = if journal { self.journaled } else { all_acked };
 
-            // Memory: what every sink has is dropped; with the journal, what is journaled
-            // is dropped too once memory is half full (a sink behind reads the file).
+            // Memory: what every sink has is dropped. With the journal, a batch that is
+            // journaled and has waited STALLED for a sink is dropped too once memory is half
+            // full: that sink reads it from the file later, and the others go on. A sink that
+            // is merely slower (a catch-up) keeps reading from memory under back-pressure.
             let (journaled, half) = (self.journaled, self.budget_size / 2);
             let permits = self.hub.drop_front(|b, held| {
-                b.seq <= all_acked || (journal && b.seq <= journaled && held > half)
+                b.seq <= all_acked
+                    || (journal
+                        && b.seq <= journaled
+                        && held > half
+                        && b.added.is_some_and(|t| t.elapsed() >= STALLED))
             });
             self.budget.add_permits(permits);
 
