@@ -904,6 +904,14 @@ fn the_dashboard_draws_live_charts_in_a_real_browser() {
         dom.contains("class=\"badge delivering\">streaming"),
         "{dom}"
     );
+    // The journal's card: its extent and every sink caught up.
+    for sink in ["clickhouse", "redis", "http"] {
+        assert!(
+            dom.contains(&format!("class=\"journal-{sink}\">0 batches behind")),
+            "{dom}"
+        );
+    }
+    assert!(dom.contains("class=\"journal-holds\">LSN "), "{dom}");
     // Values change after an insert.
     env.insert_n(120);
     env.assert_exact(true);

@@ -272,12 +272,13 @@ impl Pipeline {
         if batch.is_empty() {
             return Ok(());
         }
-        let marker = batch.events.is_empty();
-        let want = if marker {
-            0
-        } else {
-            batch.events.len().min(self.budget_size)
-        };
+        let has_events = !batch.events.is_empty();
+        // With the journal, a commit is journaled even without events: the batches before it
+        // may hold part of its transaction, and only this record says it committed (the
+        // journal is cut after the last commit at open). Without it, it is a marker.
+        let journaled = self.journal_tx.is_some() && (has_events || batch.commit_end.is_some());
+        let marker = !has_events && !journaled;
+        let want = batch.events.len().min(self.budget_size);
         if want > 0 {
             // Wait for room in the in-flight budget (back-pressure).
             tokio::select! {
@@ -306,19 +307,22 @@ impl Pipeline {
         if marker {
             return Ok(());
         }
-        self.metrics.counters.batches.inc();
         let batch = Arc::new(batch);
-        if let Some(tx) = &self.journal_tx {
+        if journaled {
+            let tx = self.journal_tx.as_ref().expect("the journal is on");
             if tx.send(batch.clone()).is_err() {
                 return Err(self.failure().await);
             }
         }
-        {
-            let mut st = self.hub.lock();
-            st.events += batch.events.len();
-            st.batches.push_back(batch);
+        if has_events {
+            self.metrics.counters.batches.inc();
+            {
+                let mut st = self.hub.lock();
+                st.events += batch.events.len();
+                st.batches.push_back(batch);
+            }
+            self.hub.changed.notify_waiters();
         }
-        self.hub.changed.notify_waiters();
         Ok(())
     }
 
@@ -468,10 +472,13 @@ impl SinkTask {
                 .await;
                 continue;
             }
-            last_write = tokio::time::Instant::now();
             let events: Vec<&EnrichedEvent> = group.iter().flat_map(|b| b.events.iter()).collect();
-            self.sink.deliver(&events).await?;
-            record_latency(&latency, &events);
+            // Commit records read from the journal carry no events: nothing to write.
+            if !events.is_empty() {
+                last_write = tokio::time::Instant::now();
+                self.sink.deliver(&events).await?;
+                record_latency(&latency, &events);
+            }
             let last = group.last().expect("a batch");
             self.cursor = last.seq;
             if let (Some(e), Some(_)) = (events.last(), &self.reader) {

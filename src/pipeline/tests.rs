@@ -261,3 +261,48 @@ async fn with_the_journal_a_dead_sink_holds_neither_the_checkpoint_nor_the_other
     let cursors = store.cursors().unwrap();
     assert!(cursors.contains(&("slow".into(), 31)), "{cursors:?}");
 }
+
+/// A transaction cut across batches whose commit comes in a batch without events: the
+/// commit is journaled too, so the events before it survive the journal's cut at the next
+/// start (which keeps only what a journaled commit closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_without_events_is_journaled_and_keeps_its_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(GatedSink {
+            gate: Arc::new(Gate::new(100)),
+            seen: Arc::default(),
+        }),
+        // Away: it must find the events in the journal after the restart.
+        Box::new(SlowSink(GatedSink {
+            gate: Arc::new(Gate::new(0)),
+            seen: Arc::default(),
+        })),
+    ];
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        100,
+        Some(journal_parts(dir.path(), &store, Lsn(10))),
+    );
+    p.send(batch(&[1, 2], None, vec![])).await.unwrap();
+    p.send(batch(&[], Some(20), vec![])).await.unwrap();
+    assert_eq!(p.drain().await.unwrap().checkpoint, Lsn(20));
+    p.close(Duration::from_secs(1)).await;
+    // The next start opens the journal at the checkpoint.
+    let parts = journal_parts(dir.path(), &store, Lsn(20));
+    assert_eq!(parts.writer.last_seq(), 2);
+    let records = crate::journal::Reader::new(&parts.dir)
+        .read(0, u64::MAX, usize::MAX)
+        .unwrap();
+    let ids: Vec<i64> = records
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.event_id))
+        .collect();
+    assert_eq!(ids, [1, 2]);
+    assert_eq!(records.last().unwrap().commit_end, Some(Lsn(20)));
+}
