@@ -15,8 +15,11 @@
 //! spreads docs/benchmarks.md reports), `--sinks clickhouse,redis,http` (default all
 //! three), `--rate N` (default 1000), `--seconds N` (default 30), `--tls` (every connection
 //! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too),
-//! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine). Catch-up ends
-//! when every sink has every event (`events_delivered`), with or without the journal.
+//! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--first
+//! engine|recvlogical` (which catch-up reads first; `recvlogical` by default —
+//! `scripts/bench.sh` alternates). Catch-up ends when every sink has every event
+//! (`events_delivered`), with or without the journal. CPU is reported per process, in
+//! seconds and in µs per event.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -36,6 +39,8 @@ struct Options {
     rate: u64,
     seconds: u64,
     journal: bool,
+    /// Which catch-up reads first: `pg_recvlogical` (`recvlogical`) or the `engine`.
+    engine_first: bool,
 }
 
 fn options() -> Options {
@@ -47,6 +52,7 @@ fn options() -> Options {
         rate: 1000,
         seconds: 30,
         journal: true,
+        engine_first: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -74,6 +80,13 @@ fn options() -> Options {
                     "on" => true,
                     "off" => false,
                     _ => panic!("--journal on|off"),
+                }
+            }
+            "--first" => {
+                o.engine_first = match v.as_str() {
+                    "engine" => true,
+                    "recvlogical" => false,
+                    _ => panic!("--first engine|recvlogical"),
                 }
             }
             other => panic!("unknown option {other}; see the header of benches/e2e.rs"),
@@ -190,91 +203,114 @@ fn main() {
     );
 
     // Raw: pg_recvlogical to the end of the backlog.
-    let t = Instant::now();
-    let out = pg
-        .client(&format!("{PG_BIN}/pg_recvlogical"), "engagement")
-        .args([
-            "--slot",
-            "bench_raw",
-            "--start",
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=engagement_cdc",
-        ])
-        .args(["--endpos", &end, "-f", "/dev/null"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_recvlogical: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let raw_secs = t.elapsed().as_secs_f64();
-    let raw_rate = n as f64 / raw_secs;
+    let raw = || {
+        let t = Instant::now();
+        let out = pg
+            .client(&format!("{PG_BIN}/pg_recvlogical"), "engagement")
+            .args([
+                "--slot",
+                "bench_raw",
+                "--start",
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=engagement_cdc",
+            ])
+            .args(["--endpos", &end, "-f", "/dev/null"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_recvlogical: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let raw_secs = t.elapsed().as_secs_f64();
+        let raw_rate = n as f64 / raw_secs;
+        (raw_secs, raw_rate)
+    };
 
     // Engine: from start to checkpoint past the end.
     let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
-    let servers = [
-        ("clickhouse", ch.pid()),
-        ("redis", redis.pid()),
-        ("mock-api", api.pid()),
-    ];
-    let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu_seconds(*p)).collect();
-    let t = Instant::now();
-    let engine = Engine::spawn_with(
-        &cfg.path,
-        &["run"],
-        &[("ENGAGEMENT_CDC_LOG", "warn")],
-        Stdout::Discard,
-    );
-    // BENCH_PERF=FILE: record a CPU profile of the engine's catch-up with perf.
-    let perf = std::env::var("BENCH_PERF").ok().map(|file| {
-        Command::new("perf")
-            .args([
-                "record",
-                "-F",
-                "2000",
-                "-g",
-                "--call-graph",
-                "dwarf,16384",
-                "-o",
-                &file,
-                "-p",
-            ])
-            .arg(engine.pid().to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("perf")
-    });
-    let done = |cfg: &TestConfig| {
-        cfg.counter("events_delivered")
-            .filter(|d| *d >= n)
-            .map(|_| ())
+    let catch_up = || {
+        let servers = [
+            ("clickhouse", ch.pid()),
+            ("redis", redis.pid()),
+            ("mock-api", api.pid()),
+        ];
+        let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        let t = Instant::now();
+        let engine = Engine::spawn_with(
+            &cfg.path,
+            &["run"],
+            &[("ENGAGEMENT_CDC_LOG", "warn")],
+            Stdout::Discard,
+        );
+        // BENCH_PERF=FILE: record a CPU profile of the engine's catch-up with perf.
+        let perf = std::env::var("BENCH_PERF").ok().map(|file| {
+            Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "2000",
+                    "-g",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-o",
+                    &file,
+                    "-p",
+                ])
+                .arg(engine.pid().to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
+        let done = |cfg: &TestConfig| {
+            cfg.counter("events_delivered")
+                .filter(|d| *d >= n)
+                .map(|_| ())
+        };
+        wait_for("the engine to catch up", Duration::from_secs(1800), || {
+            done(&cfg)
+        });
+        let engine_secs = t.elapsed().as_secs_f64();
+        if let Some(mut p) = perf {
+            unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+            let _ = p.wait();
+        }
+        let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
+        let engine_cpu = cpu_seconds(engine.pid());
+        // The walsender was started for this session: all its CPU time is the catch-up's.
+        let walsender: i32 =
+            sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
+                .parse()
+                .unwrap_or(0);
+        let pg_cpu = cpu(&[walsender]);
+        let server_cpu: Vec<(&str, f64)> = servers
+            .iter()
+            .zip(&servers_before)
+            .map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before))
+            .collect();
+        (
+            engine,
+            engine_secs,
+            peak_catch_up_mb,
+            engine_cpu,
+            pg_cpu,
+            server_cpu,
+        )
     };
-    wait_for("the engine to catch up", Duration::from_secs(1800), || {
-        done(&cfg)
-    });
-    let engine_secs = t.elapsed().as_secs_f64();
-    if let Some(mut p) = perf {
-        unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
-        let _ = p.wait();
-    }
+    let (
+        (raw_secs, raw_rate),
+        (engine, engine_secs, peak_catch_up_mb, engine_cpu, pg_cpu, server_cpu),
+    ) = if o.engine_first {
+        let e = catch_up();
+        (raw(), e)
+    } else {
+        let r = raw();
+        (r, catch_up())
+    };
     let engine_rate = n as f64 / engine_secs;
-    let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
-    let engine_cpu = cpu_seconds(engine.pid());
-    // The walsender was started for this session: all its CPU time is the catch-up's.
-    let walsender: i32 =
-        sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
-            .parse()
-            .unwrap_or(0);
-    let pg_cpu = cpu(&[walsender]);
-    let server_cpu: Vec<(&str, f64)> = servers
-        .iter()
-        .zip(&servers_before)
-        .map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before))
-        .collect();
     // Steady state: ClickHouse done merging the backlog's parts, Postgres done vacuuming and
     // analyzing the backlog.
     sql("VACUUM ANALYZE engagement_events");
@@ -363,6 +399,14 @@ fn main() {
         },
         if o.journal { "on" } else { "off" }
     );
+    println!(
+        "read first: {}",
+        if o.engine_first {
+            "the engine, then pg_recvlogical"
+        } else {
+            "pg_recvlogical, then the engine"
+        }
+    );
     println!();
     println!("| measure | value |");
     println!("|---|---|");
@@ -383,6 +427,16 @@ fn main() {
         "| CPU seconds during catch-up | {cpu_line} (of {:.2} s × 2 cores) |",
         engine_secs
     );
+    let per_event = |c: f64| c * 1e6 / n as f64;
+    let mut per_event_line = format!(
+        "engine {:.2}, walsender {:.2}",
+        per_event(engine_cpu),
+        per_event(pg_cpu)
+    );
+    for (name, c) in &server_cpu {
+        per_event_line += &format!(", {name} {:.2}", per_event(*c));
+    }
+    println!("| CPU µs per event during catch-up | {per_event_line} |");
     println!(
         "| RSS at steady state ({} events/s for {} s) | {steady_rss_mb:.1} MB |",
         o.rate, o.seconds

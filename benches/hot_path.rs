@@ -10,7 +10,7 @@ use std::time::Instant;
 use engagement_cdc::config::{HttpMode, QualifiedTable};
 use engagement_cdc::enrich::{enrich, ContentRow, Dimension, EnrichedEvent};
 use engagement_cdc::sinks::http::requests;
-use engagement_cdc::sinks::redis::script_args;
+use engagement_cdc::sinks::redis::{script_args, CallContext};
 use engagement_cdc::source::pgoutput::{Message, RelColumn, Relation, Tuple, Value};
 use engagement_cdc::source::rows::{decode_event, RelKind, Relations, Zone};
 use engagement_cdc::source::schema::{ContentColumns, EventColumns, TypeCatalog};
@@ -141,9 +141,16 @@ fn main() {
         }
         total
     });
-    bench("redis script arguments (5000-event calls)", N, || {
-        refs.chunks(5000)
-            .map(|c| script_args("", c, 1_767_882_112_000_000).1.len())
+    let hours = [("2026010814".to_string(), 0, 0)];
+    let ctx = CallContext {
+        namespace: "engagement_cdc",
+        hours: &hours,
+        log_ttl: 90_000,
+        rebuild_top: true,
+    };
+    bench("redis script arguments (20000-event calls)", N, || {
+        refs.chunks(20_000)
+            .map(|c| script_args("", &ctx, c, 1_767_882_112_000_000).len())
             .sum::<usize>()
     });
     bench("http request bodies (500-event batches)", N, || {

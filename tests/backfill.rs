@@ -303,3 +303,67 @@ fn a_terminal_gets_a_progress_bar() {
         "{text}"
     );
 }
+
+/// A backfill over events committed while the engine was stopped applies them to Redis
+/// first; the stream, when it reaches them, must count none of them again (the batch meets
+/// the backfilled ids and is checked event by event), and a second backfill changes nothing.
+#[test]
+fn backfill_before_the_stream_reaches_the_events_then_the_stream() {
+    let env = env();
+    env.setup();
+    let insert = |from: u32, to: u32| {
+        env.sql(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device, event_ts)
+             SELECT 1 + g % 3, g, 'play', 1000, 'web', '2026-01-08 09:00:00+00'::timestamptz + g * interval '1 second'
+             FROM generate_series({from}, {to}) g"
+        ));
+    };
+    let mut engine = Engine::spawn(&env.cfg.path, &["run"], &[]);
+    insert(1, 300);
+    wait_for("the stream to deliver", T, || {
+        (env.cfg.counter("events_delivered") == Some(300)).then_some(())
+    });
+    assert_eq!(engine.terminate(), 0);
+    // Committed while the engine is stopped: the slot holds them for the stream.
+    insert(301, 700);
+    let range = [
+        "--start",
+        "2026-01-08T09:00:00Z",
+        "--end",
+        "2026-01-08T11:00:00Z",
+        "--batch-size",
+        "150",
+    ];
+    let run = env.backfill(&range);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        last_line(&run),
+        "Backfill done. scanned=700 inserted=400 duplicates=300"
+    );
+    let want = ("233".to_string(), "234".to_string(), "233".to_string());
+    assert_eq!((env.count(1), env.count(2), env.count(3)), want);
+    let mut engine = Engine::spawn(&env.cfg.path, &["run"], &[]);
+    wait_for("the stream to deliver the 400 backfilled events", T, || {
+        (env.cfg.counter("events_delivered") == Some(400)).then_some(())
+    });
+    assert_eq!((env.count(1), env.count(2), env.count(3)), want);
+    // More events after them are counted once each.
+    insert(701, 760);
+    wait_for("the stream to deliver 60 more", T, || {
+        (env.cfg.counter("events_delivered") == Some(460)).then_some(())
+    });
+    assert_eq!(
+        (env.count(1), env.count(2), env.count(3)),
+        ("253".to_string(), "254".to_string(), "253".to_string())
+    );
+    assert_eq!(engine.terminate(), 0);
+    let again = env.backfill(&range);
+    assert_eq!(
+        last_line(&again),
+        "Backfill done. scanned=760 inserted=0 duplicates=760"
+    );
+    assert_eq!(
+        env.ch("SELECT count(), countIf(source_lsn > 0) FROM engagement.events_enriched FINAL"),
+        "760\t760"
+    );
+}

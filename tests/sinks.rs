@@ -1421,3 +1421,88 @@ fn a_sink_behind_reads_the_joins_of_the_first_read_from_the_journal() {
     assert_eq!(rows, format!("{a}\tvideo\t0.05\n{b}\ttrailer\t0.1"));
     env.assert_exact(false);
 }
+
+/// The Redis exactly-once state: small per event whatever the ids' spacing (dense from the
+/// sequence, then 10^9 apart), never growing past the dedup horizon (every log has a TTL),
+/// and a stream position as the only key kept for good. Prints the figures that
+/// docs/benchmarks.md quotes ("Redis memory for exactly-once state").
+#[test]
+fn redis_exactly_once_state_is_small_for_sparse_ids_and_expires() {
+    const N: u64 = 20_000;
+    let env = env(MockApi::start(&[]), "m:", "");
+    let mut engine = env.engine();
+    let state_bytes = || -> u64 {
+        env.redis
+            .cli(&["--scan", "--pattern", "m:engagement_cdc:*"])
+            .lines()
+            .map(|k| {
+                env.redis
+                    .cli(&["MEMORY", "USAGE", k, "SAMPLES", "0"])
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let used_memory = || -> u64 {
+        env.redis
+            .cli(&["INFO", "memory"])
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .expect("used_memory")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut figures = Vec::new();
+    for (name, id) in [
+        (
+            "dense (the sequence)",
+            "nextval('engagement_events_id_seq')",
+        ),
+        (
+            "sparse (10^9 apart)",
+            "1000000000000000 + g::bigint * 1000000000",
+        ),
+    ] {
+        let (state0, used0, total0) = (state_bytes(), used_memory(), env.total());
+        // 1000-row transactions, as the benchmark's backlog.
+        for t in 0..N / 1000 {
+            env.sql(&format!(
+                "INSERT INTO engagement_events (id, content_id, user_id, event_type, duration_ms, device)
+                 SELECT {id}, 1 + g % 3, g, 'play', 1000, 'web'
+                 FROM generate_series({}, {}) g",
+                t * 1000 + 1,
+                t * 1000 + 1000
+            ));
+        }
+        wait_for("Redis to count every event", T, || {
+            (env.redis_counts().values().sum::<u64>() == total0 + N).then_some(())
+        });
+        let state = state_bytes() - state0;
+        let used = used_memory().saturating_sub(used0);
+        let per_event = state as f64 / N as f64;
+        figures.push(format!(
+            "{name}: {N} events, exactly-once state +{state} bytes ({per_event:.2} bytes/event), used_memory +{used} bytes ({:.2} bytes/event)",
+            used as f64 / N as f64
+        ));
+        assert!(per_event <= 64.0, "{name}: {per_event} bytes an event");
+    }
+    println!("{}", figures.join("\n"));
+    assert_eq!(env.redis_counts(), env.pg_counts());
+    // Everything but the position expires: nothing grows for good.
+    let keys = env
+        .redis
+        .cli(&["--scan", "--pattern", "m:engagement_cdc:*"]);
+    let mut logs = 0;
+    for k in keys.lines() {
+        let ttl: i64 = env.redis.cli(&["TTL", k]).parse().unwrap();
+        if k == "m:engagement_cdc:pos" {
+            assert_eq!(ttl, -1, "{k}");
+        } else {
+            logs += 1;
+            assert!(ttl > 0 && ttl <= 25 * 3600, "{k} has TTL {ttl}");
+        }
+    }
+    assert!(logs >= 1, "no id log in:\n{keys}");
+    assert_eq!(engine.terminate(), 0);
+}

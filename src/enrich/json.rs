@@ -167,6 +167,7 @@ fn parse_event(v: &serde_json::Value) -> Result<EnrichedEvent, String> {
         engagement_pct_hundredths: opt_decimal("engagement_pct", 2)?,
         source_lsn: Lsn(0),
         commit_us: 0,
+        tx_index: 0,
     })
 }
 
@@ -210,7 +211,7 @@ mod tests {
                 event_ts_us: ts, duration_ms: duration, device,
                 content_type: kind.map(Into::into), length_seconds: length,
                 engagement_ms: ms, engagement_pct_hundredths: pct,
-                source_lsn: Lsn(0), commit_us: 0,
+                source_lsn: Lsn(0), commit_us: 0, tx_index: 0,
             };
             let one = e.to_json();
             let back = parse_events(&one).unwrap();

@@ -109,6 +109,10 @@ pub struct EnrichedEvent {
     /// Commit time of the transaction (µs since 1970) for streamed events, 0 for backfilled
     /// ones: the start of the commit-to-sink latency.
     pub commit_us: i64,
+    /// Place of the event among the changes to the events table in its transaction, from
+    /// 0 (0 for backfilled ones): with `source_lsn`, its position in the stream — the order
+    /// the Redis sink's watermark follows (docs/sinks.md, "Redis").
+    pub tx_index: u32,
 }
 
 /// What [`enrich`] noticed, for counters.
@@ -148,6 +152,7 @@ pub fn enrich(
         engagement_pct_hundredths,
         source_lsn,
         commit_us: 0,
+        tx_index: 0,
     };
     (enriched, notes)
 }

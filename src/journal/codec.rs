@@ -8,6 +8,9 @@ use std::sync::Arc;
 use crate::enrich::EnrichedEvent;
 use crate::types::Lsn;
 
+/// The flag on the event count of records whose events carry `tx_index`.
+const WITH_TX_INDEX: u64 = 1 << 63;
+
 /// Bytes before each payload.
 pub const HEADER: usize = 8;
 
@@ -51,7 +54,9 @@ pub fn encode(
     put_u64(out, seq);
     put_u64(out, commit_end.map_or(0, |l| l.0));
     put_i64(out, last_commit_us.unwrap_or(i64::MIN));
-    put_u64(out, events.len() as u64);
+    // The high bit marks this format (each event ends with its `tx_index`); records of
+    // the first format (without it) are still read.
+    put_u64(out, events.len() as u64 | WITH_TX_INDEX);
     for e in events {
         put_i64(out, e.event_id);
         put_i64(out, e.content_id);
@@ -66,6 +71,7 @@ pub fn encode(
         put_opt_i64(out, e.engagement_pct_hundredths);
         put_u64(out, e.source_lsn.0);
         put_i64(out, e.commit_us);
+        out.extend_from_slice(&e.tx_index.to_le_bytes());
     }
     let len = (out.len() - start - HEADER) as u32;
     let crc = crc32fast::hash(&out[start + HEADER..]);
@@ -93,7 +99,9 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
         i64::MIN => None,
         t => Some(t),
     };
-    let n = r.u64()? as usize;
+    let n = r.u64()?;
+    let with_index = n & WITH_TX_INDEX != 0;
+    let n = (n & !WITH_TX_INDEX) as usize;
     let mut events = Vec::with_capacity(n.min(payload.len() / 64 + 1));
     for _ in 0..n {
         events.push(EnrichedEvent {
@@ -110,7 +118,24 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             engagement_pct_hundredths: r.opt_i64()?,
             source_lsn: Lsn(r.u64()?),
             commit_us: r.i64()?,
+            tx_index: if with_index { r.u32()? } else { 0 },
         });
+    }
+    if !with_index {
+        // The first format: number the events of each transaction within the record (a
+        // transaction cut across records then repeats indices; only journals written
+        // before this format can have that).
+        let mut last = (Lsn(0), 0u32);
+        for e in &mut events {
+            if e.source_lsn.0 > 0 {
+                last = if last.0 == e.source_lsn {
+                    (last.0, last.1 + 1)
+                } else {
+                    (e.source_lsn, 0)
+                };
+                e.tx_index = last.1;
+            }
+        }
     }
     (r.at == payload.len()).then_some(Record {
         seq,
@@ -167,6 +192,10 @@ impl<'a> Cursor<'a> {
 
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
 
     fn i64(&mut self) -> Option<i64> {

@@ -89,6 +89,9 @@ struct Tx {
     /// messages only.
     replayed: bool,
     dim_changes: Vec<DimChange>,
+    /// Inserts into the events table seen so far (skipped rows included, so an event's
+    /// index depends only on the WAL).
+    inserts: u32,
 }
 
 struct Builder {
@@ -207,6 +210,7 @@ impl Source {
                         commit_us: commit_time_micros + PG_EPOCH_OFFSET_US,
                         replayed: commit_lsn < checkpoint,
                         dim_changes: Vec::new(),
+                        inserts: 0,
                     });
                 }
                 ReplicationEvent::Commit {
@@ -299,6 +303,8 @@ impl Source {
             Message::Insert { relation, new } => match kind(&self.relations, relation)? {
                 RelKind::Events(pos) => match decode_event(&new, &pos, &self.zone) {
                     Ok((raw, unfit)) => {
+                        let tx_index = tx.inserts;
+                        tx.inserts += 1;
                         if let Some(why) = unfit {
                             self.metrics.counters.invalid_values.inc();
                             self.unfit_log.note(
@@ -309,6 +315,7 @@ impl Source {
                         let content = self.dimension.get(raw.content_id);
                         let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
                         event.commit_us = tx.commit_us;
+                        event.tx_index = tx_index;
                         self.metrics.counters.events_streamed.inc();
                         if notes.unknown_content {
                             self.metrics.counters.events_unknown_content.inc();
@@ -323,6 +330,7 @@ impl Source {
                         b.started.get_or_insert_with(Instant::now);
                     }
                     Err(why) => {
+                        tx.inserts += 1;
                         self.metrics.counters.events_invalid.inc();
                         tracing::warn!(
                             "skipped an event row in the transaction committed at {}: {why}",

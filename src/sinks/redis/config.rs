@@ -29,6 +29,10 @@ pub struct RedisConfig {
     pub cert_file: Option<PathBuf>,
     #[serde(with = "empty_is_none")]
     pub key_file: Option<PathBuf>,
+    /// How long the ids of applied events are kept for a backfill to recognise them
+    /// (docs/sinks.md, "Redis"): a backfill over events applied longer ago applies them
+    /// again. Replays of the stream are recognised whatever their age.
+    pub dedup_horizon: String,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -43,6 +47,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
+            .field("dedup_horizon", &self.dedup_horizon)
             .finish()
     }
 }
@@ -59,6 +64,7 @@ impl Default for RedisConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            dedup_horizon: "24h".into(),
         }
     }
 }
@@ -73,7 +79,25 @@ impl RedisConfig {
         }
         self.password()?;
         self.tls()?;
+        self.dedup_horizon()?;
         Ok(())
+    }
+
+    /// `dedup_horizon` as a duration: at least an hour.
+    pub fn dedup_horizon(&self) -> Result<std::time::Duration, UsageError> {
+        let d = humantime::parse_duration(self.dedup_horizon.trim()).map_err(|e| {
+            UsageError::new(format!(
+                "redis.dedup_horizon {:?} is not a duration ({e}); write it like \"24h\" or \"7days\"",
+                self.dedup_horizon
+            ))
+        })?;
+        if d < std::time::Duration::from_secs(3600) {
+            return Err(UsageError::new(format!(
+                "redis.dedup_horizon {:?} is shorter than an hour; the id logs are kept per hour, so use at least \"1h\"",
+                self.dedup_horizon
+            )));
+        }
+        Ok(d)
     }
 
     /// `password` or the contents of `password_file`.

@@ -1,15 +1,18 @@
 //! Sink B — Redis (docs/sinks.md, "Redis"), exactly once in effect.
 //!
-//! Each batch is one Lua script (`apply_batch.lua`, run with EVALSHA and reloaded on
-//! NOSCRIPT) that sets one dedup bit per event id and applies only the new events' effects,
-//! aggregated per content and minute: one INCRBY per content, one ZINCRBY per bucket and
-//! content, one SET of `content:last` per content, then rebuilds `top:content:10m`. The
-//! bit and the effects change together, so a replay, a backfill overlap or `fred`
-//! re-sending the script after a reconnect changes nothing.
+//! Each write is one Lua script (`apply_batch.lua`, run with EVALSHA and reloaded on
+//! NOSCRIPT) that applies only the new events' effects, aggregated here per content and
+//! minute: one INCRBY per content, one ZINCRBY per bucket and content, one SET of
+//! `content:last` per content, then rebuilds `top:content:10m`. Streamed events are new
+//! when their position (commit LSN, index in the transaction) is after the one the script
+//! keeps with the effects; backfilled ones when the id logs of the dedup horizon do not hold
+//! them (docs/sinks.md, "Redis"). So a replay, a backfill overlap or `fred` re-sending the
+//! script after a reconnect changes nothing.
 //!
 //! Keys (after `key_prefix`): `content:last:{id}`, `content:count:{id}`,
-//! `top:content:bucket:{YYYYMMDDHHMM}`, `top:content:10m`, and the dedup bitmaps
-//! `engagement_cdc:seen:{id / 2^20}` (128 KB per million ids, no expiry).
+//! `top:content:bucket:{YYYYMMDDHHMM}`, `top:content:10m`, and the exactly-once state
+//! `engagement_cdc:pos`, `engagement_cdc:ids:{hour}`, `engagement_cdc:bfids:{hour}`,
+//! `engagement_cdc:bf`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,8 +35,9 @@ pub use config::RedisConfig;
 
 const APPLY_BATCH: &str = include_str!("apply_batch.lua");
 
-/// Events per script call: bounds how long one call holds Redis.
-const EVENTS_PER_CALL: usize = 5000;
+/// Events per script call: bounds how long one call holds Redis (a few milliseconds in the
+/// common case, where the script's work is per content, not per event).
+const EVENTS_PER_CALL: usize = 20_000;
 
 /// Buckets kept: the current minute and the 14 before it (EXPIRE 900).
 const RETENTION_MINUTES: i64 = 15;
@@ -51,7 +55,14 @@ pub struct RedisSink {
     last_top: Option<Instant>,
     metrics: Arc<Metrics>,
     retry: RetryPolicy,
+    /// How long the id logs are kept (`redis.dedup_horizon`).
+    horizon: Duration,
+    /// What a backfill has read of the logs (None until its first call).
+    view: Option<LogView>,
 }
+
+/// The namespace of the exactly-once state on one Redis.
+const NAMESPACE: &str = "engagement_cdc";
 
 /// `YYYYMMDDHHMM` of the UTC minute containing `us` (µs since 1970).
 pub fn minute_key(us: i64) -> String {
@@ -71,61 +82,241 @@ fn sortable_ts(us: i64) -> String {
     )
 }
 
-/// The script's ARGV for `events`, at wall-clock time `now_us`: the text arguments, and the
-/// per-event binary string that goes last (16 bytes an event, read with `struct.unpack`).
-pub fn script_args(prefix: &str, events: &[&EnrichedEvent], now_us: i64) -> (Vec<String>, Vec<u8>) {
+/// An event id in the script's sortable form: 16 hex digits, the sign bit flipped.
+fn hex_id(id: i64) -> String {
+    format!("{:016x}", (id as u64) ^ (1 << 63))
+}
+
+/// A streamed event's position: commit LSN and index in its transaction, 24 hex digits.
+fn position(e: &EnrichedEvent) -> String {
+    format!("{:016x}{:08x}", e.source_lsn.0, e.tx_index)
+}
+
+/// `YYYYMMDDHH` of the UTC hour containing `us`.
+fn hour_key(us: i64) -> String {
+    let p = utc_parts(us);
+    format!("{:04}{:02}{:02}{:02}", p.year, p.month, p.day, p.hour)
+}
+
+/// The ids as runs of consecutive ids (12 bytes each: first id, length; big-endian).
+fn id_runs(events: &[&EnrichedEvent]) -> Vec<u8> {
+    let mut ids: Vec<i64> = events.iter().map(|e| e.event_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = Vec::with_capacity(12 * 4);
+    let mut k = 0;
+    while k < ids.len() {
+        let first = ids[k];
+        let mut len: u32 = 1;
+        while k + (len as usize) < ids.len()
+            && len < u32::MAX
+            && ids[k + len as usize] == first.wrapping_add(len as i64)
+            && first.checked_add(len as i64).is_some()
+        {
+            len += 1;
+        }
+        out.extend_from_slice(&first.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        k += len as usize;
+    }
+    out
+}
+
+/// What the script needs besides the events: where its state lives and, for a backfill,
+/// how much of each log the engine has already read.
+pub struct CallContext<'a> {
+    /// `engagement_cdc`, or with a hash tag on a Redis Cluster.
+    pub namespace: &'a str,
+    /// The hours of the dedup horizon (`YYYYMMDDHH`), with the lengths of their ids and
+    /// bfids logs already read (0 for the stream).
+    pub hours: &'a [(String, u64, u64)],
+    /// Seconds the logs are kept after their last write.
+    pub log_ttl: u64,
+    /// Whether this call rebuilds `top:content:10m` (one Redis; not on a cluster).
+    pub rebuild_top: bool,
+}
+
+/// The script's ARGV for `events` (all streamed or all backfilled), at wall-clock time
+/// `now_us`: the text arguments and the binary ones, in the order `apply_batch.lua`
+/// documents. Per content and per (minute, content) the counts are aggregated here, so the
+/// script's common case does no work per event.
+pub fn script_args(
+    prefix: &str,
+    ctx: &CallContext<'_>,
+    events: &[&EnrichedEvent],
+    now_us: i64,
+) -> Vec<Value> {
     const MINUTE: i64 = 60_000_000;
     let now_minute = now_us.div_euclid(MINUTE);
-    let mut contents: Vec<(i64, usize)> = Vec::new(); // (content_id, latest event index)
+    let streamed = events.first().is_some_and(|e| e.source_lsn.0 > 0);
+    // (content_id, latest event index, events)
+    let mut contents: Vec<(i64, usize, u64)> = Vec::new();
     let mut content_index: HashMap<i64, usize> = HashMap::new();
     let mut buckets: Vec<String> = Vec::new();
     let mut bucket_index: HashMap<i64, usize> = HashMap::new();
-    let mut per_event: Vec<(i64, usize, usize)> = Vec::with_capacity(events.len());
+    let mut pairs: Vec<(usize, usize, u64)> = Vec::new();
+    let mut pair_index: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut blob = Vec::with_capacity(events.len() * 28);
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
     for (i, e) in events.iter().enumerate() {
+        lo = lo.min(e.event_id);
+        hi = hi.max(e.event_id);
         let c = *content_index.entry(e.content_id).or_insert_with(|| {
-            contents.push((e.content_id, i));
+            contents.push((e.content_id, i, 0));
             contents.len()
         });
-        let latest = &mut contents[c - 1].1;
-        let cur = events[*latest];
+        let entry = &mut contents[c - 1];
+        entry.2 += 1;
+        let cur = events[entry.1];
         if (e.event_ts_us, e.event_id) > (cur.event_ts_us, cur.event_id) {
-            *latest = i;
+            entry.1 = i;
         }
         let minute = e.event_ts_us.div_euclid(MINUTE);
         let b = if minute > now_minute - RETENTION_MINUTES {
-            *bucket_index.entry(minute).or_insert_with(|| {
+            let b = *bucket_index.entry(minute).or_insert_with(|| {
                 buckets.push(minute_key(minute * MINUTE));
                 buckets.len()
-            })
+            });
+            let k = *pair_index.entry((b, c)).or_insert_with(|| {
+                pairs.push((b, c, 0));
+                pairs.len() - 1
+            });
+            pairs[k].2 += 1;
+            b
         } else {
             0
         };
-        per_event.push((e.event_id, c, b));
-    }
-    let mut args = Vec::with_capacity(15 + buckets.len() + contents.len() * 5);
-    args.push(prefix.to_string());
-    args.push(events.len().to_string());
-    args.push(contents.len().to_string());
-    args.push(buckets.len().to_string());
-    args.extend(buckets);
-    for back in 0..10 {
-        args.push(minute_key((now_minute - back) * MINUTE));
-    }
-    for (content_id, latest) in &contents {
-        let e = events[*latest];
-        args.push(content_id.to_string());
-        args.push((latest + 1).to_string());
-        args.push(sortable_ts(e.event_ts_us));
-        args.push(e.event_id.to_string());
-        args.push(e.to_json());
-    }
-    let mut blob = Vec::with_capacity(per_event.len() * 16);
-    for (id, c, b) in per_event {
-        blob.extend_from_slice(&id.to_be_bytes());
+        blob.extend_from_slice(&e.event_id.to_be_bytes());
         blob.extend_from_slice(&(c as i32).to_be_bytes());
         blob.extend_from_slice(&(b as i32).to_be_bytes());
+        blob.extend_from_slice(&e.source_lsn.0.to_be_bytes());
+        blob.extend_from_slice(&e.tx_index.to_be_bytes());
     }
-    (args, blob)
+    let text = |s: String| Value::from(s);
+    let mut args: Vec<Value> =
+        Vec::with_capacity(30 + buckets.len() + contents.len() * 6 + pairs.len() * 3);
+    args.push(text(prefix.to_string()));
+    args.push(text(ctx.namespace.to_string()));
+    let (first, last) = match (streamed, events.first(), events.last()) {
+        (true, Some(f), Some(l)) => (position(f), position(l)),
+        _ => (String::new(), String::new()),
+    };
+    args.push(text(if streamed { "s" } else { "b" }.into()));
+    args.push(text(first));
+    args.push(text(last));
+    let (lo, hi) = if events.is_empty() { (0, 0) } else { (lo, hi) };
+    args.push(text(hex_id(lo)));
+    args.push(text(hex_id(hi)));
+    args.push(text(hour_key(now_us)));
+    args.push(text(ctx.log_ttl.to_string()));
+    args.push(text(events.len().to_string()));
+    args.push(text(contents.len().to_string()));
+    args.push(text(buckets.len().to_string()));
+    args.push(text(pairs.len().to_string()));
+    args.push(text(if ctx.rebuild_top { "1" } else { "0" }.into()));
+    args.extend(buckets.into_iter().map(text));
+    if ctx.rebuild_top {
+        for back in 0..10 {
+            args.push(text(minute_key((now_minute - back) * MINUTE)));
+        }
+    }
+    for (content_id, latest, n) in &contents {
+        let e = events[*latest];
+        args.push(text(content_id.to_string()));
+        args.push(text((latest + 1).to_string()));
+        args.push(text(sortable_ts(e.event_ts_us)));
+        args.push(text(e.event_id.to_string()));
+        args.push(text(e.to_json()));
+        args.push(text(n.to_string()));
+    }
+    for (b, c, n) in pairs {
+        args.push(text(b.to_string()));
+        args.push(text(c.to_string()));
+        args.push(text(n.to_string()));
+    }
+    args.push(Value::Bytes(id_runs(events).into()));
+    args.push(Value::Bytes(blob.into()));
+    args.push(text(ctx.hours.len().to_string()));
+    for (h, ids, bf) in ctx.hours {
+        args.push(text(h.clone()));
+        args.push(text(ids.to_string()));
+        args.push(text(bf.to_string()));
+    }
+    args
+}
+
+/// The hours whose logs may still exist at `now_us` with `horizon`: from the hour the
+/// oldest kept log was written in to the next hour (another engine's clock may run ahead).
+pub fn horizon_hours(now_us: i64, horizon: Duration) -> Vec<String> {
+    const HOUR: i64 = 3_600_000_000;
+    let now_hour = now_us.div_euclid(HOUR);
+    let back = (horizon.as_secs() as i64 + 3599) / 3600 + 1;
+    (now_hour - back..=now_hour + 1)
+        .map(|h| hour_key(h * HOUR))
+        .collect()
+}
+
+/// Ids read from the logs, as disjoint ranges (first → last): what a backfill must not
+/// apply again.
+#[derive(Debug, Default)]
+pub struct IdRanges {
+    ranges: std::collections::BTreeMap<i64, i64>,
+}
+
+impl IdRanges {
+    /// Add the runs of a log (12 bytes each), merging ranges that meet or overlap.
+    pub fn add_runs(&mut self, raw: &[u8]) {
+        for run in raw.chunks_exact(12) {
+            let first = i64::from_be_bytes(run[..8].try_into().expect("8 bytes"));
+            let len = u32::from_be_bytes(run[8..].try_into().expect("4 bytes"));
+            if len == 0 {
+                continue;
+            }
+            let last = first.saturating_add(len as i64 - 1);
+            self.insert(first, last);
+        }
+    }
+
+    fn insert(&mut self, mut first: i64, mut last: i64) {
+        if let Some((&f, &l)) = self.ranges.range(..=first).next_back() {
+            if l >= first.saturating_sub(1) {
+                first = f;
+                last = last.max(l);
+            }
+        }
+        let after: Vec<(i64, i64)> = self
+            .ranges
+            .range(first..=last.saturating_add(1))
+            .map(|(f, l)| (*f, *l))
+            .collect();
+        for (f, l) in after {
+            self.ranges.remove(&f);
+            last = last.max(l);
+        }
+        self.ranges.insert(first, last);
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        self.ranges
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, l)| *l >= id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+}
+
+/// What a backfill has read of the logs: per hour the lengths read, and the ids.
+#[derive(Debug, Default)]
+struct LogView {
+    read: HashMap<String, (u64, u64)>,
+    ids: IdRanges,
 }
 
 impl RedisSink {
@@ -205,6 +396,8 @@ impl RedisSink {
             last_top: None,
             metrics,
             retry: RetryPolicy::until_success(),
+            horizon: cfg.dedup_horizon()?,
+            view: None,
         })
     }
 
@@ -213,11 +406,25 @@ impl RedisSink {
     pub async fn apply(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
         let mut inserted = 0;
         if events.is_empty() {
-            self.call(&[]).await?;
+            self.call(&[], &[]).await?;
             return Ok(0);
         }
-        for chunk in events.chunks(EVENTS_PER_CALL) {
-            inserted += self.call(chunk).await?;
+        let mut rest = events;
+        while !rest.is_empty() {
+            // Streamed and backfilled events go in separate calls (the first have positions).
+            let streamed = rest[0].source_lsn.0 > 0;
+            let n = rest
+                .iter()
+                .take(EVENTS_PER_CALL)
+                .take_while(|e| (e.source_lsn.0 > 0) == streamed)
+                .count();
+            let (chunk, tail) = rest.split_at(n);
+            inserted += if streamed {
+                self.call(chunk, &[]).await?
+            } else {
+                self.call_backfill(chunk).await?
+            };
+            rest = tail;
         }
         self.last_rebuild = Instant::now();
         self.refresh_top().await;
@@ -245,14 +452,32 @@ impl RedisSink {
         }
     }
 
-    async fn call(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
+    async fn call(
+        &self,
+        events: &[&EnrichedEvent],
+        hours: &[(String, u64, u64)],
+    ) -> Result<u64, SinkError> {
         let what = || format!("the batch script ({} events)", events.len());
+        let stream_hours: Vec<(String, u64, u64)>;
+        let hours = if hours.is_empty() {
+            stream_hours = horizon_hours(now_us(), self.horizon)
+                .into_iter()
+                .map(|h| (h, 0, 0))
+                .collect();
+            &stream_hours[..]
+        } else {
+            hours
+        };
         self.retry
             .run("redis", &what, Some(&self.metrics), || async {
                 // Arguments are rebuilt per attempt: the window follows the clock.
-                let (text, blob) = script_args(&self.prefix, events, now_us());
-                let mut args: Vec<Value> = text.into_iter().map(Value::from).collect();
-                args.push(Value::Bytes(blob.into()));
+                let ctx = CallContext {
+                    namespace: NAMESPACE,
+                    hours,
+                    log_ttl: self.horizon.as_secs() + 3600,
+                    rebuild_top: true,
+                };
+                let args = script_args(&self.prefix, &ctx, events, now_us());
                 let n: i64 = self
                     .script
                     .evalsha_with_reload(&self.client, Vec::<String>::new(), args)
@@ -262,6 +487,73 @@ impl RedisSink {
             })
             .await
             .map_err(|exhausted| exhausted.error)
+    }
+
+    /// Backfilled events: the ones the logs already hold are duplicates without a call; the
+    /// script checks the others against what the logs gained since they were read.
+    async fn call_backfill(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
+        let hours = horizon_hours(now_us(), self.horizon);
+        let mut view = self.view.take().unwrap_or_default();
+        let read = self.read_logs(&mut view, &hours).await;
+        let result = match read {
+            Ok(()) => {
+                let fresh: Vec<&EnrichedEvent> = events
+                    .iter()
+                    .copied()
+                    .filter(|e| !view.ids.contains(e.event_id))
+                    .collect();
+                let lengths: Vec<(String, u64, u64)> = hours
+                    .iter()
+                    .map(|h| {
+                        let (ids, bf) = view.read.get(h).copied().unwrap_or((0, 0));
+                        (h.clone(), ids, bf)
+                    })
+                    .collect();
+                if fresh.is_empty() {
+                    Ok(0)
+                } else {
+                    self.call(&fresh, &lengths).await
+                }
+            }
+            Err(e) => Err(e),
+        };
+        self.view = Some(view);
+        result
+    }
+
+    /// Read what the logs of `hours` gained since `view` last read them.
+    async fn read_logs(&self, view: &mut LogView, hours: &[String]) -> Result<(), SinkError> {
+        view.read.retain(|h, _| hours.contains(h));
+        for h in hours {
+            for bf in [false, true] {
+                let kind = if bf { "bfids" } else { "ids" };
+                let key = format!("{}{NAMESPACE}:{kind}:{h}", self.prefix);
+                let from = view.read.get(h).map_or(0, |r| if bf { r.1 } else { r.0 });
+                let what = || format!("reading {key}");
+                let raw: Vec<u8> = self
+                    .retry
+                    .run("redis", &what, Some(&self.metrics), || async {
+                        let v: Option<Vec<u8>> = self
+                            .client
+                            .getrange(&key, from as usize, 1usize << 40)
+                            .await
+                            .map_err(|e| classify(&e, &self.url))?;
+                        Ok(v.unwrap_or_default())
+                    })
+                    .await
+                    .map_err(|exhausted| exhausted.error)?;
+                // Whole runs only: a log is appended 12 bytes a run, atomically.
+                let whole = raw.len() - raw.len() % 12;
+                view.ids.add_runs(&raw[..whole]);
+                let r = view.read.entry(h.clone()).or_insert((0, 0));
+                if bf {
+                    r.1 = from + whole as u64;
+                } else {
+                    r.0 = from + whole as u64;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -291,6 +583,12 @@ fn classify(e: &Error, url: &str) -> SinkError {
 impl Sink for RedisSink {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    /// While catching up, two batches a call: the script's work is per content, so larger
+    /// calls cost Redis less per event.
+    fn write_limit(&self, max_batch_rows: usize) -> usize {
+        2 * max_batch_rows
     }
 
     fn deliver<'a>(
@@ -352,37 +650,127 @@ mod tests {
         assert!(sortable_ts(1_767_882_112_500_000) > sortable_ts(1_767_882_112_000_000));
     }
 
+    fn text(v: &Value) -> String {
+        v.as_str().map(|s| s.to_string()).unwrap_or_default()
+    }
+
     #[test]
     fn arguments_aggregate_per_content_and_minute() {
         let now = 1_767_882_112_000_000; // 14:21:52
         let min = 60_000_000;
-        let events = [
+        let mut events = [
             ev(1, 7, now - 10 * min),  // 14:11, in retention
             ev(2, 8, now),             // 14:21
             ev(3, 7, now - 1_000_000), // 14:21, later than event 1
-            ev(4, 7, now - 20 * min),  // 14:01, too old for a bucket
+            ev(5, 7, now - 20 * min),  // 14:01, too old for a bucket
         ];
+        for (k, e) in events.iter_mut().enumerate() {
+            e.source_lsn = Lsn(0x1_0000_00ff);
+            e.tx_index = k as u32;
+        }
         let refs: Vec<&EnrichedEvent> = events.iter().collect();
-        let (a, blob) = script_args("p:", &refs, now);
-        assert_eq!(&a[..4], ["p:", "4", "2", "2"]);
-        assert_eq!(&a[4..6], ["202601081411", "202601081421"]);
-        assert_eq!(a[6], "202601081421"); // window starts at the current minute
-        assert_eq!(a[15], "202601081412"); // and ends 9 minutes before
-                                           // Content 7: its latest event is event 3 (index 3).
-        assert_eq!(&a[16..20], ["7", "3", "2026-01-08T14:21:51.000000Z", "3"]);
-        assert!(a[20].starts_with("{\"event_id\":3,"));
-        assert_eq!(&a[21..24], ["8", "2", "2026-01-08T14:21:52.000000Z"]);
-        assert_eq!(a.len(), 26);
-        let per_event: Vec<(i64, i32, i32)> = blob
-            .chunks(16)
+        let hours = [("2026010814".to_string(), 0, 0)];
+        let ctx = CallContext {
+            namespace: "engagement_cdc",
+            hours: &hours,
+            log_ttl: 90_000,
+            rebuild_top: true,
+        };
+        let args = script_args("p:", &ctx, &refs, now);
+        let a: Vec<String> = args.iter().map(text).collect();
+        assert_eq!(&a[..3], ["p:", "engagement_cdc", "s"]);
+        assert_eq!(a[3], "00000001000000ff00000000");
+        assert_eq!(a[4], "00000001000000ff00000003");
+        assert_eq!(a[5], "8000000000000001");
+        assert_eq!(a[6], "8000000000000005");
+        assert_eq!(&a[7..14], ["2026010814", "90000", "4", "2", "2", "3", "1"]);
+        assert_eq!(&a[14..16], ["202601081411", "202601081421"]);
+        assert_eq!(a[16], "202601081421"); // window starts at the current minute
+        assert_eq!(a[25], "202601081412"); // and ends 9 minutes before
+                                           // Content 7: its latest event is event 3 (index 3), 3 events.
+        assert_eq!(&a[26..30], ["7", "3", "2026-01-08T14:21:51.000000Z", "3"]);
+        assert!(a[30].starts_with("{\"event_id\":3,"));
+        assert_eq!(a[31], "3");
+        assert_eq!(&a[32..35], ["8", "2", "2026-01-08T14:21:52.000000Z"]);
+        assert_eq!(a[37], "1");
+        // (bucket, content, events): 14:11 × 7, 14:21 × 8, 14:21 × 7.
+        assert_eq!(&a[38..47], ["1", "1", "1", "2", "2", "1", "2", "1", "1"]);
+        // Runs: 1..=3 and 5.
+        let Value::Bytes(runs) = &args[47] else {
+            panic!("runs")
+        };
+        let mut want = Vec::new();
+        for (first, len) in [(1i64, 3u32), (5, 1)] {
+            want.extend_from_slice(&first.to_be_bytes());
+            want.extend_from_slice(&len.to_be_bytes());
+        }
+        assert_eq!(runs.to_vec(), want);
+        let Value::Bytes(blob) = &args[48] else {
+            panic!("blob")
+        };
+        let per_event: Vec<(i64, i32, i32, u32)> = blob
+            .chunks(28)
             .map(|c| {
                 (
                     i64::from_be_bytes(c[..8].try_into().unwrap()),
                     i32::from_be_bytes(c[8..12].try_into().unwrap()),
-                    i32::from_be_bytes(c[12..].try_into().unwrap()),
+                    i32::from_be_bytes(c[12..16].try_into().unwrap()),
+                    u32::from_be_bytes(c[24..].try_into().unwrap()),
                 )
             })
             .collect();
-        assert_eq!(per_event, [(1, 1, 1), (2, 2, 2), (3, 1, 2), (4, 1, 0)]);
+        assert_eq!(
+            per_event,
+            [(1, 1, 1, 0), (2, 2, 2, 1), (3, 1, 2, 2), (5, 1, 0, 3)]
+        );
+        assert_eq!(&a[49..], ["1", "2026010814", "0", "0"]);
+        assert_eq!(args.len(), 53);
+    }
+
+    #[test]
+    fn positions_and_ids_sort_as_text_like_their_numbers() {
+        let mut a = ev(-5, 1, 0);
+        let mut b = ev(3, 1, 0);
+        a.source_lsn = Lsn(0xff);
+        a.tx_index = 9;
+        b.source_lsn = Lsn(0x100);
+        b.tx_index = 0;
+        assert!(position(&a) < position(&b));
+        let ids = [i64::MIN, -5, -1, 0, 1, 1 << 40, i64::MAX];
+        for w in ids.windows(2) {
+            assert!(hex_id(w[0]) < hex_id(w[1]), "{w:?}");
+        }
+    }
+
+    #[test]
+    fn id_ranges_merge_and_answer() {
+        let events: Vec<EnrichedEvent> = [10, 11, 12, 20, 1_000_000_000_000, i64::MAX]
+            .iter()
+            .map(|id| ev(*id, 1, 0))
+            .collect();
+        let refs: Vec<&EnrichedEvent> = events.iter().collect();
+        let mut r = IdRanges::default();
+        r.add_runs(&id_runs(&refs));
+        assert_eq!(r.len(), 4);
+        for id in [10, 11, 12, 20, 1_000_000_000_000, i64::MAX] {
+            assert!(r.contains(id), "{id}");
+        }
+        for id in [9, 13, 19, 21, 999_999_999_999, i64::MAX - 1, i64::MIN] {
+            assert!(!r.contains(id), "{id}");
+        }
+        // 13..=19 joins the two first ranges into one.
+        let fill: Vec<EnrichedEvent> = (13..20).map(|id| ev(id, 1, 0)).collect();
+        r.add_runs(&id_runs(&fill.iter().collect::<Vec<_>>()));
+        assert_eq!(r.len(), 3);
+        assert!(r.contains(15) && r.contains(20) && !r.contains(21));
+    }
+
+    #[test]
+    fn horizon_hours_cover_the_logs_still_kept() {
+        let now = 1_767_882_112_000_000; // 2026-01-08 14:21:52
+        let h = horizon_hours(now, Duration::from_secs(24 * 3600));
+        assert_eq!(h.first().unwrap(), "2026010713");
+        assert_eq!(h.last().unwrap(), "2026010815");
+        assert_eq!(h.len(), 27);
     }
 }
