@@ -1506,3 +1506,57 @@ fn redis_exactly_once_state_is_small_for_sparse_ids_and_expires() {
     assert!(logs >= 1, "no id log in:\n{keys}");
     assert_eq!(engine.terminate(), 0);
 }
+
+/// A sink that has received nothing yet when the engine is killed with -9 (Redis hung, the
+/// only sink, so no cursor was ever saved for it) still gets every journaled event after
+/// the restart: its start cursor is saved before anything is delivered, so it is not taken
+/// for a new sink (which would start at the journal's end and skip them).
+#[test]
+fn a_sink_killed_before_its_first_cursor_still_reads_the_journal() {
+    let pg = Postgres::start();
+    let mut redis = Redis::start();
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 0, "setup: {run:?}");
+    let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    wait_for("the engine to stream", T, || {
+        cfg.engine_status()
+            .filter(|s| s["streaming"] == true)
+            .map(|_| ())
+    });
+    redis.hang();
+    pg.psql(
+        "engagement",
+        "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+         SELECT 1 + g % 3, g, 'play', 1000, 'web' FROM generate_series(1, 2000) g",
+    );
+    let end: u64 = pg
+        .psql("engagement", "SELECT pg_current_wal_lsn() - '0/0'")
+        .parse()
+        .unwrap();
+    // Journaled (the checkpoint follows the journal), not received by Redis.
+    wait_for("the journal to hold the events", T, || {
+        cfg.engine_status()
+            .and_then(|s| s["checkpoint_bytes"].as_u64())
+            .filter(|c| *c >= end)
+            .map(|_| ())
+    });
+    engine.kill9();
+    redis.resume();
+    let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    let count = |c: i64| -> u64 {
+        redis
+            .cli(&["GET", &format!("content:count:{c}")])
+            .parse()
+            .unwrap_or(0)
+    };
+    wait_for("Redis to count the journaled events", T, || {
+        ((1..=3).map(count).sum::<u64>() == 2000).then_some(())
+    });
+    assert_eq!((count(1), count(2), count(3)), (666, 667, 667));
+    assert_eq!(engine.terminate(), 0);
+    redis.stop();
+}

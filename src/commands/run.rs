@@ -335,6 +335,18 @@ fn open_journal(
     let summary = writer.summary();
     let last = summary.last_seq;
     let cursors = journal::start_cursors(&summary, &saved, &names);
+    // A sink without a saved cursor is new and starts at the end. Save every such start now,
+    // before anything is delivered: a crash before the tracker's first save must not make
+    // a sink that received part of the journal look new (it would skip the rest).
+    let missing: Vec<(&str, u64)> = names
+        .iter()
+        .zip(&cursors)
+        .filter(|(n, _)| !saved.iter().any(|(s, _)| s == *n))
+        .map(|(n, c)| (*n, *c))
+        .collect();
+    if !missing.is_empty() {
+        store.set_cursors_durably(&missing)?;
+    }
     tracing::info!(
         "journal: {} bytes in {} segments (batches {}..={last}, budget {} bytes, retain {})",
         summary.bytes,

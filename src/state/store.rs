@@ -236,6 +236,14 @@ impl StateStore {
         Ok(())
     }
 
+    /// Set cursors and flush them: for a sink's first cursor, whose absence after a crash
+    /// would make the sink look new (and start at the journal's end).
+    pub fn set_cursors_durably(&self, cursors: &[(&str, u64)]) -> anyhow::Result<()> {
+        self.set_cursors(cursors)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Forget every cursor (the journal is off and empty).
     pub fn clear_cursors(&self) -> anyhow::Result<()> {
         for kv in self.db.scan_prefix(CURSOR_PREFIX) {
