@@ -147,6 +147,7 @@ fn main() {
         hours: &hours,
         log_ttl: 90_000,
         rebuild_top: true,
+        slot: None,
     };
     bench("redis script arguments (20000-event calls)", N, || {
         refs.chunks(20_000)

@@ -118,3 +118,136 @@ fn a_clickhouse_cluster_gets_every_event_once_across_a_replica_and_an_engine_kil
     assert_eq!(line, format!("{n}\t{n}"));
     assert_eq!(engine.terminate(), 0);
 }
+
+/// Over a Redis Cluster of three masters with one replica each: 20,000 events over 50
+/// content ids, the engine killed with -9 mid-stream, then the master of a content's count
+/// killed with -9 mid-stream and its replica promoted; every count equals Postgres's, the
+/// top-10 key holds the right scores, and the exactly-once state lives beside the keys it
+/// guards (the cluster refuses anything else).
+#[test]
+fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() {
+    const CONTENTS: i64 = 50;
+    let mut cluster = RedisCluster::start();
+    let pg = Postgres::start();
+    // No `cluster` key: the engine asks the server.
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!("[redis]\nurl = \"{}\"\n", cluster.url()),
+    );
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    pg.psql(
+        "engagement",
+        &format!(
+            "INSERT INTO content (content_id, content_type, length_seconds)
+             SELECT g, 'video', 60 + g FROM generate_series(1, {CONTENTS}) g
+             ON CONFLICT (content_id) DO NOTHING"
+        ),
+    );
+    let insert = |rows: usize| {
+        pg.psql(
+            "engagement",
+            &format!(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+                 SELECT 1 + g % {CONTENTS}, g, 'play', g % 9000, 'web' FROM generate_series(1, {rows}) g"
+            ),
+        );
+    };
+    let counted = |cluster: &RedisCluster| -> u64 {
+        (1..=CONTENTS)
+            .map(|c| {
+                cluster
+                    .cli(&["GET", &format!("content:count:{c}")])
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+
+    let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    for _ in 0..10 {
+        insert(500);
+    }
+    wait_for("some counts in the cluster", T, || {
+        (counted(&cluster) > 0).then_some(())
+    });
+    engine.kill9();
+    let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    // The master of content 1's count dies while 10,000 more events stream in.
+    let victim = cluster.master_of("content:count:1");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..100 {
+                insert(100);
+            }
+        });
+        let deadline = std::time::Instant::now() + T;
+        while counted(&cluster) <= 6_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stream did not go on: {} counted; engine log:\n{}",
+                counted(&cluster),
+                engine.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster.nodes[victim].stop();
+    });
+    cluster.wait_serving();
+    assert_ne!(
+        cluster.master_of("content:count:1"),
+        victim,
+        "a replica took over the slot"
+    );
+    let n: u64 = pg
+        .psql("engagement", "SELECT count(*) FROM engagement_events")
+        .parse()
+        .unwrap();
+    assert_eq!(n, 15_000);
+    for _ in 0..10 {
+        insert(500);
+    }
+    let n = n + 5_000;
+    let deadline = std::time::Instant::now() + T;
+    while counted(&cluster) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis counts {} of {n} events (Postgres has {}); engine status {:?}; engine log:\n{}",
+            counted(&cluster),
+            pg.psql("engagement", "SELECT count(*) FROM engagement_events"),
+            cfg.engine_status(),
+            engine.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let per_content = pg.psql(
+        "engagement",
+        "SELECT content_id, count(*) FROM engagement_events GROUP BY 1 ORDER BY 1",
+    );
+    for line in per_content.lines() {
+        let (c, want) = line.split_once('|').unwrap();
+        assert_eq!(
+            cluster.cli(&["GET", &format!("content:count:{c}")]),
+            want,
+            "content {c}"
+        );
+    }
+    // The top 10 of the last 10 minutes: what Postgres says for that window.
+    wait_for("top:content:10m to match Postgres", T, || {
+        let want = pg.psql(
+            "engagement",
+            "SELECT content_id || ' ' || count(*) FROM engagement_events
+              WHERE event_ts >= date_trunc('minute', now()) - interval '9 minutes'
+              GROUP BY content_id ORDER BY count(*) DESC, content_id::text DESC LIMIT 10",
+        );
+        let got = cluster.cli(&["ZREVRANGE", "top:content:10m", "0", "9", "WITHSCORES"]);
+        let got: Vec<String> = got
+            .lines()
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .map(|p| format!("{} {}", p[0], p.get(1).unwrap_or(&"")))
+            .collect();
+        (got.join("\n") == want).then_some(())
+    });
+    assert_eq!(engine.terminate(), 0);
+}

@@ -506,12 +506,24 @@ fn setup_checks_every_enabled_sink() {
     );
     assert_eq!(api.stats()["requests"], 0, "nothing was posted");
 
-    // A Redis Cluster node is refused with the reason, not failed on at the first batch.
+    // A Redis Cluster node whose cluster does not serve (no slots assigned) is refused with
+    // the reason, not failed on at the first batch; with redis.cluster = false any cluster
+    // node is refused.
     let node = Redis::start_cluster_node();
     let run = setup(&format!("[redis]\nurl = \"{}\"\n", node.url()));
     assert_eq!(run.code, 1, "{run:?}");
     assert!(
-        run.error_line().contains("is a Redis Cluster node"),
+        run.error_line().contains("Redis Cluster") && run.error_line().contains("not serving"),
+        "{run:?}"
+    );
+    let run = setup(&format!(
+        "[redis]\nurl = \"{}\"\ncluster = false\n",
+        node.url()
+    ));
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.error_line()
+            .contains("is a Redis Cluster node and redis.cluster = false"),
         "{run:?}"
     );
 

@@ -122,3 +122,129 @@ impl Redis {
 }
 
 child_backed!(Redis);
+
+/// A Redis Cluster of three masters with one replica each, on loopback ports, made with
+/// `redis-cli --cluster create`. A node that times out for 1 s is failed over.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..6)
+            .map(|_| {
+                // The bus port on a free port of its own (not the default PORT + 10000).
+                let bus = free_port().to_string();
+                Redis::start_with(
+                    None,
+                    &[
+                        "--cluster-port",
+                        &bus,
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_serving();
+        cluster
+    }
+
+    /// Every running node says `cluster_state:ok` and sees 3 masters serving.
+    pub fn wait_serving(&self) {
+        wait_for(
+            "the Redis Cluster to serve",
+            Duration::from_secs(60),
+            || {
+                self.nodes
+                    .iter()
+                    .filter(|n| n.running())
+                    .all(|n| {
+                        n.cli(&["CLUSTER", "INFO"])
+                            .lines()
+                            .any(|l| l.trim() == "cluster_state:ok")
+                    })
+                    .then_some(())
+            },
+        );
+    }
+
+    /// `redis://` of the first running node.
+    pub fn url(&self) -> String {
+        self.running().url()
+    }
+
+    fn running(&self) -> &Redis {
+        self.nodes
+            .iter()
+            .find(|n| n.running())
+            .expect("a running node")
+    }
+
+    /// redis-cli against the cluster (`-c`: follows redirections) through a running node;
+    /// without the `-> Redirected to slot …` lines redis-cli prints when it follows one.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        let out = self.running().cli(&all);
+        out.lines()
+            .filter(|l| !l.starts_with("-> Redirected"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The running node that is the master of `key`'s slot.
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot: u16 = self
+            .running()
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap();
+        let nodes = self.running().cli(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let owns = f[8..].iter().any(|r| match r.split_once('-') {
+                Some((a, b)) => {
+                    (a.parse().unwrap_or(u16::MAX)..=b.parse().unwrap_or(0)).contains(&slot)
+                }
+                None => r.parse::<u16>().ok() == Some(slot),
+            });
+            if owns {
+                let port: u16 = f[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap();
+                return self.nodes.iter().position(|n| n.port == port).unwrap();
+            }
+        }
+        panic!("no master for slot {slot} in:\n{nodes}");
+    }
+}

@@ -28,14 +28,17 @@
 --   then, when 14 is '1', the 10 minutes of the top:content:10m window
 --   then per content: content_id, index of its latest event in this call, that event's
 --                     event_ts (RFC 3339, 6 fraction digits), its event_id, its JSON,
---                     the number of the call's events of that content
+--                     the number of the call's events of that content, and what this call
+--                     does for it: 'c' its count, 'l' its content:last, both, or '-'
+--                     (on a Redis Cluster each key is written by the call of its slot)
 --   then per (bucket, content): bucket index, content index, number of events
 --   then the runs of the call's ids (12 bytes each, as in the logs)
 --   then per event: id (8 bytes), content index (4), bucket index (4, 0 = outside
 --                   retention), commit LSN (8), index in transaction (4), big-endian
 --   then the number of hours of the dedup horizon, and per hour: HOUR, and (backfill) the
 --                   lengths of its ids log and of its bfids log the engine has read
--- Returns the number of events new to Redis.
+-- KEYS[1] is NS:pos (it routes the call to its node on a Redis Cluster).
+-- Returns the number of events new to Redis (on a cluster: whose count this call keeps).
 local p, ns, mode = ARGV[1], ARGV[2], ARGV[3]
 local first, last = ARGV[4], ARGV[5]
 local call_lo, call_hi = ARGV[6], ARGV[7]
@@ -56,7 +59,7 @@ if rebuild then
   end
 end
 local cbase = i
-i = i + 6 * nc
+i = i + 7 * nc
 local pbase = i
 i = i + 3 * np
 local runs_blob = ARGV[i]
@@ -125,9 +128,11 @@ local function in_runs(list, h)
 end
 
 -- Dedup bitmaps of versions before the logs (`engagement_cdc:seen:{id / 2^20}`): read,
--- never written, so an upgrade does not apply again what the old version applied.
+-- never written, so an upgrade does not apply again what the old version applied. Those
+-- versions refused a Redis Cluster, so there (NS with a hash tag) there are none.
 local legacy_chunks = {}
 local function legacy_seen(id)
+  if ns ~= 'engagement_cdc' then return false end
   local chunk = math.floor(id / 1048576)
   local key = p .. 'engagement_cdc:seen:' .. chunk
   local exists = legacy_chunks[chunk]
@@ -159,23 +164,36 @@ if bf then
   end
 end
 
+-- What the call does per content: its count, its content:last.
+local counts, lasts = {}, {}
+for c = 1, nc do
+  local role = ARGV[cbase + 7 * (c - 1) + 6]
+  counts[c] = string.find(role, 'c', 1, true) ~= nil
+  lasts[c] = string.find(role, 'l', 1, true) ~= nil
+end
+
 local function add_effects_fast()
+  local n = 0
   for c = 1, nc do
-    local base = cbase + 6 * (c - 1)
-    redis.call('INCRBY', p .. 'content:count:' .. ARGV[base], ARGV[base + 5])
+    if counts[c] then
+      local base = cbase + 7 * (c - 1)
+      redis.call('INCRBY', p .. 'content:count:' .. ARGV[base], ARGV[base + 5])
+      n = n + tonumber(ARGV[base + 5])
+    end
   end
   for k = 1, np do
     local base = pbase + 3 * (k - 1)
     local b = tonumber(ARGV[base])
     redis.call('ZINCRBY', p .. 'top:content:bucket:' .. buckets[b], ARGV[base + 2],
-      ARGV[cbase + 6 * (tonumber(ARGV[base + 1]) - 1)])
+      ARGV[cbase + 7 * (tonumber(ARGV[base + 1]) - 1)])
   end
+  return n
 end
 
 -- content:last, for each content whose latest event of the call is new: set when that
 -- event is later than the stored one by (event_ts, event_id).
 local function set_last(c)
-  local base = cbase + 6 * (c - 1)
+  local base = cbase + 7 * (c - 1)
   local key = p .. 'content:last:' .. ARGV[base]
   local cur = redis.call('GET', key)
   local later = true
@@ -212,9 +230,9 @@ end
 
 if mode == 's' and w and first > w and not bf_runs then
   -- The common case: every event is after the watermark and none was backfilled.
-  add_effects_fast()
+  local n = add_effects_fast()
   for c = 1, nc do
-    set_last(c)
+    if lasts[c] then set_last(c) end
   end
   local used = {}
   for k = 1, np do
@@ -224,7 +242,7 @@ if mode == 's' and w and first > w and not bf_runs then
   append(p .. ns .. ':ids:' .. hour, runs_blob)
   redis.call('SET', pos_key, last)
   top()
-  return ne
+  return n
 end
 
 -- Event by event: a replay that crosses the watermark, a first call (no watermark: checks
@@ -268,7 +286,7 @@ for e = 1, ne do
     new = not in_runs(check_runs, h) and not legacy_seen(id)
   end
   if new then
-    inserted = inserted + 1
+    if counts[c] then inserted = inserted + 1 end
     is_new[e] = true
     new_ids[#new_ids + 1] = raw .. '\0\0\0\1'
     per_content[c] = (per_content[c] or 0) + 1
@@ -284,11 +302,13 @@ for e = 1, ne do
 end
 
 for c = 1, nc do
-  local base = cbase + 6 * (c - 1)
+  local base = cbase + 7 * (c - 1)
   local n = per_content[c]
   if n then
-    redis.call('INCRBY', p .. 'content:count:' .. ARGV[base], n)
-    if is_new[tonumber(ARGV[base + 1])] then
+    if counts[c] then
+      redis.call('INCRBY', p .. 'content:count:' .. ARGV[base], n)
+    end
+    if lasts[c] and is_new[tonumber(ARGV[base + 1])] then
       set_last(c)
     end
   end
@@ -297,7 +317,7 @@ local used = {}
 for b, t in pairs(per_bucket) do
   local key = p .. 'top:content:bucket:' .. buckets[b]
   for c, n in pairs(t) do
-    redis.call('ZINCRBY', key, n, ARGV[cbase + 6 * (c - 1)])
+    redis.call('ZINCRBY', key, n, ARGV[cbase + 7 * (c - 1)])
   end
   used[b] = true
 end

@@ -33,6 +33,51 @@ pub struct RedisConfig {
     /// (docs/sinks.md, "Redis"): a backfill over events applied longer ago applies them
     /// again. Replays of the stream are recognised whatever their age.
     pub dedup_horizon: String,
+    /// `true`: a Redis Cluster (the URL names one of its nodes); `false`: one server;
+    /// `"auto"` (the default): asked of the server (`INFO cluster`).
+    pub cluster: ClusterMode,
+}
+
+/// `redis.cluster`: `true`, `false` or `"auto"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Serialize for ClusterMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ClusterMode::Auto => s.serialize_str("auto"),
+            ClusterMode::On => s.serialize_bool(true),
+            ClusterMode::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(ClusterMode::On),
+            Raw::Bool(false) => Ok(ClusterMode::Off),
+            Raw::Text(t) => match t.trim().to_ascii_lowercase().as_str() {
+                "auto" => Ok(ClusterMode::Auto),
+                "true" => Ok(ClusterMode::On),
+                "false" => Ok(ClusterMode::Off),
+                _ => Err(serde::de::Error::custom(format!(
+                    "redis.cluster {t:?} is not true, false or \"auto\""
+                ))),
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -48,6 +93,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
             .field("dedup_horizon", &self.dedup_horizon)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -65,6 +111,7 @@ impl Default for RedisConfig {
             cert_file: None,
             key_file: None,
             dedup_horizon: "24h".into(),
+            cluster: ClusterMode::Auto,
         }
     }
 }

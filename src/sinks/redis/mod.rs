@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use anyhow::anyhow;
 use fred::prelude::*;
+use fred::types::config::ServerConfig;
 use fred::types::scripts::Script;
 
 use super::retry::RetryPolicy;
@@ -31,9 +32,23 @@ use crate::error::UsageError;
 use crate::ops::metrics::Metrics;
 
 mod config;
-pub use config::RedisConfig;
+pub use config::{ClusterMode, RedisConfig};
 
 const APPLY_BATCH: &str = include_str!("apply_batch.lua");
+
+/// On a Redis Cluster: replace `top:content:10m` (KEYS[1]) with the member/score pairs of
+/// ARGV, atomically.
+const WRITE_TOP: &str = "redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 1000 do
+  local args = {}
+  for k = i, math.min(#ARGV, i + 999), 2 do
+    args[#args + 1] = ARGV[k + 1]
+    args[#args + 1] = ARGV[k]
+  end
+  redis.call('ZADD', KEYS[1], unpack(args))
+end
+if #ARGV > 0 then redis.call('EXPIRE', KEYS[1], 120) end
+return #ARGV / 2";
 
 /// Events per script call: bounds how long one call holds Redis (a few milliseconds in the
 /// common case, where the script's work is per content, not per event).
@@ -48,6 +63,10 @@ const IDLE_REBUILD: Duration = Duration::from_secs(5);
 pub struct RedisSink {
     client: Client,
     script: Script,
+    /// Writes `top:content:10m` on a Redis Cluster (`write_top.lua`).
+    top_script: Script,
+    /// A Redis Cluster: one script call per hash slot, `WAIT` for a replica.
+    cluster: bool,
     prefix: String,
     url: String,
     last_rebuild: Instant,
@@ -59,6 +78,30 @@ pub struct RedisSink {
     horizon: Duration,
     /// What a backfill has read of the logs (None until its first call).
     view: Option<LogView>,
+    /// When `top:content:10m` was last written on a Redis Cluster.
+    last_cluster_top: Option<Instant>,
+}
+
+/// For each hash slot, a short text whose slot it is: the hash tag that puts a slot's
+/// exactly-once state (`engagement_cdc{TAG}:…`) beside the keys it guards.
+fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut left = tags.len();
+        let mut n: u64 = 0;
+        while left > 0 {
+            let t = n.to_string();
+            let s = key_slot(&t) as usize;
+            if tags[s].is_empty() {
+                tags[s] = t;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[slot as usize]
 }
 
 /// The namespace of the exactly-once state on one Redis.
@@ -134,6 +177,14 @@ pub struct CallContext<'a> {
     pub log_ttl: u64,
     /// Whether this call rebuilds `top:content:10m` (one Redis; not on a cluster).
     pub rebuild_top: bool,
+    /// On a Redis Cluster, the hash slot this call writes: it keeps the counts, the
+    /// `content:last` and the buckets whose keys are in that slot, and nothing else.
+    pub slot: Option<u16>,
+}
+
+/// The hash slot of a key on a Redis Cluster.
+pub fn key_slot(key: &str) -> u16 {
+    fred::util::redis_keyslot(key.as_bytes())
 }
 
 /// The script's ARGV for `events` (all streamed or all backfilled), at wall-clock time
@@ -172,20 +223,35 @@ pub fn script_args(
             entry.1 = i;
         }
         let minute = e.event_ts_us.div_euclid(MINUTE);
+        // 0: outside retention, or (on a cluster) the bucket's key is in another slot.
         let b = if minute > now_minute - RETENTION_MINUTES {
-            let b = *bucket_index.entry(minute).or_insert_with(|| {
-                buckets.push(minute_key(minute * MINUTE));
-                buckets.len()
-            });
+            match bucket_index.get(&minute) {
+                Some(b) => *b,
+                None => {
+                    let key = minute_key(minute * MINUTE);
+                    let here = ctx.slot.is_none_or(|s| {
+                        key_slot(&format!("{prefix}top:content:bucket:{key}")) == s
+                    });
+                    let b = if here {
+                        buckets.push(key);
+                        buckets.len()
+                    } else {
+                        0
+                    };
+                    bucket_index.insert(minute, b);
+                    b
+                }
+            }
+        } else {
+            0
+        };
+        if b > 0 {
             let k = *pair_index.entry((b, c)).or_insert_with(|| {
                 pairs.push((b, c, 0));
                 pairs.len() - 1
             });
             pairs[k].2 += 1;
-            b
-        } else {
-            0
-        };
+        }
         blob.extend_from_slice(&e.event_id.to_be_bytes());
         blob.extend_from_slice(&(c as i32).to_be_bytes());
         blob.extend_from_slice(&(b as i32).to_be_bytes());
@@ -194,7 +260,7 @@ pub fn script_args(
     }
     let text = |s: String| Value::from(s);
     let mut args: Vec<Value> =
-        Vec::with_capacity(30 + buckets.len() + contents.len() * 6 + pairs.len() * 3);
+        Vec::with_capacity(30 + buckets.len() + contents.len() * 7 + pairs.len() * 3);
     args.push(text(prefix.to_string()));
     args.push(text(ctx.namespace.to_string()));
     let (first, last) = match (streamed, events.first(), events.last()) {
@@ -228,6 +294,21 @@ pub fn script_args(
         args.push(text(e.event_id.to_string()));
         args.push(text(e.to_json()));
         args.push(text(n.to_string()));
+        let role = match ctx.slot {
+            None => "cl".to_string(),
+            Some(s) => {
+                let count = key_slot(&format!("{prefix}content:count:{content_id}")) == s;
+                let last = key_slot(&format!("{prefix}content:last:{content_id}")) == s;
+                match (count, last) {
+                    (true, true) => "cl",
+                    (true, false) => "c",
+                    (false, true) => "l",
+                    (false, false) => "-",
+                }
+                .to_string()
+            }
+        };
+        args.push(text(role));
     }
     for (b, c, n) in pairs {
         args.push(text(b.to_string()));
@@ -319,6 +400,40 @@ struct LogView {
     ids: IdRanges,
 }
 
+/// Build a client for `config` and wait for it to connect (10 s at most).
+async fn connect_client(config: Config, url: &str) -> anyhow::Result<Client> {
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = Duration::from_secs(10);
+            // A re-sent script is harmless (the position kept with the effects), but a few
+            // attempts are enough: the retry policy takes over after that.
+            c.max_command_attempts = 3;
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = Duration::from_secs(10);
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()
+        .map_err(|e| anyhow!("cannot configure the Redis client for {url}: {e}"))?;
+    let init = client.init();
+    match tokio::time::timeout(Duration::from_secs(10), init).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => {
+            // fred keeps only the text of the rustls error.
+            if let Some(why) = crate::tls::explain_text(e.details()) {
+                return Err(anyhow!("cannot connect to Redis at {url}: {why}"));
+            }
+            Err(anyhow!(
+                "cannot connect to Redis at {url}: {e}; is it running? check [redis] url (ENGAGEMENT_CDC__REDIS__URL)"
+            ))
+        }
+        Err(_) => Err(anyhow!(
+            "cannot connect to Redis at {url}: no answer within 10 s; check [redis] url and the server"
+        )),
+    }
+}
+
 impl RedisSink {
     /// Connect and check that the server answers.
     pub async fn connect(cfg: &RedisConfig, metrics: Arc<Metrics>) -> anyhow::Result<RedisSink> {
@@ -339,57 +454,71 @@ impl RedisSink {
         if !cfg.username.is_empty() {
             config.username = Some(cfg.username.clone());
         }
-        let client = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = Duration::from_secs(5);
-                c.internal_command_timeout = Duration::from_secs(10);
-                // A re-sent script is harmless (the dedup bits), but a few attempts are
-                // enough: the retry policy takes over after that.
-                c.max_command_attempts = 3;
-            })
-            .with_performance_config(|p| {
-                p.default_command_timeout = Duration::from_secs(10);
-            })
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-            .build()
-            .map_err(|e| anyhow!("cannot configure the Redis client for {url}: {e}"))?;
-        let init = client.init();
-        match tokio::time::timeout(Duration::from_secs(10), init).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                // fred keeps only the text of the rustls error.
-                if let Some(why) = crate::tls::explain_text(e.details()) {
-                    return Err(anyhow!("cannot connect to Redis at {url}: {why}"));
-                }
-                return Err(anyhow!(
-                    "cannot connect to Redis at {url}: {e}; is it running? check [redis] url (ENGAGEMENT_CDC__REDIS__URL)"
-                ));
-            }
-            Err(_) => {
-                return Err(anyhow!(
-                    "cannot connect to Redis at {url}: no answer within 10 s; check [redis] url and the server"
+        let centralized = matches!(config.server, ServerConfig::Centralized { .. });
+        let to_cluster = |mut config: Config| -> anyhow::Result<Config> {
+            if let ServerConfig::Centralized { server } = &config.server {
+                config.server = ServerConfig::Clustered {
+                    hosts: vec![server.clone()],
+                    // Rediscover through any node of the last slot map, so the cluster is
+                    // found again when the node of the URL is the one that died.
+                    policy: fred::types::config::ClusterDiscoveryPolicy::UseCache,
+                };
+                Ok(config)
+            } else {
+                Err(anyhow!(
+                    "redis.url {url:?} does not name one server; with redis.cluster = true name one node of the cluster (redis://HOST:PORT)"
                 ))
             }
-        }
-        // A Redis Cluster node answers a plain client too, but the batch script touches keys
-        // in many hash slots: refuse it here rather than fail at the first batch.
-        let cluster: String = client
-            .info(Some(fred::types::InfoKind::Cluster))
-            .await
-            .map_err(|e| anyhow!("cannot read INFO cluster from Redis at {url}: {e}"))?;
-        if cluster.lines().any(|l| l.trim() == "cluster_enabled:1") {
-            return Err(anyhow!(
-                "Redis at {url} is a Redis Cluster node; the Redis sink does not support Redis Cluster yet (its batch script spans hash slots); point [redis] url at a standalone Redis or a primary with replicas"
-            ));
-        }
+        };
+        let (client, cluster) = match cfg.cluster {
+            ClusterMode::On => (connect_client(to_cluster(config)?, &url).await?, true),
+            mode => {
+                let client = connect_client(config.clone(), &url).await?;
+                let info: String = client
+                    .info(Some(fred::types::InfoKind::Cluster))
+                    .await
+                    .map_err(|e| anyhow!("cannot read INFO cluster from Redis at {url}: {e}"))?;
+                let is_node = info.lines().any(|l| l.trim() == "cluster_enabled:1");
+                match (is_node, mode) {
+                    (false, _) => (client, false),
+                    (true, ClusterMode::Off) => {
+                        return Err(anyhow!(
+                            "Redis at {url} is a Redis Cluster node and redis.cluster = false; set redis.cluster = true (or remove it) to write to the cluster"
+                        ))
+                    }
+                    (true, _) if !centralized => (client, false),
+                    (true, _) => {
+                        let state: String = client.cluster_info().await.map_err(|e| {
+                            anyhow!("cannot read CLUSTER INFO from Redis at {url}: {e}")
+                        })?;
+                        if !state.lines().any(|l| l.trim() == "cluster_state:ok") {
+                            return Err(anyhow!(
+                                "the Redis Cluster of {url} is not serving (CLUSTER INFO says {}); finish creating it (every slot assigned, e.g. redis-cli --cluster create) or point [redis] url at a standalone Redis",
+                                state
+                                    .lines()
+                                    .find(|l| l.starts_with("cluster_state"))
+                                    .unwrap_or("no cluster_state")
+                                    .trim()
+                            ));
+                        }
+                        let _ = client.quit().await;
+                        (connect_client(to_cluster(config)?, &url).await?, true)
+                    }
+                }
+            }
+        };
         let script = Script::from_lua(APPLY_BATCH);
-        script
-            .load(&client)
-            .await
-            .map_err(|e| anyhow!("cannot load the batch script into Redis at {url}: {e}"))?;
+        let top_script = Script::from_lua(WRITE_TOP);
+        for s in [&script, &top_script] {
+            s.load(&client)
+                .await
+                .map_err(|e| anyhow!("cannot load the batch script into Redis at {url}: {e}"))?;
+        }
         Ok(RedisSink {
             client,
             script,
+            top_script,
+            cluster,
             prefix: cfg.key_prefix.clone(),
             url,
             last_rebuild: Instant::now(),
@@ -398,15 +527,21 @@ impl RedisSink {
             retry: RetryPolicy::until_success(),
             horizon: cfg.dedup_horizon()?,
             view: None,
+            last_cluster_top: None,
         })
     }
 
     /// Apply events (any number); returns how many were new to Redis. Transient failures
     /// are retried until they succeed; a script error is permanent.
     pub async fn apply(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
+        tracing::debug!("redis: writing {} events", events.len());
         let mut inserted = 0;
         if events.is_empty() {
-            self.call(&[], &[]).await?;
+            if self.cluster {
+                self.write_top_cluster().await?;
+            } else {
+                self.call(&[], &[]).await?;
+            }
             return Ok(0);
         }
         let mut rest = events;
@@ -419,16 +554,224 @@ impl RedisSink {
                 .take_while(|e| (e.source_lsn.0 > 0) == streamed)
                 .count();
             let (chunk, tail) = rest.split_at(n);
-            inserted += if streamed {
-                self.call(chunk, &[]).await?
-            } else {
-                self.call_backfill(chunk).await?
+            inserted += match (self.cluster, streamed) {
+                (true, _) => self.call_cluster(chunk).await?,
+                (false, true) => self.call(chunk, &[]).await?,
+                (false, false) => self.call_backfill(chunk).await?,
             };
             rest = tail;
+        }
+        if self.cluster
+            && self
+                .last_cluster_top
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.write_top_cluster().await?;
         }
         self.last_rebuild = Instant::now();
         self.refresh_top().await;
         Ok(inserted)
+    }
+
+    /// On a Redis Cluster: one script call per hash slot the events' keys fall in (its
+    /// counts, `content:last` and buckets, with the exactly-once state of that slot beside
+    /// them), all sent at once; then `WAIT` until a replica of every master written holds
+    /// the writes. A failover that lost writes before a replica had them is met by running
+    /// the calls again: each call skips what its slot already holds.
+    async fn call_cluster(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
+        const MINUTE: i64 = 60_000_000;
+        let now_minute = now_us().div_euclid(MINUTE);
+        let mut per_slot: std::collections::BTreeMap<u16, Vec<&EnrichedEvent>> = Default::default();
+        let mut content_slots: HashMap<i64, (u16, u16)> = HashMap::new();
+        let mut bucket_slots: HashMap<i64, u16> = HashMap::new();
+        let p = &self.prefix;
+        for e in events {
+            let (count, last) = *content_slots.entry(e.content_id).or_insert_with(|| {
+                (
+                    key_slot(&format!("{p}content:count:{}", e.content_id)),
+                    key_slot(&format!("{p}content:last:{}", e.content_id)),
+                )
+            });
+            let minute = e.event_ts_us.div_euclid(MINUTE);
+            let bucket = (minute > now_minute - RETENTION_MINUTES).then(|| {
+                *bucket_slots.entry(minute).or_insert_with(|| {
+                    key_slot(&format!(
+                        "{p}top:content:bucket:{}",
+                        minute_key(minute * MINUTE)
+                    ))
+                })
+            });
+            for (k, slot) in [Some(count), Some(last), bucket].into_iter().enumerate() {
+                let Some(slot) = slot else { continue };
+                // The same slot twice for one event: once is enough.
+                if (k >= 1 && slot == count) || (k == 2 && slot == last) {
+                    continue;
+                }
+                per_slot.entry(slot).or_default().push(*e);
+            }
+        }
+        // A backfill's calls read the slot's logs whole (offsets 0): the engine keeps no
+        // copy of 16,384 slots' logs.
+        let hours: Vec<(String, u64, u64)> = horizon_hours(now_us(), self.horizon)
+            .into_iter()
+            .map(|h| (h, 0, 0))
+            .collect();
+        let mut inserted = 0;
+        let mut attempt = 0u32;
+        loop {
+            let calls = per_slot
+                .iter()
+                .map(|(slot, evs)| self.call_slot(*slot, evs, &hours));
+            let done = futures_util::future::try_join_all(calls).await?;
+            inserted += done.iter().sum::<u64>();
+            tracing::debug!(
+                "redis: {} slot calls done, waiting for replicas",
+                per_slot.len()
+            );
+            match self.wait_replicas(per_slot.keys().copied()).await {
+                Ok(()) => return Ok(inserted),
+                Err(e) => {
+                    attempt += 1;
+                    let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
+                    tracing::warn!(
+                        "redis at {}: {e}; writing the batch again in {delay:?} (what a replica already holds is skipped)",
+                        self.url
+                    );
+                    self.metrics.sink_retry("redis");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// One slot's call, retried until it succeeds.
+    async fn call_slot(
+        &self,
+        slot: u16,
+        events: &[&EnrichedEvent],
+        hours: &[(String, u64, u64)],
+    ) -> Result<u64, SinkError> {
+        let namespace = format!("{NAMESPACE}{{{}}}", slot_tag(slot));
+        let pos_key = format!("{}{namespace}:pos", self.prefix);
+        let what = || format!("the batch script for slot {slot} ({} events)", events.len());
+        self.retry
+            .run("redis", &what, Some(&self.metrics), || async {
+                let ctx = CallContext {
+                    namespace: &namespace,
+                    hours,
+                    log_ttl: self.horizon.as_secs() + 3600,
+                    rebuild_top: false,
+                    slot: Some(slot),
+                };
+                let args = script_args(&self.prefix, &ctx, events, now_us());
+                match self
+                    .script
+                    .evalsha_with_reload::<i64, _, _>(&self.client, vec![pos_key.clone()], args)
+                    .await
+                {
+                    Ok(n) => Ok(n as u64),
+                    Err(e) => {
+                        // A node that stopped answering may have been failed over: ask a
+                        // live node for the slot map before the next attempt.
+                        let sync = self.client.sync_cluster();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), sync).await;
+                        Err(classify(&e, &self.url))
+                    }
+                }
+            })
+            .await
+            .map_err(|exhausted| exhausted.error)
+    }
+
+    /// `WAIT` on every master that owns one of `slots` and has a connected replica, until
+    /// one replica acknowledges (2 s); an error when one does not.
+    async fn wait_replicas(&self, slots: impl Iterator<Item = u16>) -> Result<(), String> {
+        let state = self
+            .client
+            .cached_cluster_state()
+            .ok_or("the cluster's slot map is not known yet")?;
+        let mut servers: Vec<fred::types::config::Server> = Vec::new();
+        for slot in slots {
+            if let Some(server) = state.get_server(slot) {
+                if !servers.contains(server) {
+                    servers.push(server.clone());
+                }
+            }
+        }
+        for server in servers {
+            let node = self.client.with_cluster_node(server.clone());
+            let info: String = node
+                .info(Some(fred::types::InfoKind::Replication))
+                .await
+                .map_err(|e| format!("INFO replication on {server}: {e}"))?;
+            let replicas: u32 = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            tracing::debug!("redis: {server} has {replicas} replicas");
+            if replicas == 0 {
+                continue;
+            }
+            let acked: i64 = node
+                .wait(1, 2000)
+                .await
+                .map_err(|e| format!("WAIT on {server}: {e}"))?;
+            if acked < 1 {
+                return Err(format!(
+                    "no replica of {server} acknowledged the write within 2 s"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// On a Redis Cluster: `top:content:10m` from the last 10 minute buckets, read one by
+    /// one (they live in other slots) and written in one call on its own slot.
+    async fn write_top_cluster(&mut self) -> Result<(), SinkError> {
+        const MINUTE: i64 = 60_000_000;
+        self.last_cluster_top = Some(Instant::now());
+        let now_minute = now_us().div_euclid(MINUTE);
+        let mut sum: HashMap<String, f64> = HashMap::new();
+        for back in 0..10 {
+            let key = format!(
+                "{}top:content:bucket:{}",
+                self.prefix,
+                minute_key((now_minute - back) * MINUTE)
+            );
+            let what = || format!("reading {key}");
+            let members: Vec<(String, f64)> = self
+                .retry
+                .run("redis", &what, Some(&self.metrics), || async {
+                    self.client
+                        .zrange(&key, 0, -1, None, false, None, true)
+                        .await
+                        .map_err(|e| classify(&e, &self.url))
+                })
+                .await
+                .map_err(|exhausted| exhausted.error)?;
+            for (member, score) in members {
+                *sum.entry(member).or_insert(0.0) += score;
+            }
+        }
+        let top_key = format!("{}top:content:10m", self.prefix);
+        tracing::debug!("redis: writing {top_key} ({} members)", sum.len());
+        let args: Vec<String> = sum
+            .into_iter()
+            .flat_map(|(m, s)| [m, s.to_string()])
+            .collect();
+        let what = || format!("writing {top_key}");
+        self.retry
+            .run("redis", &what, Some(&self.metrics), || async {
+                let _: i64 = self
+                    .top_script
+                    .evalsha_with_reload(&self.client, vec![top_key.clone()], args.clone())
+                    .await
+                    .map_err(|e| classify(&e, &self.url))?;
+                Ok(())
+            })
+            .await
+            .map_err(|exhausted| exhausted.error)
     }
 
     /// At most every 2 s, read `top:content:10m` for the dashboard. Display only: a failure
@@ -476,11 +819,16 @@ impl RedisSink {
                     hours,
                     log_ttl: self.horizon.as_secs() + 3600,
                     rebuild_top: true,
+                    slot: None,
                 };
                 let args = script_args(&self.prefix, &ctx, events, now_us());
                 let n: i64 = self
                     .script
-                    .evalsha_with_reload(&self.client, Vec::<String>::new(), args)
+                    .evalsha_with_reload(
+                        &self.client,
+                        vec![format!("{}{NAMESPACE}:pos", self.prefix)],
+                        args,
+                    )
                     .await
                     .map_err(|e| classify(&e, &self.url))?;
                 Ok(n as u64)
@@ -675,6 +1023,7 @@ mod tests {
             hours: &hours,
             log_ttl: 90_000,
             rebuild_top: true,
+            slot: None,
         };
         let args = script_args("p:", &ctx, &refs, now);
         let a: Vec<String> = args.iter().map(text).collect();
@@ -690,13 +1039,13 @@ mod tests {
                                            // Content 7: its latest event is event 3 (index 3), 3 events.
         assert_eq!(&a[26..30], ["7", "3", "2026-01-08T14:21:51.000000Z", "3"]);
         assert!(a[30].starts_with("{\"event_id\":3,"));
-        assert_eq!(a[31], "3");
-        assert_eq!(&a[32..35], ["8", "2", "2026-01-08T14:21:52.000000Z"]);
-        assert_eq!(a[37], "1");
+        assert_eq!(&a[31..33], ["3", "cl"]);
+        assert_eq!(&a[33..36], ["8", "2", "2026-01-08T14:21:52.000000Z"]);
+        assert_eq!(&a[38..40], ["1", "cl"]);
         // (bucket, content, events): 14:11 × 7, 14:21 × 8, 14:21 × 7.
-        assert_eq!(&a[38..47], ["1", "1", "1", "2", "2", "1", "2", "1", "1"]);
+        assert_eq!(&a[40..49], ["1", "1", "1", "2", "2", "1", "2", "1", "1"]);
         // Runs: 1..=3 and 5.
-        let Value::Bytes(runs) = &args[47] else {
+        let Value::Bytes(runs) = &args[49] else {
             panic!("runs")
         };
         let mut want = Vec::new();
@@ -705,7 +1054,7 @@ mod tests {
             want.extend_from_slice(&len.to_be_bytes());
         }
         assert_eq!(runs.to_vec(), want);
-        let Value::Bytes(blob) = &args[48] else {
+        let Value::Bytes(blob) = &args[50] else {
             panic!("blob")
         };
         let per_event: Vec<(i64, i32, i32, u32)> = blob
@@ -723,8 +1072,8 @@ mod tests {
             per_event,
             [(1, 1, 1, 0), (2, 2, 2, 1), (3, 1, 2, 2), (5, 1, 0, 3)]
         );
-        assert_eq!(&a[49..], ["1", "2026010814", "0", "0"]);
-        assert_eq!(args.len(), 53);
+        assert_eq!(&a[51..], ["1", "2026010814", "0", "0"]);
+        assert_eq!(args.len(), 55);
     }
 
     #[test]
