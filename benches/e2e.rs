@@ -15,6 +15,8 @@
 //! spreads docs/benchmarks.md reports), `--sinks clickhouse,redis,http` (default all
 //! three), `--rate N` (default 1000), `--seconds N` (default 30), `--tls` (every connection
 //! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too),
+//! `--clusters` (a Redis Cluster of three masters with a replica each and a ClickHouse
+//! cluster of two shards, the test support's, instead of single servers),
 //! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--first
 //! engine|recvlogical` (which catch-up reads first; `recvlogical` by default —
 //! `scripts/bench.sh` alternates). Catch-up ends when every sink has every event
@@ -41,6 +43,8 @@ struct Options {
     journal: bool,
     /// Which catch-up reads first: `pg_recvlogical` (`recvlogical`) or the `engine`.
     engine_first: bool,
+    /// A Redis Cluster and a ClickHouse cluster instead of single servers (`--clusters`).
+    clusters: bool,
 }
 
 fn options() -> Options {
@@ -53,6 +57,7 @@ fn options() -> Options {
         seconds: 30,
         journal: true,
         engine_first: false,
+        clusters: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -62,6 +67,11 @@ fn options() -> Options {
     while i < args.len() {
         if args[i] == "--tls" {
             o.tls = true;
+            i += 1;
+            continue;
+        }
+        if args[i] == "--clusters" {
+            o.clusters = true;
             i += 1;
             continue;
         }
@@ -127,18 +137,34 @@ fn main() {
     } else {
         (ClickHouse::start(), Redis::start(), MockApi::start(&[]))
     };
+    let clusters =
+        (o.clusters && !o.tls).then(|| (ClickHouseCluster::start(), RedisCluster::start()));
     let ca = certs.ca().display().to_string();
     let mut sections = String::new();
     for s in &o.sinks {
         match (s.as_str(), o.tls) {
-            ("clickhouse", false) => sections += &format!("[clickhouse]\nurl = \"{}\"\n", ch.url()),
+            ("clickhouse", false) => match &clusters {
+                Some((chc, _)) => {
+                    sections += &format!(
+                        "[clickhouse]\nurl = \"{}\"\ncluster = \"{}\"\n",
+                        chc.url(),
+                        ClickHouseCluster::NAME
+                    )
+                }
+                None => sections += &format!("[clickhouse]\nurl = \"{}\"\n", ch.url()),
+            },
             ("clickhouse", true) => {
                 sections += &format!(
                     "[clickhouse]\nurl = \"{}\"\nca_file = \"{ca}\"\n",
                     ch.https_url()
                 )
             }
-            ("redis", false) => sections += &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+            ("redis", false) => {
+                let url = clusters
+                    .as_ref()
+                    .map_or_else(|| redis.url(), |(_, rc)| rc.url());
+                sections += &format!("[redis]\nurl = \"{url}\"\n")
+            }
             ("redis", true) => {
                 sections += &format!(
                     "[redis]\nurl = \"{}\"\nca_file = \"{ca}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
@@ -232,12 +258,20 @@ fn main() {
     // Engine: from start to checkpoint past the end.
     let cpu = |pids: &[i32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
     let catch_up = || {
-        let servers = [
-            ("clickhouse", ch.pid()),
-            ("redis", redis.pid()),
-            ("mock-api", api.pid()),
-        ];
-        let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+        // On clusters, the CPU of every node of each (ZooKeeper's not counted).
+        let servers: [(&str, Vec<i32>); 3] = match &clusters {
+            Some((chc, rc)) => [
+                ("clickhouse", chc.nodes.iter().map(|n| n.pid()).collect()),
+                ("redis", rc.nodes.iter().map(|n| n.pid()).collect()),
+                ("mock-api", vec![api.pid()]),
+            ],
+            None => [
+                ("clickhouse", vec![ch.pid()]),
+                ("redis", vec![redis.pid()]),
+                ("mock-api", vec![api.pid()]),
+            ],
+        };
+        let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu(p)).collect();
         let t = Instant::now();
         let engine = Engine::spawn_with(
             &cfg.path,
@@ -289,7 +323,7 @@ fn main() {
         let server_cpu: Vec<(&str, f64)> = servers
             .iter()
             .zip(&servers_before)
-            .map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before))
+            .map(|((name, pids), before)| (*name, cpu(pids) - before))
             .collect();
         (
             engine,
@@ -317,7 +351,10 @@ fn main() {
     wait_for(
         "ClickHouse to finish merging",
         Duration::from_secs(300),
-        || (ch.query("SELECT count() FROM system.merges") == "0").then_some(()),
+        || {
+            let node = clusters.as_ref().map_or(&ch, |(chc, _)| &chc.nodes[0]);
+            (node.query("SELECT count() FROM system.merges") == "0").then_some(())
+        },
     );
     wait_for("autovacuum to finish", Duration::from_secs(300), || {
         (sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
@@ -389,8 +426,13 @@ fn main() {
     println!("## engagement-cdc end-to-end benchmark");
     println!();
     println!(
-        "sinks: {}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}",
+        "sinks: {}{}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}",
         o.sinks.join(", "),
+        if clusters.is_some() {
+            " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas)"
+        } else {
+            ""
+        },
         o.contents,
         if o.tls {
             "every connection over TLS (verify-full)"
