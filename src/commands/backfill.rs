@@ -4,8 +4,9 @@
 //! The range `[start, end)` on `event_ts` is read in keyset pages ordered by
 //! `(event_ts, id)`, so memory stays bounded for any range and the index on `event_ts` is
 //! used. ClickHouse rows carry `source_lsn = 0`, so a backfilled copy never replaces a
-//! streamed one; Redis deduplicates by event id, so a backfill over streamed events, or the
-//! same backfill twice, changes nothing.
+//! streamed one; Redis deduplicates by event id against the ids it applied within
+//! `redis.dedup_horizon`, so a backfill over events streamed (or backfilled) within it
+//! changes nothing.
 
 use std::io::IsTerminal;
 use std::sync::Arc;

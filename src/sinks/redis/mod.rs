@@ -534,7 +534,6 @@ impl RedisSink {
     /// Apply events (any number); returns how many were new to Redis. Transient failures
     /// are retried until they succeed; a script error is permanent.
     pub async fn apply(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
-        tracing::debug!("redis: writing {} events", events.len());
         let mut inserted = 0;
         if events.is_empty() {
             if self.cluster {
@@ -624,10 +623,6 @@ impl RedisSink {
                 .map(|(slot, evs)| self.call_slot(*slot, evs, &hours));
             let done = futures_util::future::try_join_all(calls).await?;
             inserted += done.iter().sum::<u64>();
-            tracing::debug!(
-                "redis: {} slot calls done, waiting for replicas",
-                per_slot.len()
-            );
             match self.wait_replicas(per_slot.keys().copied()).await {
                 Ok(()) => return Ok(inserted),
                 Err(e) => {
@@ -709,7 +704,6 @@ impl RedisSink {
                 .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
-            tracing::debug!("redis: {server} has {replicas} replicas");
             if replicas == 0 {
                 continue;
             }
@@ -755,7 +749,6 @@ impl RedisSink {
             }
         }
         let top_key = format!("{}top:content:10m", self.prefix);
-        tracing::debug!("redis: writing {top_key} ({} members)", sum.len());
         let args: Vec<String> = sum
             .into_iter()
             .flat_map(|(m, s)| [m, s.to_string()])
