@@ -3,7 +3,8 @@
 # ClickHouse on loopback at the default ports of engagement-cdc.toml, all data under ./.stack/.
 #
 #   scripts/stack.sh up       install what is missing, start the servers, apply migrations/postgres/
-#   scripts/stack.sh install  only install what is missing (the tests need the same servers)
+#   scripts/stack.sh install  only install what is missing (the tests need the same servers,
+#                             and chdb-core in .venv/ for their modern ClickHouse)
 #   scripts/stack.sh status   show each server
 #   scripts/stack.sh down     stop exactly the processes `up` started
 #
@@ -55,6 +56,22 @@ install_missing() {
   say "installing ${missing[*]} from Debian's packages"
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# The tests' modern ClickHouse engine: chdb-core (ClickHouse 26.x in-process, from PyPI)
+# in a virtualenv of the project, behind tests/support/chdb_http.py (docs/testing.md).
+CHDB_VERSION=26.9.0
+install_python() {
+  local venv="$ROOT/.venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import chdb" 2>/dev/null \
+    && [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))')" = "$CHDB_VERSION" ]; then
+    return 0
+  fi
+  command -v python3 >/dev/null || die "python3 is missing; install it (Debian: apt-get install -y python3 python3-venv)"
+  say "installing chdb-core $CHDB_VERSION into $venv"
+  python3 -m venv "$venv" || die "cannot create a virtualenv at $venv (Debian: apt-get install -y python3-venv)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "chdb-core==$CHDB_VERSION" \
+    || die "pip could not install chdb-core==$CHDB_VERSION into $venv"
 }
 
 pg_up() {
@@ -168,7 +185,7 @@ case "${1:-}" in
     redis_up
     clickhouse_up
     ;;
-  install) install_missing ;;
+  install) install_missing; install_python ;;
   status) status ;;
   down) down ;;
   *) say "usage: scripts/stack.sh up|install|status|down"; exit 2 ;;

@@ -83,10 +83,11 @@ fn backfill_of_events_older_than_the_slot_then_again() {
         "Backfill done. scanned=3 inserted=3 duplicates=0"
     );
     assert_eq!(
-        env.ch(
-            "SELECT content_id, user_id, content_type, length_seconds, engagement_seconds, engagement_pct, source_lsn, event_ts_us % 1000000
-             FROM engagement.events_enriched FINAL ORDER BY user_id"
-        ),
+        env.ch(&format!(
+            "SELECT content_id, user_id, content_type, length_seconds, engagement_seconds, engagement_pct, source_lsn, {} % 1000000
+             FROM engagement.events_enriched FINAL ORDER BY user_id",
+            env.ch.event_ts_us()
+        )),
         "1\t10\tvideo\t300\t7\t0.02\t0\t0\n3\t11\tarticle\t\\N\t\\N\t\\N\t0\t250000\n2\t12\tvideo\t120\t\\N\t\\N\t0\t999999"
     );
     assert_eq!(

@@ -48,9 +48,16 @@ fn setup_twice_succeeds_and_changes_nothing() {
         ),
         "content,engagement_events"
     );
+    // The layout follows the server: `DateTime64(6)` from ClickHouse 20.1 on, `DateTime`
+    // plus `event_ts_us` on 18.16.
+    let expected = if ch.chdb {
+        "event_ts\tDateTime64(6, 'UTC')\nsource_lsn\tUInt64"
+    } else {
+        "event_ts\tDateTime('UTC')\nevent_ts_us\tInt64\nsource_lsn\tUInt64"
+    };
     assert_eq!(
-        ch.query("SELECT name FROM system.columns WHERE database = 'engagement' AND table = 'events_enriched' AND name IN ('event_ts_us', 'source_lsn') ORDER BY name"),
-        "event_ts_us\nsource_lsn"
+        ch.query("SELECT name, type FROM system.columns WHERE database = 'engagement' AND table = 'events_enriched' AND name IN ('event_ts', 'event_ts_us', 'source_lsn') ORDER BY name FORMAT TabSeparatedRaw"),
+        expected
     );
 
     let second = cli(Some(&cfg.path), &["setup"], &[]);

@@ -1071,7 +1071,8 @@ fn tables_of_other_types_and_names_give_the_seed_values() {
     );
     assert_eq!(
         ch.query(&format!(
-            "SELECT event_ts_us FROM engagement.events_enriched WHERE event_id = {summer}"
+            "SELECT {} FROM engagement.events_enriched WHERE event_id = {summer}",
+            ch.event_ts_us()
         )),
         // 14:21:52.5 in Paris in July is 12:21:52.5 UTC.
         "1783513312500000"
@@ -1303,16 +1304,16 @@ fn a_stopped_clickhouse_holds_neither_the_slot_nor_the_other_sinks() {
     wait_for("the slot to be confirmed past the last insert", T, || {
         env.confirmed_flush_reaches(&lsn).then_some(())
     });
-    let status = env.cfg.engine_status().expect("/status answers");
-    let journal = &status["journal"];
+    // Redis's cursor reaches the journal's last batch (a batch journaled a moment ago may
+    // still be on its way to Redis), while ClickHouse's stays behind it.
+    let journal = wait_for("Redis's cursor at the journal's last batch", T, || {
+        let status = env.cfg.engine_status()?;
+        let journal = status["journal"].clone();
+        (journal["cursors"]["redis"]["seq"] == journal["last_batch"]).then_some(journal)
+    });
     let last = journal["last_batch"].as_u64().unwrap();
     assert!(
         journal["cursors"]["clickhouse"]["seq"].as_u64().unwrap() < last,
-        "{journal}"
-    );
-    assert_eq!(
-        journal["cursors"]["redis"]["seq"].as_u64(),
-        Some(last),
         "{journal}"
     );
     assert!(env.metric("engagement_cdc_journal_sink_behind_batches{sink=\"clickhouse\"}") > 0.0);

@@ -8,17 +8,62 @@ use std::time::Duration;
 
 use super::{free_port, http_get, http_post, wait_for, Certs, ChildBacked, ChildServer, TestDir};
 
-/// A private ClickHouse (the Debian package's server, 18.16 here).
+/// A private ClickHouse: the Debian package's server (18.16 here), or with
+/// `ECDC_TEST_CLICKHOUSE=chdb` a modern engine (chDB, ClickHouse 26.x) behind the HTTP
+/// adapter `chdb_http.py` (docs/testing.md).
 pub struct ClickHouse {
     pub http_port: u16,
     pub https_port: Option<u16>,
+    /// Whether this is the modern engine of [`ClickHouse::start_chdb`].
+    pub chdb: bool,
     server: ChildServer,
     _dir: TestDir,
 }
 
 impl ClickHouse {
+    /// The server `ECDC_TEST_CLICKHOUSE` names: `server` (default) or `chdb`.
     pub fn start() -> ClickHouse {
-        ClickHouse::start_with(None)
+        match std::env::var("ECDC_TEST_CLICKHOUSE").as_deref() {
+            Ok("chdb") => ClickHouse::start_chdb(),
+            Ok("server") | Err(_) => ClickHouse::start_with(None),
+            Ok(other) => panic!("ECDC_TEST_CLICKHOUSE={other:?}: expected server or chdb"),
+        }
+    }
+
+    /// The modern engine: chDB (PyPI `chdb-core`, installed by `scripts/stack.sh install`
+    /// into `.venv/`) behind `tests/support/chdb_http.py`.
+    pub fn start_chdb() -> ClickHouse {
+        let dir = TestDir::new("chdb");
+        let http_port = free_port();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = std::env::var_os("ECDC_TEST_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| root.join(".venv/bin/python"));
+        assert!(
+            python.exists(),
+            "{} is missing: run scripts/stack.sh install (it installs chdb-core into .venv/), or set ECDC_TEST_PYTHON",
+            python.display()
+        );
+        let script = root.join("tests/support/chdb_http.py");
+        let data = dir.path.join("data");
+        let mut server = ChildServer::new(move || {
+            let mut c = Command::new(&python);
+            c.arg(&script)
+                .arg(format!("--port={http_port}"))
+                .arg("--path")
+                .arg(&data);
+            c
+        });
+        server.spawn();
+        let ch = ClickHouse {
+            http_port,
+            https_port: None,
+            chdb: true,
+            server,
+            _dir: dir,
+        };
+        ch.wait_ready();
+        ch
     }
 
     /// Also serving HTTPS (on [`ClickHouse::https_port`]) with the certificate of `certs`;
@@ -77,6 +122,7 @@ impl ClickHouse {
         let ch = ClickHouse {
             http_port,
             https_port,
+            chdb: false,
             server,
             _dir: dir,
         };
@@ -94,6 +140,16 @@ impl ClickHouse {
                     .map(|_| ())
             },
         );
+    }
+
+    /// The event's time in microseconds since the epoch as an expression of either layout:
+    /// a column of its own on 18.16, from `DateTime64(6)` on a modern server.
+    pub fn event_ts_us(&self) -> &'static str {
+        if self.chdb {
+            "toUnixTimestamp64Micro(event_ts)"
+        } else {
+            "event_ts_us"
+        }
     }
 
     /// `https://localhost:PORT` of a [`ClickHouse::start_tls`] server.
