@@ -17,7 +17,7 @@
 --   The logs expire after the dedup horizon; a backfill checks them (the engine reads them
 --   first, this script the part written since).
 --
--- ARGV (built by src/sinks/redis/mod.rs):
+-- Arguments (a call's ARGV; built by src/sinks/redis/mod.rs, `script_args`):
 --   1 key prefix   2 NS   3 mode: 's' streamed events (with positions), 'b' backfilled ones
 --   4 position of the first event, 5 of the last (stream), '' for a backfill
 --   6 lowest id, 7 highest id of the call (16 hex digits, sign bit flipped)
@@ -39,307 +39,313 @@
 --                   lengths of its ids log and of its bfids log the engine has read
 -- KEYS[1] is NS:pos (it routes the call to its node on a Redis Cluster).
 -- Returns the number of events new to Redis (on a cluster: whose count this call keeps).
-local p, ns, mode = ARGV[1], ARGV[2], ARGV[3]
-local first, last = ARGV[4], ARGV[5]
-local call_lo, call_hi = ARGV[6], ARGV[7]
-local hour, ttl = ARGV[8], tonumber(ARGV[9])
-local ne, nc, nb, np = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local rebuild = ARGV[14] == '1'
-local i = 15
-local buckets = {}
-for b = 1, nb do
-  buckets[b] = ARGV[i]
-  i = i + 1
-end
-local window = {}
-if rebuild then
-  for w = 1, 10 do
-    window[w] = p .. 'top:content:bucket:' .. ARGV[i]
+--
+-- This file defines `apply(A)`, A being the arguments above; the script sent is this file
+-- followed by `return apply(ARGV)` (one Redis), or by apply_groups.lua (one call for
+-- several hash slots of one Redis Cluster node).
+local function apply(A)
+  local p, ns, mode = A[1], A[2], A[3]
+  local first, last = A[4], A[5]
+  local call_lo, call_hi = A[6], A[7]
+  local hour, ttl = A[8], tonumber(A[9])
+  local ne, nc, nb, np = tonumber(A[10]), tonumber(A[11]), tonumber(A[12]), tonumber(A[13])
+  local rebuild = A[14] == '1'
+  local i = 15
+  local buckets = {}
+  for b = 1, nb do
+    buckets[b] = A[i]
     i = i + 1
   end
-end
-local cbase = i
-i = i + 7 * nc
-local pbase = i
-i = i + 3 * np
-local runs_blob = ARGV[i]
-local ev_blob = ARGV[i + 1]
-i = i + 2
-local hours = {}
-for _ = 1, tonumber(ARGV[i]) do
-  hours[#hours + 1] = { ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) }
-  i = i + 3
-end
-
-local function top()
+  local window = {}
   if rebuild then
-    redis.call('ZUNIONSTORE', p .. 'top:content:10m', 10, unpack(window))
-    redis.call('EXPIRE', p .. 'top:content:10m', 120)
-  end
-end
-
--- An 8-byte big-endian id as 16 hex digits with the sign bit flipped: sorts as the id.
-local function hex_id(raw, at)
-  local hi, lo = struct.unpack('>I4I4', raw, at)
-  hi = (hi + 2147483648) % 4294967296
-  return string.format('%08x%08x', hi, lo)
-end
-
--- The last id of a run (first id + length - 1) in the same form, exactly.
-local function hex_end(raw, at, len)
-  local hi, lo = struct.unpack('>I4I4', raw, at)
-  hi = (hi + 2147483648) % 4294967296
-  lo = lo + len - 1
-  if lo >= 4294967296 then
-    lo = lo - 4294967296
-    hi = (hi + 1) % 4294967296
-  end
-  return string.format('%08x%08x', hi, lo)
-end
-
--- Runs of a log (or a part of it), sorted: { {first, last}, ... } in hex form.
-local function read_runs(list, raw)
-  for at = 1, #raw - 11, 12 do
-    local len = struct.unpack('>I4', raw, at + 8)
-    list[#list + 1] = { hex_id(raw, at), hex_end(raw, at, len) }
-  end
-end
-
--- Sorted by first id, each run also carrying the highest last id up to it.
-local function sorted(list)
-  table.sort(list, function(a, b) return a[1] < b[1] end)
-  local m = nil
-  for _, r in ipairs(list) do
-    if not m or r[2] > m then m = r[2] end
-    r[3] = m
-  end
-  return list
-end
-
--- Whether hex id h is in the sorted runs: some run starting at or before h ends at or
--- after it.
-local function in_runs(list, h)
-  local lo, hi = 1, #list
-  while lo <= hi do
-    local mid = math.floor((lo + hi) / 2)
-    if list[mid][1] <= h then lo = mid + 1 else hi = mid - 1 end
-  end
-  return hi >= 1 and list[hi][3] >= h
-end
-
--- Dedup bitmaps of versions before the logs (`engagement_cdc:seen:{id / 2^20}`): read,
--- never written, so an upgrade does not apply again what the old version applied. Those
--- versions refused a Redis Cluster, so there (NS with a hash tag) there are none.
-local legacy_chunks = {}
-local function legacy_seen(id)
-  if ns ~= 'engagement_cdc' then return false end
-  local chunk = math.floor(id / 1048576)
-  local key = p .. 'engagement_cdc:seen:' .. chunk
-  local exists = legacy_chunks[chunk]
-  if exists == nil then
-    exists = redis.call('EXISTS', key) == 1
-    legacy_chunks[chunk] = exists
-  end
-  return exists and redis.call('GETBIT', key, id - chunk * 1048576) == 1
-end
-
-local pos_key = p .. ns .. ':pos'
-local w = false
-if mode == 's' then
-  w = redis.call('GET', pos_key)
-  if w and last <= w then
-    -- Every event is a replay.
-    top()
-    return 0
-  end
-end
-
--- Whether the call's ids meet the range of backfilled ids.
-local bf_runs = nil
-local bf = redis.call('GET', p .. ns .. ':bf')
-if bf then
-  local lo, hi = string.match(bf, '^(%x+):(%x+)$')
-  if lo and not (call_hi < lo or call_lo > hi) then
-    bf_runs = {}
-  end
-end
-
--- What the call does per content: its count, its content:last.
-local counts, lasts = {}, {}
-for c = 1, nc do
-  local role = ARGV[cbase + 7 * (c - 1) + 6]
-  counts[c] = string.find(role, 'c', 1, true) ~= nil
-  lasts[c] = string.find(role, 'l', 1, true) ~= nil
-end
-
-local function add_effects_fast()
-  local n = 0
-  for c = 1, nc do
-    if counts[c] then
-      local base = cbase + 7 * (c - 1)
-      redis.call('INCRBY', p .. 'content:count:' .. ARGV[base], ARGV[base + 5])
-      n = n + tonumber(ARGV[base + 5])
+    for w = 1, 10 do
+      window[w] = p .. 'top:content:bucket:' .. A[i]
+      i = i + 1
     end
   end
-  for k = 1, np do
-    local base = pbase + 3 * (k - 1)
-    local b = tonumber(ARGV[base])
-    redis.call('ZINCRBY', p .. 'top:content:bucket:' .. buckets[b], ARGV[base + 2],
-      ARGV[cbase + 7 * (tonumber(ARGV[base + 1]) - 1)])
+  local cbase = i
+  i = i + 7 * nc
+  local pbase = i
+  i = i + 3 * np
+  local runs_blob = A[i]
+  local ev_blob = A[i + 1]
+  i = i + 2
+  local hours = {}
+  for _ = 1, tonumber(A[i]) do
+    hours[#hours + 1] = { A[i + 1], tonumber(A[i + 2]), tonumber(A[i + 3]) }
+    i = i + 3
   end
-  return n
-end
 
--- content:last, for each content whose latest event of the call is new: set when that
--- event is later than the stored one by (event_ts, event_id).
-local function set_last(c)
-  local base = cbase + 7 * (c - 1)
-  local key = p .. 'content:last:' .. ARGV[base]
-  local cur = redis.call('GET', key)
-  local later = true
-  if cur then
-    local cts = string.match(cur, '"event_ts":"([^"]*)"')
-    local cur_id = tonumber(string.match(cur, '^{"event_id":(%-?%d+)'))
-    if cts and cur_id then
-      if not string.find(cts, '.', 1, true) then
-        cts = string.sub(cts, 1, -2) .. '.000000Z'
+  local function top()
+    if rebuild then
+      redis.call('ZUNIONSTORE', p .. 'top:content:10m', 10, unpack(window))
+      redis.call('EXPIRE', p .. 'top:content:10m', 120)
+    end
+  end
+
+  -- An 8-byte big-endian id as 16 hex digits with the sign bit flipped: sorts as the id.
+  local function hex_id(raw, at)
+    local hi, lo = struct.unpack('>I4I4', raw, at)
+    hi = (hi + 2147483648) % 4294967296
+    return string.format('%08x%08x', hi, lo)
+  end
+
+  -- The last id of a run (first id + length - 1) in the same form, exactly.
+  local function hex_end(raw, at, len)
+    local hi, lo = struct.unpack('>I4I4', raw, at)
+    hi = (hi + 2147483648) % 4294967296
+    lo = lo + len - 1
+    if lo >= 4294967296 then
+      lo = lo - 4294967296
+      hi = (hi + 1) % 4294967296
+    end
+    return string.format('%08x%08x', hi, lo)
+  end
+
+  -- Runs of a log (or a part of it), sorted: { {first, last}, ... } in hex form.
+  local function read_runs(list, raw)
+    for at = 1, #raw - 11, 12 do
+      local len = struct.unpack('>I4', raw, at + 8)
+      list[#list + 1] = { hex_id(raw, at), hex_end(raw, at, len) }
+    end
+  end
+
+  -- Sorted by first id, each run also carrying the highest last id up to it.
+  local function sorted(list)
+    table.sort(list, function(a, b) return a[1] < b[1] end)
+    local m = nil
+    for _, r in ipairs(list) do
+      if not m or r[2] > m then m = r[2] end
+      r[3] = m
+    end
+    return list
+  end
+
+  -- Whether hex id h is in the sorted runs: some run starting at or before h ends at or
+  -- after it.
+  local function in_runs(list, h)
+    local lo, hi = 1, #list
+    while lo <= hi do
+      local mid = math.floor((lo + hi) / 2)
+      if list[mid][1] <= h then lo = mid + 1 else hi = mid - 1 end
+    end
+    return hi >= 1 and list[hi][3] >= h
+  end
+
+  -- Dedup bitmaps of versions before the logs (`engagement_cdc:seen:{id / 2^20}`): read,
+  -- never written, so an upgrade does not apply again what the old version applied. Those
+  -- versions refused a Redis Cluster, so there (NS with a hash tag) there are none.
+  local legacy_chunks = {}
+  local function legacy_seen(id)
+    if ns ~= 'engagement_cdc' then return false end
+    local chunk = math.floor(id / 1048576)
+    local key = p .. 'engagement_cdc:seen:' .. chunk
+    local exists = legacy_chunks[chunk]
+    if exists == nil then
+      exists = redis.call('EXISTS', key) == 1
+      legacy_chunks[chunk] = exists
+    end
+    return exists and redis.call('GETBIT', key, id - chunk * 1048576) == 1
+  end
+
+  local pos_key = p .. ns .. ':pos'
+  local w = false
+  if mode == 's' then
+    w = redis.call('GET', pos_key)
+    if w and last <= w then
+      -- Every event is a replay.
+      top()
+      return 0
+    end
+  end
+
+  -- Whether the call's ids meet the range of backfilled ids.
+  local bf_runs = nil
+  local bf = redis.call('GET', p .. ns .. ':bf')
+  if bf then
+    local lo, hi = string.match(bf, '^(%x+):(%x+)$')
+    if lo and not (call_hi < lo or call_lo > hi) then
+      bf_runs = {}
+    end
+  end
+
+  -- What the call does per content: its count, its content:last.
+  local counts, lasts = {}, {}
+  for c = 1, nc do
+    local role = A[cbase + 7 * (c - 1) + 6]
+    counts[c] = string.find(role, 'c', 1, true) ~= nil
+    lasts[c] = string.find(role, 'l', 1, true) ~= nil
+  end
+
+  local function add_effects_fast()
+    local n = 0
+    for c = 1, nc do
+      if counts[c] then
+        local base = cbase + 7 * (c - 1)
+        redis.call('INCRBY', p .. 'content:count:' .. A[base], A[base + 5])
+        n = n + tonumber(A[base + 5])
       end
-      local ts = ARGV[base + 2]
-      later = (ts > cts) or (ts == cts and tonumber(ARGV[base + 3]) > cur_id)
+    end
+    for k = 1, np do
+      local base = pbase + 3 * (k - 1)
+      local b = tonumber(A[base])
+      redis.call('ZINCRBY', p .. 'top:content:bucket:' .. buckets[b], A[base + 2],
+        A[cbase + 7 * (tonumber(A[base + 1]) - 1)])
+    end
+    return n
+  end
+
+  -- content:last, for each content whose latest event of the call is new: set when that
+  -- event is later than the stored one by (event_ts, event_id).
+  local function set_last(c)
+    local base = cbase + 7 * (c - 1)
+    local key = p .. 'content:last:' .. A[base]
+    local cur = redis.call('GET', key)
+    local later = true
+    if cur then
+      local cts = string.match(cur, '"event_ts":"([^"]*)"')
+      local cur_id = tonumber(string.match(cur, '^{"event_id":(%-?%d+)'))
+      if cts and cur_id then
+        if not string.find(cts, '.', 1, true) then
+          cts = string.sub(cts, 1, -2) .. '.000000Z'
+        end
+        local ts = A[base + 2]
+        later = (ts > cts) or (ts == cts and tonumber(A[base + 3]) > cur_id)
+      end
+    end
+    if later then
+      redis.call('SET', key, A[base + 4], 'EX', 3600)
     end
   end
-  if later then
-    redis.call('SET', key, ARGV[base + 4], 'EX', 3600)
-  end
-end
 
-local function expire_buckets(used)
-  for b = 1, nb do
-    if used[b] then
-      redis.call('EXPIRE', p .. 'top:content:bucket:' .. buckets[b], 900)
+  local function expire_buckets(used)
+    for b = 1, nb do
+      if used[b] then
+        redis.call('EXPIRE', p .. 'top:content:bucket:' .. buckets[b], 900)
+      end
     end
   end
-end
 
-local function append(key, blob)
-  if #blob > 0 then
-    redis.call('APPEND', key, blob)
-    redis.call('EXPIRE', key, ttl)
+  local function append(key, blob)
+    if #blob > 0 then
+      redis.call('APPEND', key, blob)
+      redis.call('EXPIRE', key, ttl)
+    end
   end
-end
 
-if mode == 's' and w and first > w and not bf_runs then
-  -- The common case: every event is after the watermark and none was backfilled.
-  local n = add_effects_fast()
+  if mode == 's' and w and first > w and not bf_runs then
+    -- The common case: every event is after the watermark and none was backfilled.
+    local n = add_effects_fast()
+    for c = 1, nc do
+      if lasts[c] then set_last(c) end
+    end
+    local used = {}
+    for k = 1, np do
+      used[tonumber(A[pbase + 3 * (k - 1)])] = true
+    end
+    expire_buckets(used)
+    append(p .. ns .. ':ids:' .. hour, runs_blob)
+    redis.call('SET', pos_key, last)
+    top()
+    return n
+  end
+
+  -- Event by event: a replay that crosses the watermark, a first call (no watermark: checks
+  -- the bitmaps of older versions), a batch whose ids may have been backfilled, a backfill.
+  local check_runs = {}
+  if bf_runs then
+    local list = {}
+    for _, h in ipairs(hours) do
+      local raw = redis.call('GET', p .. ns .. ':bfids:' .. h[1])
+      if raw then read_runs(list, raw) end
+    end
+    bf_runs = sorted(list)
+  end
+  if mode == 'b' then
+    -- What the logs gained since the engine read them.
+    for _, h in ipairs(hours) do
+      for _, part in ipairs({ { ':ids:', h[2] }, { ':bfids:', h[3] } }) do
+        local key = p .. ns .. part[1] .. h[1]
+        if redis.call('STRLEN', key) > part[2] then
+          read_runs(check_runs, redis.call('GETRANGE', key, part[2], -1))
+        end
+      end
+    end
+    check_runs = sorted(check_runs)
+  end
+
+  local per_content, per_bucket, is_new, new_ids = {}, {}, {}, {}
+  local inserted = 0
+  local at = 1
+  for e = 1, ne do
+    local raw = string.sub(ev_blob, at, at + 7)
+    local id, c, b, lh, ll, ord = struct.unpack('>i8i4i4I4I4I4', ev_blob, at)
+    at = at + 28
+    local h = hex_id(raw, 1)
+    local new
+    if mode == 's' then
+      new = not w or string.format('%08x%08x%08x', lh, ll, ord) > w
+      if new and bf_runs then new = not in_runs(bf_runs, h) end
+      if new and not w then new = not legacy_seen(id) end
+    else
+      new = not in_runs(check_runs, h) and not legacy_seen(id)
+    end
+    if new then
+      if counts[c] then inserted = inserted + 1 end
+      is_new[e] = true
+      new_ids[#new_ids + 1] = raw .. '\0\0\0\1'
+      per_content[c] = (per_content[c] or 0) + 1
+      if b > 0 then
+        local bt = per_bucket[b]
+        if not bt then
+          bt = {}
+          per_bucket[b] = bt
+        end
+        bt[c] = (bt[c] or 0) + 1
+      end
+    end
+  end
+
   for c = 1, nc do
-    if lasts[c] then set_last(c) end
+    local base = cbase + 7 * (c - 1)
+    local n = per_content[c]
+    if n then
+      if counts[c] then
+        redis.call('INCRBY', p .. 'content:count:' .. A[base], n)
+      end
+      if lasts[c] and is_new[tonumber(A[base + 1])] then
+        set_last(c)
+      end
+    end
   end
   local used = {}
-  for k = 1, np do
-    used[tonumber(ARGV[pbase + 3 * (k - 1)])] = true
+  for b, t in pairs(per_bucket) do
+    local key = p .. 'top:content:bucket:' .. buckets[b]
+    for c, n in pairs(t) do
+      redis.call('ZINCRBY', key, n, A[cbase + 7 * (c - 1)])
+    end
+    used[b] = true
   end
   expire_buckets(used)
-  append(p .. ns .. ':ids:' .. hour, runs_blob)
-  redis.call('SET', pos_key, last)
-  top()
-  return n
-end
-
--- Event by event: a replay that crosses the watermark, a first call (no watermark: checks
--- the bitmaps of older versions), a batch whose ids may have been backfilled, a backfill.
-local check_runs = {}
-if bf_runs then
-  local list = {}
-  for _, h in ipairs(hours) do
-    local raw = redis.call('GET', p .. ns .. ':bfids:' .. h[1])
-    if raw then read_runs(list, raw) end
-  end
-  bf_runs = sorted(list)
-end
-if mode == 'b' then
-  -- What the logs gained since the engine read them.
-  for _, h in ipairs(hours) do
-    for _, part in ipairs({ { ':ids:', h[2] }, { ':bfids:', h[3] } }) do
-      local key = p .. ns .. part[1] .. h[1]
-      if redis.call('STRLEN', key) > part[2] then
-        read_runs(check_runs, redis.call('GETRANGE', key, part[2], -1))
-      end
-    end
-  end
-  check_runs = sorted(check_runs)
-end
-
-local per_content, per_bucket, is_new, new_ids = {}, {}, {}, {}
-local inserted = 0
-local at = 1
-for e = 1, ne do
-  local raw = string.sub(ev_blob, at, at + 7)
-  local id, c, b, lh, ll, ord = struct.unpack('>i8i4i4I4I4I4', ev_blob, at)
-  at = at + 28
-  local h = hex_id(raw, 1)
-  local new
+  local blob = table.concat(new_ids)
   if mode == 's' then
-    new = not w or string.format('%08x%08x%08x', lh, ll, ord) > w
-    if new and bf_runs then new = not in_runs(bf_runs, h) end
-    if new and not w then new = not legacy_seen(id) end
-  else
-    new = not in_runs(check_runs, h) and not legacy_seen(id)
-  end
-  if new then
-    if counts[c] then inserted = inserted + 1 end
-    is_new[e] = true
-    new_ids[#new_ids + 1] = raw .. '\0\0\0\1'
-    per_content[c] = (per_content[c] or 0) + 1
-    if b > 0 then
-      local bt = per_bucket[b]
-      if not bt then
-        bt = {}
-        per_bucket[b] = bt
+    append(p .. ns .. ':ids:' .. hour, blob)
+    if ne > 0 and (not w or last > w) then
+      redis.call('SET', pos_key, last)
+    end
+  elseif inserted > 0 then
+    append(p .. ns .. ':bfids:' .. hour, blob)
+    -- Widen the backfilled range to the new ids.
+    local lo, hi = call_lo, call_hi
+    if bf then
+      local blo, bhi = string.match(bf, '^(%x+):(%x+)$')
+      if blo then
+        if blo < lo then lo = blo end
+        if bhi > hi then hi = bhi end
       end
-      bt[c] = (bt[c] or 0) + 1
     end
+    redis.call('SET', p .. ns .. ':bf', lo .. ':' .. hi, 'EX', ttl)
   end
+  top()
+  return inserted
 end
-
-for c = 1, nc do
-  local base = cbase + 7 * (c - 1)
-  local n = per_content[c]
-  if n then
-    if counts[c] then
-      redis.call('INCRBY', p .. 'content:count:' .. ARGV[base], n)
-    end
-    if lasts[c] and is_new[tonumber(ARGV[base + 1])] then
-      set_last(c)
-    end
-  end
-end
-local used = {}
-for b, t in pairs(per_bucket) do
-  local key = p .. 'top:content:bucket:' .. buckets[b]
-  for c, n in pairs(t) do
-    redis.call('ZINCRBY', key, n, ARGV[cbase + 7 * (c - 1)])
-  end
-  used[b] = true
-end
-expire_buckets(used)
-local blob = table.concat(new_ids)
-if mode == 's' then
-  append(p .. ns .. ':ids:' .. hour, blob)
-  if ne > 0 and (not w or last > w) then
-    redis.call('SET', pos_key, last)
-  end
-elseif inserted > 0 then
-  append(p .. ns .. ':bfids:' .. hour, blob)
-  -- Widen the backfilled range to the new ids.
-  local lo, hi = call_lo, call_hi
-  if bf then
-    local blo, bhi = string.match(bf, '^(%x+):(%x+)$')
-    if blo then
-      if blo < lo then lo = blo end
-      if bhi > hi then hi = bhi end
-    end
-  end
-  redis.call('SET', p .. ns .. ':bf', lo .. ':' .. hi, 'EX', ttl)
-end
-top()
-return inserted

@@ -34,7 +34,21 @@ use crate::ops::metrics::Metrics;
 mod config;
 pub use config::{ClusterMode, RedisConfig};
 
-const APPLY_BATCH: &str = include_str!("apply_batch.lua");
+/// One call's script: `apply` of apply_batch.lua on the call's arguments.
+const APPLY_BATCH: &str = concat!(include_str!("apply_batch.lua"), "return apply(ARGV)\n");
+
+/// On a Redis Cluster, one call per node for several hash slots (apply_groups.lua).
+const APPLY_GROUPS: &str = concat!(
+    include_str!("apply_batch.lua"),
+    include_str!("apply_groups.lua")
+);
+
+/// Redis 7 refuses a script that touches keys of several hash slots unless it says so; the
+/// line is a syntax error before Redis 7, which does not check.
+const CROSS_SLOT_FLAG: &str = "#!lua flags=allow-cross-slot-keys\n";
+
+/// How long a master's count of connected replicas is trusted before it is read again.
+const REPLICAS_TTL: Duration = Duration::from_secs(10);
 
 /// On a Redis Cluster: replace `top:content:10m` (KEYS[1]) with the member/score pairs of
 /// ARGV, atomically.
@@ -65,8 +79,13 @@ pub struct RedisSink {
     script: Script,
     /// Writes `top:content:10m` on a Redis Cluster (`write_top.lua`).
     top_script: Script,
-    /// A Redis Cluster: one script call per hash slot, `WAIT` for a replica.
+    /// A Redis Cluster: one script call per node (per hash slot when that fails), `WAIT`
+    /// for a replica.
     cluster: bool,
+    /// On a Redis Cluster, the script of one call per node for several slots.
+    group_script: Option<Script>,
+    /// On a Redis Cluster, each master's connected replicas when last read.
+    replicas: HashMap<fred::types::config::Server, (u32, Instant)>,
     prefix: String,
     url: String,
     last_rebuild: Instant,
@@ -509,7 +528,25 @@ impl RedisSink {
         };
         let script = Script::from_lua(APPLY_BATCH);
         let top_script = Script::from_lua(WRITE_TOP);
-        for s in [&script, &top_script] {
+        let group_script = if cluster {
+            let info: String = client
+                .info(Some(fred::types::InfoKind::Server))
+                .await
+                .map_err(|e| anyhow!("cannot read INFO server from Redis at {url}: {e}"))?;
+            let major: u32 = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("redis_version:"))
+                .and_then(|v| v.split('.').next()?.parse().ok())
+                .unwrap_or(0);
+            let flag = if major >= 7 { CROSS_SLOT_FLAG } else { "" };
+            Some(Script::from_lua(format!("{flag}{APPLY_GROUPS}")))
+        } else {
+            None
+        };
+        for s in [&script, &top_script]
+            .into_iter()
+            .chain(group_script.as_ref())
+        {
             s.load(&client)
                 .await
                 .map_err(|e| anyhow!("cannot load the batch script into Redis at {url}: {e}"))?;
@@ -519,6 +556,8 @@ impl RedisSink {
             script,
             top_script,
             cluster,
+            group_script,
+            replicas: HashMap::new(),
             prefix: cfg.key_prefix.clone(),
             url,
             last_rebuild: Instant::now(),
@@ -618,11 +657,21 @@ impl RedisSink {
         let mut inserted = 0;
         let mut attempt = 0u32;
         loop {
-            let calls = per_slot
-                .iter()
-                .map(|(slot, evs)| self.call_slot(*slot, evs, &hours));
-            let done = futures_util::future::try_join_all(calls).await?;
-            inserted += done.iter().sum::<u64>();
+            inserted += match self.call_nodes(&per_slot, &hours).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // A slot moved, a node failed over, a connection broke: slot by slot,
+                    // with retries (what a node's call applied is skipped by its slots).
+                    tracing::debug!("redis at {}: {e}; calling slot by slot", self.url);
+                    let sync = self.client.sync_cluster();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), sync).await;
+                    let calls = per_slot
+                        .iter()
+                        .map(|(slot, evs)| self.call_slot(*slot, evs, &hours));
+                    let done = futures_util::future::try_join_all(calls).await?;
+                    done.iter().sum::<u64>()
+                }
+            };
             match self.wait_replicas(per_slot.keys().copied()).await {
                 Ok(()) => return Ok(inserted),
                 Err(e) => {
@@ -637,6 +686,74 @@ impl RedisSink {
                 }
             }
         }
+    }
+
+    /// One call per master for the slots it serves in the cached slot map (apply_groups.lua),
+    /// all at once; one attempt each. An error names the first call that failed.
+    async fn call_nodes(
+        &self,
+        per_slot: &std::collections::BTreeMap<u16, Vec<&EnrichedEvent>>,
+        hours: &[(String, u64, u64)],
+    ) -> Result<u64, String> {
+        let script = self.group_script.as_ref().ok_or("no group script")?;
+        let state = self
+            .client
+            .cached_cluster_state()
+            .ok_or("the cluster's slot map is not known yet")?;
+        let mut nodes: Vec<(&fred::types::config::Server, Vec<u16>)> = Vec::new();
+        for slot in per_slot.keys() {
+            let server = state
+                .get_server(*slot)
+                .ok_or_else(|| format!("no node serves slot {slot}"))?;
+            match nodes.iter_mut().find(|(s, _)| *s == server) {
+                Some((_, slots)) => slots.push(*slot),
+                None => nodes.push((server, vec![*slot])),
+            }
+        }
+        let text = |s: String| Value::from(s);
+        let mut shared = vec![text(hours.len().to_string())];
+        for (h, ids, bf) in hours {
+            shared.extend([text(h.clone()), text(ids.to_string()), text(bf.to_string())]);
+        }
+        let now = now_us();
+        let log_ttl = self.horizon.as_secs() + 3600;
+        let calls = nodes.into_iter().map(|(server, slots)| {
+            let mut args = vec![
+                text(slots.len().to_string()),
+                text(shared.len().to_string()),
+            ];
+            args.extend(shared.iter().cloned());
+            for slot in &slots {
+                let namespace = format!("{NAMESPACE}{{{}}}", slot_tag(*slot));
+                let ctx = CallContext {
+                    namespace: &namespace,
+                    hours: &[],
+                    log_ttl,
+                    rebuild_top: false,
+                    slot: Some(*slot),
+                };
+                let mut group = script_args(&self.prefix, &ctx, &per_slot[slot], now);
+                // The number of hours (0 here): the groups share the hours.
+                group.pop();
+                args.push(text(group.len().to_string()));
+                args.extend(group);
+            }
+            // The first slot's position key routes the call to its node.
+            let key = format!("{}{NAMESPACE}{{{}}}:pos", self.prefix, slot_tag(slots[0]));
+            async move {
+                script
+                    .evalsha_with_reload::<i64, _, _>(&self.client, vec![key], args)
+                    .await
+                    .map(|n| n as u64)
+                    .map_err(|e| format!("the call for {} slots on {server}: {e}", slots.len()))
+            }
+        });
+        let done = futures_util::future::join_all(calls).await;
+        let mut inserted = 0;
+        for d in done {
+            inserted += d?;
+        }
+        Ok(inserted)
     }
 
     /// One slot's call, retried until it succeeds.
@@ -680,7 +797,7 @@ impl RedisSink {
 
     /// `WAIT` on every master that owns one of `slots` and has a connected replica, until
     /// one replica acknowledges (2 s); an error when one does not.
-    async fn wait_replicas(&self, slots: impl Iterator<Item = u16>) -> Result<(), String> {
+    async fn wait_replicas(&mut self, slots: impl Iterator<Item = u16>) -> Result<(), String> {
         let state = self
             .client
             .cached_cluster_state()
@@ -695,26 +812,40 @@ impl RedisSink {
         }
         for server in servers {
             let node = self.client.with_cluster_node(server.clone());
-            let info: String = node
-                .info(Some(fred::types::InfoKind::Replication))
-                .await
-                .map_err(|e| format!("INFO replication on {server}: {e}"))?;
-            let replicas: u32 = info
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let replicas = match self.replicas.get(&server) {
+                // A count of 0 is read again every time: a replica that connects must be
+                // waited for from its first batch on. A positive one is checked by WAIT.
+                Some((n, at)) if *n > 0 && at.elapsed() < REPLICAS_TTL => *n,
+                _ => {
+                    let info: String = node
+                        .info(Some(fred::types::InfoKind::Replication))
+                        .await
+                        .map_err(|e| format!("INFO replication on {server}: {e}"))?;
+                    let n: u32 = info
+                        .lines()
+                        .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    self.replicas.insert(server.clone(), (n, Instant::now()));
+                    n
+                }
+            };
             if replicas == 0 {
                 continue;
             }
-            let acked: i64 = node
-                .wait(1, 2000)
-                .await
-                .map_err(|e| format!("WAIT on {server}: {e}"))?;
-            if acked < 1 {
-                return Err(format!(
-                    "no replica of {server} acknowledged the write within 2 s"
-                ));
+            let acked = node.wait::<i64>(1, 2000).await;
+            match acked {
+                Ok(n) if n >= 1 => {}
+                failed => {
+                    // Read the replica count again next time: the replica may be gone.
+                    self.replicas.remove(&server);
+                    return Err(match failed {
+                        Err(e) => format!("WAIT on {server}: {e}"),
+                        Ok(_) => {
+                            format!("no replica of {server} acknowledged the write within 2 s")
+                        }
+                    });
+                }
             }
         }
         Ok(())
