@@ -149,9 +149,11 @@ local function apply(A)
   end
 
   local pos_key = p .. ns .. ':pos'
+  -- The position and the backfilled range, in one command.
+  local state = redis.call('MGET', pos_key, p .. ns .. ':bf')
   local w = false
   if mode == 's' then
-    w = redis.call('GET', pos_key)
+    w = state[1]
     if w and last <= w then
       -- Every event is a replay.
       top()
@@ -161,7 +163,7 @@ local function apply(A)
 
   -- Whether the call's ids meet the range of backfilled ids.
   local bf_runs = nil
-  local bf = redis.call('GET', p .. ns .. ':bf')
+  local bf = state[2]
   if bf then
     local lo, hi = string.match(bf, '^(%x+):(%x+)$')
     if lo and not (call_hi < lo or call_lo > hi) then
@@ -226,9 +228,10 @@ local function apply(A)
     end
   end
 
+  -- Append to a log; its TTL is set by the hour's first append (the log of an hour is
+  -- written within that hour, so it is kept at least TTL - 1 h after its last append).
   local function append(key, blob)
-    if #blob > 0 then
-      redis.call('APPEND', key, blob)
+    if #blob > 0 and redis.call('APPEND', key, blob) == #blob then
       redis.call('EXPIRE', key, ttl)
     end
   end

@@ -586,9 +586,15 @@ impl RedisSink {
         while !rest.is_empty() {
             // Streamed and backfilled events go in separate calls (the first have positions).
             let streamed = rest[0].source_lsn.0 > 0;
+            // A cluster's call per node holds each master for about a third of the work.
+            let per_call = if self.cluster {
+                2 * EVENTS_PER_CALL
+            } else {
+                EVENTS_PER_CALL
+            };
             let n = rest
                 .iter()
-                .take(EVENTS_PER_CALL)
+                .take(per_call)
                 .take_while(|e| (e.source_lsn.0 > 0) == streamed)
                 .count();
             let (chunk, tail) = rest.split_at(n);
@@ -1059,8 +1065,14 @@ impl Sink for RedisSink {
 
     /// While catching up, two batches a call: the script's work is per content, so larger
     /// calls cost Redis less per event.
+    /// On a Redis Cluster four: a call's fixed work is per hash slot, and with many content
+    /// ids nearly every batch meets thousands of slots.
     fn write_limit(&self, max_batch_rows: usize) -> usize {
-        2 * max_batch_rows
+        if self.cluster {
+            4 * max_batch_rows
+        } else {
+            2 * max_batch_rows
+        }
     }
 
     fn deliver<'a>(
