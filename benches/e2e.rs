@@ -389,7 +389,27 @@ fn main() {
             .map(|_| ())
     });
 
-    // Steady state at --rate.
+    // Steady state at --rate, with the CPU each process spends on it.
+    let steady_pids: Vec<(&str, Vec<i32>)> = {
+        let walsender: i32 =
+            sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
+                .parse()
+                .unwrap_or(0);
+        let mut pids = vec![("engine", vec![engine.pid()]), ("walsender", vec![walsender])];
+        match &clusters {
+            Some((chc, rc)) => {
+                pids.push(("clickhouse", chc.nodes.iter().map(|n| n.pid()).collect()));
+                pids.push(("redis", rc.nodes.iter().map(|n| n.pid()).collect()));
+            }
+            None => {
+                pids.push(("clickhouse", vec![ch.pid()]));
+                pids.push(("redis", vec![redis.pid()]));
+            }
+        }
+        pids.push(("mock-api", vec![api.pid()]));
+        pids
+    };
+    let steady_before: Vec<f64> = steady_pids.iter().map(|(_, p)| cpu(p)).collect();
     let load = cli(
         Some(&cfg.path),
         &[
@@ -419,6 +439,14 @@ fn main() {
         },
     );
     let steady_rss_mb = rss_kb(engine.pid(), "VmRSS:") as f64 / 1024.0;
+    let steady_events = (total - n) as f64;
+    let steady_cpu: Vec<String> = steady_pids
+        .iter()
+        .zip(&steady_before)
+        .map(|((name, pids), before)| {
+            format!("{name} {:.2}", (cpu(pids) - before) * 1e6 / steady_events)
+        })
+        .collect();
     let status = cfg.engine_status().unwrap();
     let lat = &status["commit_to_sink"];
     // (The probe's own latency is one sample among the load's.)
@@ -493,6 +521,11 @@ fn main() {
             o.rate, lat[s]["p50_ms"], lat[s]["p99_ms"]
         );
     }
+    println!(
+        "| CPU µs per event at steady state ({} events/s) | {} |",
+        o.rate,
+        steady_cpu.join(", ")
+    );
     println!("| load achieved | {} |", load.stdout.trim());
     if std::env::var("BENCH_ENGINE_LOG").is_ok() {
         eprintln!("{}", engine.stderr());

@@ -10,7 +10,7 @@ use std::time::Instant;
 use engagement_cdc::config::{HttpMode, QualifiedTable};
 use engagement_cdc::enrich::{enrich, ContentRow, Dimension, EnrichedEvent};
 use engagement_cdc::sinks::http::requests;
-use engagement_cdc::sinks::redis::{script_args, CallContext};
+use engagement_cdc::sinks::redis::{script_args, CallContext, TopMode};
 use engagement_cdc::source::pgoutput::{Message, RelColumn, Relation, Tuple, Value};
 use engagement_cdc::source::rows::{decode_event, RelKind, Relations, Zone};
 use engagement_cdc::source::schema::{ContentColumns, EventColumns, TypeCatalog};
@@ -146,7 +146,7 @@ fn main() {
         namespace: "engagement_cdc",
         hours: &hours,
         log_ttl: 90_000,
-        rebuild_top: true,
+        top: TopMode::Keep,
         slot: None,
     };
     bench("redis script arguments (20000-event calls)", N, || {

@@ -19,6 +19,12 @@ use crate::state::{CheckpointStore, CursorStore};
 /// left to read it from the journal.
 pub(super) const STALLED: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The cursors and the checkpoint are written (and fsynced) at most this often while the
+/// stream runs: thousands of small batches a second would otherwise cost thousands of
+/// fsyncs. Later only means a little more to deliver again after a crash, which every sink
+/// recognises; at shutdown they are written at once.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+
 pub(super) struct Tracker {
     pub sinks: usize,
     pub names: Vec<&'static str>,
@@ -55,6 +61,9 @@ impl Tracker {
         let mut acks_open = true;
         let mut stall_check = tokio::time::interval(STALLED / 4);
         stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the cursors or the checkpoint were last written, and whether a write waits.
+        let mut last_persist = tokio::time::Instant::now() - PERSIST_EVERY;
+        let mut deferred = false;
         loop {
             tokio::select! {
                 r = reg_rx.recv(), if registering => match r {
@@ -71,6 +80,7 @@ impl Tracker {
                 // Batches age in memory while nothing else happens (a stalled sink, the
                 // source waiting for room): look again.
                 _ = stall_check.tick(), if journal && (registering || acks_open) => {}
+                _ = tokio::time::sleep_until(last_persist + PERSIST_EVERY), if deferred => {}
                 else => break,
             }
             // Take everything else already waiting, so one sled write covers it all.
@@ -103,6 +113,23 @@ impl Tracker {
             });
             self.budget.add_permits(permits);
 
+            // Too soon after the last write, while the stream runs: write later.
+            let closing = !registering || !acks_open;
+            deferred = false;
+            if !closing && last_persist.elapsed() < PERSIST_EVERY {
+                let cursors_moved = self.cursor_store.is_some()
+                    && self
+                        .acked
+                        .iter()
+                        .map(|&a| a.min(self.journaled))
+                        .ne(saved.iter().copied());
+                let durable_front = pending
+                    .front()
+                    .is_some_and(|f| f.marker || f.seq <= durable);
+                deferred = cursors_moved || durable_front;
+                continue;
+            }
+
             if let Some(cursors) = &self.cursor_store {
                 // A cursor never passes what the journal holds: after a crash the batches
                 // past it are numbered again.
@@ -118,6 +145,7 @@ impl Tracker {
                     tokio::task::spawn_blocking(move || writer.save_cursors(&named))
                         .await
                         .map_err(|_| anyhow!("the cursor writer stopped"))??;
+                    last_persist = tokio::time::Instant::now();
                     self.delivered_tx
                         .send_replace(now.iter().copied().min().unwrap_or(self.journaled));
                     saved = now;
@@ -155,6 +183,7 @@ impl Tracker {
                 })
                 .await
                 .map_err(|_| anyhow!("the checkpoint writer stopped"))??;
+                last_persist = tokio::time::Instant::now();
                 self.metrics
                     .checkpoint_lsn
                     .store(new_checkpoint.0, std::sync::atomic::Ordering::Relaxed);

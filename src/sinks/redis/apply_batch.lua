@@ -23,9 +23,13 @@
 --   6 lowest id, 7 highest id of the call (16 hex digits, sign bit flipped)
 --   8 apply hour (YYYYMMDDHH)   9 TTL of the logs (seconds)
 --   10 number of events   11 of contents   12 of minute buckets   13 of (bucket, content)
---   14 '1' to rebuild top:content:10m here, '0' not (a Redis Cluster builds it apart)
+--   14 top:content:10m: '1' keep it here (add the call's new events of the window's
+--      minutes to it; ZUNIONSTORE of the window when its minute changed or the key is
+--      missing), '2' rebuild it with ZUNIONSTORE, '0' not here (a Redis Cluster builds it
+--      apart)
 --   then one YYYYMMDDHHMM per bucket
---   then, when 14 is '1', the 10 minutes of the top:content:10m window
+--   then, when 14 is not '0', the 10 minutes of the top:content:10m window, the
+--      current one first
 --   then per content: content_id, index of its latest event in this call, that event's
 --                     event_ts (RFC 3339, 6 fraction digits), its event_id, its JSON,
 --                     the number of the call's events of that content, and what this call
@@ -49,17 +53,19 @@ local function apply(A)
   local call_lo, call_hi = A[6], A[7]
   local hour, ttl = A[8], tonumber(A[9])
   local ne, nc, nb, np = tonumber(A[10]), tonumber(A[11]), tonumber(A[12]), tonumber(A[13])
-  local rebuild = A[14] == '1'
+  local top_mode = A[14]
   local i = 15
   local buckets = {}
   for b = 1, nb do
     buckets[b] = A[i]
     i = i + 1
   end
-  local window = {}
-  if rebuild then
+  local window, in_window, window_minute = {}, {}, nil
+  if top_mode ~= '0' then
+    window_minute = A[i]
     for w = 1, 10 do
       window[w] = p .. 'top:content:bucket:' .. A[i]
+      in_window[A[i]] = true
       i = i + 1
     end
   end
@@ -76,11 +82,25 @@ local function apply(A)
     i = i + 3
   end
 
-  local function top()
-    if rebuild then
-      redis.call('ZUNIONSTORE', p .. 'top:content:10m', 10, unpack(window))
-      redis.call('EXPIRE', p .. 'top:content:10m', 120)
+  -- top:content:10m equal to the union of the window's buckets after the call: rebuilt
+  -- when the window moved (NS:top holds the minute it was built for), the key is missing
+  -- or the engine asks; otherwise the call's new events of the window's minutes (adds:
+  -- { bucket index, content_id, number }) are added to it as they were to their buckets.
+  local function top(adds)
+    if top_mode == '0' then return end
+    local key, mark = p .. 'top:content:10m', p .. ns .. ':top'
+    if top_mode == '2' or redis.call('GET', mark) ~= window_minute
+        or redis.call('EXISTS', key) == 0 then
+      redis.call('ZUNIONSTORE', key, 10, unpack(window))
+      redis.call('SET', mark, window_minute, 'EX', 120)
+    else
+      for _, a in ipairs(adds) do
+        if in_window[buckets[a[1]]] then
+          redis.call('ZINCRBY', key, a[3], a[2])
+        end
+      end
     end
+    redis.call('EXPIRE', key, 120)
   end
 
   -- An 8-byte big-endian id as 16 hex digits with the sign bit flipped: sorts as the id.
@@ -156,7 +176,7 @@ local function apply(A)
     w = state[1]
     if w and last <= w then
       -- Every event is a replay.
-      top()
+      top({})
       return 0
     end
   end
@@ -242,14 +262,17 @@ local function apply(A)
     for c = 1, nc do
       if lasts[c] then set_last(c) end
     end
-    local used = {}
+    local used, adds = {}, {}
     for k = 1, np do
-      used[tonumber(A[pbase + 3 * (k - 1)])] = true
+      local base = pbase + 3 * (k - 1)
+      local b = tonumber(A[base])
+      used[b] = true
+      adds[k] = { b, A[cbase + 7 * (tonumber(A[base + 1]) - 1)], A[base + 2] }
     end
     expire_buckets(used)
     append(p .. ns .. ':ids:' .. hour, runs_blob)
     redis.call('SET', pos_key, last)
-    top()
+    top(adds)
     return n
   end
 
@@ -321,11 +344,13 @@ local function apply(A)
       end
     end
   end
-  local used = {}
+  local used, adds = {}, {}
   for b, t in pairs(per_bucket) do
     local key = p .. 'top:content:bucket:' .. buckets[b]
     for c, n in pairs(t) do
-      redis.call('ZINCRBY', key, n, A[cbase + 7 * (c - 1)])
+      local content_id = A[cbase + 7 * (c - 1)]
+      redis.call('ZINCRBY', key, n, content_id)
+      adds[#adds + 1] = { b, content_id, n }
     end
     used[b] = true
   end
@@ -349,6 +374,6 @@ local function apply(A)
     end
     redis.call('SET', p .. ns .. ':bf', lo .. ':' .. hi, 'EX', ttl)
   end
-  top()
+  top(adds)
   return inserted
 end

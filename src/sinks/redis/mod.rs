@@ -194,11 +194,23 @@ pub struct CallContext<'a> {
     pub hours: &'a [(String, u64, u64)],
     /// Seconds the logs are kept after their last write.
     pub log_ttl: u64,
-    /// Whether this call rebuilds `top:content:10m` (one Redis; not on a cluster).
-    pub rebuild_top: bool,
+    /// What this call does to `top:content:10m` (one Redis; nothing on a cluster).
+    pub top: TopMode,
     /// On a Redis Cluster, the hash slot this call writes: it keeps the counts, the
     /// `content:last` and the buckets whose keys are in that slot, and nothing else.
     pub slot: Option<u16>,
+}
+
+/// What a call does to `top:content:10m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopMode {
+    /// Nothing: a Redis Cluster builds it apart.
+    None,
+    /// Keep it equal to the union of the window's buckets: add the call's new events to it,
+    /// rebuild it (ZUNIONSTORE) when the window moved to another minute or it is missing.
+    Keep,
+    /// Rebuild it with ZUNIONSTORE (the idle rebuild).
+    Rebuild,
 }
 
 /// The hash slot of a key on a Redis Cluster.
@@ -298,9 +310,16 @@ pub fn script_args(
     args.push(text(contents.len().to_string()));
     args.push(text(buckets.len().to_string()));
     args.push(text(pairs.len().to_string()));
-    args.push(text(if ctx.rebuild_top { "1" } else { "0" }.into()));
+    args.push(text(
+        match ctx.top {
+            TopMode::None => "0",
+            TopMode::Keep => "1",
+            TopMode::Rebuild => "2",
+        }
+        .into(),
+    ));
     args.extend(buckets.into_iter().map(text));
-    if ctx.rebuild_top {
+    if ctx.top != TopMode::None {
         for back in 0..10 {
             args.push(text(minute_key((now_minute - back) * MINUTE)));
         }
@@ -735,7 +754,7 @@ impl RedisSink {
                     namespace: &namespace,
                     hours: &[],
                     log_ttl,
-                    rebuild_top: false,
+                    top: TopMode::None,
                     slot: Some(*slot),
                 };
                 let mut group = script_args(&self.prefix, &ctx, &per_slot[slot], now);
@@ -778,7 +797,7 @@ impl RedisSink {
                     namespace: &namespace,
                     hours,
                     log_ttl: self.horizon.as_secs() + 3600,
-                    rebuild_top: false,
+                    top: TopMode::None,
                     slot: Some(slot),
                 };
                 let args = script_args(&self.prefix, &ctx, events, now_us());
@@ -948,7 +967,12 @@ impl RedisSink {
                     namespace: NAMESPACE,
                     hours,
                     log_ttl: self.horizon.as_secs() + 3600,
-                    rebuild_top: true,
+                    // The idle call (no events) rebuilds it whole.
+                    top: if events.is_empty() {
+                        TopMode::Rebuild
+                    } else {
+                        TopMode::Keep
+                    },
                     slot: None,
                 };
                 let args = script_args(&self.prefix, &ctx, events, now_us());
@@ -1158,7 +1182,7 @@ mod tests {
             namespace: "engagement_cdc",
             hours: &hours,
             log_ttl: 90_000,
-            rebuild_top: true,
+            top: TopMode::Keep,
             slot: None,
         };
         let args = script_args("p:", &ctx, &refs, now);
