@@ -395,7 +395,10 @@ fn main() {
             sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
                 .parse()
                 .unwrap_or(0);
-        let mut pids = vec![("engine", vec![engine.pid()]), ("walsender", vec![walsender])];
+        let mut pids = vec![
+            ("engine", vec![engine.pid()]),
+            ("walsender", vec![walsender]),
+        ];
         match &clusters {
             Some((chc, rc)) => {
                 pids.push(("clickhouse", chc.nodes.iter().map(|n| n.pid()).collect()));

@@ -46,6 +46,11 @@ mod tracker;
 /// The in-flight budget, in full batches' worth of events.
 pub const IN_FLIGHT_BATCHES: usize = 8;
 
+/// The journal writes and fsyncs at most this often; the batches that arrive in between
+/// go in the same write. Many small transactions a second then cost a few fsyncs, not one
+/// each; the checkpoint (written as often) waits for the journal anyway.
+const JOURNAL_EVERY: Duration = Duration::from_millis(25);
+
 /// A batch of enriched events, as every sink receives it.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -564,6 +569,7 @@ async fn journal_task(
     let gauges = &metrics.journal;
     gauges.set_summary(writer.summary(), false);
     let mut full_since: Option<std::time::Instant> = None;
+    let mut last_write = tokio::time::Instant::now() - JOURNAL_EVERY;
     loop {
         let first = tokio::select! {
             b = rx.recv() => b,
@@ -579,6 +585,17 @@ async fn journal_task(
             return Ok(());
         };
         let mut group = vec![first];
+        // At most one write (and fsync) per JOURNAL_EVERY: what arrives meanwhile joins it.
+        let due = last_write + JOURNAL_EVERY;
+        while tokio::time::Instant::now() < due {
+            tokio::select! {
+                b = rx.recv() => match b {
+                    Some(b) => group.push(b),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(due) => break,
+            }
+        }
         while let Ok(b) = rx.try_recv() {
             group.push(b);
         }
@@ -613,6 +630,7 @@ async fn journal_task(
                 since.elapsed().as_secs_f64()
             );
         }
+        last_write = tokio::time::Instant::now();
         let (w, written) = tokio::task::spawn_blocking(move || {
             let r = writer.write_encoded();
             (writer, r)
