@@ -156,11 +156,11 @@ fn parse_event(v: &serde_json::Value) -> Result<EnrichedEvent, String> {
         user_id: int("user_id")?,
         event_type: opt_str("event_type")?
             .ok_or("event_type is missing")?
-            .to_string(),
+            .into(),
         event_ts_us: parse_rfc3339_utc(ts)
             .ok_or_else(|| format!("event_ts {ts:?} is not RFC 3339"))?,
         duration_ms: opt_i32("duration_ms")?,
-        device: opt_str("device")?.map(str::to_string),
+        device: opt_str("device")?.map(Into::into),
         content_type: opt_str("content_type")?.map(Into::into),
         length_seconds: opt_i32("length_seconds")?,
         engagement_ms: opt_decimal("engagement_seconds", 3)?,
@@ -207,8 +207,8 @@ mod tests {
         ) {
             let (ms, pct) = super::super::derived_fields(duration, length);
             let e = EnrichedEvent {
-                event_id: id, content_id: content, user_id: user, event_type,
-                event_ts_us: ts, duration_ms: duration, device,
+                event_id: id, content_id: content, user_id: user, event_type: event_type.into(),
+                event_ts_us: ts, duration_ms: duration, device: device.map(Into::into),
                 content_type: kind.map(Into::into), length_seconds: length,
                 engagement_ms: ms, engagement_pct_hundredths: pct,
                 source_lsn: Lsn(0), commit_us: 0, tx_index: 0,

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use compact_str::CompactString;
+
 use serde::{Deserialize, Serialize};
 
 use crate::types::Lsn;
@@ -81,11 +83,11 @@ pub struct RawEvent {
     pub id: i64,
     pub content_id: i64,
     pub user_id: i64,
-    pub event_type: String,
+    pub event_type: CompactString,
     /// Microseconds since 1970-01-01 UTC.
     pub event_ts_us: i64,
     pub duration_ms: Option<i32>,
-    pub device: Option<String>,
+    pub device: Option<CompactString>,
 }
 
 /// An event joined with its content row and the derived fields.
@@ -94,10 +96,11 @@ pub struct EnrichedEvent {
     pub event_id: i64,
     pub content_id: i64,
     pub user_id: i64,
-    pub event_type: String,
+    /// Short texts are held inline (no allocation per event up to 24 bytes).
+    pub event_type: CompactString,
     pub event_ts_us: i64,
     pub duration_ms: Option<i32>,
-    pub device: Option<String>,
+    pub device: Option<CompactString>,
     pub content_type: Option<Arc<str>>,
     pub length_seconds: Option<i32>,
     /// `engagement_seconds` in milliseconds (the exact decimal is this / 1000).

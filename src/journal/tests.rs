@@ -13,7 +13,7 @@ fn events(first_id: i64, n: usize, lsn: u64) -> Vec<EnrichedEvent> {
                     event_type: "play".into(),
                     event_ts_us: 1_767_882_112_000_000,
                     duration_ms: Some(1000),
-                    device: Some("x".repeat(400)),
+                    device: Some("x".repeat(400).into()),
                 },
                 None,
                 Lsn(lsn),

@@ -51,6 +51,9 @@ pub const IN_FLIGHT_BATCHES: usize = 8;
 /// each; the checkpoint (written as often) waits for the journal anyway.
 const JOURNAL_EVERY: Duration = Duration::from_millis(25);
 
+/// Events in one journal write at most (about 2.5 MB encoded), beyond one batch.
+const JOURNAL_WRITE_EVENTS: usize = 20_000;
+
 /// A batch of enriched events, as every sink receives it.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -584,19 +587,26 @@ async fn journal_task(
         let Some(first) = first else {
             return Ok(());
         };
+        let mut events = first.events.len();
         let mut group = vec![first];
-        // At most one write (and fsync) per JOURNAL_EVERY: what arrives meanwhile joins it.
+        // At most one write (and fsync) per JOURNAL_EVERY: what arrives meanwhile joins it,
+        // up to JOURNAL_WRITE_EVENTS (the write's buffer stays small while catching up).
         let due = last_write + JOURNAL_EVERY;
-        while tokio::time::Instant::now() < due {
+        while events < JOURNAL_WRITE_EVENTS && tokio::time::Instant::now() < due {
             tokio::select! {
                 b = rx.recv() => match b {
-                    Some(b) => group.push(b),
+                    Some(b) => {
+                        events += b.events.len();
+                        group.push(b);
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(due) => break,
             }
         }
-        while let Ok(b) = rx.try_recv() {
+        while events < JOURNAL_WRITE_EVENTS {
+            let Ok(b) = rx.try_recv() else { break };
+            events += b.events.len();
             group.push(b);
         }
         let need = writer.encode(

@@ -7,6 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
+
 use crate::checks::QualifiedTable;
 use crate::enrich::{days_from_civil, ContentRow, RawEvent};
 use crate::source::pgoutput::{Relation, Tuple, Value};
@@ -356,15 +358,15 @@ fn optional_i32(
     }
 }
 
-fn required_text(t: &impl Fields, i: usize, name: &str) -> Result<String, Invalid> {
+fn required_text(t: &impl Fields, i: usize, name: &str) -> Result<CompactString, Invalid> {
     optional_text(t, i).ok_or_else(|| format!("{name} is NULL"))
 }
 
-fn optional_text(t: &impl Fields, i: usize) -> Option<String> {
+fn optional_text(t: &impl Fields, i: usize) -> Option<CompactString> {
     match t.value(i) {
         Value::Text(b) => Some(match std::str::from_utf8(b) {
-            Ok(s) => s.to_string(),
-            Err(_) => String::from_utf8_lossy(b).into_owned(),
+            Ok(s) => CompactString::from(s),
+            Err(_) => CompactString::from(String::from_utf8_lossy(b)),
         }),
         _ => None,
     }
