@@ -64,6 +64,9 @@ impl Tracker {
         // When the cursors or the checkpoint were last written, and whether a write waits.
         let mut last_persist = tokio::time::Instant::now() - PERSIST_EVERY;
         let mut deferred = false;
+        // When each sink last acked something new: a sink that acks nothing for STALLED is
+        // stalled; one that acks, however slowly, is only slower than the stream.
+        let mut progress_at = vec![std::time::Instant::now(); self.sinks];
         loop {
             tokio::select! {
                 r = reg_rx.recv(), if registering => match r {
@@ -74,7 +77,7 @@ impl Tracker {
                     None => registering = false,
                 },
                 a = ack_rx.recv(), if acks_open => match a {
-                    Some((who, seq)) => self.ack(who, seq),
+                    Some((who, seq)) => self.ack(who, seq, &mut progress_at),
                     None => acks_open = false,
                 },
                 // Batches age in memory while nothing else happens (a stalled sink, the
@@ -89,7 +92,7 @@ impl Tracker {
                 pending.push_back(r);
             }
             while let Ok((who, seq)) = ack_rx.try_recv() {
-                self.ack(who, seq);
+                self.ack(who, seq, &mut progress_at);
             }
             let all_acked = self.acked.iter().copied().min().unwrap_or(u64::MAX);
             let mut delivered = 0;
@@ -100,16 +103,23 @@ impl Tracker {
             let durable = if journal { self.journaled } else { all_acked };
 
             // Memory: what every sink has is dropped. With the journal, a batch that is
-            // journaled and has waited STALLED for a sink is dropped too once memory is half
-            // full: that sink reads it from the file later, and the others go on. A sink that
-            // is merely slower (a catch-up) keeps reading from memory under back-pressure.
+            // journaled and has waited STALLED for a sink that acked nothing for STALLED is
+            // dropped too once memory is half full: that sink reads it from the file later,
+            // and the others go on. A sink that is merely slower (a catch-up) keeps reading
+            // from memory under back-pressure, so memory holds the in-flight budget and no
+            // second copy read back from the journal.
             let (journaled, half) = (self.journaled, self.budget_size / 2);
+            let acked = &self.acked;
             let permits = self.hub.drop_front(|b, held| {
                 b.seq <= all_acked
                     || (journal
                         && b.seq <= journaled
                         && held > half
-                        && b.added.is_some_and(|t| t.elapsed() >= STALLED))
+                        && b.added.is_some_and(|t| t.elapsed() >= STALLED)
+                        && acked
+                            .iter()
+                            .zip(&progress_at)
+                            .any(|(a, t)| *a < b.seq && t.elapsed() >= STALLED))
             });
             self.budget.add_permits(permits);
 
@@ -210,10 +220,13 @@ impl Tracker {
         Ok(())
     }
 
-    fn ack(&mut self, who: usize, seq: u64) {
+    fn ack(&mut self, who: usize, seq: u64, progress_at: &mut [std::time::Instant]) {
         if who == self.sinks {
             self.journaled = self.journaled.max(seq);
         } else {
+            if seq > self.acked[who] {
+                progress_at[who] = std::time::Instant::now();
+            }
             self.acked[who] = self.acked[who].max(seq);
         }
     }

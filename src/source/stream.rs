@@ -117,7 +117,11 @@ impl Builder {
     fn take(&mut self) -> Batch {
         self.bytes = 0;
         self.started = None;
-        std::mem::take(&mut self.batch)
+        let mut batch = std::mem::take(&mut self.batch);
+        // A batch is held until every sink has it: not with the up to twice its size the
+        // vector grew to (a large block shrinks in place, without a copy).
+        batch.events.shrink_to_fit();
+        batch
     }
 }
 

@@ -41,45 +41,56 @@ pub fn requests(
     mode: HttpMode,
     max_batch_events: usize,
 ) -> Vec<Request> {
+    request_chunks(events, mode, max_batch_events)
+        .map(|chunk| request(chunk, mode))
+        .collect()
+}
+
+/// The events of each request, per the mode.
+fn request_chunks<'a, 'e>(
+    events: &'a [&'e EnrichedEvent],
+    mode: HttpMode,
+    max_batch_events: usize,
+) -> std::slice::Chunks<'a, &'e EnrichedEvent> {
     match mode {
-        HttpMode::Batch => events
-            .chunks(max_batch_events.max(1))
-            .map(|chunk| {
-                let mut body = Vec::with_capacity(chunk.len() * 280 + 2);
-                body.push(b'[');
-                for (i, e) in chunk.iter().enumerate() {
-                    if i > 0 {
-                        body.push(b',');
-                    }
-                    e.write_json(&mut body);
+        HttpMode::Batch => events.chunks(max_batch_events.max(1)),
+        HttpMode::PerEvent => events.chunks(1),
+    }
+}
+
+/// One request: a JSON array of `chunk` (batch mode) or its one event's object.
+fn request(chunk: &[&EnrichedEvent], mode: HttpMode) -> Request {
+    let (first, last) = (chunk[0].event_id, chunk[chunk.len() - 1].event_id);
+    match mode {
+        HttpMode::Batch => {
+            let mut body = Vec::with_capacity(chunk.len() * 280 + 2);
+            body.push(b'[');
+            for (i, e) in chunk.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
                 }
-                body.push(b']');
-                let body = bytes::Bytes::from(body);
-                let (first, last) = (chunk[0].event_id, chunk[chunk.len() - 1].event_id);
-                Request {
-                    key: format!("events-{first}-{last}-{}", chunk.len()),
-                    body,
-                    events: chunk.len(),
-                    first_event_id: first,
-                    last_event_id: last,
-                }
-            })
-            .collect(),
-        HttpMode::PerEvent => events
-            .iter()
-            .map(|e| {
-                let mut body = Vec::with_capacity(280);
                 e.write_json(&mut body);
-                let body = bytes::Bytes::from(body);
-                Request {
-                    key: format!("event-{}", e.event_id),
-                    body,
-                    events: 1,
-                    first_event_id: e.event_id,
-                    last_event_id: e.event_id,
-                }
-            })
-            .collect(),
+            }
+            body.push(b']');
+            Request {
+                key: format!("events-{first}-{last}-{}", chunk.len()),
+                body: bytes::Bytes::from(body),
+                events: chunk.len(),
+                first_event_id: first,
+                last_event_id: last,
+            }
+        }
+        HttpMode::PerEvent => {
+            let mut body = Vec::with_capacity(280);
+            chunk[0].write_json(&mut body);
+            Request {
+                key: format!("event-{first}"),
+                body: bytes::Bytes::from(body),
+                events: 1,
+                first_event_id: first,
+                last_event_id: first,
+            }
+        }
     }
 }
 
@@ -257,18 +268,23 @@ impl HttpSink {
     /// Deliver events; returns how many were dead-lettered.
     async fn send_events(&self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
         let cfg = &self.sender.cfg;
-        let reqs = requests(events, cfg.mode, cfg.max_batch_events);
-        let outcomes: Vec<(Request, Result<(), Exhausted>)> = stream::iter(reqs)
-            .map(|r| async move {
+        // Each body is built when its request is due and kept only if it fails: memory holds
+        // `concurrency` bodies, not the whole write's.
+        let mode = cfg.mode;
+        let chunks: Vec<&[&EnrichedEvent]> =
+            request_chunks(events, mode, cfg.max_batch_events).collect();
+        let chunks = &chunks;
+        let outcomes: Vec<Option<(Request, Exhausted)>> = stream::iter(0..chunks.len())
+            .map(|i| async move {
+                let r = request(chunks[i], mode);
                 let o = self.sender.send(&r).await;
-                (r, o)
+                o.err().map(|failed| (r, failed))
             })
             .buffer_unordered(cfg.concurrency)
             .collect()
             .await;
         let mut dead = 0;
-        for (req, outcome) in outcomes {
-            let Err(failed) = outcome else { continue };
+        for (req, failed) in outcomes.into_iter().flatten() {
             tracing::warn!(
                 sink = "http",
                 key = %req.key,
