@@ -1153,7 +1153,13 @@ fn tables_of_other_types_and_names_give_the_seed_values() {
 /// dead-letter queue (six failures in a row are possible), and a replay delivers the rest.
 #[test]
 fn an_api_failing_30_percent_with_default_retries_loses_nothing() {
-    let env = env(MockApi::start(&["--fail-rate", "0.3"]), "", "");
+    // 50 events a request: 40 requests for the 2,000 events, so failures are injected
+    // (a 500-row transaction is one batch, and with 500 a request 4 requests could all pass).
+    let env = env(
+        MockApi::start(&["--fail-rate", "0.3"]),
+        "",
+        "max_batch_events = 50\n",
+    );
     let mut engine = env.engine();
     for _ in 0..4 {
         env.insert_n(500);
