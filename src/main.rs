@@ -210,13 +210,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    // A command whose output is piped into `head` ends quietly when the reader goes, as
-    // `cat` does (Rust ignores SIGPIPE, so println! would panic). `run` keeps ignoring it:
-    // its stdout sink reports a closed pipe as a sink error instead.
     if matches!(cli.command, Command::Run { .. }) {
         bound_the_heap();
-    }
-    if !matches!(cli.command, Command::Run { .. }) {
+    } else {
+        // A command whose output is piped into `head` ends quietly when the reader goes, as
+        // `cat` does (Rust ignores SIGPIPE, so println! would panic). `run` keeps ignoring
+        // it: its stdout sink reports a closed pipe as a sink error instead.
         // SAFETY: restoring the default disposition of one signal, before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);

@@ -163,15 +163,12 @@ impl Source {
                 let ready = if full {
                     None
                 } else {
-                    match client.recv().now_or_never() {
-                        Some(r) => Some(r),
-                        None => {
-                            let gather = self.max_batch_delay.min(GATHER);
-                            let until = b.started.unwrap_or_else(Instant::now) + gather;
-                            let until = tokio::time::Instant::from_std(until);
-                            tokio::time::timeout_at(until, client.recv()).await.ok()
-                        }
-                    }
+                    // What is waiting is taken even past the deadline: the timeout polls
+                    // the receive first.
+                    let gather = self.max_batch_delay.min(GATHER);
+                    let until = b.started.unwrap_or_else(Instant::now) + gather;
+                    let until = tokio::time::Instant::from_std(until);
+                    tokio::time::timeout_at(until, client.recv()).await.ok()
                 };
                 match ready {
                     Some(r) => r,

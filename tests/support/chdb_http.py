@@ -150,8 +150,6 @@ class Handler(BaseHTTPRequestHandler):
             if not query.strip():
                 raise QueryError(62, "Empty query. (SYNTAX_ERROR)")
             fmt = params.get("default_format") or "TabSeparated"
-            if os.environ.get("CHDB_HTTP_LOG"):
-                print(f"{url.query!r} {query!r} {len(body)}", file=sys.stderr, flush=True)
             out = self.engine.run(query, params.get("database"), settings, data, fmt)
             self.answer(200, out)
         except QueryError as e:

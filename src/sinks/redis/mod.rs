@@ -438,6 +438,12 @@ struct LogView {
     ids: IdRanges,
 }
 
+/// The value of `name` in an `INFO` (or `CLUSTER INFO`) answer: `name:value` lines.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+}
+
 /// Build a client for `config` and wait for it to connect (10 s at most).
 async fn connect_client(config: Config, url: &str) -> anyhow::Result<Client> {
     let client = Builder::from_config(config)
@@ -516,7 +522,7 @@ impl RedisSink {
                     .info(Some(fred::types::InfoKind::Cluster))
                     .await
                     .map_err(|e| anyhow!("cannot read INFO cluster from Redis at {url}: {e}"))?;
-                let is_node = info.lines().any(|l| l.trim() == "cluster_enabled:1");
+                let is_node = info_field(&info, "cluster_enabled") == Some("1");
                 match (is_node, mode) {
                     (false, _) => (client, false),
                     (true, ClusterMode::Off) => {
@@ -529,14 +535,11 @@ impl RedisSink {
                         let state: String = client.cluster_info().await.map_err(|e| {
                             anyhow!("cannot read CLUSTER INFO from Redis at {url}: {e}")
                         })?;
-                        if !state.lines().any(|l| l.trim() == "cluster_state:ok") {
+                        let serving = info_field(&state, "cluster_state");
+                        if serving != Some("ok") {
                             return Err(anyhow!(
                                 "the Redis Cluster of {url} is not serving (CLUSTER INFO says {}); finish creating it (every slot assigned, e.g. redis-cli --cluster create) or point [redis] url at a standalone Redis",
-                                state
-                                    .lines()
-                                    .find(|l| l.starts_with("cluster_state"))
-                                    .unwrap_or("no cluster_state")
-                                    .trim()
+                                serving.map_or("no cluster_state".to_string(), |v| format!("cluster_state:{v}"))
                             ));
                         }
                         let _ = client.quit().await;
@@ -552,9 +555,7 @@ impl RedisSink {
                 .info(Some(fred::types::InfoKind::Server))
                 .await
                 .map_err(|e| anyhow!("cannot read INFO server from Redis at {url}: {e}"))?;
-            let major: u32 = info
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("redis_version:"))
+            let major: u32 = info_field(&info, "redis_version")
                 .and_then(|v| v.split('.').next()?.parse().ok())
                 .unwrap_or(0);
             let flag = if major >= 7 { CROSS_SLOT_FLAG } else { "" };
@@ -846,9 +847,7 @@ impl RedisSink {
                         .info(Some(fred::types::InfoKind::Replication))
                         .await
                         .map_err(|e| format!("INFO replication on {server}: {e}"))?;
-                    let n: u32 = info
-                        .lines()
-                        .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+                    let n: u32 = info_field(&info, "connected_slaves")
                         .and_then(|n| n.parse().ok())
                         .unwrap_or(0);
                     self.replicas.insert(server.clone(), (n, Instant::now()));
