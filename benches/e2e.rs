@@ -279,26 +279,27 @@ fn main() {
             &[("ENGAGEMENT_CDC_LOG", "warn")],
             Stdout::Discard,
         );
-        // BENCH_PERF=FILE: record a CPU profile of the engine's catch-up with perf.
-        let perf = std::env::var("BENCH_PERF").ok().map(|file| {
-            Command::new("perf")
-                .args([
-                    "record",
-                    "-F",
-                    "2000",
-                    "-g",
-                    "--call-graph",
-                    "dwarf,16384",
-                    "-o",
-                    &file,
-                    "-p",
-                ])
-                .arg(engine.pid().to_string())
-                .stdout(std::process::Stdio::null())
+        // BENCH_PERF=FILE: record a CPU profile of the engine's catch-up with perf;
+        // BENCH_PERF_ALL=FILE: of every process on the machine (which server spends what).
+        let perf_of = |file: String, whole: bool| {
+            let mut cmd = Command::new("perf");
+            cmd.args(["record", "-F", "2000", "-g", "-o", &file]);
+            if whole {
+                cmd.arg("-a");
+            } else {
+                cmd.args(["--call-graph", "dwarf,16384", "-p"])
+                    .arg(engine.pid().to_string());
+            }
+            cmd.stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("perf")
-        });
+        };
+        let perf = match (std::env::var("BENCH_PERF"), std::env::var("BENCH_PERF_ALL")) {
+            (Ok(file), _) => Some(perf_of(file, false)),
+            (_, Ok(file)) => Some(perf_of(file, true)),
+            _ => None,
+        };
         let done = |cfg: &TestConfig| {
             cfg.counter("events_delivered")
                 .filter(|d| *d >= n)

@@ -250,4 +250,73 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
         (got.join("\n") == want).then_some(())
     });
     assert_eq!(engine.terminate(), 0);
+
+    // A backfill of the same events under another key prefix, twice: the first applies
+    // every event once, the second none, in every slot, including the minute buckets'
+    // slots, where no count is kept (their calls log the ids all the same).
+    let bf = TestConfig::new(
+        &pg.url("engagement"),
+        &format!(
+            "[redis]\nurl = \"{}\"\nkey_prefix = \"bf:\"\n",
+            cluster.url()
+        ),
+    );
+    let at = |shift: &str| {
+        pg.psql(
+            "engagement",
+            &format!(
+                "SELECT to_char((now() {shift} interval '1 hour') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+            ),
+        )
+    };
+    let (start, end) = (at("-"), at("+"));
+    for (round, want) in [
+        (1, format!("inserted={n} duplicates=0")),
+        (2, format!("inserted=0 duplicates={n}")),
+    ] {
+        let run = cli(
+            Some(&bf.path),
+            &[
+                "backfill", "--start", &start, "--end", &end, "--sinks", "redis",
+            ],
+            &[],
+        );
+        assert_eq!(run.code, 0, "backfill {round}: {run:?}");
+        assert!(
+            run.stdout
+                .trim_end()
+                .ends_with(&format!("scanned={n} {want}")),
+            "backfill {round}: {run:?}"
+        );
+        for line in per_content.lines() {
+            let (c, want) = line.split_once('|').unwrap();
+            assert_eq!(
+                cluster.cli(&["GET", &format!("bf:content:count:{c}")]),
+                want,
+                "backfill {round}, content {c}"
+            );
+        }
+        let per_minute = pg.psql(
+            "engagement",
+            "SELECT to_char(date_trunc('minute', event_ts) AT TIME ZONE 'UTC', 'YYYYMMDDHH24MI'), count(*)
+               FROM engagement_events GROUP BY 1 ORDER BY 1",
+        );
+        for line in per_minute.lines() {
+            let (minute, want) = line.split_once('|').unwrap();
+            let scores = cluster.cli(&[
+                "ZRANGE",
+                &format!("bf:top:content:bucket:{minute}"),
+                "0",
+                "-1",
+                "WITHSCORES",
+            ]);
+            let sum: u64 = scores
+                .lines()
+                .skip(1)
+                .step_by(2)
+                .map(|v| v.parse::<u64>().unwrap())
+                .sum();
+            assert_eq!(sum.to_string(), want, "backfill {round}, minute {minute}");
+        }
+    }
 }

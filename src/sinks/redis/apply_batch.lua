@@ -10,7 +10,8 @@
 --                   before it are replays. Never expires; one key.
 --   NS:ids:HOUR     the event ids the stream applied in that hour (UTC, of the apply),
 --                   as runs of consecutive ids: 8-byte big-endian first id, 4-byte length.
---   NS:bfids:HOUR   the same for events a backfill applied.
+--   NS:bfids:HOUR   the same for events a backfill applied. (A call that writes only
+--                   content:last keys, as a Redis Cluster slot's may, logs no ids.)
 --   NS:bf           the lowest and highest id in the bfids logs (16 hex digits each, the
 --                   sign bit flipped so that they sort), so a streamed batch outside that
 --                   range skips the per-event check.
@@ -34,7 +35,8 @@
 --                     event_ts (RFC 3339, 6 fraction digits), its event_id, its JSON,
 --                     the number of the call's events of that content, and what this call
 --                     does for it: 'c' its count, 'l' its content:last, both, or '-'
---                     (on a Redis Cluster each key is written by the call of its slot)
+--                     (on a Redis Cluster each key is written by the call of its slot;
+--                     without 'l' the event's timestamp, id and JSON are empty)
 --   then per (bucket, content): bucket index, content index, number of events
 --   then the runs of the call's ids (12 bytes each, as in the logs)
 --   then per event: id (8 bytes), content index (4), bucket index (4, 0 = outside
@@ -44,10 +46,11 @@
 -- KEYS[1] is NS:pos (it routes the call to its node on a Redis Cluster).
 -- Returns the number of events new to Redis (on a cluster: whose count this call keeps).
 --
--- This file defines `apply(A)`, A being the arguments above; the script sent is this file
--- followed by `return apply(ARGV)` (one Redis), or by apply_groups.lua (one call for
--- several hash slots of one Redis Cluster node).
-local function apply(A)
+-- This file defines `apply(A, H, h)`, A being the arguments above; the script sent is this
+-- file followed by `return apply(ARGV)` (one Redis), or by apply_groups.lua (one call for
+-- several hash slots of one Redis Cluster node), whose groups share the hours: they are
+-- read from H at index h (the number of hours) instead of from A.
+local function apply(A, H, h)
   local p, ns, mode = A[1], A[2], A[3]
   local first, last = A[4], A[5]
   local call_lo, call_hi = A[6], A[7]
@@ -75,11 +78,17 @@ local function apply(A)
   i = i + 3 * np
   local runs_blob = A[i]
   local ev_blob = A[i + 1]
-  i = i + 2
-  local hours = {}
-  for _ = 1, tonumber(A[i]) do
-    hours[#hours + 1] = { A[i + 1], tonumber(A[i + 2]), tonumber(A[i + 3]) }
-    i = i + 3
+  if not H then H, h = A, i + 2 end
+
+  -- The hours of the dedup horizon: { HOUR, ids read, bfids read }, read only by the
+  -- calls that check ids (not by the common case).
+  local function read_hours()
+    local hours, at = {}, h
+    for _ = 1, tonumber(H[at]) do
+      hours[#hours + 1] = { H[at + 1], tonumber(H[at + 2]), tonumber(H[at + 3]) }
+      at = at + 3
+    end
+    return hours
   end
 
   -- top:content:10m equal to the union of the window's buckets after the call: rebuilt
@@ -198,6 +207,13 @@ local function apply(A)
     counts[c] = string.find(role, 'c', 1, true) ~= nil
     lasts[c] = string.find(role, 'l', 1, true) ~= nil
   end
+  -- Whether the ids must be logged: a count or a bucket applied twice would count twice;
+  -- content:last alone (on a Redis Cluster, a slot's call may write nothing else) keeps the
+  -- later event by (event_ts, event_id), so applying an event again changes nothing.
+  local logs = np > 0
+  for c = 1, nc do
+    if counts[c] then logs = true end
+  end
 
   local function add_effects_fast()
     local n = 0
@@ -270,7 +286,7 @@ local function apply(A)
       adds[k] = { b, A[cbase + 7 * (tonumber(A[base + 1]) - 1)], A[base + 2] }
     end
     expire_buckets(used)
-    append(p .. ns .. ':ids:' .. hour, runs_blob)
+    if logs then append(p .. ns .. ':ids:' .. hour, runs_blob) end
     redis.call('SET', pos_key, last)
     top(adds)
     return n
@@ -279,6 +295,7 @@ local function apply(A)
   -- Event by event: a replay that crosses the watermark, a first call (no watermark: checks
   -- the bitmaps of older versions), a batch whose ids may have been backfilled, a backfill.
   local check_runs = {}
+  local hours = read_hours()
   if bf_runs then
     local list = {}
     for _, h in ipairs(hours) do
@@ -357,11 +374,11 @@ local function apply(A)
   expire_buckets(used)
   local blob = table.concat(new_ids)
   if mode == 's' then
-    append(p .. ns .. ':ids:' .. hour, blob)
+    if logs then append(p .. ns .. ':ids:' .. hour, blob) end
     if ne > 0 and (not w or last > w) then
       redis.call('SET', pos_key, last)
     end
-  elseif inserted > 0 then
+  elseif logs and #new_ids > 0 then
     append(p .. ns .. ':bfids:' .. hour, blob)
     -- Widen the backfilled range to the new ids.
     local lo, hi = call_lo, call_hi

@@ -1,7 +1,7 @@
 
 -- On a Redis Cluster, one call per node for several hash slots it serves (after
 -- apply_batch.lua, which defines `apply`). Each group is what one slot's call would get,
--- without the hours of the dedup horizon, which the groups share:
+-- without the hours of the dedup horizon, which the groups share (read in place):
 --   ARGV[1] number of groups, ARGV[2] number of shared arguments, then those arguments,
 --   then per group: its number of arguments, then its arguments.
 -- A group touches only keys of its slot, its exactly-once state first: if the slot is no
@@ -15,8 +15,8 @@ for _ = 1, groups do
   local n = tonumber(ARGV[at])
   local A = {}
   for k = 1, n do A[k] = ARGV[at + k] end
-  for k = 1, nshared do A[n + k] = ARGV[2 + k] end
-  total = total + apply(A)
+  -- The shared arguments start with the number of hours.
+  total = total + apply(A, ARGV, 3)
   at = at + n + 1
 end
 return total

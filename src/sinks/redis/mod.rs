@@ -15,6 +15,8 @@
 //! `engagement_cdc:bf`.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
@@ -233,11 +235,11 @@ pub fn script_args(
     let streamed = events.first().is_some_and(|e| e.source_lsn.0 > 0);
     // (content_id, latest event index, events)
     let mut contents: Vec<(i64, usize, u64)> = Vec::new();
-    let mut content_index: HashMap<i64, usize> = HashMap::new();
+    let mut content_index: FxHashMap<i64, usize> = FxHashMap::default();
     let mut buckets: Vec<String> = Vec::new();
-    let mut bucket_index: HashMap<i64, usize> = HashMap::new();
+    let mut bucket_index: FxHashMap<i64, usize> = FxHashMap::default();
     let mut pairs: Vec<(usize, usize, u64)> = Vec::new();
-    let mut pair_index: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut pair_index: FxHashMap<(usize, usize), usize> = FxHashMap::default();
     let mut blob = Vec::with_capacity(events.len() * 28);
     let (mut lo, mut hi) = (i64::MAX, i64::MIN);
     for (i, e) in events.iter().enumerate() {
@@ -326,14 +328,8 @@ pub fn script_args(
     }
     for (content_id, latest, n) in &contents {
         let e = events[*latest];
-        args.push(text(content_id.to_string()));
-        args.push(text((latest + 1).to_string()));
-        args.push(text(sortable_ts(e.event_ts_us)));
-        args.push(text(e.event_id.to_string()));
-        args.push(text(e.to_json()));
-        args.push(text(n.to_string()));
         let role = match ctx.slot {
-            None => "cl".to_string(),
+            None => "cl",
             Some(s) => {
                 let count = key_slot(&format!("{prefix}content:count:{content_id}")) == s;
                 let last = key_slot(&format!("{prefix}content:last:{content_id}")) == s;
@@ -343,10 +339,24 @@ pub fn script_args(
                     (false, true) => "l",
                     (false, false) => "-",
                 }
-                .to_string()
             }
         };
-        args.push(text(role));
+        args.push(text(content_id.to_string()));
+        args.push(text((latest + 1).to_string()));
+        // The latest event only where this call writes its content:last.
+        if role.contains('l') {
+            args.push(text(sortable_ts(e.event_ts_us)));
+            args.push(text(e.event_id.to_string()));
+            args.push(text(e.to_json()));
+        } else {
+            args.extend([
+                text(String::new()),
+                text(String::new()),
+                text(String::new()),
+            ]);
+        }
+        args.push(text(n.to_string()));
+        args.push(text(role.to_string()));
     }
     for (b, c, n) in pairs {
         args.push(text(b.to_string()));
@@ -645,35 +655,53 @@ impl RedisSink {
     async fn call_cluster(&mut self, events: &[&EnrichedEvent]) -> Result<u64, SinkError> {
         const MINUTE: i64 = 60_000_000;
         let now_minute = now_us().div_euclid(MINUTE);
-        let mut per_slot: std::collections::BTreeMap<u16, Vec<&EnrichedEvent>> = Default::default();
-        let mut content_slots: HashMap<i64, (u16, u16)> = HashMap::new();
-        let mut bucket_slots: HashMap<i64, u16> = HashMap::new();
+        // Each event goes to the slots of its content's count, its content:last and its
+        // minute's bucket (each slot once), in one group per slot.
+        let mut groups: Vec<(u16, Vec<&EnrichedEvent>)> = Vec::new();
+        let mut group_of_slot: FxHashMap<u16, usize> = FxHashMap::default();
+        let mut group = |slot: u16| {
+            *group_of_slot.entry(slot).or_insert_with(|| {
+                groups.push((slot, Vec::new()));
+                groups.len() - 1
+            })
+        };
+        // Per content: the groups of its count and content:last (the same when one slot);
+        // per minute: its bucket's.
+        let mut content_groups: FxHashMap<i64, (usize, usize)> = FxHashMap::default();
+        let mut bucket_groups: FxHashMap<i64, usize> = FxHashMap::default();
+        let mut targets: Vec<[usize; 3]> = Vec::with_capacity(events.len());
         let p = &self.prefix;
         for e in events {
-            let (count, last) = *content_slots.entry(e.content_id).or_insert_with(|| {
+            let (count, last) = *content_groups.entry(e.content_id).or_insert_with(|| {
                 (
-                    key_slot(&format!("{p}content:count:{}", e.content_id)),
-                    key_slot(&format!("{p}content:last:{}", e.content_id)),
+                    group(key_slot(&format!("{p}content:count:{}", e.content_id))),
+                    group(key_slot(&format!("{p}content:last:{}", e.content_id))),
                 )
             });
             let minute = e.event_ts_us.div_euclid(MINUTE);
-            let bucket = (minute > now_minute - RETENTION_MINUTES).then(|| {
-                *bucket_slots.entry(minute).or_insert_with(|| {
-                    key_slot(&format!(
+            let bucket = if minute > now_minute - RETENTION_MINUTES {
+                *bucket_groups.entry(minute).or_insert_with(|| {
+                    group(key_slot(&format!(
                         "{p}top:content:bucket:{}",
                         minute_key(minute * MINUTE)
-                    ))
+                    )))
                 })
-            });
-            for (k, slot) in [Some(count), Some(last), bucket].into_iter().enumerate() {
-                let Some(slot) = slot else { continue };
-                // The same slot twice for one event: once is enough.
-                if (k >= 1 && slot == count) || (k == 2 && slot == last) {
-                    continue;
-                }
-                per_slot.entry(slot).or_default().push(*e);
+            } else {
+                usize::MAX
+            };
+            targets.push([count, last, bucket]);
+        }
+        for (e, [count, last, bucket]) in events.iter().zip(targets) {
+            groups[count].1.push(*e);
+            if last != count {
+                groups[last].1.push(*e);
+            }
+            if bucket != usize::MAX && bucket != count && bucket != last {
+                groups[bucket].1.push(*e);
             }
         }
+        let per_slot: std::collections::BTreeMap<u16, Vec<&EnrichedEvent>> =
+            groups.into_iter().collect();
         // A backfill's calls read the slot's logs whole (offsets 0): the engine keeps no
         // copy of 16,384 slots' logs.
         let hours: Vec<(String, u64, u64)> = horizon_hours(now_us(), self.horizon)
