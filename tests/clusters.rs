@@ -320,3 +320,121 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
         }
     }
 }
+
+/// A master and its replica behind a Redis Sentinel, reached with `redis+sentinel://`:
+/// kill -9 of the engine, then of the master while events stream in; the sentinel
+/// promotes the replica, the engine follows it, and every count is exact.
+#[test]
+fn a_sentinel_failover_loses_and_doubles_nothing() {
+    const CONTENTS: i64 = 50;
+    let mut master = Redis::start();
+    let replica = Redis::start_replica_of(&master);
+    wait_for("the replica to follow its master", T, || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    });
+    let sentinel = Sentinel::start(&master, "engagement");
+    wait_for("the sentinel to find the replica", T, || {
+        sentinel.knows_a_replica().then_some(())
+    });
+    let pg = Postgres::start();
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!("[redis]\nurl = \"{}\"\n", sentinel.url()),
+    );
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    pg.psql(
+        "engagement",
+        &format!(
+            "INSERT INTO content (content_id, content_type, length_seconds)
+             SELECT g, 'video', 60 + g FROM generate_series(1, {CONTENTS}) g
+             ON CONFLICT (content_id) DO NOTHING"
+        ),
+    );
+    let insert = |rows: usize| {
+        pg.psql(
+            "engagement",
+            &format!(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+                 SELECT 1 + g % {CONTENTS}, g, 'play', g % 9000, 'web' FROM generate_series(1, {rows}) g"
+            ),
+        );
+    };
+    let counted = |redis: &Redis| -> u64 {
+        (1..=CONTENTS)
+            .map(|c| {
+                redis
+                    .cli(&["GET", &format!("content:count:{c}")])
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+
+    let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    for _ in 0..10 {
+        insert(500);
+    }
+    wait_for("some counts on the master", T, || {
+        (counted(&master) > 0).then_some(())
+    });
+    engine.kill9();
+    let engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..100 {
+                insert(100);
+            }
+        });
+        let deadline = std::time::Instant::now() + T;
+        while counted(&master) <= 7_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stream did not go on: {} counted; engine log:\n{}",
+                counted(&master),
+                engine.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        master.stop();
+    });
+    wait_for("the sentinel to promote the replica", T, || {
+        (sentinel.master_port() == Some(replica.port)).then_some(())
+    });
+    for _ in 0..10 {
+        insert(500);
+    }
+    let n: u64 = pg
+        .psql("engagement", "SELECT count(*) FROM engagement_events")
+        .parse()
+        .unwrap();
+    assert_eq!(n, 20_000);
+    let deadline = std::time::Instant::now() + T;
+    while counted(&replica) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis counts {} of {n} events; engine status {:?}; engine log:\n{}",
+            counted(&replica),
+            cfg.engine_status(),
+            engine.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let per_content = pg.psql(
+        "engagement",
+        "SELECT content_id, count(*) FROM engagement_events GROUP BY 1 ORDER BY 1",
+    );
+    for line in per_content.lines() {
+        let (c, want) = line.split_once('|').unwrap();
+        assert_eq!(
+            replica.cli(&["GET", &format!("content:count:{c}")]),
+            want,
+            "content {c}"
+        );
+    }
+    let mut engine = engine;
+    assert_eq!(engine.terminate(), 0);
+}

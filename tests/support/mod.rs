@@ -200,7 +200,7 @@ pub use engine::{bin, cli, cli_with_peak_rss, error_line_of, Engine, Run, Stdout
 #[allow(unused_imports)]
 pub use postgres::{PgOptions, Postgres, PG_BIN};
 #[allow(unused_imports)]
-pub use redis::{Redis, RedisCluster};
+pub use redis::{Redis, RedisCluster, Sentinel};
 #[allow(unused_imports)]
 pub use tls::Certs;
 

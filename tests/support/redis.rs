@@ -34,6 +34,14 @@ impl Redis {
         )
     }
 
+    /// A replica of `master` (plaintext), serving once it answers PING.
+    pub fn start_replica_of(master: &Redis) -> Redis {
+        Redis::start_with(
+            None,
+            &["--replicaof", "127.0.0.1", &master.port.to_string()],
+        )
+    }
+
     /// TLS only (`--port 0 --tls-port`), with the certificates of `certs`; clients must
     /// present a certificate signed by the test CA.
     pub fn start_tls(certs: &Certs) -> Redis {
@@ -248,3 +256,85 @@ impl RedisCluster {
         panic!("no master for slot {slot} in:\n{nodes}");
     }
 }
+
+/// A Redis Sentinel watching `master` as service `name`, alone (quorum 1): it fails the
+/// master over to a replica 1 s after the master stops answering.
+pub struct Sentinel {
+    pub port: u16,
+    pub name: String,
+    server: ChildServer,
+    _dir: TestDir,
+}
+
+impl Sentinel {
+    pub fn start(master: &Redis, name: &str) -> Sentinel {
+        let dir = TestDir::new("sentinel");
+        let port = free_port();
+        let conf = dir.path.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n",
+                dir.path.display(),
+                master.port
+            ),
+        )
+        .expect("write sentinel.conf");
+        let mut server = ChildServer::new(move || {
+            let mut c = Command::new("redis-server");
+            c.arg(&conf).arg("--sentinel");
+            c
+        });
+        server.spawn();
+        let s = Sentinel {
+            port,
+            name: name.to_string(),
+            server,
+            _dir: dir,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&self) {
+        wait_for(
+            "the sentinel to know its master",
+            Duration::from_secs(10),
+            || self.master_port().map(|_| ()),
+        );
+    }
+
+    /// The port of the master the sentinel names now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(["SENTINEL", "get-master-addr-by-name", &self.name])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Whether the sentinel has found a replica of its master (from the master's INFO).
+    pub fn knows_a_replica(&self) -> bool {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(["SENTINEL", "replicas", &self.name])
+            .output()
+            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+    }
+
+    /// `redis+sentinel://127.0.0.1:PORT/NAME`.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/{}", self.port, self.name)
+    }
+}
+
+child_backed!(Sentinel);

@@ -454,6 +454,50 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
 }
 
+/// `WAIT` until one replica of the master behind `node` holds its writes (2 s), when it has
+/// a connected replica; `replicas` caches each master's count (`key`) for `REPLICAS_TTL`
+/// while positive. An error when no replica acknowledged.
+async fn wait_node<C>(
+    replicas: &mut HashMap<fred::types::config::Server, (u32, Instant)>,
+    key: fred::types::config::Server,
+    name: &str,
+    node: &C,
+) -> Result<(), String>
+where
+    C: fred::interfaces::ServerInterface + Sync,
+{
+    let count = match replicas.get(&key) {
+        // A count of 0 is read again every time: a replica that connects must be waited
+        // for from its first batch on. A positive one is checked by WAIT.
+        Some((n, at)) if *n > 0 && at.elapsed() < REPLICAS_TTL => *n,
+        _ => {
+            let info: String = node
+                .info(Some(fred::types::InfoKind::Replication))
+                .await
+                .map_err(|e| format!("INFO replication on {name}: {e}"))?;
+            let n: u32 = info_field(&info, "connected_slaves")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            replicas.insert(key.clone(), (n, Instant::now()));
+            n
+        }
+    };
+    if count == 0 {
+        return Ok(());
+    }
+    match node.wait::<i64>(1, 2000).await {
+        Ok(n) if n >= 1 => Ok(()),
+        failed => {
+            // Read the replica count again next time: the replica may be gone.
+            replicas.remove(&key);
+            Err(match failed {
+                Err(e) => format!("WAIT on {name}: {e}"),
+                Ok(_) => format!("no replica of {name} acknowledged the write within 2 s"),
+            })
+        }
+    }
+}
+
 /// Build a client for `config` and wait for it to connect (10 s at most).
 async fn connect_client(config: Config, url: &str) -> anyhow::Result<Client> {
     let client = Builder::from_config(config)
@@ -492,8 +536,26 @@ impl RedisSink {
     /// Connect and check that the server answers.
     pub async fn connect(cfg: &RedisConfig, metrics: Arc<Metrics>) -> anyhow::Result<RedisSink> {
         let url = redact_url(&cfg.url);
-        let mut config =
-            Config::from_url(&cfg.url).map_err(|e| anyhow!("redis.url {url:?} is invalid: {e}"))?;
+        let mut config = if cfg.is_sentinel() {
+            // The master the sentinels name, found again through them after a failover.
+            let s = cfg.sentinel()?;
+            Config {
+                server: ServerConfig::Sentinel {
+                    hosts: s
+                        .sentinels
+                        .iter()
+                        .map(|(h, p)| fred::types::config::Server::new(h.as_str(), *p))
+                        .collect(),
+                    service_name: s.service,
+                },
+                username: s.username,
+                password: s.password.map(|p| p.0),
+                database: s.database,
+                ..Config::default()
+            }
+        } else {
+            Config::from_url(&cfg.url).map_err(|e| anyhow!("redis.url {url:?} is invalid: {e}"))?
+        };
         // Our rustls settings (roots, client certificate) instead of the crate's defaults.
         config.tls = cfg.tls()?.map(fred::types::config::TlsConfig::from);
         if let Some(password) = cfg.password()? {
@@ -866,39 +928,8 @@ impl RedisSink {
         }
         for server in servers {
             let node = self.client.with_cluster_node(server.clone());
-            let replicas = match self.replicas.get(&server) {
-                // A count of 0 is read again every time: a replica that connects must be
-                // waited for from its first batch on. A positive one is checked by WAIT.
-                Some((n, at)) if *n > 0 && at.elapsed() < REPLICAS_TTL => *n,
-                _ => {
-                    let info: String = node
-                        .info(Some(fred::types::InfoKind::Replication))
-                        .await
-                        .map_err(|e| format!("INFO replication on {server}: {e}"))?;
-                    let n: u32 = info_field(&info, "connected_slaves")
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0);
-                    self.replicas.insert(server.clone(), (n, Instant::now()));
-                    n
-                }
-            };
-            if replicas == 0 {
-                continue;
-            }
-            let acked = node.wait::<i64>(1, 2000).await;
-            match acked {
-                Ok(n) if n >= 1 => {}
-                failed => {
-                    // Read the replica count again next time: the replica may be gone.
-                    self.replicas.remove(&server);
-                    return Err(match failed {
-                        Err(e) => format!("WAIT on {server}: {e}"),
-                        Ok(_) => {
-                            format!("no replica of {server} acknowledged the write within 2 s")
-                        }
-                    });
-                }
-            }
+            let name = server.to_string();
+            wait_node(&mut self.replicas, server, &name, &node).await?;
         }
         Ok(())
     }
@@ -971,7 +1002,40 @@ impl RedisSink {
         }
     }
 
+    /// One Redis: the batch script, then, when the master has a replica, `WAIT` until one
+    /// holds the writes (a failover, as Sentinel makes, loses only what no replica had);
+    /// when none acknowledges, the call is made again (what the master kept is skipped).
     async fn call(
+        &mut self,
+        events: &[&EnrichedEvent],
+        hours: &[(String, u64, u64)],
+    ) -> Result<u64, SinkError> {
+        let mut inserted = 0;
+        let mut attempt = 0u32;
+        loop {
+            inserted += self.call_once(events, hours).await?;
+            if events.is_empty() {
+                return Ok(inserted);
+            }
+            let key = fred::types::config::Server::new("", 0);
+            match wait_node(&mut self.replicas, key, &self.url, &self.client).await {
+                Ok(()) => return Ok(inserted),
+                Err(e) => {
+                    attempt += 1;
+                    let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
+                    tracing::warn!(
+                        "redis at {}: {e}; writing the batch again in {delay:?} (what the master kept is skipped)",
+                        self.url
+                    );
+                    self.metrics.sink_retry("redis");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The batch script once, its transient failures retried until it succeeds.
+    async fn call_once(
         &self,
         events: &[&EnrichedEvent],
         hours: &[(String, u64, u64)],
