@@ -680,7 +680,7 @@ impl RedisSink {
             let streamed = rest[0].source_lsn.0 > 0;
             // A cluster's call per node holds each master for about a third of the work.
             let per_call = if self.cluster {
-                2 * EVENTS_PER_CALL
+                4 * EVENTS_PER_CALL
             } else {
                 EVENTS_PER_CALL
             };
@@ -1184,7 +1184,7 @@ impl Sink for RedisSink {
     /// ids nearly every batch meets thousands of slots.
     fn write_limit(&self, max_batch_rows: usize) -> usize {
         if self.cluster {
-            4 * max_batch_rows
+            8 * max_batch_rows
         } else {
             2 * max_batch_rows
         }
