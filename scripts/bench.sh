@@ -3,18 +3,22 @@
 # (docs/benchmarks.md): run 1 reads with pg_recvlogical first, run 2 with the engine first,
 # and so on. Every run's raw output is kept, with the date, machine and commit, in
 # docs/bench-output/e2e-<date>-<name>.txt.
-#   scripts/bench.sh [--runs 4] [--name NAME] [-- OPTIONS for benches/e2e.rs]
+# With --single-and-clusters each run measures single servers, then the clusters
+# (--clusters), one after the other, so that the two are compared within one session.
+#   scripts/bench.sh [--runs 4] [--name NAME] [--single-and-clusters] [-- OPTIONS for benches/e2e.rs]
 # e.g. scripts/bench.sh --runs 4 --name 1000contents -- --events 1000000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=4
 name=e2e
+both=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="${2:?--runs needs a number}"; shift 2 ;;
     --name) name="${2:?--name needs a name}"; shift 2 ;;
+    --single-and-clusters) both=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1; use --runs N --name NAME -- OPTIONS" >&2; exit 2 ;;
   esac
 done
@@ -31,13 +35,17 @@ out="docs/bench-output/e2e-$(date -u +%Y-%m-%d)-${name}.txt"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet -- . ':!docs/bench-output' || echo ' (with local changes)')"
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(uname -sr)"
-  echo "command: scripts/bench.sh --runs $runs --name $name -- $*"
+  echo "command: scripts/bench.sh --runs $runs --name $name${both:+ --single-and-clusters} -- $*"
 } > "$out"
 cargo bench --locked --bench e2e --no-run
 for i in $(seq 1 "$runs"); do
   if [ $((i % 2)) -eq 1 ]; then first=recvlogical; else first=engine; fi
-  echo "" >> "$out"
-  echo "### run $i of $runs (--first $first)" >> "$out"
-  cargo bench --locked --bench e2e -- --first "$first" "$@" 2>&1 | tee -a "$out"
+  for servers in single ${both:+clusters}; do
+    extra=()
+    [ "$servers" = clusters ] && extra=(--clusters)
+    echo "" >> "$out"
+    echo "### run $i of $runs (--first $first${both:+, $servers})" >> "$out"
+    cargo bench --locked --bench e2e -- --first "$first" "${extra[@]}" "$@" 2>&1 | tee -a "$out"
+  done
 done
 echo "raw output kept in $out"
