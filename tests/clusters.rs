@@ -1,6 +1,7 @@
 //! The sinks against clusters the test support starts: a ClickHouse cluster of three 18.16
-//! servers (two shards, the second with two replicas) coordinated by ZooKeeper. One binary
-//! for the heavy cluster scenarios.
+//! servers (two shards, the second with two replicas) coordinated by ZooKeeper, a Redis
+//! Cluster, and a Redis master with its replica behind a sentinel. One binary for the heavy
+//! cluster scenarios.
 
 mod support;
 
@@ -9,6 +10,57 @@ use std::time::Duration;
 use support::*;
 
 const T: Duration = Duration::from_secs(180);
+
+/// Content ids of the Redis scenarios' events.
+const CONTENTS: i64 = 50;
+
+/// The content rows 1..=CONTENTS.
+fn add_contents(pg: &Postgres) {
+    pg.psql(
+        "engagement",
+        &format!(
+            "INSERT INTO content (content_id, content_type, length_seconds)
+             SELECT g, 'video', 60 + g FROM generate_series(1, {CONTENTS}) g
+             ON CONFLICT (content_id) DO NOTHING"
+        ),
+    );
+}
+
+/// Postgres and a configuration whose only sink is the Redis of `url`, set up, with the
+/// content rows.
+fn redis_scenario(url: &str) -> (Postgres, TestConfig) {
+    let pg = Postgres::start();
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!("[redis]\nurl = \"{url}\"\n"),
+    );
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    add_contents(&pg);
+    (pg, cfg)
+}
+
+/// `rows` events in one transaction, spread over the CONTENTS content ids.
+fn insert_events(pg: &Postgres, rows: usize) {
+    pg.psql(
+        "engagement",
+        &format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+             SELECT 1 + g % {CONTENTS}, g, 'play', g % 9000, 'web' FROM generate_series(1, {rows}) g"
+        ),
+    );
+}
+
+/// The sum of `content:count:*` over the CONTENTS ids, read with `cli`.
+fn counted(cli: impl Fn(&[&str]) -> String) -> u64 {
+    (1..=CONTENTS)
+        .map(|c| {
+            cli(&["GET", &format!("content:count:{c}")])
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum()
+}
 
 fn distributed_count(node: &ClickHouse) -> u64 {
     node.query("SELECT count() FROM engagement.events_enriched")
@@ -126,50 +178,17 @@ fn a_clickhouse_cluster_gets_every_event_once_across_a_replica_and_an_engine_kil
 /// guards (the cluster refuses anything else).
 #[test]
 fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() {
-    const CONTENTS: i64 = 50;
     let mut cluster = RedisCluster::start();
-    let pg = Postgres::start();
     // No `cluster` key: the engine asks the server.
-    let cfg = TestConfig::new(
-        &pg.url("engagement"),
-        &format!("[redis]\nurl = \"{}\"\n", cluster.url()),
-    );
-    let setup = cli(Some(&cfg.path), &["setup"], &[]);
-    assert_eq!(setup.code, 0, "{setup:?}");
-    pg.psql(
-        "engagement",
-        &format!(
-            "INSERT INTO content (content_id, content_type, length_seconds)
-             SELECT g, 'video', 60 + g FROM generate_series(1, {CONTENTS}) g
-             ON CONFLICT (content_id) DO NOTHING"
-        ),
-    );
-    let insert = |rows: usize| {
-        pg.psql(
-            "engagement",
-            &format!(
-                "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
-                 SELECT 1 + g % {CONTENTS}, g, 'play', g % 9000, 'web' FROM generate_series(1, {rows}) g"
-            ),
-        );
-    };
-    let counted = |cluster: &RedisCluster| -> u64 {
-        (1..=CONTENTS)
-            .map(|c| {
-                cluster
-                    .cli(&["GET", &format!("content:count:{c}")])
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
+    let (pg, cfg) = redis_scenario(&cluster.url());
+    let insert = |rows: usize| insert_events(&pg, rows);
 
     let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
     for _ in 0..10 {
         insert(500);
     }
     wait_for("some counts in the cluster", T, || {
-        (counted(&cluster) > 0).then_some(())
+        (counted(|a| cluster.cli(a)) > 0).then_some(())
     });
     engine.kill9();
     let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
@@ -182,11 +201,11 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
             }
         });
         let deadline = std::time::Instant::now() + T;
-        while counted(&cluster) <= 6_000 {
+        while counted(|a| cluster.cli(a)) <= 6_000 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the stream did not go on: {} counted; engine log:\n{}",
-                counted(&cluster),
+                counted(|a| cluster.cli(a)),
                 engine.stderr()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -209,11 +228,11 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
     }
     let n = n + 5_000;
     let deadline = std::time::Instant::now() + T;
-    while counted(&cluster) != n {
+    while counted(|a| cluster.cli(a)) != n {
         assert!(
             std::time::Instant::now() < deadline,
             "Redis counts {} of {n} events (Postgres has {}); engine status {:?}; engine log:\n{}",
-            counted(&cluster),
+            counted(|a| cluster.cli(a)),
             pg.psql("engagement", "SELECT count(*) FROM engagement_events"),
             cfg.engine_status(),
             engine.stderr()
@@ -326,7 +345,6 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
 /// promotes the replica, the engine follows it, and every count is exact.
 #[test]
 fn a_sentinel_failover_loses_and_doubles_nothing() {
-    const CONTENTS: i64 = 50;
     let mut master = Redis::start();
     let replica = Redis::start_replica_of(&master);
     wait_for("the replica to follow its master", T, || {
@@ -339,47 +357,15 @@ fn a_sentinel_failover_loses_and_doubles_nothing() {
     wait_for("the sentinel to find the replica", T, || {
         sentinel.knows_a_replica().then_some(())
     });
-    let pg = Postgres::start();
-    let cfg = TestConfig::new(
-        &pg.url("engagement"),
-        &format!("[redis]\nurl = \"{}\"\n", sentinel.url()),
-    );
-    let setup = cli(Some(&cfg.path), &["setup"], &[]);
-    assert_eq!(setup.code, 0, "{setup:?}");
-    pg.psql(
-        "engagement",
-        &format!(
-            "INSERT INTO content (content_id, content_type, length_seconds)
-             SELECT g, 'video', 60 + g FROM generate_series(1, {CONTENTS}) g
-             ON CONFLICT (content_id) DO NOTHING"
-        ),
-    );
-    let insert = |rows: usize| {
-        pg.psql(
-            "engagement",
-            &format!(
-                "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
-                 SELECT 1 + g % {CONTENTS}, g, 'play', g % 9000, 'web' FROM generate_series(1, {rows}) g"
-            ),
-        );
-    };
-    let counted = |redis: &Redis| -> u64 {
-        (1..=CONTENTS)
-            .map(|c| {
-                redis
-                    .cli(&["GET", &format!("content:count:{c}")])
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
+    let (pg, cfg) = redis_scenario(&sentinel.url());
+    let insert = |rows: usize| insert_events(&pg, rows);
 
     let mut engine = Engine::spawn(&cfg.path, &["run"], &[]);
     for _ in 0..10 {
         insert(500);
     }
     wait_for("some counts on the master", T, || {
-        (counted(&master) > 0).then_some(())
+        (counted(|a| master.cli(a)) > 0).then_some(())
     });
     engine.kill9();
     let engine = Engine::spawn(&cfg.path, &["run"], &[]);
@@ -390,11 +376,11 @@ fn a_sentinel_failover_loses_and_doubles_nothing() {
             }
         });
         let deadline = std::time::Instant::now() + T;
-        while counted(&master) <= 7_000 {
+        while counted(|a| master.cli(a)) <= 7_000 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the stream did not go on: {} counted; engine log:\n{}",
-                counted(&master),
+                counted(|a| master.cli(a)),
                 engine.stderr()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -413,11 +399,11 @@ fn a_sentinel_failover_loses_and_doubles_nothing() {
         .unwrap();
     assert_eq!(n, 20_000);
     let deadline = std::time::Instant::now() + T;
-    while counted(&replica) != n {
+    while counted(|a| replica.cli(a)) != n {
         assert!(
             std::time::Instant::now() < deadline,
             "Redis counts {} of {n} events; engine status {:?}; engine log:\n{}",
-            counted(&replica),
+            counted(|a| replica.cli(a)),
             cfg.engine_status(),
             engine.stderr()
         );

@@ -792,16 +792,22 @@ impl RedisSink {
                 Ok(()) => return Ok(inserted),
                 Err(e) => {
                     attempt += 1;
-                    let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
-                    tracing::warn!(
-                        "redis at {}: {e}; writing the batch again in {delay:?} (what a replica already holds is skipped)",
-                        self.url
-                    );
-                    self.metrics.sink_retry("redis");
-                    tokio::time::sleep(delay).await;
+                    self.unacknowledged(attempt, &e).await;
                 }
             }
         }
+    }
+
+    /// A batch no replica acknowledged: say so, count a retry, back off before it is written
+    /// again (what the master, or a replica promoted since, holds is skipped then).
+    async fn unacknowledged(&self, attempt: u32, e: &str) {
+        let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
+        tracing::warn!(
+            "redis at {}: {e}; writing the batch again in {delay:?} (what Redis already holds is skipped)",
+            self.url
+        );
+        self.metrics.sink_retry("redis");
+        tokio::time::sleep(delay).await;
     }
 
     /// One call per master for the slots it serves in the cached slot map (apply_groups.lua),
@@ -1022,13 +1028,7 @@ impl RedisSink {
                 Ok(()) => return Ok(inserted),
                 Err(e) => {
                     attempt += 1;
-                    let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
-                    tracing::warn!(
-                        "redis at {}: {e}; writing the batch again in {delay:?} (what the master kept is skipped)",
-                        self.url
-                    );
-                    self.metrics.sink_retry("redis");
-                    tokio::time::sleep(delay).await;
+                    self.unacknowledged(attempt, &e).await;
                 }
             }
         }
