@@ -52,6 +52,11 @@ const CROSS_SLOT_FLAG: &str = "#!lua flags=allow-cross-slot-keys\n";
 /// How long a master's count of connected replicas is trusted before it is read again.
 const REPLICAS_TTL: Duration = Duration::from_secs(10);
 
+/// How long a count of 0 is trusted: a replica that connects is waited for from at most
+/// this long after (the writes before are in its first full copy), and a server without
+/// replicas is asked once a second rather than once a batch.
+const NO_REPLICAS_TTL: Duration = Duration::from_secs(1);
+
 /// On a Redis Cluster: replace `top:content:10m` (KEYS[1]) with the member/score pairs of
 /// ARGV, atomically.
 const WRITE_TOP: &str = "redis.call('DEL', KEYS[1])
@@ -467,9 +472,9 @@ where
     C: fred::interfaces::ServerInterface + Sync,
 {
     let count = match replicas.get(&key) {
-        // A count of 0 is read again every time: a replica that connects must be waited
-        // for from its first batch on. A positive one is checked by WAIT.
+        // A positive count is checked by WAIT itself; a count of 0 is read again after 1 s.
         Some((n, at)) if *n > 0 && at.elapsed() < REPLICAS_TTL => *n,
+        Some((0, at)) if at.elapsed() < NO_REPLICAS_TTL => 0,
         _ => {
             let info: String = node
                 .info(Some(fred::types::InfoKind::Replication))
