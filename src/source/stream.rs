@@ -138,6 +138,8 @@ impl Source {
         let mut progress = pipeline.progress();
         // Commit-to-read latency of each transaction: what Postgres and the transport add.
         let read_latency = self.metrics.commit_to_read.clone();
+        // A transaction read more than 50 ms after its commit, logged at its first message.
+        let mut late = None;
         let mut tx: Option<Tx> = None;
         let mut b = Builder::new();
         loop {
@@ -216,10 +218,9 @@ impl Source {
                     let waited = now.saturating_sub(commit_us).max(0) as u64;
                     read_latency.record_us(waited, 1);
                     if waited > 50_000 {
-                        tracing::debug!(
-                            "transaction {final_lsn} read {} ms after its commit",
-                            waited / 1000
-                        );
+                        // Said with the send time of its first message (below): whether
+                        // Postgres sent it late or the engine read it late.
+                        late = Some((final_lsn, commit_us, waited));
                     }
                     let commit_lsn = Lsn::from(final_lsn);
                     tx = Some(Tx {
@@ -250,7 +251,19 @@ impl Source {
                     b.batch.dim_changes.extend(t.dim_changes);
                     b.started.get_or_insert_with(Instant::now);
                 }
-                ReplicationEvent::XLogData { data, .. } => {
+                ReplicationEvent::XLogData {
+                    data,
+                    server_time_micros,
+                    ..
+                } => {
+                    if let Some((lsn, commit_us, waited)) = late.take() {
+                        let sent = server_time_micros + PG_EPOCH_OFFSET_US - commit_us;
+                        tracing::debug!(
+                            "transaction {lsn} read {} ms after its commit (Postgres sent it {} ms after its commit)",
+                            waited / 1000,
+                            sent.max(0) / 1000
+                        );
+                    }
                     if let Err(e) = self.apply(&data, tx.as_mut(), &mut b) {
                         // A type newer than the catalog: read again from the checkpoint
                         // once the catalog is (see `Relations::pending_type`).
