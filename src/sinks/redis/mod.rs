@@ -15,8 +15,6 @@
 //! `engagement_cdc:bf`.
 
 use std::collections::HashMap;
-
-use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
@@ -25,6 +23,7 @@ use anyhow::anyhow;
 use fred::prelude::*;
 use fred::types::config::ServerConfig;
 use fred::types::scripts::Script;
+use rustc_hash::FxHashMap;
 
 use super::retry::RetryPolicy;
 use super::{BoxFuture, Delivery, Sink, SinkError};
@@ -53,8 +52,8 @@ const CROSS_SLOT_FLAG: &str = "#!lua flags=allow-cross-slot-keys\n";
 const REPLICAS_TTL: Duration = Duration::from_secs(10);
 
 /// How long a count of 0 is trusted: a replica that connects is waited for from at most
-/// this long after (the writes before are in its first full copy), and a server without
-/// replicas is asked once a second rather than once a batch.
+/// this long after it connected, and a server without replicas is asked once a second
+/// rather than once a batch (docs/sinks.md, "Redis Cluster").
 const NO_REPLICAS_TTL: Duration = Duration::from_secs(1);
 
 /// On a Redis Cluster: replace `top:content:10m` (KEYS[1]) with the member/score pairs of
