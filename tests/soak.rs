@@ -247,7 +247,7 @@ fn chaos_soak() {
     let held = wait_until(T, || ch_final() == events && redis_counts() == pg_counts);
     assert!(
         held,
-        "after {} s ClickHouse FINAL holds {} of {events} events and Redis {:?} (Postgres {pg_counts:?}); faults {survived:?}; engine stderr:\n{}",
+        "after {} s ClickHouse FINAL holds {} of {events} events and Redis {:?} (Postgres {pg_counts:?}); faults {survived:?} (SOAK_SEED={seed} repeats them); engine stderr:\n{}",
         T.as_secs(),
         ch_final(),
         redis_counts(),
