@@ -217,11 +217,9 @@ impl Source {
                     let now = crate::enrich::now_us();
                     let waited = now.saturating_sub(commit_us).max(0) as u64;
                     read_latency.record_us(waited, 1);
-                    if waited > 50_000 {
-                        // Said with the send time of its first message (below): whether
-                        // Postgres sent it late or the engine read it late.
-                        late = Some((final_lsn, commit_us, waited));
-                    }
+                    // Said with the send time of its first message (below): whether
+                    // Postgres sent it late or the engine read it late.
+                    late = (waited > 50_000).then_some((final_lsn, commit_us, waited));
                     let commit_lsn = Lsn::from(final_lsn);
                     tx = Some(Tx {
                         commit_lsn,
