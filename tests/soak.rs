@@ -247,10 +247,11 @@ fn chaos_soak() {
     let held = wait_until(T, || ch_final() == events && redis_counts() == pg_counts);
     assert!(
         held,
-        "after {} s ClickHouse FINAL holds {} of {events} events and Redis {:?} (Postgres {pg_counts:?}); faults {survived:?} (SOAK_SEED={seed} repeats them); engine stderr:\n{}",
+        "after {} s ClickHouse FINAL holds {} of {events} events and Redis {:?} (Postgres {pg_counts:?}); faults {survived:?} (SOAK_SEED={seed} repeats them)\n{}engine stderr:\n{}",
         T.as_secs(),
         ch_final(),
         redis_counts(),
+        clickhouse_gaps(&pg, &ch, &cfg),
         engine.stderr()
     );
     let unique: u64 = ch
@@ -339,6 +340,39 @@ fn chaos_soak() {
     assert_eq!(invalid, 0, "the API received malformed events");
     assert!(peak_mb < 300, "engine peak RSS {peak_mb} MB");
     assert!(!survived.is_empty());
+}
+
+/// Where ClickHouse differs from Postgres, for a failure message: its rows with and without
+/// `FINAL`, the ranges of event ids it lacks, and what `status` says of the sinks' cursors
+/// and the journal.
+fn clickhouse_gaps(pg: &Postgres, ch: &ClickHouse, cfg: &TestConfig) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "ClickHouse without FINAL: count, distinct ids = {}",
+        ch.query(
+            "SELECT concat(toString(count()), ', ', toString(uniqExact(event_id))) FROM engagement.events_enriched"
+        )
+    );
+    let ids = |text: String| -> Vec<i64> { text.lines().filter_map(|l| l.parse().ok()).collect() };
+    let in_pg = ids(pg.psql("engagement", "SELECT id FROM engagement_events ORDER BY id"));
+    let in_ch =
+        ids(ch.query("SELECT DISTINCT event_id FROM engagement.events_enriched ORDER BY event_id"));
+    let in_ch: std::collections::BTreeSet<i64> = in_ch.into_iter().collect();
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for id in in_pg.into_iter().filter(|id| !in_ch.contains(id)) {
+        match ranges.last_mut() {
+            Some((_, hi)) if *hi + 1 == id => *hi = id,
+            _ => ranges.push((id, id)),
+        }
+    }
+    let _ = writeln!(out, "ids missing in ClickHouse: {} ranges", ranges.len());
+    for (lo, hi) in ranges.iter().take(10) {
+        let _ = writeln!(out, "  {lo}..={hi} ({} ids)", hi - lo + 1);
+    }
+    let status = cli(Some(&cfg.path), &["status"], &[]);
+    let _ = writeln!(out, "status:\n{}{}", status.stdout, status.stderr);
+    out
 }
 
 /// `commit_to_sink_seconds` of `sink` on `/metrics`: (events within 1 s, all events).

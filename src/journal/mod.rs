@@ -283,6 +283,14 @@ impl Writer {
                 true
             })?;
             let len = std::fs::metadata(&path)?.len();
+            if kept_at == 0 && len == 0 {
+                // Created, and the process died before its first record was written: it
+                // holds nothing. Kept, it would count as a segment ending at batch 0, and
+                // batch numbers would start again at 1 in the files that hold the old ones.
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                continue;
+            }
             if kept_at < len || end < len {
                 cut = true;
                 if kept_at == 0 {
@@ -369,9 +377,10 @@ impl Writer {
             .is_none_or(|s| s.bytes >= self.segment_bytes);
         if self.active.is_none() || full {
             let path = self.dir.join(format!("{first:020}.seg"));
+            // Never an existing file: appending there would put these batches after
+            // others with higher numbers, where a reader skips them.
             let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
+                .create_new(true)
                 .append(true)
                 .open(&path)
                 .with_context(|| format!("cannot create the journal segment {}", path.display()))?;

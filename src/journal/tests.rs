@@ -92,6 +92,51 @@ fn a_torn_tail_is_cut_and_damage_ends_the_read() {
 }
 
 #[test]
+fn an_empty_segment_left_by_a_crash_is_removed_and_numbering_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(16 << 20), Lsn(0)).unwrap();
+    fill(&mut w, 1, 5);
+    drop(w);
+    // Killed between creating the next segment and writing its first record.
+    let empty = dir.path().join(format!("{:020}.seg", 6));
+    File::create(&empty).unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(16 << 20), Lsn(u64::MAX)).unwrap();
+    assert_eq!(w.last_seq(), 5);
+    assert!(!empty.exists());
+    let s = w.summary();
+    assert_eq!((s.segments, s.first_seq, s.last_seq), (1, Some(1), 5));
+    // The next batches are numbered on, in a new segment, and a reader sees every one.
+    fill(&mut w, 6, 8);
+    let mut r = Reader::new(dir.path());
+    let seqs: Vec<u64> = r
+        .read(0, u64::MAX, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_new_segment_never_appends_to_an_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(16 << 20), Lsn(0)).unwrap();
+    fill(&mut w, 1, 2);
+    // A stray file where the next segment would go: an error naming it, not batches
+    // written after others they would be read before.
+    std::fs::write(dir.path().join(format!("{:020}.seg", 3)), b"x").unwrap();
+    w.active = None;
+    let ev = events(300, 1, 2999);
+    let e = w
+        .append([(3, Some(Lsn(3000)), Some(3), ev.as_slice())])
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("00000000000000000003.seg"),
+        "{e:#}"
+    );
+}
+
+#[test]
 fn the_budget_deletes_only_what_every_sink_received() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = Writer::open(dir.path(), &cfg(MIN_BYTES), Lsn(0)).unwrap();

@@ -46,6 +46,12 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // ECDC_TEST_KEEP=1 keeps every directory (state, journal, server data) to look at
+        // after a failure.
+        if std::env::var_os("ECDC_TEST_KEEP").is_some_and(|v| !v.is_empty()) {
+            eprintln!("kept {}", self.path.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
