@@ -186,3 +186,70 @@ fn retention_deletes_old_received_segments() {
     assert_eq!(w.room(3, 0, 3 * hour + hour / 2), Ok(()));
     assert_eq!(w.summary().first_seq, Some(3));
 }
+
+#[test]
+fn a_reader_keeps_up_with_a_writer_across_segments_and_gaps() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(MIN_BYTES), Lsn(0)).unwrap();
+    let durable = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Batch numbers with gaps (markers are not journaled), records of 1 to 3 batches, some
+    // without events (a commit alone), 2 MiB segments: a few dozen rotations.
+    let mut written = Vec::new();
+    let writer = {
+        let (durable, done) = (durable.clone(), done.clone());
+        let mut seq = 0u64;
+        let mut x = 7u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            while seq < 3000 {
+                let k = 1 + next() % 3;
+                let mut group = Vec::new();
+                for _ in 0..k {
+                    seq += 1 + next() % 3;
+                    let n = if next() % 5 == 0 { 0 } else { 1 + next() % 60 };
+                    group.push((seq, events(seq as i64 * 100, n as usize, seq * 10)));
+                }
+                w.append(
+                    group
+                        .iter()
+                        .map(|(s, e)| (*s, Some(Lsn(s * 10 + 5)), Some(*s as i64), e.as_slice())),
+                )
+                .unwrap();
+                all.extend(group.iter().map(|(s, _)| *s));
+                durable.store(seq, Ordering::Release);
+            }
+            done.store(true, Ordering::Release);
+            all
+        })
+    };
+    let mut r = Reader::new(dir.path());
+    let mut cursor = 0u64;
+    let mut read = Vec::new();
+    let mut limit = 1usize;
+    loop {
+        let finished = done.load(Ordering::Acquire);
+        let up_to = durable.load(Ordering::Acquire);
+        for rec in r.read(cursor, up_to, limit).unwrap() {
+            assert!(rec.seq > cursor, "{} after {cursor}", rec.seq);
+            assert!(rec.seq <= up_to);
+            cursor = rec.seq;
+            read.push(rec.seq);
+        }
+        limit = limit % 97 + 13;
+        if finished && cursor == durable.load(Ordering::Acquire) {
+            break;
+        }
+    }
+    written.extend(writer.join().unwrap());
+    assert!(segment_files(dir.path()).unwrap().len() > 5);
+    assert_eq!(read, written);
+}
