@@ -281,23 +281,9 @@ fn main() {
         );
         // BENCH_PERF=FILE: record a CPU profile of the engine's catch-up with perf;
         // BENCH_PERF_ALL=FILE: of every process on the machine (which server spends what).
-        let perf_of = |file: String, whole: bool| {
-            let mut cmd = Command::new("perf");
-            cmd.args(["record", "-F", "2000", "-g", "-o", &file]);
-            if whole {
-                cmd.arg("-a");
-            } else {
-                cmd.args(["--call-graph", "dwarf,16384", "-p"])
-                    .arg(engine.pid().to_string());
-            }
-            cmd.stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("perf")
-        };
         let perf = match (std::env::var("BENCH_PERF"), std::env::var("BENCH_PERF_ALL")) {
-            (Ok(file), _) => Some(perf_of(file, false)),
-            (_, Ok(file)) => Some(perf_of(file, true)),
+            (Ok(file), _) => Some(perf_record(&file, Some(engine.pid()))),
+            (_, Ok(file)) => Some(perf_record(&file, None)),
             _ => None,
         };
         let done = |cfg: &TestConfig| {
@@ -309,9 +295,8 @@ fn main() {
             done(&cfg)
         });
         let engine_secs = t.elapsed().as_secs_f64();
-        if let Some(mut p) = perf {
-            unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
-            let _ = p.wait();
+        if let Some(p) = perf {
+            perf_stop(p);
         }
         let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
         let engine_cpu = cpu_seconds(engine.pid());
@@ -414,6 +399,10 @@ fn main() {
         pids
     };
     let steady_before: Vec<f64> = steady_pids.iter().map(|(_, p)| cpu(p)).collect();
+    // BENCH_PERF_STEADY=FILE: a CPU profile of the engine during the steady load.
+    let steady_perf = std::env::var("BENCH_PERF_STEADY")
+        .ok()
+        .map(|file| perf_record(&file, Some(engine.pid())));
     let load = cli(
         Some(&cfg.path),
         &[
@@ -442,6 +431,9 @@ fn main() {
                 .map(|_| ())
         },
     );
+    if let Some(p) = steady_perf {
+        perf_stop(p);
+    }
     let steady_rss_mb = rss_kb(engine.pid(), "VmRSS:") as f64 / 1024.0;
     let steady_events = (total - n) as f64;
     let steady_cpu: Vec<String> = steady_pids
@@ -535,4 +527,29 @@ fn main() {
         eprintln!("{}", engine.stderr());
     }
     drop(engine);
+}
+
+/// `perf record` of one process (`pid`, with DWARF call graphs) or of the whole machine.
+fn perf_record(file: &str, pid: Option<i32>) -> std::process::Child {
+    let mut cmd = Command::new("perf");
+    cmd.args(["record", "-F", "2000", "-g", "-o", file]);
+    match pid {
+        Some(pid) => {
+            cmd.args(["--call-graph", "dwarf,16384", "-p"])
+                .arg(pid.to_string());
+        }
+        None => {
+            cmd.arg("-a");
+        }
+    }
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf")
+}
+
+/// Stop a `perf record` so that it writes its file.
+fn perf_stop(mut p: std::process::Child) {
+    unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+    let _ = p.wait();
 }

@@ -48,8 +48,8 @@ pub const IN_FLIGHT_BATCHES: usize = 8;
 
 /// The journal writes and fsyncs at most this often; the batches that arrive in between
 /// go in the same write. Many small transactions a second then cost a few fsyncs, not one
-/// each; the checkpoint (written as often) waits for the journal anyway.
-const JOURNAL_EVERY: Duration = Duration::from_millis(25);
+/// each; the checkpoint (written every 100 ms) waits for the journal anyway.
+const JOURNAL_EVERY: Duration = Duration::from_millis(50);
 
 /// Events in one journal write at most (about 2.5 MB encoded), beyond one batch.
 const JOURNAL_WRITE_EVENTS: usize = 20_000;

@@ -23,7 +23,7 @@ pub(super) const STALLED: std::time::Duration = std::time::Duration::from_secs(2
 /// stream runs: thousands of small batches a second would otherwise cost thousands of
 /// fsyncs. Later only means a little more to deliver again after a crash, which every sink
 /// recognises; at shutdown they are written at once.
-const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(super) struct Tracker {
     pub sinks: usize,
