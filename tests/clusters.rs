@@ -424,3 +424,56 @@ fn a_sentinel_failover_loses_and_doubles_nothing() {
     let mut engine = engine;
     assert_eq!(engine.terminate(), 0);
 }
+
+#[test]
+fn a_batch_counts_as_written_only_once_a_replica_holds_it() {
+    let master = Redis::start();
+    let replica = Redis::start_replica_of(&master);
+    wait_for("the replica to follow its master", T, || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    });
+    let (pg, cfg) = redis_scenario(&master.url());
+    let engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    insert_events(&pg, 500);
+    wait_for("the first 500 events delivered", T, || {
+        (cfg.counter("events_delivered") == Some(500)).then_some(())
+    });
+    let retries = cfg.counter("sink_retries").unwrap();
+
+    // The replica stops acknowledging: the master applies the next batch, but WAIT times
+    // out, so the batch is not delivered (the checkpoint and the cursor stay) and is
+    // written again after a backoff.
+    replica.hang();
+    insert_events(&pg, 500);
+    wait_for("the master to hold the batch and WAIT to fail", T, || {
+        (counted(|a| master.cli(a)) == 1000 && cfg.counter("sink_retries")? > retries).then_some(())
+    });
+    assert_eq!(
+        cfg.counter("events_delivered"),
+        Some(500),
+        "a batch no replica acknowledged counted as delivered; engine log:\n{}",
+        engine.stderr()
+    );
+    let health = &cfg.engine_status().unwrap()["sinks"]["redis"];
+    assert_eq!(health["state"], "retrying", "{health}");
+    assert!(
+        health["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("acknowledged")),
+        "{health}"
+    );
+
+    // Once it answers again the batch is delivered, and the writes made again meanwhile
+    // changed nothing.
+    replica.resume();
+    wait_for("the second batch delivered", T, || {
+        (cfg.counter("events_delivered") == Some(1000)).then_some(())
+    });
+    assert_eq!(counted(|a| master.cli(a)), 1000);
+    wait_for("the replica to hold every count", T, || {
+        (counted(|a| replica.cli(a)) == 1000).then_some(())
+    });
+}

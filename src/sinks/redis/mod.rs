@@ -776,6 +776,7 @@ impl RedisSink {
             .collect();
         let mut inserted = 0;
         let mut attempt = 0u32;
+        let mut unacknowledged: Option<String> = None;
         loop {
             inserted += match self.call_nodes(&per_slot, &hours).await {
                 Ok(n) => n,
@@ -792,11 +793,21 @@ impl RedisSink {
                     done.iter().sum::<u64>()
                 }
             };
+            if let Some(e) = &unacknowledged {
+                // The calls ran, but the batch is not written until replicas have it.
+                self.metrics.health.failing("redis", e, false);
+            }
             match self.wait_replicas(per_slot.keys().copied()).await {
-                Ok(()) => return Ok(inserted),
+                Ok(()) => {
+                    if unacknowledged.is_some() {
+                        self.metrics.health.ok("redis");
+                    }
+                    return Ok(inserted);
+                }
                 Err(e) => {
                     attempt += 1;
                     self.unacknowledged(attempt, &e).await;
+                    unacknowledged = Some(format!("redis at {}: {e}", self.url));
                 }
             }
         }
@@ -811,6 +822,11 @@ impl RedisSink {
             self.url
         );
         self.metrics.sink_retry("redis");
+        // Failing until a write is acknowledged again (the retry policy's next success
+        // says so).
+        self.metrics
+            .health
+            .failing("redis", &format!("redis at {}: {e}", self.url), false);
         tokio::time::sleep(delay).await;
     }
 
@@ -1022,17 +1038,28 @@ impl RedisSink {
     ) -> Result<u64, SinkError> {
         let mut inserted = 0;
         let mut attempt = 0u32;
+        let mut unacknowledged: Option<String> = None;
         loop {
             inserted += self.call_once(events, hours).await?;
             if events.is_empty() {
                 return Ok(inserted);
             }
+            if let Some(e) = &unacknowledged {
+                // The script ran, but the batch is not written until a replica has it.
+                self.metrics.health.failing("redis", e, false);
+            }
             let key = fred::types::config::Server::new("", 0);
             match wait_node(&mut self.replicas, key, &self.url, &self.client).await {
-                Ok(()) => return Ok(inserted),
+                Ok(()) => {
+                    if unacknowledged.is_some() {
+                        self.metrics.health.ok("redis");
+                    }
+                    return Ok(inserted);
+                }
                 Err(e) => {
                     attempt += 1;
                     self.unacknowledged(attempt, &e).await;
+                    unacknowledged = Some(format!("redis at {}: {e}", self.url));
                 }
             }
         }
