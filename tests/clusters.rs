@@ -40,6 +40,19 @@ fn redis_scenario(url: &str) -> (Postgres, TestConfig) {
     (pg, cfg)
 }
 
+/// A Redis master and its replica, once the replica follows it.
+fn master_and_replica() -> (Redis, Redis) {
+    let master = Redis::start();
+    let replica = Redis::start_replica_of(&master);
+    wait_for("the replica to follow its master", T, || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    });
+    (master, replica)
+}
+
 /// `rows` events in one transaction, spread over the CONTENTS content ids.
 fn insert_events(pg: &Postgres, rows: usize) {
     pg.psql(
@@ -345,14 +358,7 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
 /// promotes the replica, the engine follows it, and every count is exact.
 #[test]
 fn a_sentinel_failover_loses_and_doubles_nothing() {
-    let mut master = Redis::start();
-    let replica = Redis::start_replica_of(&master);
-    wait_for("the replica to follow its master", T, || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    });
+    let (mut master, replica) = master_and_replica();
     let sentinel = Sentinel::start(&master, "engagement");
     wait_for("the sentinel to find the replica", T, || {
         sentinel.knows_a_replica().then_some(())
@@ -427,14 +433,7 @@ fn a_sentinel_failover_loses_and_doubles_nothing() {
 
 #[test]
 fn a_batch_counts_as_written_only_once_a_replica_holds_it() {
-    let master = Redis::start();
-    let replica = Redis::start_replica_of(&master);
-    wait_for("the replica to follow its master", T, || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    });
+    let (master, replica) = master_and_replica();
     let (pg, cfg) = redis_scenario(&master.url());
     let engine = Engine::spawn(&cfg.path, &["run"], &[]);
     insert_events(&pg, 500);
