@@ -197,7 +197,6 @@ fn a_reader_keeps_up_with_a_writer_across_segments_and_gaps() {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Batch numbers with gaps (markers are not journaled), records of 1 to 3 batches, some
     // without events (a commit alone), 2 MiB segments: a few dozen rotations.
-    let mut written = Vec::new();
     let writer = {
         let (durable, done) = (durable.clone(), done.clone());
         let mut seq = 0u64;
@@ -245,11 +244,12 @@ fn a_reader_keeps_up_with_a_writer_across_segments_and_gaps() {
             read.push(rec.seq);
         }
         limit = limit % 97 + 13;
+        std::thread::yield_now();
         if finished && cursor == durable.load(Ordering::Acquire) {
             break;
         }
     }
-    written.extend(writer.join().unwrap());
+    let written = writer.join().unwrap();
     assert!(segment_files(dir.path()).unwrap().len() > 5);
     assert_eq!(read, written);
 }

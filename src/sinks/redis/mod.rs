@@ -806,8 +806,7 @@ impl RedisSink {
                 }
                 Err(e) => {
                     attempt += 1;
-                    self.unacknowledged(attempt, &e).await;
-                    unacknowledged = Some(format!("redis at {}: {e}", self.url));
+                    unacknowledged = Some(self.unacknowledged(attempt, &e).await);
                 }
             }
         }
@@ -815,19 +814,18 @@ impl RedisSink {
 
     /// A batch no replica acknowledged: say so, count a retry, back off before it is written
     /// again (what the master, or a replica promoted since, holds is skipped then).
-    async fn unacknowledged(&self, attempt: u32, e: &str) {
+    async fn unacknowledged(&self, attempt: u32, e: &str) -> String {
         let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
         tracing::warn!(
             "redis at {}: {e}; writing the batch again in {delay:?} (what Redis already holds is skipped)",
             self.url
         );
         self.metrics.sink_retry("redis");
-        // Failing until a write is acknowledged again (the retry policy's next success
-        // says so).
-        self.metrics
-            .health
-            .failing("redis", &format!("redis at {}: {e}", self.url), false);
+        // Failing until a replica acknowledges the batch (the caller says so then).
+        let reason = format!("redis at {}: {e}", self.url);
+        self.metrics.health.failing("redis", &reason, false);
         tokio::time::sleep(delay).await;
+        reason
     }
 
     /// One call per master for the slots it serves in the cached slot map (apply_groups.lua),
@@ -1058,8 +1056,7 @@ impl RedisSink {
                 }
                 Err(e) => {
                     attempt += 1;
-                    self.unacknowledged(attempt, &e).await;
-                    unacknowledged = Some(format!("redis at {}: {e}", self.url));
+                    unacknowledged = Some(self.unacknowledged(attempt, &e).await);
                 }
             }
         }
