@@ -246,69 +246,94 @@ struct Pending {
 
 impl Writer {
     /// Open the journal in `dir`, creating it when missing. Records after the last one that
-    /// ends at or before `checkpoint` are cut off: the stream delivers them again from the
-    /// checkpoint (a crash between the journal's fsync and the checkpoint's, or a batch
-    /// holding part of a transaction).
+    /// ends a transaction at or before `checkpoint` are cut off: the stream delivers them
+    /// again from the checkpoint (a crash between the journal's fsync and the checkpoint's,
+    /// or a batch holding part of a transaction). The cut is found over the whole journal:
+    /// a transaction may begin in one segment and commit in a later one.
     pub fn open(dir: &Path, cfg: &JournalConfig, checkpoint: Lsn) -> anyhow::Result<Writer> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the journal directory {}", dir.display()))?;
-        let mut segments = VecDeque::new();
-        let mut cut = false;
+        let remove = |path: &Path| {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+        };
+        // Every segment read up to the first record that is torn, damaged or commits after
+        // the checkpoint (the segments after that one are not read).
+        let mut scanned: Vec<(PathBuf, SegmentInfo, u64)> = Vec::new();
+        // The last record that ended a transaction at or before the checkpoint: its segment
+        // (index in `scanned`), the bytes up to its end, and that segment's extent there.
+        let mut last_commit: Option<(usize, u64, SegmentInfo)> = None;
+        let mut stopped = false;
         for (_, path) in segment_files(dir)? {
-            if cut {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            let len = std::fs::metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len();
+            let mut info = SegmentInfo::default();
+            if !stopped {
+                let index = scanned.len();
+                let mut at = 0u64;
+                let mut past_checkpoint = false;
+                let mut file = BufReader::with_capacity(1 << 20, File::open(&path)?);
+                let end = scan_file(&mut file, |r, size| {
+                    if r.commit_end.is_some_and(|l| l > checkpoint) {
+                        past_checkpoint = true;
+                        return false;
+                    }
+                    at += size;
+                    info.add(r.seq, r.last_commit_us, r.lsn_range(), size);
+                    if r.commit_end.is_some() {
+                        last_commit = Some((index, at, info.clone()));
+                    }
+                    true
+                })?;
+                stopped = past_checkpoint || end < len;
+            }
+            scanned.push((path, info, len));
+        }
+        let (keep_to, kept_at, kept_info) = match last_commit {
+            Some((i, at, info)) => (Some(i), at, info),
+            None => (None, 0, SegmentInfo::default()),
+        };
+        let mut segments = VecDeque::new();
+        let mut removed = 0usize;
+        let mut truncated = None;
+        let mut kept_info = Some(kept_info);
+        for (i, (path, mut info, len)) in scanned.into_iter().enumerate() {
+            let keep = keep_to.is_some_and(|k| i <= k);
+            if !keep || len == 0 {
+                // After the cut; or created, and the process died before its first record
+                // was written (it holds nothing: kept, it would count as a segment ending
+                // at batch 0, and batch numbers would start again at 1).
+                remove(&path)?;
+                if len > 0 {
+                    removed += 1;
+                }
                 continue;
             }
-            let mut info = SegmentInfo {
-                path: path.clone(),
-                ..SegmentInfo::default()
-            };
-            // Keep the prefix up to the last record that closed a transaction at or
-            // before the checkpoint.
-            let mut kept = SegmentInfo::default();
-            let mut kept_at = 0u64;
-            let mut at = 0u64;
-            let mut file = BufReader::with_capacity(1 << 20, File::open(&path)?);
-            let end = scan_file(&mut file, |r, size| {
-                at += size;
-                if r.commit_end.is_some_and(|l| l > checkpoint) {
-                    return false;
+            if Some(i) == keep_to {
+                info = kept_info.take().expect("the cut's segment comes once");
+                if kept_at < len {
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(kept_at)?;
+                    f.sync_all()?;
+                    truncated = Some(path.clone());
                 }
-                info.add(r.seq, r.last_commit_us, r.lsn_range(), size);
-                if r.commit_end.is_some() {
-                    kept = info.clone();
-                    kept_at = at;
-                }
-                true
-            })?;
-            let len = std::fs::metadata(&path)?.len();
-            if kept_at == 0 && len == 0 {
-                // Created, and the process died before its first record was written: it
-                // holds nothing. Kept, it would count as a segment ending at batch 0, and
-                // batch numbers would start again at 1 in the files that hold the old ones.
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("cannot remove {}", path.display()))?;
-                continue;
             }
-            if kept_at < len || end < len {
-                cut = true;
-                if kept_at == 0 {
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("cannot remove {}", path.display()))?;
-                    continue;
-                }
-                let f = OpenOptions::new().write(true).open(&path)?;
-                f.set_len(kept_at)?;
-                f.sync_all()?;
-                tracing::info!(
-                    "journal: cut {} after batch {} (the stream delivers the rest again from the checkpoint {checkpoint})",
-                    path.display(),
-                    kept.last_seq
-                );
+            info.path = path;
+            segments.push_back(info);
+        }
+        if truncated.is_some() || removed > 0 {
+            let last = segments.back().map_or(0, |s| s.last_seq);
+            let mut what = Vec::new();
+            if let Some(path) = &truncated {
+                what.push(format!("cut {}", path.display()));
             }
-            kept.path = path;
-            segments.push_back(kept);
+            if removed > 0 {
+                what.push(format!("removed {removed} later segment(s)"));
+            }
+            tracing::info!(
+                "journal: {} after batch {last} (the stream delivers the rest again from the checkpoint {checkpoint})",
+                what.join(", ")
+            );
         }
         let last_seq = segments.back().map_or(0, |s| s.last_seq);
         Ok(Writer {

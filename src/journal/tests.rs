@@ -75,6 +75,48 @@ fn append_read_reopen_and_cut_after_the_checkpoint() {
 }
 
 #[test]
+fn a_transaction_across_segments_is_kept_when_its_commit_is_before_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB segments; a batch of 100 events is about 50 KB.
+    let mut w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(0)).unwrap();
+    fill(&mut w, 1, 15);
+    // A large transaction: batches 16..=39 hold parts of it (no commit), 40 its end, so a
+    // segment ends inside it; whole transactions follow.
+    for seq in 16..=39u64 {
+        let ev = events(seq as i64 * 100, 100, 40_000 - 1);
+        w.append([(seq, None, None, ev.as_slice())]).unwrap();
+    }
+    fill(&mut w, 40, 45);
+    drop(w);
+    let files = segment_files(dir.path()).unwrap();
+    let (first_after, _) = files[1];
+    assert!(
+        (17..=39).contains(&first_after),
+        "a segment starts inside the transaction: {files:?}"
+    );
+
+    // Killed with the checkpoint at batch 43's commit: everything up to it stays, in every
+    // segment (the transaction's commit is in a later segment than its start).
+    let w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(43_000)).unwrap();
+    assert_eq!(w.last_seq(), 43);
+    assert!(w.summary().segments >= 2, "{:?}", w.summary());
+    let mut r = Reader::new(dir.path());
+    let seqs: Vec<u64> = r
+        .read(0, u64::MAX, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, (1..=43).collect::<Vec<_>>());
+
+    // With the checkpoint before that commit, the open transaction is cut: the journal ends
+    // at batch 15 and the later segments are gone.
+    let w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(39_999)).unwrap();
+    assert_eq!(w.last_seq(), 15);
+    assert_eq!(segment_files(dir.path()).unwrap().len(), 1);
+}
+
+#[test]
 fn a_torn_tail_is_cut_and_damage_ends_the_read() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = Writer::open(dir.path(), &cfg(16 << 20), Lsn(0)).unwrap();
