@@ -1369,6 +1369,47 @@ fn a_stopped_clickhouse_holds_neither_the_slot_nor_the_other_sinks() {
     );
 }
 
+/// A transaction large enough that the journal starts a new segment inside it, journaled
+/// while ClickHouse is away; kill -9 once the slot is past it. The cut at the next start is
+/// found over the whole journal: ClickHouse still receives the transaction and everything
+/// after it (before, the segment was cut after its last commit and the later segments were
+/// deleted, though the checkpoint had passed them).
+#[test]
+fn a_transaction_across_journal_segments_reaches_a_sink_that_was_away() {
+    // The smallest budget: 2 MiB segments, about 20,000 events each.
+    let mut env = env(
+        MockApi::start(&[]),
+        "",
+        "\n[journal]\nmax_bytes = 16777216\n",
+    );
+    let mut engine = env.engine();
+    env.insert_n(200);
+    wait_for("the first events in ClickHouse", T, || {
+        (env.ch_count() == 200).then_some(())
+    });
+    env.ch.stop();
+    env.insert_n(50_000);
+    for _ in 0..5 {
+        env.insert_n(100);
+    }
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    let n = env.total();
+    wait_for("Redis and the API to hold every event", T, || {
+        (env.redis_counts() == env.pg_counts()
+            && env.api.stats()["unique_event_ids"].as_u64() == Some(n))
+        .then_some(())
+    });
+    wait_for("the slot to be confirmed past the last insert", T, || {
+        env.confirmed_flush_reaches(&lsn).then_some(())
+    });
+    let journal = env.cfg.engine_status().unwrap()["journal"].clone();
+    assert!(journal["segments"].as_u64().unwrap() >= 2, "{journal}");
+    engine.kill9();
+    env.ch.start_again();
+    let _engine = env.engine();
+    env.assert_exact(false);
+}
+
 /// With the journal, a hung Redis does not stop the source: everything is read and
 /// journaled, memory holds only the budget, and Redis drains the journal when it returns.
 #[test]

@@ -295,3 +295,120 @@ fn a_reader_keeps_up_with_a_writer_across_segments_and_gaps() {
     assert!(segment_files(dir.path()).unwrap().len() > 5);
     assert_eq!(read, written);
 }
+
+mod cut {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One journal to write: transactions of 1–4 batches (only the last carries the commit),
+    /// written in groups of 1–4 batches (segments rotate only between writes).
+    #[derive(Debug, Clone)]
+    struct Plan {
+        /// Per transaction: how many batches, and events in each batch.
+        txs: Vec<Vec<usize>>,
+        groups: Vec<usize>,
+        /// Which commit the checkpoint is at (index into the commits; past the end: after
+        /// all of them), and whether it lies between that commit and the next.
+        checkpoint_at: usize,
+        between: bool,
+        torn_tail: bool,
+    }
+
+    fn plan() -> impl Strategy<Value = Plan> {
+        (
+            proptest::collection::vec(proptest::collection::vec(5usize..60, 1..=4), 30..70),
+            proptest::collection::vec(1usize..=4, 200),
+            0usize..80,
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(txs, groups, checkpoint_at, between, torn_tail)| Plan {
+                txs,
+                groups,
+                checkpoint_at,
+                between,
+                torn_tail,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// Reopened at any checkpoint, the journal keeps exactly the batches up to the last
+        /// commit at or before it — across segments — and numbering goes on from there.
+        #[test]
+        fn reopening_keeps_exactly_what_the_checkpoint_covers(p in plan()) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(0)).unwrap();
+            // (seq, commit_end, events) of every batch, in order.
+            let mut batches: Vec<(u64, Option<Lsn>, Vec<EnrichedEvent>)> = Vec::new();
+            let mut commits = Vec::new();
+            let mut seq = 0u64;
+            for (t, sizes) in p.txs.iter().enumerate() {
+                let commit = Lsn((t as u64 + 1) * 1000);
+                for (i, n) in sizes.iter().enumerate() {
+                    seq += 1;
+                    let last = i + 1 == sizes.len();
+                    let ce = last.then_some(commit);
+                    batches.push((seq, ce, events(seq as i64 * 100, *n, commit.0 - 1)));
+                }
+                commits.push(commit);
+            }
+            let mut at = 0;
+            for g in p.groups.iter().cycle() {
+                if at >= batches.len() {
+                    break;
+                }
+                let end = (at + g).min(batches.len());
+                w.append(
+                    batches[at..end]
+                        .iter()
+                        .map(|(s, ce, e)| (*s, *ce, ce.map(|_| *s as i64), e.as_slice())),
+                )
+                .unwrap();
+                at = end;
+            }
+            prop_assert!(w.summary().segments >= 2);
+            drop(w);
+            if p.torn_tail {
+                let (_, path) = segment_files(dir.path()).unwrap().pop().unwrap();
+                let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+                f.write_all(&[9u8; 37]).unwrap();
+            }
+            let checkpoint = match commits.get(p.checkpoint_at) {
+                Some(c) if p.between => Lsn(c.0 + 500),
+                Some(c) => *c,
+                None => Lsn(u64::MAX),
+            };
+            let expected: Vec<u64> = {
+                let last = batches
+                    .iter()
+                    .rposition(|(_, ce, _)| ce.is_some_and(|l| l <= checkpoint));
+                batches[..last.map_or(0, |i| i + 1)].iter().map(|b| b.0).collect()
+            };
+            let mut w = Writer::open(dir.path(), &cfg(8 << 20), checkpoint).unwrap();
+            prop_assert_eq!(w.last_seq(), expected.last().copied().unwrap_or(0));
+            let mut r = Reader::new(dir.path());
+            let kept: Vec<u64> = r
+                .read(0, u64::MAX, usize::MAX)
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect();
+            prop_assert_eq!(&kept, &expected);
+            // Every kept batch holds its events; the next batch is numbered on and read after.
+            let next = w.last_seq() + 1;
+            let ev = events(1_000_000, 3, u64::MAX - 1);
+            w.append([(next, Some(Lsn(u64::MAX)), Some(0), ev.as_slice())]).unwrap();
+            let mut r = Reader::new(dir.path());
+            let all = r.read(0, u64::MAX, usize::MAX).unwrap();
+            prop_assert_eq!(all.len(), expected.len() + 1);
+            prop_assert_eq!(all.last().unwrap().seq, next);
+            for rec in &all[..expected.len()] {
+                let b = &batches[(rec.seq - 1) as usize];
+                prop_assert_eq!(rec.events.len(), b.2.len());
+                prop_assert_eq!(rec.commit_end, b.1);
+            }
+        }
+    }
+}
