@@ -35,6 +35,14 @@ pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// out a few at a time for 2 ms more latency.
 const GATHER: Duration = Duration::from_millis(2);
 
+/// Past GATHER, a batch of a busy stream goes out once the stream has been quiet this long
+/// (tokio's timer rounds it up to its next millisecond).
+const QUIET: Duration = Duration::from_micros(200);
+
+/// A batch that gathered this many events within GATHER comes from a busy stream: it waits
+/// QUIET for more when the stream pauses.
+const BUSY_EVENTS: usize = 64;
+
 /// A Relation message named a column type created after the type catalog was read.
 #[derive(Debug)]
 struct NewType(u32);
@@ -165,12 +173,25 @@ impl Source {
                 let ready = if full {
                     None
                 } else {
-                    // What is waiting is taken even past the deadline: the timeout polls
-                    // the receive first.
+                    // What is waiting is taken, even past the deadline. Before it, sleep to
+                    // the deadline and take what came meanwhile at once (rather than being
+                    // woken for each message of each small transaction); after it, the
+                    // batch goes out when nothing is waiting, or, once it holds
+                    // BUSY_EVENTS, when nothing comes for QUIET (a busy stream that is
+                    // slower than this loop for an instant, as in a catch-up, keeps filling
+                    // it).
                     let gather = self.max_batch_delay.min(GATHER);
                     let until = b.started.unwrap_or_else(Instant::now) + gather;
-                    let until = tokio::time::Instant::from_std(until);
-                    tokio::time::timeout_at(until, client.recv()).await.ok()
+                    match client.recv().now_or_never() {
+                        Some(r) => Some(r),
+                        None if Instant::now() < until => {
+                            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                            continue;
+                        }
+                        // A few events: a quiet stream, out they go.
+                        None if b.batch.events.len() < BUSY_EVENTS => None,
+                        None => tokio::time::timeout(QUIET, client.recv()).await.ok(),
+                    }
                 };
                 match ready {
                     Some(r) => r,
