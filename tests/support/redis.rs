@@ -226,6 +226,13 @@ impl RedisCluster {
 
     /// The running node that is the master of `key`'s slot.
     pub fn master_of(&self, key: &str) -> usize {
+        self.try_master_of(key)
+            .unwrap_or_else(|nodes| panic!("no master for the slot of {key} in:\n{nodes}"))
+    }
+
+    /// The running node that is the master of `key`'s slot, or `CLUSTER NODES` when no
+    /// master (not marked failing) serves it — during a failover, until a replica is promoted.
+    pub fn try_master_of(&self, key: &str) -> Result<usize, String> {
         let slot: u16 = self
             .running()
             .cli(&["CLUSTER", "KEYSLOT", key])
@@ -250,10 +257,10 @@ impl RedisCluster {
                     .and_then(|a| a.rsplit(':').next())
                     .and_then(|p| p.parse().ok())
                     .unwrap();
-                return self.nodes.iter().position(|n| n.port == port).unwrap();
+                return Ok(self.nodes.iter().position(|n| n.port == port).unwrap());
             }
         }
-        panic!("no master for slot {slot} in:\n{nodes}");
+        Err(nodes)
     }
 }
 
