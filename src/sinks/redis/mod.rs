@@ -74,10 +74,6 @@ return #ARGV / 2";
 /// common case, where the script's work is per content, not per event).
 const EVENTS_PER_CALL: usize = 20_000;
 
-/// While catching up, how long a call waits for more batches (up to the write limit):
-/// at a catch-up's rates that fills it, and it costs nobody waiting latency.
-const FILL_WAIT: Duration = Duration::from_millis(100);
-
 /// Buckets kept: the current minute and the 14 before it (EXPIRE 900).
 const RETENTION_MINUTES: i64 = 15;
 
@@ -1220,13 +1216,6 @@ impl Sink for RedisSink {
         } else {
             2 * max_batch_rows
         }
-    }
-
-    /// The script's work is mostly per content (a count, a bucket score, content:last):
-    /// while catching up, a call waits up to this long to take in more batches, so each
-    /// content's keys are written once for more of its events.
-    fn fill_wait(&self) -> Duration {
-        FILL_WAIT
     }
 
     fn deliver<'a>(
