@@ -272,6 +272,10 @@ fn main() {
             ],
         };
         let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu(p)).collect();
+        // Redis's own account of the catch-up's commands (those the script calls included).
+        if clusters.is_none() {
+            redis.cli(&["CONFIG", "RESETSTAT"]);
+        }
         let t = Instant::now();
         let engine = Engine::spawn_with(
             &cfg.path,
@@ -298,6 +302,10 @@ fn main() {
         if let Some(p) = perf {
             perf_stop(p);
         }
+        let redis_commands = match &clusters {
+            None => redis_command_stats(&redis.cli(&["INFO", "commandstats"]), n),
+            Some(_) => String::new(),
+        };
         let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
         let engine_cpu = cpu_seconds(engine.pid());
         // The walsender was started for this session: all its CPU time is the catch-up's.
@@ -318,11 +326,12 @@ fn main() {
             engine_cpu,
             pg_cpu,
             server_cpu,
+            redis_commands,
         )
     };
     let (
         (raw_secs, raw_rate),
-        (engine, engine_secs, peak_catch_up_mb, engine_cpu, pg_cpu, server_cpu),
+        (engine, engine_secs, peak_catch_up_mb, engine_cpu, pg_cpu, server_cpu, redis_commands),
     ) = if o.engine_first {
         let e = catch_up();
         (raw(), e)
@@ -503,6 +512,9 @@ fn main() {
         per_event_line += &format!(", {name} {:.2}", per_event(*c));
     }
     println!("| CPU µs per event during catch-up | {per_event_line} |");
+    if !redis_commands.is_empty() {
+        println!("| Redis commands during catch-up (INFO commandstats; µs per event) | {redis_commands} |");
+    }
     println!(
         "| RSS at steady state ({} events/s for {} s) | {steady_rss_mb:.1} MB |",
         o.rate, o.seconds
@@ -527,6 +539,30 @@ fn main() {
         eprintln!("{}", engine.stderr());
     }
     drop(engine);
+}
+
+/// The commands of an `INFO commandstats` answer with the most time first: name, calls,
+/// and microseconds per event of `n` (the script's own commands appear beside `evalsha`,
+/// whose time includes theirs).
+fn redis_command_stats(info: &str, n: u64) -> String {
+    let mut rows: Vec<(String, u64, f64)> = info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |k: &str| {
+                rest.split(',')
+                    .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            Some((name.to_string(), field("calls")? as u64, field("usec")?))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    rows.iter()
+        .take(8)
+        .map(|(name, calls, usec)| format!("{name} {calls} calls {:.3}", usec / n as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `perf record` of one process (`pid`, with DWARF call graphs) or of the whole machine.

@@ -263,7 +263,9 @@ impl Writer {
         // (index in `scanned`), the bytes up to its end, and that segment's extent there.
         let mut last_commit: Option<(usize, u64, SegmentInfo)> = None;
         let mut stopped = false;
-        for (_, path) in segment_files(dir)? {
+        let files = segment_files(dir)?;
+        let count = files.len();
+        for (i, (_, path)) in files.into_iter().enumerate() {
             let len = std::fs::metadata(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?
                 .len();
@@ -286,6 +288,15 @@ impl Writer {
                     true
                 })?;
                 stopped = past_checkpoint || end < len;
+                if !past_checkpoint && end < len && i + 1 < count {
+                    // Not a record torn by a crash (later segments were written after it):
+                    // the disk or someone damaged it, and what follows is lost here.
+                    tracing::warn!(
+                        "journal: {} is damaged after batch {} (a record fails its check and later segments follow); the batches after it are dropped, so a sink that had not received them misses them up to the checkpoint {checkpoint}: see each sink's cursor in `engagement-cdc status`, and `engagement-cdc backfill` for what it misses",
+                        path.display(),
+                        info.last_seq
+                    );
+                }
             }
             scanned.push((path, info, len));
         }
