@@ -150,6 +150,19 @@ impl Env {
         )) == "t"
     }
 
+    /// While ClickHouse is away: Redis and the API hold all `n` events and the slot is
+    /// confirmed past `lsn` (the journal holds what ClickHouse has not received).
+    fn wait_others_current_and_slot_past(&self, n: u64, lsn: &str) {
+        wait_for("Redis and the API to hold every event", T, || {
+            (self.redis_counts() == self.pg_counts()
+                && self.api.stats()["unique_event_ids"].as_u64() == Some(n))
+            .then_some(())
+        });
+        wait_for("the slot to be confirmed past the last insert", T, || {
+            self.confirmed_flush_reaches(lsn).then_some(())
+        });
+    }
+
     /// Insert events for 10 s while a sink is away, then check that the slot was not
     /// confirmed up to the commit of the first of them — the exact bound, which background
     /// WAL cannot reach by accident. That commit's end LSN (what the engine confirms) is
@@ -1302,14 +1315,7 @@ fn a_stopped_clickhouse_holds_neither_the_slot_nor_the_other_sinks() {
     let n = env.total();
     let lsn = env.sql("SELECT pg_current_wal_lsn()");
     // Redis and the API are current, and the slot moves on, while ClickHouse is away.
-    wait_for("Redis and the API to hold every event", T, || {
-        (env.redis_counts() == env.pg_counts()
-            && env.api.stats()["unique_event_ids"].as_u64() == Some(n))
-        .then_some(())
-    });
-    wait_for("the slot to be confirmed past the last insert", T, || {
-        env.confirmed_flush_reaches(&lsn).then_some(())
-    });
+    env.wait_others_current_and_slot_past(n, &lsn);
     // Redis's cursor reaches the journal's last batch (a batch journaled a moment ago may
     // still be on its way to Redis), while ClickHouse's stays behind it.
     let journal = wait_for("Redis's cursor at the journal's last batch", T, || {
@@ -1394,14 +1400,7 @@ fn a_transaction_across_journal_segments_reaches_a_sink_that_was_away() {
     }
     let lsn = env.sql("SELECT pg_current_wal_lsn()");
     let n = env.total();
-    wait_for("Redis and the API to hold every event", T, || {
-        (env.redis_counts() == env.pg_counts()
-            && env.api.stats()["unique_event_ids"].as_u64() == Some(n))
-        .then_some(())
-    });
-    wait_for("the slot to be confirmed past the last insert", T, || {
-        env.confirmed_flush_reaches(&lsn).then_some(())
-    });
+    env.wait_others_current_and_slot_past(n, &lsn);
     let journal = env.cfg.engine_status().unwrap()["journal"].clone();
     assert!(journal["segments"].as_u64().unwrap() >= 2, "{journal}");
     engine.kill9();
