@@ -1375,6 +1375,58 @@ fn a_stopped_clickhouse_holds_neither_the_slot_nor_the_other_sinks() {
     );
 }
 
+/// Calls that add to hundreds of contents at once (a catch-up over many content ids):
+/// `top:content:10m` is then rebuilt from the window's buckets instead of incremented per
+/// content, and still holds exactly each content's events of the window.
+#[test]
+fn top_10m_stays_exact_when_calls_touch_many_contents() {
+    let env = env(MockApi::start(&[]), "", "");
+    env.sql(
+        "INSERT INTO content (content_id, content_type, length_seconds)
+         SELECT g, 'video', 300 FROM generate_series(4, 300) g",
+    );
+    let _engine = env.engine();
+    env.insert_n(1);
+    wait_for("the first event in Redis", T, || {
+        (env.redis.cli(&["EXISTS", "top:content:10m"]) == "1").then_some(())
+    });
+    env.redis.cli(&["CONFIG", "RESETSTAT"]);
+    for _ in 0..3 {
+        env.sql(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+             SELECT 1 + g % 300, g, 'play', g % 9000, 'web' FROM generate_series(1, 3000) g",
+        );
+    }
+    let n = env.total();
+    let pg: BTreeMap<String, String> = env
+        .sql("SELECT content_id, count(*) FROM engagement_events GROUP BY 1")
+        .lines()
+        .map(|l| {
+            let (c, k) = l.split_once('|').unwrap();
+            (c.to_string(), k.to_string())
+        })
+        .collect();
+    assert_eq!(pg.len(), 300);
+    let top = || -> BTreeMap<String, String> {
+        let out = env
+            .redis
+            .cli(&["ZRANGE", "top:content:10m", "0", "-1", "WITHSCORES"]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .filter(|p| p.len() == 2)
+            .map(|p| (p[0].to_string(), p[1].to_string()))
+            .collect()
+    };
+    wait_for("every event in top:content:10m", T, || {
+        (env.top10m_sum() == n).then_some(())
+    });
+    assert_eq!(top(), pg);
+    // Rebuilt by the calls (the key existed, so only the many contents made them rebuild).
+    let stats = env.redis.cli(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_zunionstore:calls="), "{stats}");
+}
+
 /// A transaction large enough that the journal starts a new segment inside it, journaled
 /// while ClickHouse is away; kill -9 once the slot is past it. The cut at the next start is
 /// found over the whole journal: ClickHouse still receives the transaction and everything

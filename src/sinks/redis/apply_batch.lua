@@ -95,11 +95,20 @@ local function apply(A, H, h)
   -- when the window moved (NS:top holds the minute it was built for), the key is missing
   -- or the engine asks; otherwise the call's new events of the window's minutes (adds:
   -- { bucket index, content_id, number }) are added to it as they were to their buckets.
+  -- A call that adds to many contents (a catch-up) rebuilds it too when the window holds
+  -- not many more members than it adds: one union then costs Redis less than an increment
+  -- (a command, and its propagation) for each.
   local function top(adds)
     if top_mode == '0' then return end
     local key, mark = p .. 'top:content:10m', p .. ns .. ':top'
-    if top_mode == '2' or redis.call('GET', mark) ~= window_minute
-        or redis.call('EXISTS', key) == 0 then
+    local rebuild = top_mode == '2' or redis.call('GET', mark) ~= window_minute
+        or redis.call('EXISTS', key) == 0
+    if not rebuild and #adds > 64 then
+      local members = 0
+      for w = 1, 10 do members = members + redis.call('ZCARD', window[w]) end
+      rebuild = members <= 4 * #adds
+    end
+    if rebuild then
       redis.call('ZUNIONSTORE', key, 10, unpack(window))
       redis.call('SET', mark, window_minute, 'EX', 120)
     else
