@@ -300,17 +300,19 @@ impl Writer {
             }
             scanned.push((path, info, len));
         }
-        let (keep_to, kept_at, kept_info) = match last_commit {
-            Some((i, at, info)) => (Some(i), at, info),
-            None => (None, 0, SegmentInfo::default()),
+        // The cut's segment keeps its extent at the last commit.
+        let (keep_to, kept_at) = match last_commit {
+            Some((k, at, info)) => {
+                scanned[k].1 = info;
+                (Some(k), at)
+            }
+            None => (None, 0),
         };
         let mut segments = VecDeque::new();
         let mut removed = 0usize;
         let mut truncated = None;
-        let mut kept_info = Some(kept_info);
         for (i, (path, mut info, len)) in scanned.into_iter().enumerate() {
-            let keep = keep_to.is_some_and(|k| i <= k);
-            if !keep || len == 0 {
+            if keep_to.is_none_or(|k| i > k) || len == 0 {
                 // After the cut; or created, and the process died before its first record
                 // was written (it holds nothing: kept, it would count as a segment ending
                 // at batch 0, and batch numbers would start again at 1).
@@ -320,14 +322,11 @@ impl Writer {
                 }
                 continue;
             }
-            if Some(i) == keep_to {
-                info = kept_info.take().expect("the cut's segment comes once");
-                if kept_at < len {
-                    let f = OpenOptions::new().write(true).open(&path)?;
-                    f.set_len(kept_at)?;
-                    f.sync_all()?;
-                    truncated = Some(path.clone());
-                }
+            if Some(i) == keep_to && kept_at < len {
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(kept_at)?;
+                f.sync_all()?;
+                truncated = Some(path.clone());
             }
             info.path = path;
             segments.push_back(info);
