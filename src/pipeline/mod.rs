@@ -436,8 +436,13 @@ impl SinkTask {
             changed.as_mut().enable();
             let group = match self.take_after(self.cursor, self.write_limit) {
                 Next::Write(mut group) => {
-                    // A sink that lingers waits a little for more.
-                    let linger_until = last_write + self.sink.linger();
+                    // A sink that lingers waits a little for more; one that fills its
+                    // writes while catching up waits for the next batches then.
+                    let mut linger_until = last_write + self.sink.linger();
+                    let fill = self.sink.fill_wait();
+                    if !fill.is_zero() && catching_up(&group) {
+                        linger_until = linger_until.max(tokio::time::Instant::now() + fill);
+                    }
                     let mut n: usize = group.iter().map(|b| b.events.len()).sum();
                     while n < self.write_limit && tokio::time::Instant::now() < linger_until {
                         let more = hub.changed.notified();
@@ -654,6 +659,21 @@ async fn journal_task(
         journaled.send_replace(last);
         let _ = ack.send((index, last));
     }
+}
+
+/// A write whose first streamed event was committed longer ago than this belongs to a
+/// catch-up: nobody waits for it to the millisecond, and a sink that pays per write
+/// ([`Sink::fill_wait`]) gathers more before writing.
+const CATCH_UP_AGE_US: i64 = 1_000_000;
+
+/// Whether the first streamed event of `group` was committed more than [`CATCH_UP_AGE_US`]
+/// ago.
+fn catching_up(group: &[Arc<Batch>]) -> bool {
+    let first = group
+        .iter()
+        .flat_map(|b| b.events.iter())
+        .find(|e| e.commit_us > 0);
+    first.is_some_and(|e| crate::enrich::now_us().saturating_sub(e.commit_us) > CATCH_UP_AGE_US)
 }
 
 /// Commit-to-durable latency of each streamed event (backfilled ones have no commit time).

@@ -306,3 +306,83 @@ async fn a_commit_without_events_is_journaled_and_keeps_its_transaction() {
     assert_eq!(ids, [1, 2]);
     assert_eq!(records.last().unwrap().commit_end, Some(Lsn(20)));
 }
+
+/// A sink that records the size of each write, and fills its writes while catching up.
+struct FillingSink {
+    writes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Sink for FillingSink {
+    fn name(&self) -> &'static str {
+        "filling"
+    }
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        Box::pin(async move {
+            self.writes.lock().unwrap().push(events.len());
+            Ok(Delivery::default())
+        })
+    }
+    fn fill_wait(&self) -> Duration {
+        Duration::from_millis(250)
+    }
+    fn write_limit(&self, _max_batch_rows: usize) -> usize {
+        7
+    }
+}
+
+/// Two events committed `age` ago (at LSN `commit`).
+fn aged_batch(first_id: i64, commit: u64, age: Duration) -> Batch {
+    let mut b = batch(&[first_id, first_id + 1], Some(commit), vec![]);
+    let at = crate::enrich::now_us() - age.as_micros() as i64;
+    for e in &mut b.events {
+        e.commit_us = at;
+    }
+    b.last_commit_us = Some(at);
+    b
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_fills_its_writes_waits_for_more_only_while_catching_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(FillingSink {
+        writes: writes.clone(),
+    })];
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        100,
+        None,
+    );
+    let mut progress = p.progress();
+    let (old, fresh) = (Duration::from_secs(30), Duration::ZERO);
+    let gap = Duration::from_millis(40);
+    // A catch-up: batches 40 ms apart are gathered up to the write limit (7 events: the
+    // batch that reaches it is taken whole), then the rest within the wait.
+    for (i, commit) in [20, 30, 40, 50, 60].into_iter().enumerate() {
+        p.send(aged_batch(1 + 2 * i as i64, commit, old))
+            .await
+            .unwrap();
+        tokio::time::sleep(gap).await;
+    }
+    progress.wait_for(|p| p.done_seq == 5).await.unwrap();
+    assert_eq!(*writes.lock().unwrap(), vec![8, 2]);
+    // Fresh events: each batch is written as it comes, none held for the next.
+    for (i, commit) in [70, 80, 90].into_iter().enumerate() {
+        p.send(aged_batch(100 + 2 * i as i64, commit, fresh))
+            .await
+            .unwrap();
+        tokio::time::sleep(gap).await;
+    }
+    progress.wait_for(|p| p.done_seq == 8).await.unwrap();
+    assert_eq!(*writes.lock().unwrap(), vec![8, 2, 2, 2, 2]);
+    assert_eq!(store.checkpoint().unwrap(), Lsn(90));
+    p.close(Duration::from_secs(5)).await;
+}

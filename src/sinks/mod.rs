@@ -52,6 +52,14 @@ pub trait Sink: Send {
         Duration::ZERO
     }
 
+    /// While catching up (the write's first event was committed more than a second ago),
+    /// how long to wait for more batches before a write smaller than the write limit: a
+    /// destination whose cost is per write and per key (Redis's script) writes fewer,
+    /// larger calls there, where nobody waits to the millisecond. Default: none.
+    fn fill_wait(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The most events one write may take when batches are waiting (the pipeline's budget
     /// bounds it too). Default: one full batch.
     fn write_limit(&self, max_batch_rows: usize) -> usize {

@@ -70,9 +70,15 @@ end
 if #ARGV > 0 then redis.call('EXPIRE', KEYS[1], 120) end
 return #ARGV / 2";
 
-/// Events per script call: bounds how long one call holds Redis (a few milliseconds in the
-/// common case, where the script's work is per content, not per event).
-const EVENTS_PER_CALL: usize = 20_000;
+/// Events per script call: bounds how long one call holds Redis (tens of milliseconds in
+/// the common case, where the script's work is per content, not per event; about twice that
+/// when a replay or a backfill makes it check event by event).
+const EVENTS_PER_CALL: usize = 40_000;
+
+/// While catching up, how long a call waits for more batches (up to the write limit): at a
+/// catch-up's rates (100,000 events a second and more) that nearly fills it, and nobody
+/// waits for a catch-up to the millisecond. Writes of fresh events are never held.
+const FILL_WAIT: Duration = Duration::from_millis(250);
 
 /// Buckets kept: the current minute and the 14 before it (EXPIRE 900).
 const RETENTION_MINUTES: i64 = 15;
@@ -1206,7 +1212,7 @@ impl Sink for RedisSink {
         "redis"
     }
 
-    /// While catching up, two batches a call: the script's work is per content, so larger
+    /// While catching up, four batches a call: the script's work is per content, so larger
     /// calls cost Redis less per event.
     /// On a Redis Cluster four: a call's fixed work is per hash slot, and with many content
     /// ids nearly every batch meets thousands of slots.
@@ -1214,8 +1220,15 @@ impl Sink for RedisSink {
         if self.cluster {
             8 * max_batch_rows
         } else {
-            2 * max_batch_rows
+            4 * max_batch_rows
         }
+    }
+
+    /// The script's work is mostly per content (a count, a bucket score, content:last):
+    /// while catching up, a call waits up to this long to take in more batches, so each
+    /// content's keys are written once for more of its events.
+    fn fill_wait(&self) -> Duration {
+        FILL_WAIT
     }
 
     fn deliver<'a>(
