@@ -23,9 +23,14 @@ impl Redis {
     /// A node with `cluster-enabled yes` (no slots assigned): what a Redis Cluster node
     /// looks like to a client.
     pub fn start_cluster_node() -> Redis {
+        // The bus port on a free port of its own: the default, PORT + 10000, may be one that
+        // another test's server holds (or is handed next), and then the node never starts.
+        let bus = free_port().to_string();
         Redis::start_with(
             None,
             &[
+                "--cluster-port",
+                &bus,
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
