@@ -5,10 +5,10 @@
 //! The stream and the backfill both call [`enrich`], so they cannot round differently
 //! (the seed's defect §11.6).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use compact_str::CompactString;
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +42,8 @@ pub enum DimChange {
 /// The `content` table as of the last applied change.
 #[derive(Debug, Default, Clone)]
 pub struct Dimension {
-    rows: HashMap<i64, ContentRow>,
+    /// Fx hashing: one lookup per event, on ids from the user's own table.
+    rows: FxHashMap<i64, ContentRow>,
 }
 
 impl Dimension {
