@@ -336,6 +336,25 @@ mod tests {
         }
 
         #[test]
+        fn rfc3339_text_matches_the_broken_down_time(
+            a in -62_135_596_800_000_000i64..253_402_300_799_999_999,
+            step in prop_oneof![Just(0i64), 0i64..1_000_000, -86_400_000_000i64..86_400_000_000],
+        ) {
+            // The text of each part, as the writer had it before it cached the second;
+            // `b` follows `a` as the next event of a batch would (same second, or not).
+            let reference = |us: i64| {
+                let p = utc_parts(us);
+                let frac = if p.micros == 0 { String::new() } else { format!(".{:06}", p.micros) };
+                format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{frac}Z",
+                    p.year, p.month, p.day, p.hour, p.minute, p.second)
+            };
+            let b = a.saturating_add(step).min(253_402_300_799_999_999);
+            prop_assert_eq!(rfc3339_us(a), reference(a));
+            prop_assert_eq!(rfc3339_us(b), reference(b));
+            prop_assert_eq!(rfc3339_us(a), reference(a));
+        }
+
+        #[test]
         fn decimal_text_parses_to_the_same_double(ms in 0i64..=i32::MAX as i64) {
             let mut o = Vec::new();
             write_decimal(&mut o, ms, 3);

@@ -62,35 +62,66 @@ pub fn utc_parts(us: i64) -> UtcParts {
     }
 }
 
+/// `YYYY-MM-DDTHH:MM:SS` of a second since 1970 (UTC; the year clamped to 0..=9999).
+fn second_text(secs: i64) -> [u8; 19] {
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+    let sod = secs.rem_euclid(86_400) as u32;
+    let mut t = [0u8; 19];
+    let two = |t: &mut [u8], at: usize, v: u32| {
+        t[at] = b'0' + (v / 10) as u8;
+        t[at + 1] = b'0' + (v % 10) as u8;
+    };
+    let y = year.clamp(0, 9999) as u32;
+    two(&mut t, 0, y / 100);
+    two(&mut t, 2, y % 100);
+    t[4] = b'-';
+    two(&mut t, 5, month);
+    t[7] = b'-';
+    two(&mut t, 8, day);
+    t[10] = b'T';
+    two(&mut t, 11, sod / 3600);
+    t[13] = b':';
+    two(&mut t, 14, (sod / 60) % 60);
+    t[16] = b':';
+    two(&mut t, 17, sod % 60);
+    t
+}
+
+thread_local! {
+    /// The last second written and its text: the events of a batch mostly share it.
+    static LAST_SECOND: std::cell::Cell<(i64, [u8; 19])> =
+        const { std::cell::Cell::new((i64::MIN, [0; 19])) };
+}
+
 /// RFC 3339 UTC: `YYYY-MM-DDTHH:MM:SSZ`, with `.ffffff` when the microseconds are not zero.
 pub fn write_rfc3339_us(out: &mut Vec<u8>, us: i64) {
-    let p = utc_parts(us);
-    let two = |out: &mut Vec<u8>, v: u32| {
-        out.push(b'0' + (v / 10) as u8);
-        out.push(b'0' + (v % 10) as u8);
-    };
-    let y = p.year.clamp(0, 9999) as u32;
-    out.push(b'0' + (y / 1000) as u8);
-    out.push(b'0' + ((y / 100) % 10) as u8);
-    two(out, y % 100);
-    out.push(b'-');
-    two(out, p.month);
-    out.push(b'-');
-    two(out, p.day);
-    out.push(b'T');
-    two(out, p.hour);
-    out.push(b':');
-    two(out, p.minute);
-    out.push(b':');
-    two(out, p.second);
-    if p.micros != 0 {
-        out.push(b'.');
-        let s = p.micros;
-        for div in [100_000, 10_000, 1000, 100, 10, 1] {
-            out.push(b'0' + ((s / div) % 10) as u8);
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000) as u32;
+    let text = LAST_SECOND.with(|last| {
+        let (s, t) = last.get();
+        if s == secs {
+            t
+        } else {
+            let t = second_text(secs);
+            last.set((secs, t));
+            t
+        }
+    });
+    let mut buf = [0u8; 27];
+    buf[..19].copy_from_slice(&text);
+    let mut n = 19;
+    if micros != 0 {
+        buf[n] = b'.';
+        n += 1;
+        let mut div = 100_000;
+        while div > 0 {
+            buf[n] = b'0' + ((micros / div) % 10) as u8;
+            n += 1;
+            div /= 10;
         }
     }
-    out.push(b'Z');
+    buf[n] = b'Z';
+    out.extend_from_slice(&buf[..n + 1]);
 }
 
 pub fn rfc3339_us(us: i64) -> String {
