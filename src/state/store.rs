@@ -298,6 +298,22 @@ impl super::CheckpointStore for StateStore {
 mod tests {
     use super::*;
 
+    /// Open the store again after `drop`: sled's flusher thread lets go of the directory's
+    /// lock shortly after the last handle is dropped, not at once, so a reopen in the same
+    /// process may find it still held. Any other error, or a lock held for 10 s, fails.
+    fn reopen(dir: &Path) -> StateStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match StateStore::open(dir) {
+                Ok(store) => return store,
+                Err(e) if e.is::<StateLocked>() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopening the state store: {e:#}"),
+            }
+        }
+    }
+
     fn row(id: i64, len: i32) -> ContentRow {
         ContentRow {
             content_id: id,
@@ -327,7 +343,7 @@ mod tests {
             .is_err());
         store.commit(Lsn(150), &[], None).unwrap();
         drop(store);
-        let store = StateStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.checkpoint().unwrap(), Lsn(200));
         assert_eq!(store.last_commit_us().unwrap(), Some(42));
         let dim = store.load_dimension().unwrap();
@@ -363,7 +379,7 @@ mod tests {
             )
             .unwrap();
         drop(store);
-        let store = StateStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.identity().unwrap(), Some(identity));
         assert!(store.load_dimension().unwrap().is_empty());
     }
