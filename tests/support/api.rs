@@ -25,8 +25,30 @@ impl MockApi {
         MockApi::start_with(&[], Some(certs))
     }
 
+    /// On a free port; on another one if the server exits before it answers (the port was
+    /// taken between `free_port` and its bind).
     fn start_with(extra: &[&str], certs: Option<&Certs>) -> MockApi {
-        let port = free_port();
+        for _ in 0..3 {
+            let mut m = MockApi::spawn_on(free_port(), extra, certs);
+            let answered = wait_for(
+                "mock-api to answer /stats or exit",
+                Duration::from_secs(30),
+                || {
+                    if m.get("/stats").is_some() {
+                        Some(true)
+                    } else {
+                        m.server.exited().then_some(false)
+                    }
+                },
+            );
+            if answered {
+                return m;
+            }
+        }
+        panic!("mock-api exited before answering on three free ports in turn");
+    }
+
+    fn spawn_on(port: u16, extra: &[&str], certs: Option<&Certs>) -> MockApi {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if let Some(c) = certs {
             args.push("--tls-cert".into());
@@ -41,13 +63,11 @@ impl MockApi {
             c
         });
         server.spawn();
-        let m = MockApi {
+        MockApi {
             port,
             ca: certs.map(|c| c.ca()),
             server,
-        };
-        m.wait_ready();
-        m
+        }
     }
 
     /// A port where no API answers (yet): `start_again` brings it up there.

@@ -128,6 +128,13 @@ impl ChildServer {
         self.child.as_ref().expect("server running").id() as i32
     }
 
+    /// Whether the process was started and has exited (it could not bind, say).
+    pub(crate) fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
