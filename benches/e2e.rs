@@ -16,7 +16,8 @@
 //! three), `--rate N` (default 1000), `--seconds N` (default 30), `--tls` (every connection
 //! over TLS with `verify-full`, Redis with a client certificate; pg_recvlogical over TLS too),
 //! `--clusters` (a Redis Cluster of three masters with a replica each and a ClickHouse
-//! cluster of two shards, the test support's, instead of single servers),
+//! cluster of two shards, the test support's, instead of single servers; the engine inserts
+//! straight into the shards, `[clickhouse] shard_urls`, unless `--through-distributed`),
 //! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--first
 //! engine|recvlogical` (which catch-up reads first; `recvlogical` by default —
 //! `scripts/bench.sh` alternates). Catch-up ends when every sink has every event
@@ -45,6 +46,9 @@ struct Options {
     engine_first: bool,
     /// A Redis Cluster and a ClickHouse cluster instead of single servers (`--clusters`).
     clusters: bool,
+    /// On the ClickHouse cluster, insert through the Distributed table rather than straight
+    /// to the shards (`--through-distributed`).
+    through_distributed: bool,
 }
 
 fn options() -> Options {
@@ -58,6 +62,7 @@ fn options() -> Options {
         journal: true,
         engine_first: false,
         clusters: false,
+        through_distributed: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -72,6 +77,11 @@ fn options() -> Options {
         }
         if args[i] == "--clusters" {
             o.clusters = true;
+            i += 1;
+            continue;
+        }
+        if args[i] == "--through-distributed" {
+            o.through_distributed = true;
             i += 1;
             continue;
         }
@@ -149,7 +159,17 @@ fn main() {
                         "[clickhouse]\nurl = \"{}\"\ncluster = \"{}\"\n",
                         chc.url(),
                         ClickHouseCluster::NAME
-                    )
+                    );
+                    if !o.through_distributed {
+                        // Shard 1 on nodes[0], shard 2 on nodes[1] and nodes[2].
+                        let url = |i: usize| format!("\"{}\"", chc.nodes[i].url());
+                        sections += &format!(
+                            "shard_urls = [[{}], [{}, {}]]\n",
+                            url(0),
+                            url(1),
+                            url(2)
+                        );
+                    }
                 }
                 None => sections += &format!("[clickhouse]\nurl = \"{}\"\n", ch.url()),
             },
@@ -462,7 +482,11 @@ fn main() {
         "sinks: {}{}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}",
         o.sinks.join(", "),
         if clusters.is_some() {
-            " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas)"
+            if o.through_distributed {
+                " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas, inserts through the Distributed table)"
+            } else {
+                " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas, inserts straight to the shards)"
+            }
         } else {
             ""
         },

@@ -92,18 +92,87 @@ fn local_count(node: &ClickHouse) -> u64 {
 
 #[test]
 fn a_clickhouse_cluster_gets_every_event_once_across_a_replica_and_an_engine_kill() {
+    clickhouse_cluster_scenario(false);
+}
+
+/// The same with `shard_urls`: the engine inserts straight into each shard's local table,
+/// choosing the shard as the Distributed table does, and fails over to shard 2's other
+/// replica when the one it writes to dies.
+#[test]
+fn straight_to_the_shards_every_event_lands_on_its_shard_once() {
+    clickhouse_cluster_scenario(true);
+}
+
+/// 20,000 events into the ClickHouse cluster, through the Distributed table or (`direct`)
+/// straight to the shards; a replica of shard 2 stopped and the engine killed with -9
+/// mid-stream.
+fn clickhouse_cluster_scenario(direct: bool) {
     let mut cluster = ClickHouseCluster::start();
     let pg = Postgres::start();
+    let shard_urls = if direct {
+        // Shard 2's second replica first: it is the one stopped mid-stream.
+        format!(
+            "shard_urls = [[\"{}\"], [\"{}\", \"{}\"]]\n",
+            cluster.nodes[0].url(),
+            cluster.nodes[2].url(),
+            cluster.nodes[1].url()
+        )
+    } else {
+        String::new()
+    };
     let cfg = TestConfig::new(
         &pg.url("engagement"),
         &format!(
-            "[clickhouse]\nurl = \"{}\"\ncluster = \"{}\"\n",
+            "[clickhouse]\nurl = \"{}\"\ncluster = \"{}\"\n{shard_urls}",
             cluster.url(),
             ClickHouseCluster::NAME
         ),
     );
+    if direct {
+        // Shards swapped, or one missing: setup names the mistake.
+        let swapped = format!(
+            "[[\"{}\", \"{}\"], [\"{}\"]]",
+            cluster.nodes[1].url(),
+            cluster.nodes[2].url(),
+            cluster.nodes[0].url()
+        );
+        let run = cli(
+            Some(&cfg.path),
+            &["setup"],
+            &[("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS", swapped.as_str())],
+        );
+        assert!(
+            run.code != 0
+                && run.stderr.contains(&format!(
+                    "ClickHouse at {} is a replica of shard [2] of cluster \"{}\", but [clickhouse] shard_urls lists it under shard 1",
+                    cluster.nodes[1].url(),
+                    ClickHouseCluster::NAME
+                )),
+            "{run:?}"
+        );
+        let one = format!("[[\"{}\"]]", cluster.nodes[0].url());
+        let run = cli(
+            Some(&cfg.path),
+            &["setup"],
+            &[("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS", one.as_str())],
+        );
+        assert!(
+            run.code != 0
+                && run
+                    .stderr
+                    .contains("shard_urls lists 1 shard(s), but cluster \"events_cluster\" has 2"),
+            "{run:?}"
+        );
+    }
     let setup = cli(Some(&cfg.path), &["setup"], &[]);
     assert_eq!(setup.code, 0, "{setup:?}");
+    assert_eq!(
+        setup
+            .stdout
+            .contains("inserts go straight to events_enriched_local on 2 shards"),
+        direct,
+        "{setup:?}"
+    );
     for node in &cluster.nodes {
         assert_eq!(
             node.query(
@@ -184,6 +253,28 @@ fn a_clickhouse_cluster_gets_every_event_once_across_a_replica_and_an_engine_kil
     let line =
         nodes[0].query("SELECT count(), uniqExact(event_id) FROM engagement.events_enriched FINAL");
     assert_eq!(line, format!("{n}\t{n}"));
+    // Each event on the shard the Distributed table's sharding key chooses (both shards
+    // weigh 1): the engine's choice is ClickHouse's.
+    for (node, shard) in [(0, 0), (1, 1), (2, 1)] {
+        assert_eq!(
+            nodes[node].query(&format!(
+                "SELECT count() FROM engagement.events_enriched_local WHERE intHash64(event_id) % 2 != {shard}"
+            )),
+            "0",
+            "node {node} holds events of the other shard"
+        );
+    }
+    if direct {
+        // The engine found shard 2's second replica gone and wrote to its first.
+        let log = engine.stderr();
+        assert!(
+            log.contains(&format!(
+                "shard 2: cannot reach ClickHouse at {}",
+                nodes[2].url()
+            )),
+            "the engine's log names the failing shard and replica:\n{log}"
+        );
+    }
     assert_eq!(engine.terminate(), 0);
 }
 

@@ -319,7 +319,19 @@ pub async fn setup(config: &Config, opts: SetupOptions) -> anyhow::Result<SetupR
     }
 
     if let Some(ch) = config.clickhouse() {
-        let (layout, version) = clickhouse::migrate(&clickhouse::ClickHouse::new(ch)?).await?;
+        let server = clickhouse::ClickHouse::new(ch)?;
+        let (layout, version) = clickhouse::migrate(&server).await?;
+        if !ch.shard_urls.is_empty() {
+            // Every replica must answer now and serve the shard it is listed under.
+            clickhouse::Shards::connect(&server, true).await?;
+            report.say(format!(
+                "clickhouse: inserts go straight to {}_local on {} shards of cluster {} ({} replicas, each serving the shard it is listed under)",
+                ch.table,
+                ch.shard_urls.len(),
+                ch.cluster,
+                ch.shard_urls.iter().map(Vec::len).sum::<usize>()
+            ));
+        }
         report.say(format!(
             "clickhouse: {}.{} ready on ClickHouse {version} ({} layout)",
             ch.database,

@@ -81,6 +81,15 @@ fn typed_value(name: &str, raw: &str, default: &toml::Value) -> Result<toml::Val
         toml::Value::Float(_) => {
             toml::Value::Float(raw.trim().parse::<f64>().map_err(|_| bad("a number"))?)
         }
+        // A list is written as TOML, e.g. `[["http://a:8123"], ["http://b:8123"]]`.
+        toml::Value::Array(_) => {
+            let parsed: toml::Table = toml::from_str(&format!("v = {raw}"))
+                .map_err(|_| bad("a TOML list such as [\"a\", \"b\"]"))?;
+            match parsed.get("v") {
+                Some(v @ toml::Value::Array(_)) => v.clone(),
+                _ => return Err(bad("a TOML list such as [\"a\", \"b\"]")),
+            }
+        }
         _ => toml::Value::String(raw.to_string()),
     })
 }

@@ -336,3 +336,57 @@ mod no_panic {
         }
     }
 }
+
+#[test]
+fn clickhouse_shard_urls_from_the_file_and_the_environment() {
+    let c = parse(
+        "[clickhouse]\ncluster = \"c\"\nshard_urls = [[\"http://a:8123\"], [\"http://b:8123\", \"https://c:8443\"]]\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.clickhouse().unwrap().shard_urls,
+        vec![
+            vec!["http://a:8123".to_string()],
+            vec!["http://b:8123".to_string(), "https://c:8443".to_string()]
+        ]
+    );
+    // A list from the environment is written as TOML.
+    let c = parse(
+        "[clickhouse]\ncluster = \"c\"\n",
+        &[(
+            "ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS",
+            "[[\"http://a:8123\"], [\"http://b:8123\"]]",
+        )],
+    )
+    .unwrap();
+    assert_eq!(c.clickhouse().unwrap().shard_urls.len(), 2);
+    let e = parse(
+        "[clickhouse]\ncluster = \"c\"\n",
+        &[("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS", "http://a:8123")],
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS")
+            && e.to_string().contains("TOML list"),
+        "{e}"
+    );
+    for (text, expected) in [
+        (
+            "shard_urls = [[\"http://a:8123\"]]\n",
+            "clickhouse.cluster is empty",
+        ),
+        (
+            "cluster = \"c\"\nshard_urls = [[\"http://a:8123\"], []]\n",
+            "no URL for shard 2",
+        ),
+        (
+            "cluster = \"c\"\nshard_urls = [[\"a:8123\"]]\n",
+            "clickhouse.shard_urls (shard 1) \"a:8123\" is not an HTTP URL",
+        ),
+    ] {
+        let e = parse(&format!("[clickhouse]\n{text}"), &[]).unwrap_err();
+        assert!(e.to_string().contains(expected), "{text}: {e}");
+    }
+}

@@ -116,6 +116,16 @@ impl SinkError {
         }
     }
 
+    /// The same error, its message preceded by `context` (`"shard 2: …"`).
+    pub fn in_context(mut self, context: &str) -> SinkError {
+        match &mut self {
+            SinkError::Transient { message, .. } | SinkError::Permanent { message, .. } => {
+                *message = format!("{context}: {message}");
+            }
+        }
+        self
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self {
             SinkError::Transient { status, .. } | SinkError::Permanent { status, .. } => *status,

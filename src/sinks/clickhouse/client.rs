@@ -91,6 +91,21 @@ impl ClickHouse {
         })
     }
 
+    /// The same client (its connection pool, user and settings) for another server of the
+    /// cluster: a replica of `[clickhouse] shard_urls`.
+    pub fn at(&self, url: &str) -> ClickHouse {
+        ClickHouse {
+            client: self.client.clone().with_url(url.trim_end_matches('/')),
+            cfg: self.cfg.clone(),
+            url: redact_url(url),
+        }
+    }
+
+    /// The server's URL without its password, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub fn config(&self) -> &ClickHouseConfig {
         &self.cfg
     }
@@ -109,6 +124,34 @@ impl ClickHouse {
 
     pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
         self.bounded(self.client.query(sql).execute()).await
+    }
+
+    /// `(shard_num, shard_weight)` of every shard of `[clickhouse] cluster` in this server's
+    /// `system.clusters`, in shard order.
+    pub async fn shard_weights(&self) -> anyhow::Result<Vec<(u32, u32)>> {
+        let query = self
+            .client
+            .query(
+                "SELECT shard_num, any(shard_weight) FROM system.clusters WHERE cluster = ? \
+                 GROUP BY shard_num ORDER BY shard_num",
+            )
+            .bind(&self.cfg.cluster)
+            .fetch_all();
+        self.bounded(query).await
+    }
+
+    /// The shard numbers of `[clickhouse] cluster` this server is a replica of, by its own
+    /// `system.clusters` (`is_local`; 18.16 marks every replica row of its own shard).
+    pub async fn own_shards(&self) -> anyhow::Result<Vec<u32>> {
+        let query = self
+            .client
+            .query(
+                "SELECT DISTINCT shard_num FROM system.clusters WHERE cluster = ? AND is_local = 1 \
+                 ORDER BY shard_num",
+            )
+            .bind(&self.cfg.cluster)
+            .fetch_all();
+        self.bounded(query).await
     }
 
     /// `(name, type)` of every column of `[clickhouse] database.table`.

@@ -19,6 +19,10 @@ pub struct ClickHouseConfig {
     /// A cluster of `remote_servers`: `setup` makes `table` the Distributed table over
     /// replicated `{table}_local` tables on every node. Empty: one server.
     pub cluster: String,
+    /// With `cluster`: every shard's replicas' HTTP URLs, shards in `remote_servers` order.
+    /// The sink then inserts each event straight into `{table}_local` on its shard, chosen
+    /// as the Distributed table would; empty: inserts go through the Distributed table.
+    pub shard_urls: Vec<Vec<String>>,
     pub user: String,
     pub password: Secret,
     #[serde(with = "empty_is_none")]
@@ -40,6 +44,7 @@ impl Default for ClickHouseConfig {
             database: "engagement".into(),
             table: "events_enriched".into(),
             cluster: String::new(),
+            shard_urls: Vec::new(),
             user: "default".into(),
             password: Secret::default(),
             password_file: None,
@@ -58,6 +63,22 @@ impl ClickHouseConfig {
         if !self.cluster.is_empty() {
             check_identifier("clickhouse.cluster", &self.cluster)?;
         }
+        if !self.shard_urls.is_empty() && self.cluster.is_empty() {
+            return Err(UsageError::new(
+                "clickhouse.shard_urls is set but clickhouse.cluster is empty; name the cluster the shards belong to, or remove shard_urls",
+            ));
+        }
+        for (i, replicas) in self.shard_urls.iter().enumerate() {
+            if replicas.is_empty() {
+                return Err(UsageError::new(format!(
+                    "clickhouse.shard_urls lists no URL for shard {}; give each shard the HTTP URL of at least one replica",
+                    i + 1
+                )));
+            }
+            for url in replicas {
+                check_http_url(&format!("clickhouse.shard_urls (shard {})", i + 1), url)?;
+            }
+        }
         self.password()?;
         self.tls()?;
         Ok(())
@@ -73,11 +94,16 @@ impl ClickHouseConfig {
         )
     }
 
-    /// The rustls settings for an `https://` URL; `None` for `http://`.
+    /// The rustls settings when `url` or any of `shard_urls` is `https://`; `None` when
+    /// every one is `http://`.
     pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, UsageError> {
+        let url = std::iter::once(&self.url)
+            .chain(self.shard_urls.iter().flatten())
+            .find(|u| u.starts_with("https://"))
+            .unwrap_or(&self.url);
         crate::tls::for_scheme(
             "clickhouse",
-            &self.url,
+            url,
             "https://",
             &self.ca_file,
             &self.cert_file,

@@ -5,13 +5,15 @@
 mod client;
 mod config;
 mod schema;
+mod shards;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use client::ClickHouse;
 pub use config::ClickHouseConfig;
 pub use schema::{migrate, Layout};
+pub use shards::{int_hash64, Shards};
 
 use super::retry::RetryPolicy;
 use super::{BoxFuture, Delivery, Sink, SinkError};
@@ -30,6 +32,10 @@ pub struct ClickHouseSink {
     ch: ClickHouse,
     client: clickhouse::Client,
     layout: Layout,
+    /// `[clickhouse] shard_urls`: inserts go straight to each shard's `{table}_local`.
+    shards: Option<Shards>,
+    /// `{table}_local`, the table of each shard.
+    local_table: String,
     metrics: Arc<Metrics>,
     retry: RetryPolicy,
 }
@@ -41,44 +47,77 @@ impl ClickHouseSink {
         let version = ch.server_version().await?;
         let layout = Layout::for_version(&version)?;
         schema::check_table(&ch, layout).await?;
+        let shards = if cfg.shard_urls.is_empty() {
+            None
+        } else {
+            Some(Shards::connect(&ch, false).await?)
+        };
         Ok(ClickHouseSink {
             client: ch.in_database(),
+            local_table: format!("{}_local", cfg.table),
             ch,
             layout,
+            shards,
             metrics,
             retry: RetryPolicy::until_success(),
         })
     }
 
-    async fn insert_once(&self, events: &[&EnrichedEvent]) -> Result<(), SinkError> {
-        let table = &self.ch.config().table;
-        let result = match self.layout {
-            Layout::Modern => {
-                insert_rows::<ModernRow<'static>>(&self.client, table, events, |e| {
-                    ModernRow::from_event(e)
-                })
+    /// One attempt of a write: one INSERT through `url`, or, straight to the shards, one
+    /// INSERT into each shard still `pending` (those at once); the shards that took their
+    /// rows are not written again when another is retried.
+    async fn insert_once<'e>(
+        &self,
+        events: &[&'e EnrichedEvent],
+        pending: &Mutex<Vec<(usize, Vec<&'e EnrichedEvent>)>>,
+    ) -> Result<(), SinkError> {
+        let Some(shards) = &self.shards else {
+            let table = &self.ch.config().table;
+            return write_rows(&self.client, table, self.layout, events)
                 .await
-            }
-            Layout::Legacy => {
-                insert_rows::<LegacyRow<'static>>(&self.client, table, events, |e| {
-                    LegacyRow::from_event(e)
-                })
-                .await
-            }
+                .map_err(|e| self.ch.classify(&e));
         };
-        result.map_err(|e| self.ch.classify(&e))
+        let todo = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let results =
+            futures_util::future::join_all(todo.into_iter().map(|(i, rows)| async move {
+                let result = shards
+                    .shard(i)
+                    .insert(&self.local_table, self.layout, &rows)
+                    .await;
+                (i, rows, result)
+            }))
+            .await;
+        let mut failed = Vec::new();
+        let mut error: Option<SinkError> = None;
+        for (i, rows, result) in results {
+            if let Err(e) = result {
+                // A permanent error wins: no retry can fix it.
+                if !matches!(error, Some(SinkError::Permanent { .. })) {
+                    error = Some(e);
+                }
+                failed.push((i, rows));
+            }
+        }
+        *pending.lock().unwrap_or_else(|p| p.into_inner()) = failed;
+        error.map_or(Ok(()), Err)
     }
 
-    /// Insert `events` as one INSERT, retrying transient failures until it succeeds.
+    /// Insert `events` as one INSERT (one per shard with `shard_urls`), retrying transient
+    /// failures until it succeeds.
     pub async fn insert(&self, events: &[&EnrichedEvent]) -> Result<(), SinkError> {
         if events.is_empty() {
             return Ok(());
         }
+        let pending = Mutex::new(match &self.shards {
+            Some(shards) => shards.split(events),
+            None => Vec::new(),
+        });
+        let pending = &pending;
         let what = || format!("insert of {} rows", events.len());
         let outcome = self
             .retry
             .run("clickhouse", &what, Some(&self.metrics), || {
-                self.insert_once(events)
+                self.insert_once(events, pending)
             })
             .await;
         match outcome {
@@ -94,6 +133,25 @@ impl ClickHouseSink {
                     exhausted.error
                 )))
             }
+        }
+    }
+}
+
+/// One INSERT of `events` into `table` as the rows of `layout`.
+pub(super) async fn write_rows(
+    client: &clickhouse::Client,
+    table: &str,
+    layout: Layout,
+    events: &[&EnrichedEvent],
+) -> Result<(), clickhouse::error::Error> {
+    match layout {
+        Layout::Modern => {
+            insert_rows::<ModernRow<'static>>(client, table, events, |e| ModernRow::from_event(e))
+                .await
+        }
+        Layout::Legacy => {
+            insert_rows::<LegacyRow<'static>>(client, table, events, |e| LegacyRow::from_event(e))
+                .await
         }
     }
 }
