@@ -1390,7 +1390,15 @@ fn top_10m_stays_exact_when_calls_touch_many_contents() {
     wait_for("the first event in Redis", T, || {
         (env.redis.cli(&["EXISTS", "top:content:10m"]) == "1").then_some(())
     });
-    env.redis.cli(&["CONFIG", "RESETSTAT"]);
+    // Every change to the counts and to top:content:10m, in order: a call increments its
+    // contents' counts, then changes top:content:10m (a union, or an increment per
+    // content), then sets its expiry — which ends the call's messages.
+    env.redis
+        .cli(&["CONFIG", "SET", "notify-keyspace-events", "Kg$z"]);
+    let sub = env.redis.psubscribe(&[
+        "__keyspace@0__:content:count:*",
+        "__keyspace@0__:top:content:10m",
+    ]);
     for _ in 0..3 {
         env.sql(
             "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
@@ -1422,9 +1430,30 @@ fn top_10m_stays_exact_when_calls_touch_many_contents() {
         (env.top10m_sum() == n).then_some(())
     });
     assert_eq!(top(), pg);
-    // Rebuilt by the calls (the key existed, so only the many contents made them rebuild).
-    let stats = env.redis.cli(&["INFO", "commandstats"]);
-    assert!(stats.contains("cmdstat_zunionstore:calls="), "{stats}");
+    // A call that counted all 300 contents rebuilt the key with one union instead of 300
+    // increments (the window then holds at most 600 members: ≤ 4 × the call's adds).
+    let mut calls: Vec<(usize, Vec<String>)> = Vec::new();
+    let (mut counted, mut top_ops) = (0, Vec::new());
+    for (channel, message) in sub.messages() {
+        if channel.ends_with(":top:content:10m") {
+            if message == "expire" {
+                calls.push((counted, std::mem::take(&mut top_ops)));
+                counted = 0;
+            } else {
+                top_ops.push(message);
+            }
+        } else if message == "incrby" {
+            counted += 1;
+        }
+    }
+    let wide: Vec<&(usize, Vec<String>)> = calls.iter().filter(|(c, _)| *c == 300).collect();
+    assert!(
+        !wide.is_empty(),
+        "no call counted all 300 contents: {calls:?}"
+    );
+    for (_, ops) in wide {
+        assert_eq!(ops, &["zunionstore"], "{calls:?}");
+    }
 }
 
 /// A transaction large enough that the journal starts a new segment inside it, journaled

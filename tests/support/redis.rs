@@ -132,9 +132,82 @@ impl Redis {
             .expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
     }
+
+    /// A `redis-cli PSUBSCRIBE` of `patterns`, its messages collected as they come;
+    /// returns once Redis has confirmed every pattern.
+    pub fn psubscribe(&self, patterns: &[&str]) -> Subscription {
+        let mut child = Command::new("redis-cli")
+            .args(&self.conn)
+            .arg("--csv")
+            .arg("PSUBSCRIBE")
+            .args(patterns)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run redis-cli PSUBSCRIBE");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let sub = Subscription { child, lines };
+        wait_for(
+            "Redis to confirm the subscription",
+            Duration::from_secs(10),
+            || {
+                let confirmed = sub
+                    .lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|l| l.starts_with("\"psubscribe\""))
+                    .count();
+                (confirmed == patterns.len()).then_some(())
+            },
+        );
+        sub
+    }
 }
 
 child_backed!(Redis);
+
+/// A running `redis-cli PSUBSCRIBE` (killed when dropped).
+pub struct Subscription {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Subscription {
+    /// `(channel, message)` of every message received so far, in order.
+    pub fn messages(&self) -> Vec<(String, String)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                let fields: Vec<&str> = l.split(',').map(|f| f.trim_matches('"')).collect();
+                match fields.as_slice() {
+                    ["pmessage", _, channel, message] => {
+                        Some((channel.to_string(), message.to_string()))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// A Redis Cluster of three masters with one replica each, on loopback ports, made with
 /// `redis-cli --cluster create`. A node that times out for 1 s is failed over.
