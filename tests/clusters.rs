@@ -361,6 +361,21 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
             "content {c}"
         );
     }
+    // content:last: each content's latest event by (event_ts, event_id), written by the
+    // call of its slot (which gets only that event when the count is in another slot).
+    let latest = pg.psql(
+        "engagement",
+        "SELECT DISTINCT ON (content_id) content_id, id FROM engagement_events
+          ORDER BY content_id, event_ts DESC, id DESC",
+    );
+    for line in latest.lines() {
+        let (c, id) = line.split_once('|').unwrap();
+        let last = cluster.cli(&["GET", &format!("content:last:{c}")]);
+        assert!(
+            last.starts_with(&format!("{{\"event_id\":{id},")),
+            "content:last:{c} is {last}, Postgres's latest event is {id}"
+        );
+    }
     // The top 10 of the last 10 minutes: what Postgres says for that window.
     wait_for("top:content:10m to match Postgres", T, || {
         let want = pg.psql(

@@ -764,12 +764,24 @@ impl RedisSink {
             };
             targets.push([count, last, bucket]);
         }
-        for (e, [count, last, bucket]) in events.iter().zip(targets) {
+        // A content's `content:last` keeps its latest event by (event_ts, event_id), and
+        // setting it again changes nothing: where its slot is not its count's, that slot's
+        // call needs the content's latest event only (not every event, logged again).
+        let mut latest: FxHashMap<i64, usize> = FxHashMap::default();
+        for (i, e) in events.iter().enumerate() {
+            let at = latest.entry(e.content_id).or_insert(i);
+            let cur = events[*at];
+            if (e.event_ts_us, e.event_id) > (cur.event_ts_us, cur.event_id) {
+                *at = i;
+            }
+        }
+        for (i, (e, [count, last, bucket])) in events.iter().zip(targets).enumerate() {
             groups[count].1.push(*e);
-            if last != count {
+            let to_last = last != count && latest[&e.content_id] == i;
+            if to_last {
                 groups[last].1.push(*e);
             }
-            if bucket != usize::MAX && bucket != count && bucket != last {
+            if bucket != usize::MAX && bucket != count && !(bucket == last && to_last) {
                 groups[bucket].1.push(*e);
             }
         }
