@@ -428,6 +428,11 @@ fn main() {
         pids
     };
     let steady_before: Vec<f64> = steady_pids.iter().map(|(_, p)| cpu(p)).collect();
+    if clusters.is_none() {
+        redis.cli(&["CONFIG", "RESETSTAT"]);
+    }
+    let api_requests = || api.stats()["requests"].as_u64().unwrap_or(0);
+    let api_requests_before = api_requests();
     // BENCH_PERF_STEADY=FILE: a CPU profile of the engine during the steady load.
     let steady_perf = std::env::var("BENCH_PERF_STEADY")
         .ok()
@@ -465,6 +470,11 @@ fn main() {
     }
     let steady_rss_mb = rss_kb(engine.pid(), "VmRSS:") as f64 / 1024.0;
     let steady_events = (total - n) as f64;
+    let steady_api_requests = api_requests() - api_requests_before;
+    let steady_redis = match &clusters {
+        None => redis_command_stats(&redis.cli(&["INFO", "commandstats"]), total - n),
+        Some(_) => String::new(),
+    };
     let steady_cpu: Vec<String> = steady_pids
         .iter()
         .zip(&steady_before)
@@ -558,6 +568,17 @@ fn main() {
         o.rate,
         steady_cpu.join(", ")
     );
+    if !steady_redis.is_empty() {
+        println!(
+            "| Redis commands at steady state (INFO commandstats; µs per event) | {steady_redis} |"
+        );
+    }
+    if o.sinks.iter().any(|s| s == "http") {
+        println!(
+            "| API requests at steady state | {steady_api_requests} ({:.1} events per request) |",
+            steady_events / steady_api_requests.max(1) as f64
+        );
+    }
     println!("| load achieved | {} |", load.stdout.trim());
     if std::env::var("BENCH_ENGINE_LOG").is_ok() {
         eprintln!("{}", engine.stderr());
