@@ -292,6 +292,24 @@ fn main() {
             ],
         };
         let servers_before: Vec<f64> = servers.iter().map(|(_, p)| cpu(p)).collect();
+        // On clusters, each node apart too, and ZooKeeper: where the clusters' CPU goes.
+        let nodes: Vec<(String, i32)> = match &clusters {
+            Some((chc, rc)) => chc
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("clickhouse node {i}"), n.pid()))
+                .chain(
+                    rc.nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (format!("redis node {i}"), n.pid())),
+                )
+                .chain([("zookeeper".to_string(), chc.zookeeper.pid())])
+                .collect(),
+            None => Vec::new(),
+        };
+        let nodes_before: Vec<f64> = nodes.iter().map(|(_, p)| cpu_seconds(*p)).collect();
         // Redis's own account of the catch-up's commands (those the script calls included).
         if clusters.is_none() {
             redis.cli(&["CONFIG", "RESETSTAT"]);
@@ -339,6 +357,13 @@ fn main() {
             .zip(&servers_before)
             .map(|((name, pids), before)| (*name, cpu(pids) - before))
             .collect();
+        let node_cpu: Vec<String> = nodes
+            .iter()
+            .zip(&nodes_before)
+            .map(|((name, pid), before)| {
+                format!("{name} {:.2}", (cpu_seconds(*pid) - before) * 1e6 / n as f64)
+            })
+            .collect();
         (
             engine,
             engine_secs,
@@ -347,11 +372,21 @@ fn main() {
             pg_cpu,
             server_cpu,
             redis_commands,
+            node_cpu,
         )
     };
     let (
         (raw_secs, raw_rate),
-        (engine, engine_secs, peak_catch_up_mb, engine_cpu, pg_cpu, server_cpu, redis_commands),
+        (
+            engine,
+            engine_secs,
+            peak_catch_up_mb,
+            engine_cpu,
+            pg_cpu,
+            server_cpu,
+            redis_commands,
+            node_cpu,
+        ),
     ) = if o.engine_first {
         let e = catch_up();
         (raw(), e)
@@ -546,6 +581,12 @@ fn main() {
         per_event_line += &format!(", {name} {:.2}", per_event(*c));
     }
     println!("| CPU µs per event during catch-up | {per_event_line} |");
+    if !node_cpu.is_empty() {
+        println!(
+            "| CPU µs per event during catch-up, each node (Redis nodes 0-2 started as masters) | {} |",
+            node_cpu.join(", ")
+        );
+    }
     if !redis_commands.is_empty() {
         println!("| Redis commands during catch-up (INFO commandstats; µs per event) | {redis_commands} |");
     }
