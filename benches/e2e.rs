@@ -361,7 +361,10 @@ fn main() {
             .iter()
             .zip(&nodes_before)
             .map(|((name, pid), before)| {
-                format!("{name} {:.2}", (cpu_seconds(*pid) - before) * 1e6 / n as f64)
+                format!(
+                    "{name} {:.2}",
+                    (cpu_seconds(*pid) - before) * 1e6 / n as f64
+                )
             })
             .collect();
         (

@@ -1226,15 +1226,10 @@ impl Sink for RedisSink {
     }
 
     /// While catching up, four batches a call: the script's work is per content, so larger
-    /// calls cost Redis less per event.
-    /// On a Redis Cluster eight: a call's fixed work is per hash slot, and with many content
-    /// ids nearly every batch meets thousands of slots.
+    /// calls cost Redis less per event. Half the in-flight budget, on a Redis Cluster too: a
+    /// write that held all of it would stop the source while its calls run.
     fn write_limit(&self, max_batch_rows: usize) -> usize {
-        if self.cluster {
-            8 * max_batch_rows
-        } else {
-            4 * max_batch_rows
-        }
+        4 * max_batch_rows
     }
 
     /// The script's work is mostly per content (a count, a bucket score, content:last):
