@@ -116,6 +116,22 @@ fn options() -> Options {
     o
 }
 
+/// What the engine's catch-up measured.
+struct CatchUp<'a> {
+    engine: Engine,
+    engine_secs: f64,
+    peak_catch_up_mb: f64,
+    /// CPU seconds of the engine and of the walsender.
+    engine_cpu: f64,
+    pg_cpu: f64,
+    /// CPU seconds of each kind of server (all nodes of a cluster together).
+    server_cpu: Vec<(&'a str, f64)>,
+    /// Redis's `INFO commandstats`, summed up (one server only).
+    redis_commands: String,
+    /// On clusters, each node's CPU µs per event.
+    node_cpu: Vec<String>,
+}
+
 fn rss_kb(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -367,7 +383,7 @@ fn main() {
                 )
             })
             .collect();
-        (
+        CatchUp {
             engine,
             engine_secs,
             peak_catch_up_mb,
@@ -376,28 +392,16 @@ fn main() {
             server_cpu,
             redis_commands,
             node_cpu,
-        )
+        }
     };
-    let (
-        (raw_secs, raw_rate),
-        (
-            engine,
-            engine_secs,
-            peak_catch_up_mb,
-            engine_cpu,
-            pg_cpu,
-            server_cpu,
-            redis_commands,
-            node_cpu,
-        ),
-    ) = if o.engine_first {
+    let ((raw_secs, raw_rate), cu) = if o.engine_first {
         let e = catch_up();
         (raw(), e)
     } else {
         let r = raw();
         (r, catch_up())
     };
-    let engine_rate = n as f64 / engine_secs;
+    let engine_rate = n as f64 / cu.engine_secs;
     // Steady state: ClickHouse done merging the backlog's parts, Postgres done vacuuming and
     // analyzing the backlog.
     sql("VACUUM ANALYZE engagement_events");
@@ -415,7 +419,7 @@ fn main() {
             .then_some(())
     });
     // A fresh process for the steady state, so its latencies are not the backlog's.
-    let mut engine = engine;
+    let mut engine = cu.engine;
     assert_eq!(engine.terminate(), 0);
     let log = std::env::var("BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into());
     let engine = Engine::spawn_with(
@@ -559,39 +563,46 @@ fn main() {
     println!("|---|---|");
     println!("| pg_recvlogical alone | {raw_rate:.0} events/s ({raw_secs:.2} s) |");
     println!(
-        "| engine catch-up, all listed sinks | {engine_rate:.0} events/s ({engine_secs:.2} s) |"
+        "| engine catch-up, all listed sinks | {engine_rate:.0} events/s ({:.2} s) |",
+        cu.engine_secs
     );
     println!(
         "| engine / pg_recvlogical | {:.0} % |",
         100.0 * engine_rate / raw_rate
     );
-    println!("| peak RSS during catch-up | {peak_catch_up_mb:.1} MB |");
-    let mut cpu_line = format!("engine {engine_cpu:.2}, walsender {pg_cpu:.2}");
-    for (name, c) in &server_cpu {
+    println!(
+        "| peak RSS during catch-up | {:.1} MB |",
+        cu.peak_catch_up_mb
+    );
+    let mut cpu_line = format!("engine {:.2}, walsender {:.2}", cu.engine_cpu, cu.pg_cpu);
+    for (name, c) in &cu.server_cpu {
         cpu_line += &format!(", {name} {c:.2}");
     }
     println!(
         "| CPU seconds during catch-up | {cpu_line} (of {:.2} s × 2 cores) |",
-        engine_secs
+        cu.engine_secs
     );
     let per_event = |c: f64| c * 1e6 / n as f64;
     let mut per_event_line = format!(
         "engine {:.2}, walsender {:.2}",
-        per_event(engine_cpu),
-        per_event(pg_cpu)
+        per_event(cu.engine_cpu),
+        per_event(cu.pg_cpu)
     );
-    for (name, c) in &server_cpu {
+    for (name, c) in &cu.server_cpu {
         per_event_line += &format!(", {name} {:.2}", per_event(*c));
     }
     println!("| CPU µs per event during catch-up | {per_event_line} |");
-    if !node_cpu.is_empty() {
+    if !cu.node_cpu.is_empty() {
         println!(
             "| CPU µs per event during catch-up, each node (Redis nodes 0-2 started as masters) | {} |",
-            node_cpu.join(", ")
+            cu.node_cpu.join(", ")
         );
     }
-    if !redis_commands.is_empty() {
-        println!("| Redis commands during catch-up (INFO commandstats; µs per event) | {redis_commands} |");
+    if !cu.redis_commands.is_empty() {
+        println!(
+            "| Redis commands during catch-up (INFO commandstats; µs per event) | {} |",
+            cu.redis_commands
+        );
     }
     println!(
         "| RSS at steady state ({} events/s for {} s) | {steady_rss_mb:.1} MB |",
