@@ -533,14 +533,12 @@ fn main() {
     println!(
         "sinks: {}{}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}",
         o.sinks.join(", "),
-        if clusters.is_some() {
-            if o.through_distributed {
-                " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas, inserts through the Distributed table)"
-            } else {
-                " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas, inserts straight to the shards)"
-            }
-        } else {
-            ""
+        match (clusters.is_some(), o.through_distributed) {
+            (false, _) => String::new(),
+            (true, through) => format!(
+                " (a 3-master Redis Cluster with a replica each; a ClickHouse cluster of 2 shards, one with 2 replicas, inserts {})",
+                if through { "through the Distributed table" } else { "straight to the shards" }
+            ),
         },
         o.contents,
         if o.tls {

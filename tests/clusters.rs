@@ -136,11 +136,14 @@ fn clickhouse_cluster_scenario(direct: bool) {
             cluster.nodes[2].url(),
             cluster.nodes[0].url()
         );
-        let run = cli(
-            Some(&cfg.path),
-            &["setup"],
-            &[("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS", swapped.as_str())],
-        );
+        let setup_with = |urls: &str| {
+            cli(
+                Some(&cfg.path),
+                &["setup"],
+                &[("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS", urls)],
+            )
+        };
+        let run = setup_with(&swapped);
         assert!(
             run.code != 0
                 && run.stderr.contains(&format!(
@@ -150,12 +153,7 @@ fn clickhouse_cluster_scenario(direct: bool) {
                 )),
             "{run:?}"
         );
-        let one = format!("[[\"{}\"]]", cluster.nodes[0].url());
-        let run = cli(
-            Some(&cfg.path),
-            &["setup"],
-            &[("ENGAGEMENT_CDC__CLICKHOUSE__SHARD_URLS", one.as_str())],
-        );
+        let run = setup_with(&format!("[[\"{}\"]]", cluster.nodes[0].url()));
         assert!(
             run.code != 0
                 && run

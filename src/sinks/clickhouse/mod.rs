@@ -13,7 +13,7 @@ use std::time::Duration;
 pub use client::ClickHouse;
 pub use config::ClickHouseConfig;
 pub use schema::{migrate, Layout};
-pub use shards::{int_hash64, Shards};
+pub use shards::Shards;
 
 use super::retry::RetryPolicy;
 use super::{BoxFuture, Delivery, Sink, SinkError};

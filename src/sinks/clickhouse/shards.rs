@@ -16,7 +16,7 @@ use crate::sinks::SinkError;
 /// ClickHouse's `intHash64` function: the 64-bit finalizer of MurmurHash3 over the value
 /// XORed with a constant. The Distributed table's sharding key is `intHash64(event_id)`,
 /// the id's bits taken as unsigned.
-pub fn int_hash64(x: u64) -> u64 {
+fn int_hash64(x: u64) -> u64 {
     let mut x = x ^ 0x4cf2_d2ba_ae6d_a887;
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
