@@ -121,6 +121,10 @@ struct CatchUp<'a> {
     engine: Engine,
     engine_secs: f64,
     peak_catch_up_mb: f64,
+    /// The engine's minor page faults (it starts for the catch-up).
+    engine_faults: u64,
+    /// Batches the engine made of the backlog.
+    batches: u64,
     /// CPU seconds of the engine and of the walsender.
     engine_cpu: f64,
     pg_cpu: f64,
@@ -362,6 +366,8 @@ fn main() {
         };
         let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
         let engine_cpu = cpu_seconds(engine.pid());
+        let engine_faults = minor_faults(engine.pid());
+        let batches = cfg.counter("batches").unwrap_or(0);
         // The walsender was started for this session: all its CPU time is the catch-up's.
         let walsender: i32 =
             sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
@@ -388,6 +394,8 @@ fn main() {
             engine_secs,
             peak_catch_up_mb,
             engine_cpu,
+            engine_faults,
+            batches,
             pg_cpu,
             server_cpu,
             redis_commands,
@@ -572,6 +580,16 @@ fn main() {
         "| peak RSS during catch-up | {:.1} MB |",
         cu.peak_catch_up_mb
     );
+    println!(
+        "| batches during catch-up | {} ({:.0} events a batch) |",
+        cu.batches,
+        n as f64 / cu.batches.max(1) as f64
+    );
+    println!(
+        "| engine's minor page faults during catch-up | {} ({:.3} per event) |",
+        cu.engine_faults,
+        cu.engine_faults as f64 / n as f64
+    );
     let mut cpu_line = format!("engine {:.2}, walsender {:.2}", cu.engine_cpu, cu.pg_cpu);
     for (name, c) in &cu.server_cpu {
         cpu_line += &format!(", {name} {c:.2}");
@@ -666,7 +684,11 @@ fn redis_command_stats(info: &str, n: u64) -> String {
 /// `perf record` of one process (`pid`, with DWARF call graphs) or of the whole machine.
 fn perf_record(file: &str, pid: Option<i32>) -> std::process::Child {
     let mut cmd = Command::new("perf");
-    cmd.args(["record", "-F", "2000", "-g", "-o", file]);
+    // BENCH_PERF_EVENT: what to sample instead of CPU time (e.g. `page-faults`).
+    match std::env::var("BENCH_PERF_EVENT") {
+        Ok(event) => cmd.args(["record", "-e", &event, "-g", "-o", file]),
+        Err(_) => cmd.args(["record", "-F", "2000", "-g", "-o", file]),
+    };
     match pid {
         Some(pid) => {
             cmd.args(["--call-graph", "dwarf,16384", "-p"])

@@ -85,7 +85,8 @@ pub fn write_decimal(out: &mut Vec<u8>, value: i64, scale: u32) {
         frac /= 10;
         digits -= 1;
     }
-    let s = frac.to_string();
+    let mut buf = itoa::Buffer::new();
+    let s = buf.format(frac);
     for _ in s.len() as u32..digits {
         out.push(b'0');
     }
@@ -93,6 +94,15 @@ pub fn write_decimal(out: &mut Vec<u8>, value: i64, scale: u32) {
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // What JSON escapes: `"`, `\` and control characters. Texts without them (nearly all)
+    // are copied as they are.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // serde_json's escaping is the reference; writing to a Vec cannot fail.
     serde_json::to_writer(&mut *out, s).expect("writing JSON to memory cannot fail");
 }
@@ -220,6 +230,15 @@ mod tests {
             let back = parse_events(&two).unwrap();
             prop_assert_eq!(back.len(), 2);
             prop_assert_eq!(back[1].to_json(), one);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn strings_are_written_as_serde_json_writes_them(s in "(.|[\\x00-\\x1f\"\\\\\u{7f}])*") {
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
         }
     }
 

@@ -261,19 +261,33 @@ const HISTOGRAM_MS: usize = 10_000;
 /// The upper bound (ms) of the 1 ms bucket holding quantile `q` of `counts`, or `None`
 /// when they are all zero. Also used on the difference of two readings (a time window).
 pub fn quantile_of(counts: &[u64], q: f64) -> Option<u64> {
+    let [found] = quantiles_of(counts, [q]);
+    found
+}
+
+/// [`quantile_of`] for several quantiles, in increasing order, in one pass.
+pub fn quantiles_of<const N: usize>(counts: &[u64], qs: [f64; N]) -> [Option<u64>; N] {
     let total: u64 = counts.iter().sum();
+    let mut found = [None; N];
     if total == 0 {
-        return None;
+        return found;
     }
-    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
+    let ranks = qs.map(|q| ((total as f64) * q).ceil().max(1.0) as u64);
+    let (mut seen, mut next) = (0, 0);
     for (ms, n) in counts.iter().enumerate() {
         seen += n;
-        if seen >= rank {
-            return Some(ms as u64 + 1);
+        while next < N && seen >= ranks[next] {
+            found[next] = Some(ms as u64 + 1);
+            next += 1;
+        }
+        if next == N {
+            return found;
         }
     }
-    Some(counts.len() as u64)
+    for f in &mut found[next..] {
+        *f = Some(counts.len() as u64);
+    }
+    found
 }
 
 /// The bucket bounds on `/metrics`, in milliseconds.
@@ -321,10 +335,12 @@ impl Histogram {
 
     pub fn summary(&self) -> serde_json::Value {
         let count = self.count();
+        // One read of the buckets for both quantiles (`status` is polled).
+        let [p50, p99] = quantiles_of(&self.counts(), [0.50, 0.99]);
         serde_json::json!({
             "count": count,
-            "p50_ms": self.quantile_ms(0.50),
-            "p99_ms": self.quantile_ms(0.99),
+            "p50_ms": p50,
+            "p99_ms": p99,
             "max_ms": (count > 0).then(|| self.max_us.load(Ordering::Relaxed) as f64 / 1000.0),
             "mean_ms": (count > 0).then(|| self.sum_us.load(Ordering::Relaxed) as f64 / count as f64 / 1000.0),
         })

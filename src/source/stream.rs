@@ -13,7 +13,7 @@ use futures_util::FutureExt;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
-use crate::enrich::{enrich, DimChange, Dimension};
+use crate::enrich::{enrich, DimChange, Dimension, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::{Batch, Pipeline};
 use crate::source::pgoutput::Message;
@@ -112,23 +112,52 @@ struct Builder {
     batch: Batch,
     bytes: usize,
     started: Option<Instant>,
+    max_rows: usize,
 }
 
 impl Builder {
-    fn new() -> Self {
+    fn new(max_rows: usize) -> Self {
         Builder {
             batch: Batch::default(),
             bytes: 0,
             started: None,
+            max_rows,
         }
     }
+
+    fn push(&mut self, event: EnrichedEvent) {
+        let events = &mut self.batch.events;
+        if events.len() == events.capacity() && events.len() >= BUSY_EVENTS {
+            // A busy stream: a finished batch's vector, if one is spare, else room for
+            // twice as many up to a full batch (not past it, as doubling would).
+            match crate::pipeline::take_spare(events.len()) {
+                Some(mut spare) => {
+                    spare.append(events);
+                    *events = spare;
+                }
+                None => {
+                    let len = events.len();
+                    events.reserve_exact((len * 2).min(self.max_rows).max(len + 1) - len);
+                }
+            }
+        }
+        events.push(event);
+    }
+
     fn take(&mut self) -> Batch {
         self.bytes = 0;
         self.started = None;
         let mut batch = std::mem::take(&mut self.batch);
-        // A batch is held until every sink has it: not with the up to twice its size the
-        // vector grew to (a large block shrinks in place, without a copy).
-        batch.events.shrink_to_fit();
+        let (len, capacity) = (batch.events.len(), batch.events.capacity());
+        if len < BUSY_EVENTS {
+            // A quiet stream's batch: the spares go back to the allocator.
+            crate::pipeline::shed_spares();
+        }
+        // A batch is held until every sink has it: not with much more room than it uses
+        // (a large block shrinks in place, without a copy).
+        if len < capacity / 4 * 3 {
+            batch.events.shrink_to_fit();
+        }
         batch
     }
 }
@@ -149,7 +178,7 @@ impl Source {
         // A transaction read more than 50 ms after its commit, logged at its first message.
         let mut late = None;
         let mut tx: Option<Tx> = None;
-        let mut b = Builder::new();
+        let mut b = Builder::new(self.max_batch_rows);
         loop {
             if progress.has_changed().unwrap_or(false) {
                 let lsn = progress.borrow_and_update().checkpoint;
@@ -299,6 +328,7 @@ impl Source {
                     // Nothing in flight: confirm the server's position, so an idle database
                     // (or one with writes to other tables only) does not retain WAL.
                     if tx.is_none() && b.batch.is_empty() {
+                        crate::pipeline::shed_spares();
                         if let Err(e) = confirm_when_idle(pipeline, wal_end.into()) {
                             return SessionEnd::Fatal(e);
                         }
@@ -375,7 +405,7 @@ impl Source {
                         b.bytes += 128
                             + event.event_type.len()
                             + event.device.as_ref().map_or(0, |d| d.len());
-                        b.batch.events.push(event);
+                        b.push(event);
                         b.started.get_or_insert_with(Instant::now);
                     }
                     Err(why) => {
@@ -554,4 +584,62 @@ fn confirm_when_idle(pipeline: &mut Pipeline, lsn: Lsn) -> anyhow::Result<()> {
         pipeline.mark(lsn)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Lsn;
+
+    fn event(id: i64) -> EnrichedEvent {
+        EnrichedEvent {
+            event_id: id,
+            content_id: 1,
+            user_id: 1,
+            event_type: "play".into(),
+            event_ts_us: 0,
+            duration_ms: None,
+            device: None,
+            content_type: None,
+            length_seconds: None,
+            engagement_ms: None,
+            engagement_pct_hundredths: None,
+            source_lsn: Lsn(1),
+            commit_us: 0,
+            tx_index: 0,
+        }
+    }
+
+    #[test]
+    fn busy_batches_reuse_the_vectors_of_finished_ones_and_hold_no_more_room_than_they_need() {
+        let max = 3000;
+        let mut b = Builder::new(max);
+        // Spares another batch left (no other test makes batches this large).
+        while crate::pipeline::take_spare(0).is_some() {}
+        for i in 0..max as i64 {
+            b.push(event(i));
+        }
+        let full = b.take();
+        // Grown to a full batch exactly, not doubled past it.
+        assert_eq!((full.events.len(), full.events.capacity()), (max, max));
+        let at = full.events.as_ptr();
+        drop(full);
+        // The next busy batch takes that vector as soon as it outgrows its own.
+        for i in 0..BUSY_EVENTS as i64 + 1 {
+            b.push(event(i));
+        }
+        assert_eq!(b.batch.events.as_ptr(), at);
+        assert_eq!(b.batch.events.len(), BUSY_EVENTS + 1);
+        // A batch that closes using less than three quarters of its room gives the rest back.
+        for i in 0..1500 {
+            b.push(event(i));
+        }
+        let part = b.take();
+        assert_eq!(part.events.capacity(), part.events.len());
+        drop(part);
+        // A quiet stream's batch gives the spares back to the allocator.
+        b.push(event(1));
+        drop(b.take());
+        assert!(crate::pipeline::take_spare(0).is_none());
+    }
 }

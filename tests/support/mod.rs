@@ -235,6 +235,17 @@ pub fn cpu_seconds(pid: i32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
+/// Minor page faults of a process so far (`/proc/<pid>/stat`): pages it touched for the
+/// first time, a cost of fresh memory.
+pub fn minor_faults(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the name: minflt is field 10 (1-based over the whole line).
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// HTTP to a loopback server: the status server, the mock API, ClickHouse. `None` when
 /// nothing answers; any status is an answer.
 pub fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {

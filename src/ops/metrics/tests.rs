@@ -14,6 +14,16 @@ fn histogram_quantiles_to_the_millisecond() {
     h.record_us(60_000_000, 1);
     assert_eq!(h.quantile_ms(1.0), Some(10_001));
     assert_eq!(h.count(), 101);
+    // Several quantiles in one pass are each the one computed alone.
+    let counts = h.counts();
+    let qs = [0.0, 0.01, 0.5, 0.99, 0.995, 1.0];
+    assert_eq!(
+        quantiles_of(&counts, qs),
+        qs.map(|q| quantile_of(&counts, q))
+    );
+    assert_eq!(quantiles_of(&counts, [0.5, 1.0]), [Some(51), Some(10_001)]);
+    assert_eq!(h.summary()["p99_ms"], 100);
+    assert_eq!(quantiles_of(&Histogram::default().counts(), [0.5]), [None]);
     let buckets = h.exposed_buckets();
     assert_eq!(buckets[0], (0.001, 1));
     assert_eq!(buckets.iter().take(7).map(|b| b.1).sum::<u64>(), 100);
