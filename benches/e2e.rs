@@ -18,7 +18,8 @@
 //! `--clusters` (a Redis Cluster of three masters with a replica each and a ClickHouse
 //! cluster of two shards, the test support's, instead of single servers; the engine inserts
 //! straight into the shards, `[clickhouse] shard_urls`, unless `--through-distributed`),
-//! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--first
+//! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--binary off`
+//! (`postgres.binary = false`: column values as text), `--first
 //! engine|recvlogical` (which catch-up reads first; `recvlogical` by default —
 //! `scripts/bench.sh` alternates). Catch-up ends when every sink has every event
 //! (`events_delivered`), with or without the journal. CPU is reported per process, in
@@ -42,6 +43,8 @@ struct Options {
     rate: u64,
     seconds: u64,
     journal: bool,
+    /// Column values in binary form (`postgres.binary`, on by default as in the engine).
+    binary: bool,
     /// Which catch-up reads first: `pg_recvlogical` (`recvlogical`) or the `engine`.
     engine_first: bool,
     /// A Redis Cluster and a ClickHouse cluster instead of single servers (`--clusters`).
@@ -60,6 +63,7 @@ fn options() -> Options {
         rate: 1000,
         seconds: 30,
         journal: true,
+        binary: true,
         engine_first: false,
         clusters: false,
         through_distributed: false,
@@ -95,6 +99,13 @@ fn options() -> Options {
             "--sinks" => o.sinks = v.split(',').map(str::to_string).collect(),
             "--rate" => o.rate = v.parse().expect("--rate N"),
             "--seconds" => o.seconds = v.parse().expect("--seconds N"),
+            "--binary" => {
+                o.binary = match v.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => panic!("--binary on|off"),
+                }
+            }
             "--journal" => {
                 o.journal = match v.as_str() {
                     "on" => true,
@@ -232,7 +243,8 @@ fn main() {
     if !o.journal {
         sections += "[journal]\nmax_bytes = 0\n";
     }
-    let cfg = TestConfig::new(&pg_url, &sections);
+    let pg_keys = if o.binary { "" } else { "binary = false\n" };
+    let cfg = TestConfig::with_postgres(&pg_url, pg_keys, &sections);
     let setup = cli(Some(&cfg.path), &["setup"], &[]);
     assert_eq!(setup.code, 0, "setup: {setup:?}");
     sql("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')");
@@ -539,7 +551,7 @@ fn main() {
     println!("## engagement-cdc end-to-end benchmark");
     println!();
     println!(
-        "sinks: {}{}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}",
+        "sinks: {}{}; backlog {n} events in 1000-row transactions over {} content ids; {}; journal {}; column values in {}",
         o.sinks.join(", "),
         match (clusters.is_some(), o.through_distributed) {
             (false, _) => String::new(),
@@ -554,7 +566,8 @@ fn main() {
         } else {
             "plaintext connections"
         },
-        if o.journal { "on" } else { "off" }
+        if o.journal { "on" } else { "off" },
+        if o.binary { "binary" } else { "text" }
     );
     println!(
         "read first: {}",

@@ -1,7 +1,8 @@
 //! Micro benchmarks of the per-event hot path: `cargo bench --bench hot_path`.
 //!
 //! Each measures one stage alone on the same 100,000 events, so a regression points at its
-//! stage: pgoutput decoding into typed rows (the null destination: decode cost alone),
+//! stage: pgoutput decoding into typed rows (the null destination: decode cost alone; text
+//! values and binary ones),
 //! enrichment, the enriched event's JSON (docs/sinks.md), the Redis script arguments, the HTTP request bodies.
 
 use std::hint::black_box;
@@ -95,6 +96,43 @@ fn main() {
             })
         })
         .collect();
+    // The same rows with binary values (`postgres.binary`, the default): big-endian
+    // integers, the time in µs since 2000-01-01.
+    let ts_2000_us: i64 = 821_197_312_163_702;
+    let binary_messages: Vec<Vec<u8>> = (0..N as i64)
+        .map(|i| {
+            let (id, content, user) = (1_000_000 + i, 1 + i % 50, i * 7919 % 1_000_000);
+            let (id, content, user, ts, dur) = (
+                id.to_be_bytes(),
+                content.to_be_bytes(),
+                user.to_be_bytes(),
+                ts_2000_us.to_be_bytes(),
+                ((i % 300_000) as i32).to_be_bytes(),
+            );
+            encode::message(&Message::Insert {
+                relation: 16385,
+                new: Tuple(vec![
+                    Value::Binary(&id),
+                    Value::Binary(&content),
+                    Value::Binary(&user),
+                    Value::Binary(b"play"),
+                    Value::Binary(&ts),
+                    Value::Binary(&dur),
+                    Value::Binary(b"web"),
+                    Value::Null,
+                ]),
+            })
+        })
+        .collect();
+    bench("pgoutput decode, binary values", N, || {
+        let mut n = 0;
+        for m in &binary_messages {
+            if let Message::Insert { new, .. } = Message::parse(m).unwrap() {
+                n += decode_event(&new, &pos, &zone).unwrap().0.id;
+            }
+        }
+        n
+    });
     let dimension = Dimension::from_rows((1..=50).map(|id| ContentRow {
         content_id: id,
         content_type: Some("video".into()),

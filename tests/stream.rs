@@ -172,6 +172,75 @@ fn derived_fields_and_their_null_rules() {
     });
 }
 
+/// Column values in binary form (the default) and in text (`postgres.binary = false`) give
+/// the same events: numeric ids and durations, whole and not, past Int32, times before
+/// 1970, BC and in year 9999, an infinite time that makes its row invalid.
+#[test]
+fn binary_and_text_values_give_the_same_events() {
+    let env = env();
+    env.sql(
+        "ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey;
+         ALTER TABLE engagement_events ALTER COLUMN user_id TYPE numeric(20, 0);
+         ALTER TABLE engagement_events ALTER COLUMN duration_ms TYPE numeric;
+         INSERT INTO content VALUES (7, 'clip', 3);",
+    );
+    let rows = "(7, 12345678901234, 'play', '2026-01-08 14:21:52.163702+00', 375, 'tv'),
+        (7, -5, 'seek', '1969-12-31 23:59:59.999999+00', 1800.000, 'web'),
+        (1, 0, 'pause', '9999-12-31 23:59:59.999999+00', 3000000000, NULL),
+        (1, 1, 'play', 'infinity', 5, 'web'),
+        (1, 2, 'play', '0044-03-15 12:00:00+00 BC', 5, 'web'),
+        (1, 3, 'play', '2026-01-08 14:21:52+00', 7.5, 'ios'),
+        (999, 4, 'play', '2026-01-08 14:21:53+00', NULL, 'tv')";
+    let mut delivered = Vec::new();
+    for (binary, mode) in [("true", "binary"), ("false", "text")] {
+        let mut engine = Engine::spawn_with(
+            &env.cfg.path,
+            &["run", "--stdout"],
+            &[("ENGAGEMENT_CDC__POSTGRES__BINARY", binary)],
+            Stdout::Collect,
+        );
+        wait_for("the engine to stream", T, || {
+            env.cfg
+                .engine_status()
+                .filter(|s| s["streaming"] == true)
+                .map(|_| ())
+        });
+        env.sql(&format!(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) VALUES {rows}"
+        ));
+        let mut events = parse(&engine.wait_lines(6, T));
+        for e in &mut events {
+            e.as_object_mut().unwrap().remove("event_id");
+        }
+        // Counted the same way too: the infinite time, the duration past Int32 and the
+        // one with a fraction.
+        wait_for("the counters", T, || {
+            (env.cfg.counter("events_invalid") == Some(1)
+                && env.cfg.counter("invalid_values") == Some(2))
+            .then_some(())
+        });
+        assert_eq!(engine.terminate(), 0);
+        assert!(
+            engine
+                .stderr()
+                .contains(&format!("column values in {mode}")),
+            "{}",
+            engine.stderr()
+        );
+        delivered.push(events);
+    }
+    assert_eq!(delivered[0], delivered[1]);
+    let first = &delivered[0];
+    assert_eq!(first[0]["user_id"], 12345678901234i64);
+    assert_eq!(first[0]["event_ts"], "2026-01-08T14:21:52.163702Z");
+    assert_eq!(first[0]["engagement_pct"].to_string(), "0.13");
+    assert_eq!(first[1]["event_ts"], "1969-12-31T23:59:59.999999Z");
+    assert_eq!(first[1]["duration_ms"], 1800);
+    assert!(first[2]["duration_ms"].is_null());
+    assert_eq!(first[2]["event_ts"], "9999-12-31T23:59:59.999999Z");
+    assert!(first[4]["duration_ms"].is_null());
+}
+
 #[test]
 fn each_event_joins_the_content_row_of_its_commit_also_on_replay() {
     let env = env();

@@ -101,6 +101,19 @@ pub async fn run(
             }
         }
     }
+    // Binary values unless switched off or a published column's type has no binary form.
+    let binary = pgc.binary
+        && {
+            let without = pg::columns_without_binary_form(&client, &pgc.publication).await?;
+            if !without.is_empty() {
+                tracing::warn!(
+                "reading column values as text: {} of publication {:?} has a type without a binary form (postgres.binary = false says this is wanted and silences this line)",
+                without.join(", "),
+                pgc.publication
+            );
+            }
+            without.is_empty()
+        };
     drop(client);
 
     let metrics = Arc::new(Metrics::default());
@@ -140,8 +153,9 @@ pub async fn run(
 
     let dimension = store.load_dimension()?;
     tracing::info!(
-        "starting at checkpoint {checkpoint} with {} content rows; sinks: {}",
+        "starting at checkpoint {checkpoint} with {} content rows, column values in {}; sinks: {}",
         dimension.len(),
+        if binary { "binary" } else { "text" },
         sinks
             .iter()
             .map(|s| s.name())
@@ -183,6 +197,7 @@ pub async fn run(
     let result: anyhow::Result<()> = loop {
         let start = pipeline.progress().borrow().checkpoint;
         let rc = replication_config(pgc)?
+            .with_binary(binary)
             .with_start_lsn(start.into())
             .with_ack_lsn(start.into())
             .with_feedback_observer(observer.clone());

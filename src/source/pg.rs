@@ -207,6 +207,29 @@ pub fn check_server(facts: &ServerFacts) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Columns of the publication's tables whose type has no binary form (no send function),
+/// as `schema.table.column (type)`: with any, the walsender cannot send binary values.
+pub async fn columns_without_binary_form(
+    client: &Client,
+    publication: &str,
+) -> anyhow::Result<Vec<String>> {
+    let rows = timed(client.query(
+        "SELECT format('%I.%I.%I (%s)', n.nspname, c.relname, a.attname,
+                       format_type(a.atttypid, a.atttypmod))
+           FROM pg_publication_tables pt
+           JOIN pg_namespace n ON n.nspname = pt.schemaname
+           JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+           JOIN pg_type t ON t.oid = a.atttypid
+          WHERE pt.pubname = $1 AND t.typsend = 0
+          ORDER BY 1",
+        &[&publication],
+    ))
+    .await
+    .with_context(|| format!("cannot read the column types of publication {publication:?}"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Enums, domains and string-like types of the database (see [`TypeCatalog`]).
 pub async fn type_catalog(client: &Client) -> anyhow::Result<TypeCatalog> {
     let rows = timed(client.query(CATALOG_QUERY, &[]))

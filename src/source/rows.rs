@@ -270,6 +270,12 @@ pub fn decode_event(
                     String::from_utf8_lossy(b)
                 )
             })?,
+            Value::Binary(b) => binary_timestamp(b, at[4].base, zone).ok_or_else(|| {
+                format!(
+                    "event_ts {} is not a finite timestamp the sinks can store",
+                    binary_timestamp_text(b)
+                )
+            })?,
             _ => return Err("event_ts is NULL".into()),
         },
         duration_ms: optional_i32(t, at[5], "duration_ms", &mut unfit),
@@ -293,7 +299,9 @@ pub fn decode_content(
 ) -> Result<(ContentRow, Option<Unfit>), Invalid> {
     let content_id = required_i64(t, at[0], "content_id")?;
     let content_type = match t.value(at[1].pos) {
-        Value::Text(b) => Some(Arc::<str>::from(String::from_utf8_lossy(b).as_ref())),
+        Value::Text(b) | Value::Binary(b) => {
+            Some(Arc::<str>::from(String::from_utf8_lossy(b).as_ref()))
+        }
         Value::Unchanged => previous.and_then(|p| p.content_type.clone()),
         _ => None,
     };
@@ -326,6 +334,13 @@ fn required_i64(t: &impl Fields, at: Located, name: &str) -> Result<i64, Invalid
                 why.describe("Int64")
             )
         }),
+        Value::Binary(b) => binary_integer(b, at.base).map_err(|why| {
+            format!(
+                "{name} {:?} {}",
+                binary_integer_text(b, at.base),
+                why.describe("Int64")
+            )
+        }),
         Value::Null => Err(format!("{name} is NULL")),
         _ => Err(format!("{name} is not in the message")),
     }
@@ -338,18 +353,23 @@ fn optional_i32(
     name: &str,
     unfit: &mut Option<Unfit>,
 ) -> Option<i32> {
-    let Value::Text(b) = t.value(at.pos) else {
-        return None;
+    let (value, binary) = match t.value(at.pos) {
+        Value::Text(b) => (parse_integer(b), None),
+        Value::Binary(b) => (binary_integer(b, at.base), Some(b)),
+        _ => return None,
     };
-    let fitted =
-        parse_integer(b).and_then(|v| i32::try_from(v).map_err(|_| NotInteger::OutOfRange));
+    let fitted = value.and_then(|v| i32::try_from(v).map_err(|_| NotInteger::OutOfRange));
     match fitted {
         Ok(v) => Some(v),
         Err(why) => {
             unfit.get_or_insert_with(|| {
+                let shown = match (binary, t.value(at.pos)) {
+                    (Some(b), _) => binary_integer_text(b, at.base),
+                    (None, Value::Text(b)) => String::from_utf8_lossy(b).into_owned(),
+                    (None, _) => String::new(),
+                };
                 format!(
-                    "{name} {:?} {}; delivered as NULL",
-                    String::from_utf8_lossy(b),
+                    "{name} {shown:?} {}; delivered as NULL",
                     why.describe("Int32")
                 )
             });
@@ -364,7 +384,8 @@ fn required_text(t: &impl Fields, i: usize, name: &str) -> Result<CompactString,
 
 fn optional_text(t: &impl Fields, i: usize) -> Option<CompactString> {
     match t.value(i) {
-        Value::Text(b) => Some(match std::str::from_utf8(b) {
+        // A text type's binary form is its text.
+        Value::Text(b) | Value::Binary(b) => Some(match std::str::from_utf8(b) {
             Ok(s) => CompactString::from(s),
             Err(_) => CompactString::from(String::from_utf8_lossy(b)),
         }),
@@ -459,6 +480,163 @@ pub fn parse_int(b: &[u8]) -> Option<i64> {
         Some(v)
     } else {
         v.checked_neg()
+    }
+}
+
+/// An integer field's value in binary form (pgoutput's `binary` option): a big-endian
+/// smallint, integer or bigint, or a numeric, which must be whole as in text.
+pub fn binary_integer(b: &[u8], base: Base) -> Result<i64, NotInteger> {
+    match (base, b.len()) {
+        (Base::Numeric { .. }, _) => binary_numeric(b),
+        (_, 2) => Ok(i16::from_be_bytes([b[0], b[1]]) as i64),
+        (_, 4) => Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
+        (_, 8) => Ok(i64::from_be_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ])),
+        _ => Err(NotInteger::NotANumber),
+    }
+}
+
+/// A numeric's binary form: digit count, weight (of the first digit, in powers of 10000),
+/// sign, display scale, then base-10000 digits, all big-endian 16-bit words.
+struct Numeric<'a> {
+    weight: i64,
+    sign: u16,
+    dscale: u16,
+    digits: &'a [u8],
+}
+
+const NUMERIC_NEG: u16 = 0x4000;
+
+impl Numeric<'_> {
+    fn parse(b: &[u8]) -> Option<Numeric<'_>> {
+        let word = |i: usize| Some(u16::from_be_bytes([*b.get(2 * i)?, *b.get(2 * i + 1)?]));
+        let ndigits = word(0)? as usize;
+        if b.len() != 8 + 2 * ndigits {
+            return None;
+        }
+        Some(Numeric {
+            weight: word(1)? as i16 as i64,
+            sign: word(2)?,
+            dscale: word(3)?,
+            digits: &b[8..],
+        })
+    }
+    fn digit(&self, i: i64) -> i64 {
+        let i = i as usize;
+        match self.digits.get(2 * i..2 * i + 2) {
+            Some(w) => u16::from_be_bytes([w[0], w[1]]) as i64,
+            None => 0,
+        }
+    }
+    fn ndigits(&self) -> i64 {
+        (self.digits.len() / 2) as i64
+    }
+}
+
+fn binary_numeric(b: &[u8]) -> Result<i64, NotInteger> {
+    let n = Numeric::parse(b).ok_or(NotInteger::NotANumber)?;
+    if n.sign != 0 && n.sign != NUMERIC_NEG {
+        // NaN, Infinity, -Infinity.
+        return Err(NotInteger::NotANumber);
+    }
+    if (0..n.ndigits()).any(|i| n.digit(i) > 9999) {
+        return Err(NotInteger::NotANumber);
+    }
+    // Digits past the weight are the fraction.
+    if (0..n.ndigits()).any(|i| i > n.weight && n.digit(i) != 0) {
+        return Err(NotInteger::Fraction);
+    }
+    // Accumulated below zero, so that i64::MIN fits.
+    let mut v: i64 = 0;
+    for i in 0..=n.weight {
+        v = v
+            .checked_mul(10_000)
+            .and_then(|v| v.checked_sub(n.digit(i)))
+            .ok_or(NotInteger::OutOfRange)?;
+    }
+    if n.sign == NUMERIC_NEG {
+        Ok(v)
+    } else {
+        v.checked_neg().ok_or(NotInteger::OutOfRange)
+    }
+}
+
+/// A binary integer or numeric as Postgres would print it, for messages.
+pub fn binary_integer_text(b: &[u8], base: Base) -> String {
+    if !matches!(base, Base::Numeric { .. }) {
+        if let Ok(v) = binary_integer(b, base) {
+            return v.to_string();
+        }
+    }
+    let Some(n) = Numeric::parse(b) else {
+        return format!("{} bytes that are not a number", b.len());
+    };
+    match n.sign {
+        0xC000 => return "NaN".into(),
+        0xD000 => return "Infinity".into(),
+        0xF000 => return "-Infinity".into(),
+        _ => {}
+    }
+    let mut out = String::new();
+    if n.sign == NUMERIC_NEG {
+        out.push('-');
+    }
+    if n.weight < 0 {
+        out.push('0');
+    }
+    for i in 0..=n.weight {
+        if i == 0 {
+            out += &n.digit(i).to_string();
+        } else {
+            out += &format!("{:04}", n.digit(i));
+        }
+    }
+    if n.dscale > 0 {
+        let mut frac = String::new();
+        let mut i = n.weight + 1;
+        while frac.len() < n.dscale as usize {
+            frac += &format!("{:04}", n.digit(i));
+            i += 1;
+        }
+        frac.truncate(n.dscale as usize);
+        out.push('.');
+        out += &frac;
+    }
+    out
+}
+
+/// Postgres's epoch, 2000-01-01 00:00 UTC, in µs since 1970.
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+/// The last microsecond of year 9999 in µs since 1970: text of a later time has a
+/// five-digit year, which the sinks cannot store.
+const LAST_US_OF_9999: i64 = 253_402_300_799_999_999;
+
+/// An event time in binary form: µs since 2000-01-01 (UTC for `timestamptz`, a wall-clock
+/// time read in `zone` for `timestamp`) → µs since 1970 UTC; the same times as in text are
+/// refused (infinities, years past 9999).
+pub fn binary_timestamp(b: &[u8], base: Base, zone: &Zone) -> Option<i64> {
+    let raw = i64::from_be_bytes(b.try_into().ok()?);
+    if raw == i64::MAX || raw == i64::MIN {
+        return None;
+    }
+    let wall = raw.checked_add(PG_EPOCH_US)?;
+    if wall > LAST_US_OF_9999 {
+        return None;
+    }
+    match base {
+        Base::Timestamp => zone.to_utc(wall),
+        _ => Some(wall),
+    }
+}
+
+/// A binary timestamp for messages.
+fn binary_timestamp_text(b: &[u8]) -> String {
+    match <[u8; 8]>::try_from(b).map(i64::from_be_bytes) {
+        Ok(i64::MAX) => "infinity".into(),
+        Ok(i64::MIN) => "-infinity".into(),
+        Ok(raw) => format!("{raw} µs after 2000-01-01"),
+        Err(_) => format!("{} bytes that are not a timestamp", b.len()),
     }
 }
 
@@ -763,6 +941,146 @@ mod tests {
             // Postgres's ISO output for UTC: date, time, up to 6 fraction digits, +00.
             let text = rfc3339_us(us).replace('T', " ").replace('Z', "+00");
             prop_assert_eq!(parse_timestamptz(text.as_bytes()), Some(us));
+        }
+    }
+
+    /// A decimal's binary numeric as Postgres's `numeric_send` writes it: base-10000
+    /// digits without leading or trailing zero digits, the weight of the first, the sign
+    /// and the display scale (the fraction digits of the text).
+    fn numeric_binary(text: &str) -> Vec<u8> {
+        let (neg, t) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+        let int = format!("{}{int}", "0".repeat((4 - int.len() % 4) % 4));
+        let frac_padded = format!("{frac}{}", "0".repeat((4 - frac.len() % 4) % 4));
+        let mut groups: Vec<u16> = int
+            .as_bytes()
+            .chunks(4)
+            .chain(frac_padded.as_bytes().chunks(4))
+            .map(|c| std::str::from_utf8(c).unwrap().parse().unwrap())
+            .collect();
+        let mut weight = (int.len() / 4) as i16 - 1;
+        while groups.first() == Some(&0) {
+            groups.remove(0);
+            weight -= 1;
+        }
+        while groups.last() == Some(&0) {
+            groups.pop();
+        }
+        if groups.is_empty() {
+            weight = 0;
+        }
+        let sign: u16 = if neg && !groups.is_empty() { 0x4000 } else { 0 };
+        let mut out = Vec::new();
+        for w in [groups.len() as u16, weight as u16, sign, frac.len() as u16] {
+            out.extend_from_slice(&w.to_be_bytes());
+        }
+        for g in groups {
+            out.extend_from_slice(&g.to_be_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn binary_values_read_as_their_text() {
+        let numeric = Base::Numeric { scale: None };
+        for text in [
+            "0",
+            "1800.000",
+            "-7",
+            "12345678901234",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "0.5",
+            "10000.0001",
+            "0.000",
+        ] {
+            let b = numeric_binary(text);
+            assert_eq!(
+                binary_integer(&b, numeric),
+                parse_integer(text.as_bytes()),
+                "{text}"
+            );
+            assert_eq!(binary_integer_text(&b, numeric), text);
+        }
+        for (word, text) in [
+            (0xC000u16, "NaN"),
+            (0xD000, "Infinity"),
+            (0xF000, "-Infinity"),
+        ] {
+            let b = [0, 0, 0, 0, (word >> 8) as u8, 0, 0, 0];
+            assert_eq!(binary_integer(&b, numeric), Err(NotInteger::NotANumber));
+            assert_eq!(binary_integer_text(&b, numeric), text);
+        }
+        assert_eq!(
+            binary_integer(&[0, 1, 0], numeric),
+            Err(NotInteger::NotANumber)
+        );
+        assert_eq!(
+            binary_integer(&(-300i16).to_be_bytes(), Base::Integer),
+            Ok(-300)
+        );
+        assert_eq!(
+            binary_integer(&i32::MIN.to_be_bytes(), Base::Integer),
+            Ok(i32::MIN as i64)
+        );
+        assert_eq!(
+            binary_integer(&[1, 2, 3], Base::Integer),
+            Err(NotInteger::NotANumber)
+        );
+        assert_eq!(
+            binary_integer_text(&3_000_000_000i64.to_be_bytes(), Base::Integer),
+            "3000000000"
+        );
+        // Timestamps: the infinities and years past 9999 are refused, as in text.
+        let ts = |raw: i64| binary_timestamp(&raw.to_be_bytes(), Base::TimestampTz, &Zone::utc());
+        assert_eq!(ts(i64::MAX), None);
+        assert_eq!(ts(i64::MIN), None);
+        assert_eq!(ts(0), Some(PG_EPOCH_US));
+        assert_eq!(ts(LAST_US_OF_9999 - PG_EPOCH_US), Some(LAST_US_OF_9999));
+        assert_eq!(ts(LAST_US_OF_9999 - PG_EPOCH_US + 1), None);
+        assert_eq!(
+            binary_timestamp(&[0; 4], Base::TimestampTz, &Zone::utc()),
+            None
+        );
+        assert_eq!(binary_timestamp_text(&i64::MAX.to_be_bytes()), "infinity");
+    }
+
+    proptest! {
+        #[test]
+        fn binary_integers_are_their_text(v in any::<i64>(), small in any::<i16>(), mid in any::<i32>()) {
+            prop_assert_eq!(binary_integer(&v.to_be_bytes(), Base::Integer), parse_integer(v.to_string().as_bytes()));
+            prop_assert_eq!(binary_integer(&small.to_be_bytes(), Base::Integer), Ok(small as i64));
+            prop_assert_eq!(binary_integer(&mid.to_be_bytes(), Base::Integer), Ok(mid as i64));
+        }
+
+        /// A numeric in binary form reads as its text does: whole values, fractions,
+        /// values past an i64, with any display scale.
+        #[test]
+        fn binary_numerics_are_their_text(text in "-?[0-9]{1,22}(\\.[0-9]{1,9})?") {
+            let int = text.trim_start_matches('-').split('.').next().unwrap();
+            // Postgres prints no leading zeros.
+            prop_assume!(int == "0" || !int.starts_with('0'));
+            let b = numeric_binary(&text);
+            let numeric = Base::Numeric { scale: None };
+            prop_assert_eq!(binary_integer(&b, numeric), parse_integer(text.as_bytes()));
+            let shown = binary_integer_text(&b, numeric);
+            // Postgres prints a negative zero without its sign.
+            prop_assert_eq!(shown.trim_start_matches('-'), text.trim_start_matches('-'));
+        }
+
+        #[test]
+        fn binary_timestamps_are_their_text(us in -62_135_596_800_000_000i64..253_402_300_799_999_999) {
+            let raw = (us - PG_EPOCH_US).to_be_bytes();
+            let text = rfc3339_us(us).replace('T', " ").replace('Z', "+00");
+            prop_assert_eq!(binary_timestamp(&raw, Base::TimestampTz, &Zone::utc()), parse_timestamptz(text.as_bytes()));
+            // A `timestamp` is a wall-clock time, read in the configured zone either way.
+            let paris = Zone::named("Europe/Paris").unwrap();
+            let wall = rfc3339_us(us).replace('T', " ").replace('Z', "");
+            prop_assert_eq!(binary_timestamp(&raw, Base::Timestamp, &paris), parse_timestamp(wall.as_bytes(), &paris));
         }
     }
 }
