@@ -85,13 +85,13 @@ impl Batch {
 /// page by page, zeroed, copied each time it doubles and unmapped when the batch goes —
 /// which was about a tenth of the engine's CPU while catching up (docs/benchmarks.md).
 /// Sinks that write several batches at once free them in bursts, so up to
-/// [`SPARE_EVENTS`] events' worth is kept (about 7 MB), and only while the stream is busy:
+/// [`SPARE_EVENTS`] events' worth is kept (about 3.4 MB), and only while the stream is busy:
 /// a quiet stream gives them all back to the allocator ([`shed_spares`]).
 static SPARE: Mutex<Spare> = Mutex::new(Spare {
     vectors: Vec::new(),
     events: 0,
 });
-const SPARE_EVENTS: usize = 40_000;
+const SPARE_EVENTS: usize = 20_000;
 /// Vectors smaller than this (about 170 KB) come from the allocator's heap, which reuses
 /// them cheaply.
 const SPARE_MIN_EVENTS: usize = 1024;
