@@ -1688,3 +1688,58 @@ fn a_sink_killed_before_its_first_cursor_still_reads_the_journal() {
     assert_eq!(engine.terminate(), 0);
     redis.stop();
 }
+
+/// A Redis that lost its scripts (`SCRIPT FLUSH`; a restart or a failover to a replica
+/// does the same) has them loaded again by the next call, which then applies its events
+/// once.
+#[test]
+fn redis_without_the_scripts_gets_them_loaded_again() {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let cfg = TestConfig::new(
+        &pg.url("engagement"),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let run = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(run.code, 0, "setup: {run:?}");
+    let _engine = Engine::spawn(&cfg.path, &["run"], &[]);
+    wait_for("the engine to stream", T, || {
+        cfg.engine_status()
+            .filter(|s| s["streaming"] == true)
+            .map(|_| ())
+    });
+    let insert = |content: i64, n: i64| {
+        pg.psql(
+            "engagement",
+            &format!(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, duration_ms, device)
+                 SELECT {content}, g, 'play', 1000, 'web' FROM generate_series(1, {n}) g"
+            ),
+        );
+    };
+    let count = |c: i64| -> u64 {
+        redis
+            .cli(&["GET", &format!("content:count:{c}")])
+            .parse()
+            .unwrap_or(0)
+    };
+    insert(1, 100);
+    wait_for("the first events", T, || (count(1) == 100).then_some(()));
+    // Counted from here: the scripts loaded at start are not.
+    assert_eq!(redis.cli(&["CONFIG", "RESETSTAT"]), "OK");
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    insert(1, 50);
+    wait_for("the events after the flush", T, || {
+        (count(1) == 150).then_some(())
+    });
+    // A last event through the same script: everything before it has been applied once.
+    insert(2, 1);
+    wait_for("the last event", T, || (count(2) == 1).then_some(()));
+    assert_eq!(count(1), 150);
+    assert!(
+        redis
+            .cli(&["INFO", "commandstats"])
+            .contains("cmdstat_script|load:calls="),
+        "the scripts were not loaded again"
+    );
+}

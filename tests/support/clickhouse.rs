@@ -166,10 +166,17 @@ impl ClickHouse {
 
     /// Run a query over HTTP; returns the TSV answer, or panics with the server's error.
     pub fn query(&self, sql: &str) -> String {
-        let (status, body) =
-            http_post(self.http_port, "/", sql.as_bytes()).expect("clickhouse reachable");
-        assert_eq!(status, 200, "clickhouse query {sql:?} failed: {body}");
-        body.trim_end().to_string()
+        self.try_query(sql)
+            .unwrap_or_else(|e| panic!("clickhouse query {sql:?} failed: {e}"))
+    }
+
+    /// [`ClickHouse::query`], with the server's error (or its silence) as an `Err`.
+    pub fn try_query(&self, sql: &str) -> Result<String, String> {
+        match http_post(self.http_port, "/", sql.as_bytes()) {
+            Some((200, body)) => Ok(body.trim_end().to_string()),
+            Some((status, body)) => Err(format!("status {status}: {body}")),
+            None => Err("no answer".into()),
+        }
     }
 }
 

@@ -230,6 +230,26 @@ pub fn key_slot(key: &str) -> u16 {
     fred::util::redis_keyslot(key.as_bytes())
 }
 
+/// `EVALSHA` of `script` with `args()` on the node of `key`; a server without the script
+/// (NOSCRIPT: restarted, failed over, flushed) has it loaded and gets the call again.
+/// fred's `evalsha_with_reload` does the same but copies every argument beforehand in case
+/// they are needed again — a few percent of the engine's CPU for a catch-up's large calls
+/// (docs/benchmarks.md); here they are built again only when it happens.
+async fn run_script<R: FromValue>(
+    client: &Client,
+    script: &Script,
+    key: String,
+    args: impl Fn() -> Vec<Value>,
+) -> Result<R, fred::error::Error> {
+    match script.evalsha(client, vec![key.clone()], args()).await {
+        Err(e) if e.details().starts_with("NOSCRIPT") => {
+            script.load(client).await?;
+            script.evalsha(client, vec![key], args()).await
+        }
+        result => result,
+    }
+}
+
 /// The script's ARGV for `events` (all streamed or all backfilled), at wall-clock time
 /// `now_us`: the text arguments and the binary ones, in the order `apply_batch.lua`
 /// documents. Per content and per (minute, content) the counts are aggregated here, so the
@@ -876,35 +896,39 @@ impl RedisSink {
         }
         let now = now_us();
         let log_ttl = self.horizon.as_secs() + 3600;
+        let shared = &shared;
         let calls = nodes.into_iter().map(|(server, slots)| {
-            let mut args = vec![
-                text(slots.len().to_string()),
-                text(shared.len().to_string()),
-            ];
-            args.extend(shared.iter().cloned());
-            for slot in &slots {
-                let namespace = format!("{NAMESPACE}{{{}}}", slot_tag(*slot));
-                let ctx = CallContext {
-                    namespace: &namespace,
-                    hours: &[],
-                    log_ttl,
-                    top: TopMode::None,
-                    slot: Some(*slot),
-                };
-                let mut group = script_args(&self.prefix, &ctx, &per_slot[slot], now);
-                // The number of hours (0 here): the groups share the hours.
-                group.pop();
-                args.push(text(group.len().to_string()));
-                args.extend(group);
-            }
+            let n = slots.len();
             // The first slot's position key routes the call to its node.
             let key = format!("{}{NAMESPACE}{{{}}}:pos", self.prefix, slot_tag(slots[0]));
+            let args = move || {
+                let mut args = vec![
+                    text(slots.len().to_string()),
+                    text(shared.len().to_string()),
+                ];
+                args.extend(shared.iter().cloned());
+                for slot in &slots {
+                    let namespace = format!("{NAMESPACE}{{{}}}", slot_tag(*slot));
+                    let ctx = CallContext {
+                        namespace: &namespace,
+                        hours: &[],
+                        log_ttl,
+                        top: TopMode::None,
+                        slot: Some(*slot),
+                    };
+                    let mut group = script_args(&self.prefix, &ctx, &per_slot[slot], now);
+                    // The number of hours (0 here): the groups share the hours.
+                    group.pop();
+                    args.push(text(group.len().to_string()));
+                    args.extend(group);
+                }
+                args
+            };
             async move {
-                script
-                    .evalsha_with_reload::<i64, _, _>(&self.client, vec![key], args)
+                run_script::<i64>(&self.client, script, key, args)
                     .await
                     .map(|n| n as u64)
-                    .map_err(|e| format!("the call for {} slots on {server}: {e}", slots.len()))
+                    .map_err(|e| format!("the call for {n} slots on {server}: {e}"))
             }
         });
         let done = futures_util::future::join_all(calls).await;
@@ -934,12 +958,8 @@ impl RedisSink {
                     top: TopMode::None,
                     slot: Some(slot),
                 };
-                let args = script_args(&self.prefix, &ctx, events, now_us());
-                match self
-                    .script
-                    .evalsha_with_reload::<i64, _, _>(&self.client, vec![pos_key.clone()], args)
-                    .await
-                {
+                let args = || script_args(&self.prefix, &ctx, events, now_us());
+                match run_script::<i64>(&self.client, &self.script, pos_key.clone(), args).await {
                     Ok(n) => Ok(n as u64),
                     Err(e) => {
                         // A node that stopped answering may have been failed over: ask a
@@ -1013,9 +1033,8 @@ impl RedisSink {
         let what = || format!("writing {top_key}");
         self.retry
             .run("redis", &what, Some(&self.metrics), || async {
-                let _: i64 = self
-                    .top_script
-                    .evalsha_with_reload(&self.client, vec![top_key.clone()], args.clone())
+                let args = || args.iter().map(|a| Value::from(a.as_str())).collect();
+                let _: i64 = run_script(&self.client, &self.top_script, top_key.clone(), args)
                     .await
                     .map_err(|e| classify(&e, &self.url))?;
                 Ok(())
@@ -1113,14 +1132,9 @@ impl RedisSink {
                     },
                     slot: None,
                 };
-                let args = script_args(&self.prefix, &ctx, events, now_us());
-                let n: i64 = self
-                    .script
-                    .evalsha_with_reload(
-                        &self.client,
-                        vec![format!("{}{NAMESPACE}:pos", self.prefix)],
-                        args,
-                    )
+                let args = || script_args(&self.prefix, &ctx, events, now_us());
+                let key = format!("{}{NAMESPACE}:pos", self.prefix);
+                let n: i64 = run_script(&self.client, &self.script, key, args)
                     .await
                     .map_err(|e| classify(&e, &self.url))?;
                 Ok(n as u64)
