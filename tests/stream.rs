@@ -45,7 +45,12 @@ impl Env {
     }
 
     fn engine(&self, mode: Stdout) -> Engine {
-        let e = Engine::spawn_with(&self.cfg.path, &["run", "--stdout"], &[], mode);
+        self.engine_with(&[], mode)
+    }
+
+    /// The engine with these environment variables, once it streams.
+    fn engine_with(&self, env: &[(&str, &str)], mode: Stdout) -> Engine {
+        let e = Engine::spawn_with(&self.cfg.path, &["run", "--stdout"], env, mode);
         wait_for("the engine to stream", T, || {
             self.cfg
                 .engine_status()
@@ -193,18 +198,10 @@ fn binary_and_text_values_give_the_same_events() {
         (999, 4, 'play', '2026-01-08 14:21:53+00', NULL, 'tv')";
     let mut delivered = Vec::new();
     for (binary, mode) in [("true", "binary"), ("false", "text")] {
-        let mut engine = Engine::spawn_with(
-            &env.cfg.path,
-            &["run", "--stdout"],
+        let mut engine = env.engine_with(
             &[("ENGAGEMENT_CDC__POSTGRES__BINARY", binary)],
             Stdout::Collect,
         );
-        wait_for("the engine to stream", T, || {
-            env.cfg
-                .engine_status()
-                .filter(|s| s["streaming"] == true)
-                .map(|_| ())
-        });
         env.sql(&format!(
             "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) VALUES {rows}"
         ));
@@ -381,18 +378,10 @@ fn heartbeats_are_written_and_an_idle_slot_advances() {
     env.pg.create_database("busy", false);
     env.pg.psql("busy", "CREATE TABLE t (x int)");
     env.sql("SELECT 1 FROM pg_create_logical_replication_slot('probe', 'test_decoding')");
-    let e = Engine::spawn_with(
-        &env.cfg.path,
-        &["run", "--stdout"],
+    let e = env.engine_with(
         &[("ENGAGEMENT_CDC__POSTGRES__HEARTBEAT_INTERVAL_MS", "500")],
         Stdout::Collect,
     );
-    wait_for("the engine to stream", T, || {
-        env.cfg
-            .engine_status()
-            .filter(|s| s["streaming"] == true)
-            .map(|_| ())
-    });
     let heartbeats = || -> usize {
         env.sql(
             "SELECT count(*) FROM pg_logical_slot_peek_changes('probe', NULL, NULL)

@@ -759,4 +759,4 @@ fn record_latency(h: &Histogram, events: &[&EnrichedEvent]) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

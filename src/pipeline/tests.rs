@@ -31,7 +31,7 @@ impl Sink for GatedSink {
     }
 }
 
-fn event(id: i64) -> EnrichedEvent {
+pub(crate) fn event(id: i64) -> EnrichedEvent {
     let raw = RawEvent {
         id,
         content_id: 1,

@@ -589,26 +589,7 @@ fn confirm_when_idle(pipeline: &mut Pipeline, lsn: Lsn) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::Lsn;
-
-    fn event(id: i64) -> EnrichedEvent {
-        EnrichedEvent {
-            event_id: id,
-            content_id: 1,
-            user_id: 1,
-            event_type: "play".into(),
-            event_ts_us: 0,
-            duration_ms: None,
-            device: None,
-            content_type: None,
-            length_seconds: None,
-            engagement_ms: None,
-            engagement_pct_hundredths: None,
-            source_lsn: Lsn(1),
-            commit_us: 0,
-            tx_index: 0,
-        }
-    }
+    use crate::pipeline::tests::event;
 
     #[test]
     fn busy_batches_reuse_the_vectors_of_finished_ones_and_hold_no_more_room_than_they_need() {
