@@ -101,19 +101,7 @@ pub async fn run(
             }
         }
     }
-    // Binary values unless switched off or a published column's type has no binary form.
-    let binary = pgc.binary
-        && {
-            let without = pg::columns_without_binary_form(&client, &pgc.publication).await?;
-            if !without.is_empty() {
-                tracing::warn!(
-                "reading column values as text: {} of publication {:?} has a type without a binary form (postgres.binary = false says this is wanted and silences this line)",
-                without.join(", "),
-                pgc.publication
-            );
-            }
-            without.is_empty()
-        };
+    let binary = pgc.binary && pg::binary_values_possible(&client, &pgc.publication).await?;
     drop(client);
 
     let metrics = Arc::new(Metrics::default());

@@ -81,51 +81,32 @@ impl Batch {
 }
 
 /// The event vectors of finished batches, kept for the next ones. A catch-up's batch is
-/// megabytes of events; a fresh vector of that size is fresh memory — mapped, faulted in
-/// page by page, zeroed, copied each time it doubles and unmapped when the batch goes —
-/// which was about a tenth of the engine's CPU while catching up (docs/benchmarks.md).
-/// Sinks that write several batches at once free them in bursts, so up to
-/// [`SPARE_EVENTS`] events' worth is kept (about 3.4 MB), and only while the stream is busy:
-/// a quiet stream gives them all back to the allocator ([`shed_spares`]).
-static SPARE: Mutex<Spare> = Mutex::new(Spare {
-    vectors: Vec::new(),
-    events: 0,
-});
+/// half a megabyte to a megabyte of events; a fresh vector of that size is fresh memory —
+/// mapped, faulted in page by page, zeroed, copied each time it doubles and unmapped when
+/// the batch goes — which was about 4 % of the engine's CPU while catching up
+/// (docs/benchmarks.md). Sinks that write several batches at once free them in bursts, so
+/// up to [`SPARE_EVENTS`] events' worth is kept (about 3.4 MB), and only while the stream
+/// is busy: a quiet stream gives them all back to the allocator ([`shed_spares`]).
+static SPARE: Mutex<Vec<Vec<EnrichedEvent>>> = Mutex::new(Vec::new());
 const SPARE_EVENTS: usize = 20_000;
 /// Vectors smaller than this (about 170 KB) come from the allocator's heap, which reuses
 /// them cheaply.
 const SPARE_MIN_EVENTS: usize = 1024;
 
-struct Spare {
-    vectors: Vec<Vec<EnrichedEvent>>,
-    /// Their capacity, in events.
-    events: usize,
-}
-
-fn spare_lock() -> std::sync::MutexGuard<'static, Spare> {
+fn spare_lock() -> std::sync::MutexGuard<'static, Vec<Vec<EnrichedEvent>>> {
     SPARE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// An empty event vector that holds more than `len` events, if one is spare.
 pub fn take_spare(len: usize) -> Option<Vec<EnrichedEvent>> {
     let mut spare = spare_lock();
-    let v = &spare.vectors;
-    let largest = (0..v.len()).max_by_key(|&i| v[i].capacity())?;
-    if v[largest].capacity() <= len {
-        return None;
-    }
-    let taken = spare.vectors.swap_remove(largest);
-    spare.events -= taken.capacity();
-    Some(taken)
+    let largest = (0..spare.len()).max_by_key(|&i| spare[i].capacity())?;
+    (spare[largest].capacity() > len).then(|| spare.swap_remove(largest))
 }
 
 /// Give the spare vectors back to the allocator: the stream is quiet.
 pub fn shed_spares() {
-    let shed = {
-        let mut spare = spare_lock();
-        spare.events = 0;
-        std::mem::take(&mut spare.vectors)
-    };
+    let shed = std::mem::take(&mut *spare_lock());
     drop(shed);
 }
 
@@ -137,9 +118,9 @@ impl Drop for Batch {
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         let mut spare = spare_lock();
-        if spare.events + events.capacity() <= SPARE_EVENTS {
-            spare.events += events.capacity();
-            spare.vectors.push(events);
+        let held: usize = spare.iter().map(Vec::capacity).sum();
+        if held + events.capacity() <= SPARE_EVENTS {
+            spare.push(events);
         }
     }
 }

@@ -207,12 +207,10 @@ pub fn check_server(facts: &ServerFacts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Columns of the publication's tables whose type has no binary form (no send function),
-/// as `schema.table.column (type)`: with any, the walsender cannot send binary values.
-pub async fn columns_without_binary_form(
-    client: &Client,
-    publication: &str,
-) -> anyhow::Result<Vec<String>> {
+/// Whether the walsender can send every column of the publication's tables in binary
+/// form: no column's type lacks a send function. When one does, says which and that the
+/// engine reads text.
+pub async fn binary_values_possible(client: &Client, publication: &str) -> anyhow::Result<bool> {
     let rows = timed(client.query(
         "SELECT format('%I.%I.%I (%s)', n.nspname, c.relname, a.attname,
                        format_type(a.atttypid, a.atttypmod))
@@ -227,7 +225,14 @@ pub async fn columns_without_binary_form(
     ))
     .await
     .with_context(|| format!("cannot read the column types of publication {publication:?}"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let without: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if !without.is_empty() {
+        tracing::warn!(
+            "reading column values as text: {} of publication {publication:?} has a type without a binary form (postgres.binary = false says this is wanted and silences this line)",
+            without.join(", ")
+        );
+    }
+    Ok(without.is_empty())
 }
 
 /// Enums, domains and string-like types of the database (see [`TypeCatalog`]).

@@ -326,23 +326,17 @@ pub fn content_key(t: &impl Fields, at: &ContentLayout) -> Result<i64, Invalid> 
 }
 
 fn required_i64(t: &impl Fields, at: Located, name: &str) -> Result<i64, Invalid> {
-    match t.value(at.pos) {
-        Value::Text(b) => parse_integer(b).map_err(|why| {
+    let value = t.value(at.pos);
+    match integer_of(value, at.base) {
+        Some(v) => v.map_err(|why| {
             format!(
                 "{name} {:?} {}",
-                String::from_utf8_lossy(b),
+                integer_text(value, at.base),
                 why.describe("Int64")
             )
         }),
-        Value::Binary(b) => binary_integer(b, at.base).map_err(|why| {
-            format!(
-                "{name} {:?} {}",
-                binary_integer_text(b, at.base),
-                why.describe("Int64")
-            )
-        }),
-        Value::Null => Err(format!("{name} is NULL")),
-        _ => Err(format!("{name} is not in the message")),
+        None if value == Value::Null => Err(format!("{name} is NULL")),
+        None => Err(format!("{name} is not in the message")),
     }
 }
 
@@ -353,28 +347,39 @@ fn optional_i32(
     name: &str,
     unfit: &mut Option<Unfit>,
 ) -> Option<i32> {
-    let (value, binary) = match t.value(at.pos) {
-        Value::Text(b) => (parse_integer(b), None),
-        Value::Binary(b) => (binary_integer(b, at.base), Some(b)),
-        _ => return None,
-    };
-    let fitted = value.and_then(|v| i32::try_from(v).map_err(|_| NotInteger::OutOfRange));
+    let value = t.value(at.pos);
+    let fitted = integer_of(value, at.base)?
+        .and_then(|v| i32::try_from(v).map_err(|_| NotInteger::OutOfRange));
     match fitted {
         Ok(v) => Some(v),
         Err(why) => {
             unfit.get_or_insert_with(|| {
-                let shown = match (binary, t.value(at.pos)) {
-                    (Some(b), _) => binary_integer_text(b, at.base),
-                    (None, Value::Text(b)) => String::from_utf8_lossy(b).into_owned(),
-                    (None, _) => String::new(),
-                };
                 format!(
-                    "{name} {shown:?} {}; delivered as NULL",
+                    "{name} {:?} {}; delivered as NULL",
+                    integer_text(value, at.base),
                     why.describe("Int32")
                 )
             });
             None
         }
+    }
+}
+
+/// An integer field's value in either form; `None` when it has none (NULL, unchanged).
+fn integer_of(value: Value<'_>, base: Base) -> Option<Result<i64, NotInteger>> {
+    match value {
+        Value::Text(b) => Some(parse_integer(b)),
+        Value::Binary(b) => Some(binary_integer(b, base)),
+        _ => None,
+    }
+}
+
+/// An integer field's value as Postgres prints it, for messages.
+fn integer_text(value: Value<'_>, base: Base) -> String {
+    match value {
+        Value::Text(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::Binary(b) => binary_integer_text(b, base),
+        _ => String::new(),
     }
 }
 

@@ -219,31 +219,23 @@ pub use tls::Certs;
 
 /// CPU seconds (user + system) a process has used so far; 0 when it is gone.
 pub fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // After the name: state is field 3, utime 14 and stime 15 (1-based over the whole line).
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    // utime and stime are fields 14 and 15.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    (proc_stat(pid, 14).unwrap_or(0) + proc_stat(pid, 15).unwrap_or(0)) as f64 / hz
 }
 
-/// Minor page faults of a process so far (`/proc/<pid>/stat`): pages it touched for the
-/// first time, a cost of fresh memory.
+/// Minor page faults of a process so far: pages it touched for the first time, a cost of
+/// fresh memory.
 pub fn minor_faults(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the name: minflt is field 10 (1-based over the whole line).
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    proc_stat(pid, 10).unwrap_or(0)
+}
+
+/// Numeric field `n` (1-based, as `man proc` counts) of `/proc/<pid>/stat`; fields are
+/// counted after the parenthesised name, which may hold spaces.
+fn proc_stat(pid: i32, n: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n - 3)?.parse().ok()
 }
 
 /// HTTP to a loopback server: the status server, the mock API, ClickHouse. `None` when
