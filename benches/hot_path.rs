@@ -186,6 +186,7 @@ fn main() {
         log_ttl: 90_000,
         top: TopMode::Keep,
         slot: None,
+        per_event: false,
     };
     bench("redis script arguments (20000-event calls)", N, || {
         refs.chunks(20_000)

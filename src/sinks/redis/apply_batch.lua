@@ -40,11 +40,16 @@
 --   then per (bucket, content): bucket index, content index, number of events
 --   then the runs of the call's ids (12 bytes each, as in the logs)
 --   then per event: id (8 bytes), content index (4), bucket index (4, 0 = outside
---                   retention), commit LSN (8), index in transaction (4), big-endian
+--                   retention), commit LSN (8), index in transaction (4), big-endian;
+--                   a streamed call may leave this empty (most of what it would send,
+--                   and unused in the common case): when the script must decide event by
+--                   event it then returns nil before writing anything, and the engine
+--                   calls again with it
 --   then the number of hours of the dedup horizon, and per hour: HOUR, and (backfill) the
 --                   lengths of its ids log and of its bfids log the engine has read
 -- KEYS[1] is NS:pos (it routes the call to its node on a Redis Cluster).
--- Returns the number of events new to Redis (on a cluster: whose count this call keeps).
+-- Returns the number of events new to Redis (on a cluster: whose count this call keeps),
+-- or nil when it needs the per-event part that was left out.
 --
 -- This file defines `apply(A, H, h)`, A being the arguments above; the script sent is this
 -- file followed by `return apply(ARGV)` (one Redis), or by apply_groups.lua (one call for
@@ -299,6 +304,10 @@ local function apply(A, H, h)
     redis.call('SET', pos_key, last)
     top(adds)
     return n
+  end
+  if ne > 0 and #ev_blob == 0 then
+    -- Left out by the engine: nothing was written; it calls again with it.
+    return nil
   end
 
   -- Event by event: a replay that crosses the watermark, a first call (no watermark: checks

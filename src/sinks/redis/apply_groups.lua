@@ -7,7 +7,9 @@
 -- A group touches only keys of its slot, its exactly-once state first: if the slot is no
 -- longer here, the group fails before writing anything, and the groups applied before it
 -- are skipped when the engine sends them again slot by slot.
--- Returns the sum of the groups' counts.
+-- Returns the sum of the groups' counts; when a group needs the per-event part its call
+-- left out (see apply_batch.lua), -1 - the sum of the groups applied before it, which the
+-- engine then sends again with that part (those groups are replays by then).
 local groups, nshared = tonumber(ARGV[1]), tonumber(ARGV[2])
 local at = 3 + nshared
 local total = 0
@@ -16,7 +18,9 @@ for _ = 1, groups do
   local A = {}
   for k = 1, n do A[k] = ARGV[at + k] end
   -- The shared arguments start with the number of hours.
-  total = total + apply(A, ARGV, 3)
+  local got = apply(A, ARGV, 3)
+  if got == nil then return -1 - total end
+  total = total + got
   at = at + n + 1
 end
 return total

@@ -36,7 +36,12 @@ mod config;
 pub use config::{ClusterMode, RedisConfig};
 
 /// One call's script: `apply` of apply_batch.lua on the call's arguments.
-const APPLY_BATCH: &str = concat!(include_str!("apply_batch.lua"), "return apply(ARGV)\n");
+/// Nil from `apply` (it needs the per-event part the call left out) is answered -1: no
+/// group before it, nothing counted.
+const APPLY_BATCH: &str = concat!(
+    include_str!("apply_batch.lua"),
+    "local n = apply(ARGV)\nif n == nil then return -1 end\nreturn n\n"
+);
 
 /// On a Redis Cluster, one call per node for several hash slots (apply_groups.lua).
 const APPLY_GROUPS: &str = concat!(
@@ -211,6 +216,12 @@ pub struct CallContext<'a> {
     /// On a Redis Cluster, the hash slot this call writes: it keeps the counts, the
     /// `content:last` and the buckets whose keys are in that slot, and nothing else.
     pub slot: Option<u16>,
+    /// Whether a streamed call carries the per-event part (28 bytes an event, most of the
+    /// call's bytes), which the script reads only when it must decide event by event (a
+    /// replay crossing `NS:pos`, a batch meeting backfilled ids, a first call). Without
+    /// it, the script answers so before writing anything, and the engine calls again with
+    /// it (`run_batch_script`). A backfill's calls always carry it.
+    pub per_event: bool,
 }
 
 /// What a call does to `top:content:10m`.
@@ -250,6 +261,30 @@ async fn run_script<R: FromValue>(
     }
 }
 
+/// A batch or groups script call (`args(per_event)`), first without the per-event part: when
+/// the script answers that it needs it (-1 - what the groups before the one that asked
+/// applied), the call is made again with it. Returns the events new to Redis.
+async fn run_batch_script(
+    client: &Client,
+    script: &Script,
+    key: String,
+    args: impl Fn(bool) -> Vec<Value>,
+) -> Result<u64, fred::error::Error> {
+    let n: i64 = run_script(client, script, key.clone(), || args(false)).await?;
+    if n >= 0 {
+        return Ok(n as u64);
+    }
+    let before = (-1 - n) as u64;
+    let again: i64 = run_script(client, script, key, || args(true)).await?;
+    if again < 0 {
+        return Err(fred::error::Error::new(
+            ErrorKind::Unknown,
+            "ERR the batch script asked for the per-event part of a call that carried it",
+        ));
+    }
+    Ok(before + again as u64)
+}
+
 /// The script's ARGV for `events` (all streamed or all backfilled), at wall-clock time
 /// `now_us`: the text arguments and the binary ones, in the order `apply_batch.lua`
 /// documents. Per content and per (minute, content) the counts are aggregated here, so the
@@ -263,6 +298,7 @@ pub fn script_args(
     const MINUTE: i64 = 60_000_000;
     let now_minute = now_us.div_euclid(MINUTE);
     let streamed = events.first().is_some_and(|e| e.source_lsn.0 > 0);
+    let per_event = ctx.per_event || !streamed;
     // (content_id, latest event index, events)
     let mut contents: Vec<(i64, usize, u64)> = Vec::new();
     let mut content_index: FxHashMap<i64, usize> = FxHashMap::default();
@@ -270,7 +306,7 @@ pub fn script_args(
     let mut bucket_index: FxHashMap<i64, usize> = FxHashMap::default();
     let mut pairs: Vec<(usize, usize, u64)> = Vec::new();
     let mut pair_index: FxHashMap<(usize, usize), usize> = FxHashMap::default();
-    let mut blob = Vec::with_capacity(events.len() * 28);
+    let mut blob = Vec::with_capacity(if per_event { events.len() * 28 } else { 0 });
     let (mut lo, mut hi) = (i64::MAX, i64::MIN);
     for (i, e) in events.iter().enumerate() {
         lo = lo.min(e.event_id);
@@ -315,11 +351,13 @@ pub fn script_args(
             });
             pairs[k].2 += 1;
         }
-        blob.extend_from_slice(&e.event_id.to_be_bytes());
-        blob.extend_from_slice(&(c as i32).to_be_bytes());
-        blob.extend_from_slice(&(b as i32).to_be_bytes());
-        blob.extend_from_slice(&e.source_lsn.0.to_be_bytes());
-        blob.extend_from_slice(&e.tx_index.to_be_bytes());
+        if per_event {
+            blob.extend_from_slice(&e.event_id.to_be_bytes());
+            blob.extend_from_slice(&(c as i32).to_be_bytes());
+            blob.extend_from_slice(&(b as i32).to_be_bytes());
+            blob.extend_from_slice(&e.source_lsn.0.to_be_bytes());
+            blob.extend_from_slice(&e.tx_index.to_be_bytes());
+        }
     }
     let text = |s: String| Value::from(s);
     let mut args: Vec<Value> =
@@ -822,7 +860,7 @@ impl RedisSink {
                 Err(e) => {
                     // A slot moved, a node failed over, a connection broke: slot by slot,
                     // with retries (what a node's call applied is skipped by its slots).
-                    tracing::debug!("redis at {}: {e}; calling slot by slot", self.url);
+                    tracing::warn!("redis at {}: {e}; calling slot by slot", self.url);
                     let sync = self.client.sync_cluster();
                     let _ = tokio::time::timeout(Duration::from_secs(5), sync).await;
                     let calls = per_slot
@@ -901,7 +939,7 @@ impl RedisSink {
             let n = slots.len();
             // The first slot's position key routes the call to its node.
             let key = format!("{}{NAMESPACE}{{{}}}:pos", self.prefix, slot_tag(slots[0]));
-            let args = move || {
+            let args = move |per_event: bool| {
                 let mut args = vec![
                     text(slots.len().to_string()),
                     text(shared.len().to_string()),
@@ -915,6 +953,7 @@ impl RedisSink {
                         log_ttl,
                         top: TopMode::None,
                         slot: Some(*slot),
+                        per_event,
                     };
                     let mut group = script_args(&self.prefix, &ctx, &per_slot[slot], now);
                     // The number of hours (0 here): the groups share the hours.
@@ -925,9 +964,8 @@ impl RedisSink {
                 args
             };
             async move {
-                run_script::<i64>(&self.client, script, key, args)
+                run_batch_script(&self.client, script, key, args)
                     .await
-                    .map(|n| n as u64)
                     .map_err(|e| format!("the call for {n} slots on {server}: {e}"))
             }
         });
@@ -951,16 +989,19 @@ impl RedisSink {
         let what = || format!("the batch script for slot {slot} ({} events)", events.len());
         self.retry
             .run("redis", &what, Some(&self.metrics), || async {
-                let ctx = CallContext {
-                    namespace: &namespace,
-                    hours,
-                    log_ttl: self.horizon.as_secs() + 3600,
-                    top: TopMode::None,
-                    slot: Some(slot),
+                let args = |per_event| {
+                    let ctx = CallContext {
+                        namespace: &namespace,
+                        hours,
+                        log_ttl: self.horizon.as_secs() + 3600,
+                        top: TopMode::None,
+                        slot: Some(slot),
+                        per_event,
+                    };
+                    script_args(&self.prefix, &ctx, events, now_us())
                 };
-                let args = || script_args(&self.prefix, &ctx, events, now_us());
-                match run_script::<i64>(&self.client, &self.script, pos_key.clone(), args).await {
-                    Ok(n) => Ok(n as u64),
+                match run_batch_script(&self.client, &self.script, pos_key.clone(), args).await {
+                    Ok(n) => Ok(n),
                     Err(e) => {
                         // A node that stopped answering may have been failed over: ask a
                         // live node for the slot map before the next attempt.
@@ -1120,24 +1161,26 @@ impl RedisSink {
         self.retry
             .run("redis", &what, Some(&self.metrics), || async {
                 // Arguments are rebuilt per attempt: the window follows the clock.
-                let ctx = CallContext {
-                    namespace: NAMESPACE,
-                    hours,
-                    log_ttl: self.horizon.as_secs() + 3600,
-                    // The idle call (no events) rebuilds it whole.
-                    top: if events.is_empty() {
-                        TopMode::Rebuild
-                    } else {
-                        TopMode::Keep
-                    },
-                    slot: None,
+                let args = |per_event| {
+                    let ctx = CallContext {
+                        namespace: NAMESPACE,
+                        hours,
+                        log_ttl: self.horizon.as_secs() + 3600,
+                        // The idle call (no events) rebuilds it whole.
+                        top: if events.is_empty() {
+                            TopMode::Rebuild
+                        } else {
+                            TopMode::Keep
+                        },
+                        slot: None,
+                        per_event,
+                    };
+                    script_args(&self.prefix, &ctx, events, now_us())
                 };
-                let args = || script_args(&self.prefix, &ctx, events, now_us());
                 let key = format!("{}{NAMESPACE}:pos", self.prefix);
-                let n: i64 = run_script(&self.client, &self.script, key, args)
+                run_batch_script(&self.client, &self.script, key, args)
                     .await
-                    .map_err(|e| classify(&e, &self.url))?;
-                Ok(n as u64)
+                    .map_err(|e| classify(&e, &self.url))
             })
             .await
             .map_err(|exhausted| exhausted.error)
@@ -1338,6 +1381,7 @@ mod tests {
             log_ttl: 90_000,
             top: TopMode::Keep,
             slot: None,
+            per_event: true,
         };
         let args = script_args("p:", &ctx, &refs, now);
         let a: Vec<String> = args.iter().map(text).collect();
@@ -1388,6 +1432,42 @@ mod tests {
         );
         assert_eq!(&a[51..], ["1", "2026010814", "0", "0"]);
         assert_eq!(args.len(), 55);
+        // Without the per-event part: the same arguments, that one empty.
+        let lean = script_args(
+            "p:",
+            &CallContext {
+                per_event: false,
+                ..ctx
+            },
+            &refs,
+            now,
+        );
+        assert_eq!(lean.len(), args.len());
+        for (k, (l, a)) in lean.iter().zip(&args).enumerate() {
+            if k == 50 {
+                assert_eq!(l, &Value::Bytes(Vec::new().into()));
+            } else {
+                assert_eq!(l, a, "argument {k}");
+            }
+        }
+        // A backfill's call carries it whatever it asks.
+        for e in events.iter_mut() {
+            e.source_lsn = Lsn(0);
+        }
+        let refs: Vec<&EnrichedEvent> = events.iter().collect();
+        let backfill = script_args(
+            "p:",
+            &CallContext {
+                per_event: false,
+                ..ctx
+            },
+            &refs,
+            now,
+        );
+        let Value::Bytes(blob) = &backfill[50] else {
+            panic!("blob")
+        };
+        assert_eq!(blob.len(), 4 * 28);
     }
 
     #[test]
