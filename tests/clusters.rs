@@ -376,6 +376,31 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
             "content:last:{c} is {last}, Postgres's latest event is {id}"
         );
     }
+    // The exactly-once state sits only where a count or a minute bucket needs it: a slot
+    // whose keys are `content:last` ones only has no position of its own.
+    let mut keys = std::collections::BTreeSet::new();
+    for node in cluster.nodes.iter().filter(|n| n.running()) {
+        keys.extend(node.cli(&["KEYS", "*"]).lines().map(str::to_string));
+    }
+    let slot = |k: &str| engagement_cdc::sinks::redis::key_slot(k);
+    let guarded: std::collections::BTreeSet<u16> = keys
+        .iter()
+        .filter(|k| k.starts_with("content:count:") || k.starts_with("top:content:bucket:"))
+        .map(|k| slot(k))
+        .collect();
+    let positions: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with("engagement_cdc{") && k.ends_with("}:pos"))
+        .collect();
+    assert!(!positions.is_empty(), "no position in {keys:?}");
+    for k in &positions {
+        assert!(guarded.contains(&slot(k)), "{k} guards no count or bucket");
+    }
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("content:last:") && !guarded.contains(&slot(k))),
+        "no content:last key in a slot of its own: the case is not exercised"
+    );
     // The top 10 of the last 10 minutes: what Postgres says for that window.
     wait_for("top:content:10m to match Postgres", T, || {
         let want = pg.psql(

@@ -11,7 +11,8 @@
 --   NS:ids:HOUR     the event ids the stream applied in that hour (UTC, of the apply),
 --                   as runs of consecutive ids: 8-byte big-endian first id, 4-byte length.
 --   NS:bfids:HOUR   the same for events a backfill applied. (A call that writes only
---                   content:last keys, as a Redis Cluster slot's may, logs no ids.)
+--                   content:last keys, as a Redis Cluster slot's may, reads and writes
+--                   none of this state.)
 --   NS:bf           the lowest and highest id in the bfids logs (16 hex digits each, the
 --                   sign bit flipped so that they sort), so a streamed batch outside that
 --                   range skips the per-event check.
@@ -191,29 +192,6 @@ local function apply(A, H, h)
     return exists and redis.call('GETBIT', key, id - chunk * 1048576) == 1
   end
 
-  local pos_key = p .. ns .. ':pos'
-  -- The position and the backfilled range, in one command.
-  local state = redis.call('MGET', pos_key, p .. ns .. ':bf')
-  local w = false
-  if mode == 's' then
-    w = state[1]
-    if w and last <= w then
-      -- Every event is a replay.
-      top({})
-      return 0
-    end
-  end
-
-  -- Whether the call's ids meet the range of backfilled ids.
-  local bf_runs = nil
-  local bf = state[2]
-  if bf then
-    local lo, hi = string.match(bf, '^(%x+):(%x+)$')
-    if lo and not (call_hi < lo or call_lo > hi) then
-      bf_runs = {}
-    end
-  end
-
   -- What the call does per content: its count, its content:last.
   local counts, lasts = {}, {}
   for c = 1, nc do
@@ -283,6 +261,39 @@ local function apply(A, H, h)
   local function append(key, blob)
     if #blob > 0 and redis.call('APPEND', key, blob) == #blob then
       redis.call('EXPIRE', key, ttl)
+    end
+  end
+
+  -- A share that writes only `content:last` keys (a Redis Cluster slot's may): applying an
+  -- event again leaves them as they were, so it reads and writes no exactly-once state.
+  if not logs then
+    for c = 1, nc do
+      if lasts[c] then set_last(c) end
+    end
+    top({})
+    return 0
+  end
+
+  local pos_key = p .. ns .. ':pos'
+  -- The position and the backfilled range, in one command.
+  local state = redis.call('MGET', pos_key, p .. ns .. ':bf')
+  local w = false
+  if mode == 's' then
+    w = state[1]
+    if w and last <= w then
+      -- Every event is a replay.
+      top({})
+      return 0
+    end
+  end
+
+  -- Whether the call's ids meet the range of backfilled ids.
+  local bf_runs = nil
+  local bf = state[2]
+  if bf then
+    local lo, hi = string.match(bf, '^(%x+):(%x+)$')
+    if lo and not (call_hi < lo or call_lo > hi) then
+      bf_runs = {}
     end
   end
 
