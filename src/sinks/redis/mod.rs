@@ -1433,15 +1433,11 @@ mod tests {
         assert_eq!(&a[51..], ["1", "2026010814", "0", "0"]);
         assert_eq!(args.len(), 55);
         // Without the per-event part: the same arguments, that one empty.
-        let lean = script_args(
-            "p:",
-            &CallContext {
-                per_event: false,
-                ..ctx
-            },
-            &refs,
-            now,
-        );
+        let lean_ctx = CallContext {
+            per_event: false,
+            ..ctx
+        };
+        let lean = script_args("p:", &lean_ctx, &refs, now);
         assert_eq!(lean.len(), args.len());
         for (k, (l, a)) in lean.iter().zip(&args).enumerate() {
             if k == 50 {
@@ -1455,15 +1451,7 @@ mod tests {
             e.source_lsn = Lsn(0);
         }
         let refs: Vec<&EnrichedEvent> = events.iter().collect();
-        let backfill = script_args(
-            "p:",
-            &CallContext {
-                per_event: false,
-                ..ctx
-            },
-            &refs,
-            now,
-        );
+        let backfill = script_args("p:", &lean_ctx, &refs, now);
         let Value::Bytes(blob) = &backfill[50] else {
             panic!("blob")
         };
