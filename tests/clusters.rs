@@ -457,6 +457,11 @@ fn a_redis_cluster_counts_every_event_once_across_a_master_and_an_engine_kill() 
                 .ends_with(&format!("scanned={n} {want}")),
             "backfill {round}: {run:?}"
         );
+        // A serving cluster takes each master's call whole: no fallback to one call a slot.
+        assert!(
+            !run.stderr.contains("calling slot by slot"),
+            "backfill {round}: {run:?}"
+        );
         for line in per_content.lines() {
             let (c, want) = line.split_once('|').unwrap();
             assert_eq!(
