@@ -15,8 +15,10 @@
 //! it keeps up, from the journal's segment files once it fell behind what the hub holds —
 //! and takes what is waiting, up to its write limit, as one write (throughput); batches close
 //! small when the stream is quiet (latency). The hub is bounded by a budget of
-//! [`IN_FLIGHT_BATCHES`] × `max_batch_rows` events: when it is spent the source waits, and
-//! with it the replication stream (back-pressure, never an unbounded queue). The tracker
+//! [`IN_FLIGHT_BATCHES`] × `max_batch_rows` events (more when a sink's write may take more
+//! than half of that: room for it and half the budget beside it): when it is spent the
+//! source waits, and with it the replication stream (back-pressure, never an unbounded
+//! queue). The tracker
 //! sees every batch registered in order and every ack (each sink and the journal ack in
 //! order). With the journal the longest journaled prefix is durable and each sink's cursor
 //! is stored; without it, the longest prefix every sink acked. The checkpoint moves to the
@@ -218,7 +220,15 @@ impl Pipeline {
         max_batch_rows: usize,
         journal: Option<JournalParts>,
     ) -> Pipeline {
-        let budget_size = IN_FLIGHT_BATCHES * max_batch_rows.max(1000);
+        // Room for the largest write and half the usual budget beside it, so the source
+        // goes on reading while that write is out.
+        let largest_write = sinks
+            .iter()
+            .map(|s| s.write_limit(max_batch_rows))
+            .max()
+            .unwrap_or(0);
+        let budget_size = (IN_FLIGHT_BATCHES * max_batch_rows.max(1000))
+            .max(largest_write + IN_FLIGHT_BATCHES / 2 * max_batch_rows.max(1000));
         let budget = Arc::new(Semaphore::new(budget_size));
         let (register, reg_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(usize, u64)>();

@@ -386,3 +386,96 @@ async fn a_sink_that_fills_its_writes_waits_for_more_only_while_catching_up() {
     assert_eq!(store.checkpoint().unwrap(), Lsn(90));
     p.close(Duration::from_secs(5)).await;
 }
+
+/// A sink whose writes take up to `limit` events, each write waiting for its gate.
+struct LargeWriteSink {
+    gate: Arc<Gate>,
+    writes: Arc<std::sync::Mutex<Vec<usize>>>,
+    limit: usize,
+}
+
+impl Sink for LargeWriteSink {
+    fn name(&self) -> &'static str {
+        "large"
+    }
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [&'a EnrichedEvent],
+    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
+        Box::pin(async move {
+            self.writes.lock().unwrap().push(events.len());
+            self.gate.acquire().await.unwrap().forget();
+            Ok(Delivery::default())
+        })
+    }
+    fn fill_wait(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+    fn write_limit(&self, _max_batch_rows: usize) -> usize {
+        self.limit
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_holds_the_largest_write_and_half_the_usual_budget_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let gate = Arc::new(Gate::new(0));
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Batches of 1000 events; the usual budget is 8 of them, this sink writes up to 12.
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(LargeWriteSink {
+        gate: gate.clone(),
+        writes: writes.clone(),
+        limit: 12_000,
+    })];
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        1000,
+        None,
+    );
+    let mut progress = p.progress();
+    let old = Duration::from_secs(30);
+    let thousand = |k: i64| {
+        let ids: Vec<i64> = (k * 1000 + 1..=k * 1000 + 1000).collect();
+        let mut b = batch(&ids, Some(20 + k as u64), vec![]);
+        let at = crate::enrich::now_us() - old.as_micros() as i64;
+        for e in &mut b.events {
+            e.commit_us = at;
+        }
+        b.last_commit_us = Some(at);
+        b
+    };
+    // A catch-up: the sink fills one write with 12 batches (past the usual budget of 8).
+    for k in 0..12 {
+        tokio::time::timeout(Duration::from_secs(5), p.send(thousand(k)))
+            .await
+            .expect("room in the budget for the write")
+            .unwrap();
+    }
+    let first_write = || writes.lock().unwrap().first().copied();
+    while first_write().is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(first_write(), Some(12_000));
+    // While it is out, the source reads 4 batches more (half the usual budget), and then
+    // waits: the budget is spent until the write is acknowledged.
+    for k in 12..16 {
+        tokio::time::timeout(Duration::from_secs(5), p.send(thousand(k)))
+            .await
+            .expect("room beside the write")
+            .unwrap();
+    }
+    let blocked = tokio::time::timeout(Duration::from_secs(5), p.send(thousand(16))).await;
+    assert!(blocked.is_err(), "the budget is 16,000 events, all held");
+    // The write is acknowledged: everything else goes through.
+    gate.add_permits(100);
+    p.send(thousand(16)).await.unwrap();
+    progress.wait_for(|p| p.done_seq == 17).await.unwrap();
+    assert_eq!(writes.lock().unwrap().iter().sum::<usize>(), 17_000);
+    assert_eq!(store.checkpoint().unwrap(), Lsn(36));
+    p.close(Duration::from_secs(5)).await;
+}

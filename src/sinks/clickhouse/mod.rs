@@ -196,11 +196,13 @@ impl Sink for ClickHouseSink {
         FILL_WAIT
     }
 
-    /// Fewer, larger parts while catching up: ClickHouse merges less. Half the in-flight
-    /// budget, on a cluster too: a write that held all of it would stop the source for as
-    /// long as the insert takes.
+    /// Fewer, larger parts while catching up: ClickHouse merges less. Four batches a shard:
+    /// straight to the shards a write is split among them, and each shard's INSERT is a part
+    /// to merge and (replicated) a round of ZooKeeper operations, so a write of two shards
+    /// takes eight batches (the pipeline's budget grows with it, so the source goes on
+    /// reading while it is out).
     fn write_limit(&self, max_batch_rows: usize) -> usize {
-        4 * max_batch_rows
+        4 * max_batch_rows * self.shards.as_ref().map_or(1, Shards::count)
     }
 
     fn deliver<'a>(

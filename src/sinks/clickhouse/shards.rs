@@ -50,6 +50,11 @@ pub struct Replica {
 }
 
 impl Shards {
+    /// How many shards.
+    pub fn count(&self) -> usize {
+        self.shards.len()
+    }
+
     /// The shards of `[clickhouse] shard_urls`, weighted by the cluster's `system.clusters`
     /// on the server of `url`, which must list as many shards. Every replica is asked which
     /// shard it serves: a replica listed under the wrong shard is an error. With
