@@ -342,9 +342,17 @@ fn main() {
             None => Vec::new(),
         };
         let nodes_before: Vec<f64> = nodes.iter().map(|(_, p)| cpu_seconds(*p)).collect();
-        // Redis's own account of the catch-up's commands (those the script calls included).
-        if clusters.is_none() {
-            redis.cli(&["CONFIG", "RESETSTAT"]);
+        // Redis's own account of the catch-up's commands (those the script calls included);
+        // on a Redis Cluster, its three masters' summed.
+        match &clusters {
+            None => {
+                redis.cli(&["CONFIG", "RESETSTAT"]);
+            }
+            Some((_, rc)) => {
+                for node in &rc.nodes {
+                    node.cli(&["CONFIG", "RESETSTAT"]);
+                }
+            }
         }
         let t = Instant::now();
         let engine = Engine::spawn_with(
@@ -374,7 +382,13 @@ fn main() {
         }
         let redis_commands = match &clusters {
             None => redis_command_stats(&redis.cli(&["INFO", "commandstats"]), n),
-            Some(_) => String::new(),
+            Some((_, rc)) => {
+                let masters: Vec<String> = rc.nodes[..3]
+                    .iter()
+                    .map(|node| node.cli(&["INFO", "commandstats"]))
+                    .collect();
+                redis_command_stats(&masters.join("\n"), n)
+            }
         };
         let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
         let engine_cpu = cpu_seconds(engine.pid());
@@ -629,7 +643,12 @@ fn main() {
     }
     if !cu.redis_commands.is_empty() {
         println!(
-            "| Redis commands during catch-up (INFO commandstats; µs per event) | {} |",
+            "| Redis commands during catch-up (INFO commandstats{}; µs per event) | {} |",
+            if clusters.is_some() {
+                ", the three masters summed"
+            } else {
+                ""
+            },
             cu.redis_commands
         );
     }
@@ -670,9 +689,9 @@ fn main() {
     drop(engine);
 }
 
-/// The commands of an `INFO commandstats` answer with the most time first: name, calls,
-/// and microseconds per event of `n` (the script's own commands appear beside `evalsha`,
-/// whose time includes theirs).
+/// The commands of `INFO commandstats` answers (one or several servers', summed) with the
+/// most time first: name, calls, and microseconds per event of `n` (the script's own
+/// commands appear beside `evalsha`, whose time includes theirs).
 fn redis_command_stats(info: &str, n: u64) -> String {
     let mut rows: Vec<(String, u64, f64)> = info
         .lines()
@@ -685,7 +704,20 @@ fn redis_command_stats(info: &str, n: u64) -> String {
             };
             Some((name.to_string(), field("calls")? as u64, field("usec")?))
         })
-        .collect();
+        .fold(
+            Vec::new(),
+            |mut rows: Vec<(String, u64, f64)>, (name, calls, usec)| {
+                // Several servers' answers: summed by command.
+                match rows.iter_mut().find(|r| r.0 == name) {
+                    Some(r) => {
+                        r.1 += calls;
+                        r.2 += usec;
+                    }
+                    None => rows.push((name, calls, usec)),
+                }
+                rows
+            },
+        );
     rows.sort_by(|a, b| b.2.total_cmp(&a.2));
     rows.iter()
         .take(8)
