@@ -20,7 +20,10 @@
 --   first, this script the part written since).
 --
 -- Arguments (a call's ARGV; built by src/sinks/redis/mod.rs, `script_args`):
---   1 key prefix   2 NS   3 mode: 's' streamed events (with positions), 'b' backfilled ones
+--   1 key prefix   2 NS   3 mode: 's' streamed events (with positions), 'b' backfilled ones,
+--     'l' the short form of a Redis Cluster slot's share that writes only content:last keys:
+--     then 4 the number of contents, and per content: content_id, its latest event's
+--     event_ts (as below), event_id and JSON; nothing else is read
 --   4 position of the first event, 5 of the last (stream), '' for a backfill
 --   6 lowest id, 7 highest id of the call (16 hex digits, sign bit flipped)
 --   8 apply hour (YYYYMMDDHH)   9 TTL of the logs (seconds)
@@ -56,8 +59,36 @@
 -- file followed by `return apply(ARGV)` (one Redis), or by apply_groups.lua (one call for
 -- several hash slots of one Redis Cluster node), whose groups share the hours: they are
 -- read from H at index h (the number of hours) instead of from A.
+-- content:last at `key` set to `json` when the event (`ts`, `id`) is later than the stored
+-- one by (event_ts, event_id); applying an event again leaves it as it was.
+local function write_last(key, ts, id, json)
+  local cur = redis.call('GET', key)
+  local later = true
+  if cur then
+    local cts = string.match(cur, '"event_ts":"([^"]*)"')
+    local cur_id = tonumber(string.match(cur, '^{"event_id":(%-?%d+)'))
+    if cts and cur_id then
+      if not string.find(cts, '.', 1, true) then
+        cts = string.sub(cts, 1, -2) .. '.000000Z'
+      end
+      later = (ts > cts) or (ts == cts and tonumber(id) > cur_id)
+    end
+  end
+  if later then
+    redis.call('SET', key, json, 'EX', 3600)
+  end
+end
+
 local function apply(A, H, h)
   local p, ns, mode = A[1], A[2], A[3]
+  if mode == 'l' then
+    -- The short form: content:last keys only, no exactly-once state to read or write.
+    for c = 1, tonumber(A[4]) do
+      local at = 5 + 4 * (c - 1)
+      write_last(p .. 'content:last:' .. A[at], A[at + 1], A[at + 2], A[at + 3])
+    end
+    return 0
+  end
   local first, last = A[4], A[5]
   local call_lo, call_hi = A[6], A[7]
   local hour, ttl = A[8], tonumber(A[9])
@@ -200,8 +231,9 @@ local function apply(A, H, h)
     lasts[c] = string.find(role, 'l', 1, true) ~= nil
   end
   -- Whether the ids must be logged: a count or a bucket applied twice would count twice;
-  -- content:last alone (on a Redis Cluster, a slot's call may write nothing else) keeps the
-  -- later event by (event_ts, event_id), so applying an event again changes nothing.
+  -- content:last alone keeps the later event by (event_ts, event_id), so applying an event
+  -- again changes nothing (a Redis Cluster slot's share that writes nothing else comes in
+  -- the short form, above).
   local logs = np > 0
   for c = 1, nc do
     if counts[c] then logs = true end
@@ -229,23 +261,7 @@ local function apply(A, H, h)
   -- event is later than the stored one by (event_ts, event_id).
   local function set_last(c)
     local base = cbase + 7 * (c - 1)
-    local key = p .. 'content:last:' .. A[base]
-    local cur = redis.call('GET', key)
-    local later = true
-    if cur then
-      local cts = string.match(cur, '"event_ts":"([^"]*)"')
-      local cur_id = tonumber(string.match(cur, '^{"event_id":(%-?%d+)'))
-      if cts and cur_id then
-        if not string.find(cts, '.', 1, true) then
-          cts = string.sub(cts, 1, -2) .. '.000000Z'
-        end
-        local ts = A[base + 2]
-        later = (ts > cts) or (ts == cts and tonumber(A[base + 3]) > cur_id)
-      end
-    end
-    if later then
-      redis.call('SET', key, A[base + 4], 'EX', 3600)
-    end
+    write_last(p .. 'content:last:' .. A[base], A[base + 2], A[base + 3], A[base + 4])
   end
 
   local function expire_buckets(used)
@@ -264,8 +280,8 @@ local function apply(A, H, h)
     end
   end
 
-  -- A share that writes only `content:last` keys (a Redis Cluster slot's may): applying an
-  -- event again leaves them as they were, so it reads and writes no exactly-once state.
+  -- A call without counts or buckets (one Redis's idle call, which only rebuilds
+  -- top:content:10m): no exactly-once state to read or write.
   if not logs then
     for c = 1, nc do
       if lasts[c] then set_last(c) end

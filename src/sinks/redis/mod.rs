@@ -360,6 +360,44 @@ pub fn script_args(
         }
     }
     let text = |s: String| Value::from(s);
+    // What the call does per content: 'c' its count, 'l' its content:last (on a Redis
+    // Cluster each key is written by the call of its slot).
+    let roles: Vec<&'static str> = contents
+        .iter()
+        .map(|(content_id, _, _)| match ctx.slot {
+            None => "cl",
+            Some(s) => {
+                let count = key_slot(&format!("{prefix}content:count:{content_id}")) == s;
+                let last = key_slot(&format!("{prefix}content:last:{content_id}")) == s;
+                match (count, last) {
+                    (true, true) => "cl",
+                    (true, false) => "c",
+                    (false, true) => "l",
+                    (false, false) => "-",
+                }
+            }
+        })
+        .collect();
+    if ctx.slot.is_some() && pairs.is_empty() && roles.iter().all(|r| !r.contains('c')) {
+        // A slot's share that writes only content:last keys keeps no exactly-once state:
+        // the short form, the content and its latest event only.
+        let lasts: Vec<usize> = (0..contents.len()).filter(|&c| roles[c] == "l").collect();
+        let mut args = Vec::with_capacity(5 + 4 * lasts.len() + 3 * ctx.hours.len());
+        args.push(text(prefix.to_string()));
+        args.push(text(ctx.namespace.to_string()));
+        args.push(text("l".into()));
+        args.push(text(lasts.len().to_string()));
+        for c in lasts {
+            let (content_id, latest, _) = contents[c];
+            let e = events[latest];
+            args.push(text(content_id.to_string()));
+            args.push(text(sortable_ts(e.event_ts_us)));
+            args.push(text(e.event_id.to_string()));
+            args.push(text(e.to_json()));
+        }
+        push_hours(&mut args, ctx.hours);
+        return args;
+    }
     let mut args: Vec<Value> =
         Vec::with_capacity(30 + buckets.len() + contents.len() * 7 + pairs.len() * 3);
     args.push(text(prefix.to_string()));
@@ -394,21 +432,8 @@ pub fn script_args(
             args.push(text(minute_key((now_minute - back) * MINUTE)));
         }
     }
-    for (content_id, latest, n) in &contents {
+    for ((content_id, latest, n), role) in contents.iter().zip(roles) {
         let e = events[*latest];
-        let role = match ctx.slot {
-            None => "cl",
-            Some(s) => {
-                let count = key_slot(&format!("{prefix}content:count:{content_id}")) == s;
-                let last = key_slot(&format!("{prefix}content:last:{content_id}")) == s;
-                match (count, last) {
-                    (true, true) => "cl",
-                    (true, false) => "c",
-                    (false, true) => "l",
-                    (false, false) => "-",
-                }
-            }
-        };
         args.push(text(content_id.to_string()));
         args.push(text((latest + 1).to_string()));
         // The latest event only where this call writes its content:last.
@@ -433,13 +458,19 @@ pub fn script_args(
     }
     args.push(Value::Bytes(id_runs(events).into()));
     args.push(Value::Bytes(blob.into()));
-    args.push(text(ctx.hours.len().to_string()));
-    for (h, ids, bf) in ctx.hours {
-        args.push(text(h.clone()));
-        args.push(text(ids.to_string()));
-        args.push(text(bf.to_string()));
-    }
+    push_hours(&mut args, ctx.hours);
     args
+}
+
+/// The number of hours of the dedup horizon, then per hour: HOUR, and the lengths of its
+/// ids and bfids logs a backfill has read (the last arguments of every call).
+fn push_hours(args: &mut Vec<Value>, hours: &[(String, u64, u64)]) {
+    args.push(Value::from(hours.len().to_string()));
+    for (h, ids, bf) in hours {
+        args.push(Value::from(h.clone()));
+        args.push(Value::from(ids.to_string()));
+        args.push(Value::from(bf.to_string()));
+    }
 }
 
 /// The hours whose logs may still exist at `now_us` with `horizon`: from the hour the
@@ -1461,6 +1492,44 @@ mod tests {
             panic!("blob")
         };
         assert_eq!(blob.len(), 4 * 28);
+    }
+
+    #[test]
+    fn a_cluster_share_of_content_last_keys_only_goes_in_the_short_form() {
+        let now = 1_767_882_112_000_000; // 14:21:52
+                                         // Content 7's count and content:last keys hash to different slots.
+        let last_slot = key_slot("p:content:last:7");
+        let count_slot = key_slot("p:content:count:7");
+        assert_ne!(last_slot, count_slot);
+        let mut events = [ev(1, 7, now - 1_000_000), ev(3, 7, now), ev(2, 7, now)];
+        for (k, e) in events.iter_mut().enumerate() {
+            e.source_lsn = Lsn(0x1_0000_00ff);
+            e.tx_index = k as u32;
+        }
+        let refs: Vec<&EnrichedEvent> = events.iter().collect();
+        let share = |slot| {
+            let ctx = CallContext {
+                namespace: "engagement_cdc{x}",
+                hours: &[],
+                log_ttl: 90_000,
+                top: TopMode::None,
+                slot: Some(slot),
+                per_event: false,
+            };
+            let args = script_args("p:", &ctx, &refs, now);
+            args.iter().map(text).collect::<Vec<String>>()
+        };
+        // The slot of content:last: the content and its latest event (by event_ts, then
+        // event_id: event 3), and the number of hours; no position, ids or counts.
+        let a = share(last_slot);
+        assert_eq!(&a[..4], ["p:", "engagement_cdc{x}", "l", "1"]);
+        assert_eq!(&a[4..7], ["7", "2026-01-08T14:21:52.000000Z", "3"]);
+        assert!(a[7].starts_with("{\"event_id\":3,"));
+        assert_eq!(&a[8..], ["0"]);
+        // The slot of its count: the long form, with positions.
+        let a = share(count_slot);
+        assert_eq!(&a[..3], ["p:", "engagement_cdc{x}", "s"]);
+        assert_eq!(a[3], "00000001000000ff00000000");
     }
 
     #[test]
