@@ -307,9 +307,13 @@ async fn a_commit_without_events_is_journaled_and_keeps_its_transaction() {
     assert_eq!(records.last().unwrap().commit_end, Some(Lsn(20)));
 }
 
-/// A sink that records the size of each write, and fills its writes while catching up.
+/// A sink that records the size of each write, and fills its writes (up to `limit` events,
+/// waiting `fill` for more) while catching up; with a gate, each write waits for a permit.
 struct FillingSink {
     writes: Arc<std::sync::Mutex<Vec<usize>>>,
+    limit: usize,
+    fill: Duration,
+    gate: Option<Arc<Gate>>,
 }
 
 impl Sink for FillingSink {
@@ -322,26 +326,34 @@ impl Sink for FillingSink {
     ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
         Box::pin(async move {
             self.writes.lock().unwrap().push(events.len());
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.unwrap().forget();
+            }
             Ok(Delivery::default())
         })
     }
     fn fill_wait(&self) -> Duration {
-        Duration::from_millis(250)
+        self.fill
     }
     fn write_limit(&self, _max_batch_rows: usize) -> usize {
-        7
+        self.limit
     }
 }
 
-/// Two events committed `age` ago (at LSN `commit`).
-fn aged_batch(first_id: i64, commit: u64, age: Duration) -> Batch {
-    let mut b = batch(&[first_id, first_id + 1], Some(commit), vec![]);
+/// Events `ids` committed `age` ago (at LSN `commit`).
+fn aged(ids: &[i64], commit: u64, age: Duration) -> Batch {
+    let mut b = batch(ids, Some(commit), vec![]);
     let at = crate::enrich::now_us() - age.as_micros() as i64;
     for e in &mut b.events {
         e.commit_us = at;
     }
     b.last_commit_us = Some(at);
     b
+}
+
+/// Two events committed `age` ago (at LSN `commit`).
+fn aged_batch(first_id: i64, commit: u64, age: Duration) -> Batch {
+    aged(&[first_id, first_id + 1], commit, age)
 }
 
 #[tokio::test(start_paused = true)]
@@ -352,6 +364,9 @@ async fn a_sink_that_fills_its_writes_waits_for_more_only_while_catching_up() {
     let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(FillingSink {
         writes: writes.clone(),
+        limit: 7,
+        fill: Duration::from_millis(250),
+        gate: None,
     })];
     let mut p = Pipeline::start(
         sinks,
@@ -387,35 +402,6 @@ async fn a_sink_that_fills_its_writes_waits_for_more_only_while_catching_up() {
     p.close(Duration::from_secs(5)).await;
 }
 
-/// A sink whose writes take up to `limit` events, each write waiting for its gate.
-struct LargeWriteSink {
-    gate: Arc<Gate>,
-    writes: Arc<std::sync::Mutex<Vec<usize>>>,
-    limit: usize,
-}
-
-impl Sink for LargeWriteSink {
-    fn name(&self) -> &'static str {
-        "large"
-    }
-    fn deliver<'a>(
-        &'a mut self,
-        events: &'a [&'a EnrichedEvent],
-    ) -> BoxFuture<'a, Result<Delivery, SinkError>> {
-        Box::pin(async move {
-            self.writes.lock().unwrap().push(events.len());
-            self.gate.acquire().await.unwrap().forget();
-            Ok(Delivery::default())
-        })
-    }
-    fn fill_wait(&self) -> Duration {
-        Duration::from_secs(10)
-    }
-    fn write_limit(&self, _max_batch_rows: usize) -> usize {
-        self.limit
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_budget_holds_the_largest_write_and_half_the_usual_budget_beside_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -424,10 +410,11 @@ async fn the_budget_holds_the_largest_write_and_half_the_usual_budget_beside_it(
     let gate = Arc::new(Gate::new(0));
     let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
     // Batches of 1000 events; the usual budget is 8 of them, this sink writes up to 12.
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(LargeWriteSink {
-        gate: gate.clone(),
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(FillingSink {
         writes: writes.clone(),
         limit: 12_000,
+        fill: Duration::from_secs(10),
+        gate: Some(gate.clone()),
     })];
     let mut p = Pipeline::start(
         sinks,
@@ -438,16 +425,9 @@ async fn the_budget_holds_the_largest_write_and_half_the_usual_budget_beside_it(
         None,
     );
     let mut progress = p.progress();
-    let old = Duration::from_secs(30);
     let thousand = |k: i64| {
         let ids: Vec<i64> = (k * 1000 + 1..=k * 1000 + 1000).collect();
-        let mut b = batch(&ids, Some(20 + k as u64), vec![]);
-        let at = crate::enrich::now_us() - old.as_micros() as i64;
-        for e in &mut b.events {
-            e.commit_us = at;
-        }
-        b.last_commit_us = Some(at);
-        b
+        aged(&ids, 20 + k as u64, Duration::from_secs(30))
     };
     // A catch-up: the sink fills one write with 12 batches (past the usual budget of 8).
     for k in 0..12 {
