@@ -4,7 +4,7 @@
 # and so on. Every run's raw output is kept, with the date, machine and commit, in
 # docs/bench-output/e2e-<date>-<name>.txt.
 # With --single-and-clusters each run measures single servers, then the clusters
-# (--clusters), one after the other, so that the two are compared within one session.
+# (--clusters), one after the other, and the output ends with each run's clusters / single.
 #   scripts/bench.sh [--runs 4] [--name NAME] [--single-and-clusters] [-- OPTIONS for benches/e2e.rs]
 # e.g. scripts/bench.sh --runs 4 --name 1000contents -- --events 1000000
 set -euo pipefail
@@ -48,4 +48,23 @@ for i in $(seq 1 "$runs"); do
     cargo bench --locked --bench e2e -- --first "$first" "${extra[@]}" "$@" 2>&1 | tee -a "$out"
   done
 done
+if [ -n "$both" ]; then
+  # Each run's clusters / single: the catch-up rates, and the same with each set against its
+  # own pg_recvlogical (the machine's speed can move between the two halves of a run).
+  summary=$(awk '
+    /^### run / { half = ($0 ~ /clusters\)$/) ? "c" : "s"; run = $3 }
+    /^\| pg_recvlogical alone \|/ { raw[run, half] = $5 }
+    /^\| engine catch-up, all listed sinks \|/ { rate[run, half] = $8 }
+    END {
+      for (r = 1; (r, "s") in rate; r++) {
+        if (!((r, "c") in rate)) continue
+        ratio = rate[r, "c"] / rate[r, "s"]
+        norm = (rate[r, "c"] / raw[r, "c"]) / (rate[r, "s"] / raw[r, "s"])
+        printf "run %d: clusters / single %.2f (%d / %d events/s); against each half'"'"'s own pg_recvlogical %.2f\n", r, ratio, rate[r, "c"], rate[r, "s"], norm
+        sc += rate[r, "c"]; ss += rate[r, "s"]
+      }
+      if (ss > 0) printf "all runs: clusters / single %.2f (rates summed)\n", sc / ss
+    }' "$out")
+  { echo ""; echo "### clusters / single"; echo "$summary"; } | tee -a "$out"
+fi
 echo "raw output kept in $out"
