@@ -18,12 +18,11 @@
 //! [`IN_FLIGHT_BATCHES`] × `max_batch_rows` events (more when a sink's write may take more
 //! than half of that: room for it and half the budget beside it): when it is spent the
 //! source waits, and with it the replication stream (back-pressure, never an unbounded
-//! queue). The tracker
-//! sees every batch registered in order and every ack (each sink and the journal ack in
-//! order). With the journal the longest journaled prefix is durable and each sink's cursor
-//! is stored; without it, the longest prefix every sink acked. The checkpoint moves to the
-//! last commit in that prefix, written to sled with the prefix's dimension changes before
-//! Postgres hears of it.
+//! queue). The tracker sees every batch registered in order and every ack (each sink and
+//! the journal ack in order). With the journal the longest journaled prefix is durable and
+//! each sink's cursor is stored; without it, the longest prefix every sink acked. The
+//! checkpoint moves to the last commit in that prefix, written to sled with the prefix's
+//! dimension changes before Postgres hears of it.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -227,8 +226,9 @@ impl Pipeline {
             .map(|s| s.write_limit(max_batch_rows))
             .max()
             .unwrap_or(0);
-        let budget_size = (IN_FLIGHT_BATCHES * max_batch_rows.max(1000))
-            .max(largest_write + IN_FLIGHT_BATCHES / 2 * max_batch_rows.max(1000));
+        let rows = max_batch_rows.max(1000);
+        let budget_size =
+            (IN_FLIGHT_BATCHES * rows).max(largest_write + IN_FLIGHT_BATCHES / 2 * rows);
         let budget = Arc::new(Semaphore::new(budget_size));
         let (register, reg_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(usize, u64)>();

@@ -1430,7 +1430,8 @@ mod tests {
         assert_eq!(&a[14..16], ["202601081411", "202601081421"]);
         assert_eq!(a[16], "202601081421"); // window starts at the current minute
         assert_eq!(a[25], "202601081412"); // and ends 9 minutes before
-                                           // Content 7: its latest event is event 3 (index 3), 3 events.
+
+        // Content 7: its latest event is event 3 (index 3), 3 events.
         assert_eq!(&a[26..30], ["7", "3", "2026-01-08T14:21:51.000000Z", "3"]);
         assert!(a[30].starts_with("{\"event_id\":3,"));
         assert_eq!(&a[31..33], ["3", "cl"]);
@@ -1497,7 +1498,8 @@ mod tests {
     #[test]
     fn a_cluster_share_of_content_last_keys_only_goes_in_the_short_form() {
         let now = 1_767_882_112_000_000; // 14:21:52
-                                         // Content 7's count and content:last keys hash to different slots.
+
+        // Content 7's count and content:last keys hash to different slots.
         let last_slot = key_slot("p:content:last:7");
         let count_slot = key_slot("p:content:count:7");
         assert_ne!(last_slot, count_slot);
