@@ -57,7 +57,7 @@ if [ -n "$both" ]; then
     /^\| engine catch-up, all listed sinks \|/ { rate[run, half] = $8 }
     END {
       for (r = 1; (r, "s") in rate; r++) {
-        if (!((r, "c") in rate)) continue
+        if (!((r, "c") in rate) || !raw[r, "s"] || !raw[r, "c"] || !rate[r, "s"]) continue
         ratio = rate[r, "c"] / rate[r, "s"]
         norm = (rate[r, "c"] / raw[r, "c"]) / (rate[r, "s"] / raw[r, "s"])
         printf "run %d: clusters / single %.2f (%d / %d events/s); against each half'"'"'s own pg_recvlogical %.2f\n", r, ratio, rate[r, "c"], rate[r, "s"], norm
