@@ -77,80 +77,175 @@ const FIELDS: [&str; 11] = [
     "engagement_pct",
 ];
 
-/// A JSON object with its keys in the order they came.
-struct Ordered(Vec<(String, serde_json::Value)>);
+/// What each field of an event may hold (docs/sinks.md): an integer within ± the bound,
+/// a string, a number, an `event_ts`; optional ones may also be null.
+#[derive(Clone, Copy)]
+enum Kind {
+    Int { max: i64, null: bool },
+    Text { null: bool },
+    Number,
+    Timestamp,
+}
 
-impl<'de> serde::Deserialize<'de> for Ordered {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Ordered;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an event object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
+const KINDS: [Kind; 11] = [
+    Kind::Int {
+        max: i64::MAX,
+        null: false,
+    },
+    Kind::Int {
+        max: i64::MAX,
+        null: false,
+    },
+    Kind::Int {
+        max: i64::MAX,
+        null: false,
+    },
+    Kind::Text { null: false },
+    Kind::Timestamp,
+    Kind::Int {
+        max: i32::MAX as i64,
+        null: true,
+    },
+    Kind::Text { null: true },
+    Kind::Text { null: true },
+    Kind::Int {
+        max: i32::MAX as i64,
+        null: true,
+    },
+    Kind::Number,
+    Kind::Number,
+];
+
+/// One field's value, checked as it is parsed (nothing is allocated for a good event):
+/// its integer when it has one.
+struct Field(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Field {
+    type Value = Option<i64>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<i64>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Field {
+    fn int<E: serde::de::Error>(&self, v: i128) -> Result<Option<i64>, E> {
+        match KINDS[self.0] {
+            Kind::Int { max, .. } if v.unsigned_abs() <= max as u128 => Ok(Some(v as i64)),
+            Kind::Int { max, .. } => Err(E::custom(format!(
+                "{} is {v}, out of range (±{max})",
+                FIELDS[self.0]
+            ))),
+            Kind::Number => Ok(None),
+            _ => Err(E::invalid_type(
+                serde::de::Unexpected::Other(&format!("integer `{v}`")),
                 self,
-                mut m: A,
-            ) -> Result<Ordered, A::Error> {
-                let mut out = Vec::new();
-                while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
-                    out.push((k, v));
-                }
-                Ok(Ordered(out))
-            }
+            )),
         }
-        d.deserialize_map(V)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Field {
+    type Value = Option<i64>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let (what, null) = match KINDS[self.0] {
+            Kind::Int { null, .. } => ("an integer", null),
+            Kind::Text { null } => ("a string", null),
+            Kind::Number => ("a number", true),
+            Kind::Timestamp => ("an event_ts string", false),
+        };
+        let or_null = if null { " or null" } else { "" };
+        write!(f, "{} to be {what}{or_null}", FIELDS[self.0])
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<i64>, E> {
+        self.int(v.into())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<i64>, E> {
+        self.int(v.into())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Option<i64>, E> {
+        match KINDS[self.0] {
+            Kind::Number => Ok(None),
+            _ => Err(E::invalid_type(serde::de::Unexpected::Float(v), &self)),
+        }
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<i64>, E> {
+        match KINDS[self.0] {
+            Kind::Text { .. } => Ok(None),
+            Kind::Timestamp => check_event_ts(v).map(|()| None).map_err(E::custom),
+            _ => Err(E::invalid_type(serde::de::Unexpected::Str(v), &self)),
+        }
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<i64>, E> {
+        match KINDS[self.0] {
+            Kind::Int { null: true, .. } | Kind::Text { null: true } | Kind::Number => Ok(None),
+            _ => Err(E::invalid_type(serde::de::Unexpected::Unit, &self)),
+        }
+    }
+}
+
+/// A key, compared with the one expected at its place.
+struct Key(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Key {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Key {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<(), E> {
+        if FIELDS.get(self.0) == Some(&k) {
+            return Ok(());
+        }
+        Err(E::custom(format!(
+            "field {k:?} where {} is expected: expected {FIELDS:?} in that order",
+            FIELDS
+                .get(self.0)
+                .map_or("the end".to_string(), |f| format!("{f:?}"))
+        )))
+    }
+}
+
+/// An event object, its fields checked in order as they are parsed: its id.
+struct Event;
+
+impl<'de> serde::de::Visitor<'de> for Event {
+    type Value = i64;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an event object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<i64, A::Error> {
+        let mut id = 0;
+        let mut i = 0;
+        while m.next_key_seed(Key(i))?.is_some() {
+            let v = m.next_value_seed(Field(i))?;
+            if i == 0 {
+                id = v.unwrap_or_default();
+            }
+            i += 1;
+        }
+        if i < FIELDS.len() {
+            return Err(serde::de::Error::custom(format!(
+                "no field {:?} (expected {FIELDS:?} in that order)",
+                FIELDS[i]
+            )));
+        }
+        Ok(id)
     }
 }
 
 /// The event's id, or what in it differs from docs/sinks.md.
 fn check_event(raw: &str) -> Result<i64, String> {
-    use serde_json::Value as J;
-    let obj: Ordered =
-        serde_json::from_str(raw).map_err(|e| format!("not an event object: {e}"))?;
-    let keys: Vec<&str> = obj.0.iter().map(|(k, _)| k.as_str()).collect();
-    if keys != FIELDS {
-        return Err(format!(
-            "fields {keys:?}, expected {FIELDS:?} in that order"
-        ));
-    }
-    let v = |i: usize| &obj.0[i].1;
-    let int = |i: usize, nullable: bool, max: i64| match v(i) {
-        J::Null if nullable => Ok(()),
-        J::Number(n) if n.as_i64().is_some_and(|x| x.unsigned_abs() <= max as u64) => Ok(()),
-        other => Err(format!(
-            "{} is {other}, expected an integer{}",
-            FIELDS[i],
-            if nullable { " or null" } else { "" }
-        )),
-    };
-    let text = |i: usize, nullable: bool| match v(i) {
-        J::Null if nullable => Ok(()),
-        J::String(_) => Ok(()),
-        other => Err(format!("{} is {other}, expected a string", FIELDS[i])),
-    };
-    let number = |i: usize| match v(i) {
-        J::Null | J::Number(_) => Ok(()),
-        other => Err(format!(
-            "{} is {other}, expected a number or null",
-            FIELDS[i]
-        )),
-    };
-    for i in 0..3 {
-        int(i, false, i64::MAX)?;
-    }
-    text(3, false)?;
-    let ts = v(4)
-        .as_str()
-        .ok_or_else(|| format!("event_ts is {}, expected a string", v(4)))?;
-    check_event_ts(ts)?;
-    int(5, true, i32::MAX as i64)?;
-    text(6, true)?;
-    text(7, true)?;
-    int(8, true, i32::MAX as i64)?;
-    number(9)?;
-    number(10)?;
-    Ok(v(0).as_i64().expect("checked"))
+    use serde::Deserializer as _;
+    let mut d = serde_json::Deserializer::from_str(raw);
+    let id = d.deserialize_map(Event).map_err(|e| e.to_string())?;
+    d.end().map_err(|e| e.to_string())?;
+    Ok(id)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, or with `.ffffff` (six digits, not all zero) before the `Z`.
@@ -538,6 +633,29 @@ mod tests {
             ),
             (GOOD.replace(r#","engagement_pct":0.02"#, ""), "order"),
             (GOOD.replace(r#""device":"web""#, r#""device":7"#), "device"),
+            (
+                GOOD.replace(r#""user_id":999"#, r#""user_id":null"#),
+                "user_id",
+            ),
+            (
+                GOOD.replace(r#""user_id":999"#, r#""user_id":9.5"#),
+                "user_id",
+            ),
+            (
+                GOOD.replace(r#""event_type":"play""#, r#""event_type":{}"#),
+                "event_type",
+            ),
+            (
+                GOOD.replace(r#""engagement_pct":0.02"#, r#""engagement_pct":"x""#),
+                "engagement_pct",
+            ),
+            (GOOD.replace("}", r#","extra":1}"#), "extra"),
+            (
+                GOOD.replace(r#""event_id":16"#, r#""event_id":9223372036854775808"#),
+                "event_id",
+            ),
+            (format!("{GOOD} 1"), "trailing"),
+            ("[1]".to_string(), "event object"),
         ] {
             let e = check_event(&bad).unwrap_err();
             assert!(
