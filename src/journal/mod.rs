@@ -438,6 +438,7 @@ impl Writer {
                     self.dir.display()
                 )
             })?;
+        drop_cached(file);
         let seg = self.segments.back_mut().expect("an active segment");
         for p in self.pending.drain(..) {
             seg.add(p.seq, p.last_commit_us, p.lsns, p.size);
@@ -486,6 +487,26 @@ impl Writer {
 }
 
 /// A sink's (or `replay`'s) reader: sequential reads from any sequence number.
+/// Drop a segment's pages from the page cache once written and synced, or read. The
+/// journal is written once and read again only by a sink that fell behind the batches in
+/// memory: cached, it would take memory from Postgres's own cached data on the same host
+/// (a 1,000,000-event catch-up writes about 125 MB), and on a virtual machine whose free
+/// memory goes back to the host, every fresh page-cache page also costs a host fault —
+/// about a fifth of the engine's CPU in a catch-up here (docs/benchmarks.md). Advice only:
+/// a failure changes nothing but the memory used.
+fn drop_cached(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fadvise reads no memory of ours; the descriptor is open (borrowed).
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
 pub struct Reader {
     dir: PathBuf,
     /// The open segment, and the last sequence number read from it.
@@ -505,6 +526,19 @@ impl Reader {
     /// Records with `after < seq <= up_to`, in order, until they hold `max_events` events
     /// (at least one record when there is one). Empty when the journal holds none yet.
     pub fn read(
+        &mut self,
+        after: u64,
+        up_to: u64,
+        max_events: usize,
+    ) -> anyhow::Result<Vec<Record>> {
+        let out = self.read_records(after, up_to, max_events);
+        if let Some((file, _)) = &self.open {
+            drop_cached(file.get_ref());
+        }
+        out
+    }
+
+    fn read_records(
         &mut self,
         after: u64,
         up_to: u64,
@@ -549,6 +583,7 @@ impl Reader {
                     let files = segment_files(&self.dir)?;
                     match files.iter().find(|(first, _)| *first > next) {
                         Some((_, path)) => {
+                            drop_cached(file.get_ref());
                             let f = File::open(path).with_context(|| {
                                 format!("cannot open the journal segment {}", path.display())
                             })?;

@@ -403,3 +403,61 @@ mod cut {
         }
     }
 }
+
+/// Pages of `path` in the page cache.
+#[cfg(target_os = "linux")]
+fn cached_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    if len == 0 {
+        return 0;
+    }
+    let page = 4096;
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of an open file, unmapped below; mincore fills
+    // one byte per page of it into a vector of that length.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(at, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(at, len, resident.as_mut_ptr()), 0);
+        libc::munmap(at, len);
+    }
+    resident.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn written_and_read_segments_leave_nothing_in_the_page_cache() {
+    // Under target/, not /tmp: a tmpfs keeps its pages whatever is advised.
+    std::fs::create_dir_all("target").unwrap();
+    let dir = tempfile::tempdir_in("target").unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(8 << 20), Lsn(0)).unwrap();
+    fill(&mut w, 1, 40);
+    let segments: Vec<PathBuf> = segment_files(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let cached = |what: &str| {
+        for p in &segments {
+            assert_eq!(cached_pages(p), 0, "{what}: {} is cached", p.display());
+        }
+    };
+    cached("after writing");
+    // Read into the cache (as another program would), then by the journal's reader.
+    for p in &segments {
+        std::fs::read(p).unwrap();
+    }
+    assert!(cached_pages(&segments[0]) > 0, "a read file is cached");
+    assert_eq!(all_seqs(dir.path()).len(), 40);
+    cached("after reading");
+}
