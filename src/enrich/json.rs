@@ -40,12 +40,14 @@ impl EnrichedEvent {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"engagement_seconds\":");
-        match self.engagement_ms {
+        let (engagement_ms, engagement_pct_hundredths) =
+            super::derived_fields(self.duration_ms, self.length_seconds);
+        match engagement_ms {
             Some(ms) => write_decimal(out, ms, 3),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"engagement_pct\":");
-        match self.engagement_pct_hundredths {
+        match engagement_pct_hundredths {
             Some(h) => write_decimal(out, h, 2),
             None => out.extend_from_slice(b"null"),
         }
@@ -160,7 +162,7 @@ fn parse_event(v: &serde_json::Value) -> Result<EnrichedEvent, String> {
         }
     };
     let ts = opt_str("event_ts")?.ok_or("event_ts is missing")?;
-    Ok(EnrichedEvent {
+    let e = EnrichedEvent {
         event_id: int("event_id")?,
         content_id: int("content_id")?,
         user_id: int("user_id")?,
@@ -173,12 +175,47 @@ fn parse_event(v: &serde_json::Value) -> Result<EnrichedEvent, String> {
         device: opt_str("device")?.map(Into::into),
         content_type: opt_str("content_type")?.map(Into::into),
         length_seconds: opt_i32("length_seconds")?,
-        engagement_ms: opt_decimal("engagement_seconds", 3)?,
-        engagement_pct_hundredths: opt_decimal("engagement_pct", 2)?,
         source_lsn: Lsn(0),
         commit_us: 0,
         tx_index: 0,
-    })
+    };
+    // The derived fields follow from duration_ms and length_seconds; an event whose
+    // stated ones differ was not written by the engine (or was edited): refused, not
+    // silently corrected.
+    for (k, scale, stated, derived) in [
+        (
+            "engagement_seconds",
+            3,
+            opt_decimal("engagement_seconds", 3)?,
+            e.engagement_ms(),
+        ),
+        (
+            "engagement_pct",
+            2,
+            opt_decimal("engagement_pct", 2)?,
+            e.engagement_pct_hundredths(),
+        ),
+    ] {
+        if stated != derived {
+            return Err(format!(
+                "{k} is {}, but duration_ms and length_seconds give {}",
+                units_text(stated, scale),
+                units_text(derived, scale)
+            ));
+        }
+    }
+    Ok(e)
+}
+
+fn units_text(units: Option<i64>, scale: u32) -> String {
+    match units {
+        Some(u) => {
+            let mut out = Vec::new();
+            write_decimal(&mut out, u, scale);
+            String::from_utf8(out).expect("digits")
+        }
+        None => "null".into(),
+    }
 }
 
 /// `"7.0"` at scale 3 → 7000; `"0.02"` at scale 2 → 2; more fraction digits → `None`.
@@ -215,12 +252,10 @@ mod tests {
             kind in proptest::option::of("[a-z]{0,8}"),
             event_type in ".{0,12}",
         ) {
-            let (ms, pct) = super::super::derived_fields(duration, length);
             let e = EnrichedEvent {
                 event_id: id, content_id: content, user_id: user, event_type: event_type.into(),
                 event_ts_us: ts, duration_ms: duration, device: device.map(Into::into),
                 content_type: kind.map(Into::into), length_seconds: length,
-                engagement_ms: ms, engagement_pct_hundredths: pct,
                 source_lsn: Lsn(0), commit_us: 0, tx_index: 0,
             };
             let one = e.to_json();
@@ -250,5 +285,22 @@ mod tests {
         assert_eq!(decimal_units("0.375", 3), Some(375));
         assert_eq!(decimal_units("7.0", 3), Some(7000));
         assert_eq!(decimal_units("0.001", 2), None);
+    }
+
+    #[test]
+    fn derived_fields_that_do_not_follow_are_refused() {
+        let good = r#"{"event_id":16,"content_id":1,"user_id":999,"event_type":"play","event_ts":"2026-01-08T14:21:52.163702Z","duration_ms":7000,"device":"web","content_type":"video","length_seconds":300,"engagement_seconds":7.0,"engagement_pct":0.02}"#;
+        let e = parse_events(good).unwrap();
+        assert_eq!(e[0].to_json(), good);
+        let edited = good.replace(r#""engagement_seconds":7.0"#, r#""engagement_seconds":8.0"#);
+        let why = parse_events(&edited).unwrap_err();
+        assert!(
+            why.contains("engagement_seconds is 8.0, but duration_ms and length_seconds give 7.0"),
+            "{why}"
+        );
+        let edited = good.replace(r#""engagement_pct":0.02"#, r#""engagement_pct":null"#);
+        assert!(parse_events(&edited)
+            .unwrap_err()
+            .contains("engagement_pct is null"));
     }
 }

@@ -92,7 +92,7 @@ pub struct RawEvent {
 }
 
 /// An event joined with its content row and the derived fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EnrichedEvent {
     pub event_id: i64,
     pub content_id: i64,
@@ -104,10 +104,6 @@ pub struct EnrichedEvent {
     pub device: Option<CompactString>,
     pub content_type: Option<Arc<str>>,
     pub length_seconds: Option<i32>,
-    /// `engagement_seconds` in milliseconds (the exact decimal is this / 1000).
-    pub engagement_ms: Option<i64>,
-    /// `engagement_pct` in hundredths (the exact decimal is this / 100).
-    pub engagement_pct_hundredths: Option<i64>,
     /// Commit LSN of the transaction for streamed events, 0 for backfilled ones.
     pub source_lsn: Lsn,
     /// Commit time of the transaction (µs since 1970) for streamed events, 0 for backfilled
@@ -136,8 +132,6 @@ pub fn enrich(
 ) -> (EnrichedEvent, EnrichNotes) {
     let content_type = content.and_then(|c| c.content_type.clone());
     let length_seconds = content.and_then(|c| c.length_seconds);
-    let (engagement_ms, engagement_pct_hundredths) =
-        derived_fields(event.duration_ms, length_seconds);
     let notes = EnrichNotes {
         unknown_content: content.is_none(),
         invalid_duration: matches!(event.duration_ms, Some(d) if d < 0),
@@ -152,8 +146,6 @@ pub fn enrich(
         device: event.device,
         content_type,
         length_seconds,
-        engagement_ms,
-        engagement_pct_hundredths,
         source_lsn,
         commit_us: 0,
         tx_index: 0,
@@ -187,15 +179,27 @@ pub fn round_half_away_div(n: i64, d: i64) -> i64 {
     ((2 * n + d) / (2 * d)) as i64
 }
 
+/// The derived fields are computed when written, not held: an event in memory is 32 bytes
+/// smaller (the in-flight budget holds tens of thousands of them while catching up).
 impl EnrichedEvent {
+    /// `engagement_seconds` in milliseconds (the exact decimal is this / 1000).
+    pub fn engagement_ms(&self) -> Option<i64> {
+        derived_fields(self.duration_ms, self.length_seconds).0
+    }
+
+    /// `engagement_pct` in hundredths (the exact decimal is this / 100).
+    pub fn engagement_pct_hundredths(&self) -> Option<i64> {
+        derived_fields(self.duration_ms, self.length_seconds).1
+    }
+
     pub fn engagement_seconds_f64(&self) -> Option<f64> {
         // Division of an exact integer by a power of ten is correctly rounded: the nearest
         // double to the exact decimal.
-        self.engagement_ms.map(|ms| ms as f64 / 1000.0)
+        self.engagement_ms().map(|ms| ms as f64 / 1000.0)
     }
 
     pub fn engagement_pct_f64(&self) -> Option<f64> {
-        self.engagement_pct_hundredths.map(|h| h as f64 / 100.0)
+        self.engagement_pct_hundredths().map(|h| h as f64 / 100.0)
     }
 }
 
@@ -203,6 +207,48 @@ impl EnrichedEvent {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_event_in_memory_stays_small() {
+        // The in-flight budget holds up to 80,000 events while catching up (8 batches of
+        // the default 10,000): each 8 bytes here is 0.6 MB of the engine's peak memory
+        // (docs/benchmarks.md, "Memory").
+        let size = std::mem::size_of::<EnrichedEvent>();
+        assert!(size <= 136, "an EnrichedEvent takes {size} bytes");
+    }
+
+    #[test]
+    fn the_derived_fields_follow_duration_and_length() {
+        let raw = |duration_ms| RawEvent {
+            id: 1,
+            content_id: 1,
+            user_id: 1,
+            event_type: "play".into(),
+            event_ts_us: 0,
+            duration_ms,
+            device: None,
+        };
+        let content = ContentRow {
+            content_id: 1,
+            content_type: Some("video".into()),
+            length_seconds: Some(300),
+        };
+        let (e, _) = enrich(raw(Some(7000)), Some(&content), Lsn(1));
+        assert_eq!(
+            (e.engagement_ms(), e.engagement_pct_hundredths()),
+            (Some(7000), Some(2))
+        );
+        let (e, _) = enrich(raw(Some(-1)), Some(&content), Lsn(1));
+        assert_eq!(
+            (e.engagement_ms(), e.engagement_pct_hundredths()),
+            (None, None)
+        );
+        let (e, _) = enrich(raw(Some(7000)), None, Lsn(1));
+        assert_eq!(
+            (e.engagement_ms(), e.engagement_pct_hundredths()),
+            (None, None)
+        );
+    }
 
     fn seed_event() -> RawEvent {
         RawEvent {

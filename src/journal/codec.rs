@@ -67,8 +67,10 @@ pub fn encode(
         put_opt_str(out, e.device.as_deref());
         put_opt_str(out, e.content_type.as_deref());
         put_opt_i64(out, e.length_seconds.map(i64::from));
-        put_opt_i64(out, e.engagement_ms);
-        put_opt_i64(out, e.engagement_pct_hundredths);
+        // The derived fields, still written (the format is unchanged) though computed
+        // again from the fields above when read.
+        put_opt_i64(out, e.engagement_ms());
+        put_opt_i64(out, e.engagement_pct_hundredths());
         put_u64(out, e.source_lsn.0);
         put_i64(out, e.commit_us);
         out.extend_from_slice(&e.tx_index.to_le_bytes());
@@ -104,7 +106,7 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
     let n = (n & !WITH_TX_INDEX) as usize;
     let mut events = Vec::with_capacity(n.min(payload.len() / 64 + 1));
     for _ in 0..n {
-        events.push(EnrichedEvent {
+        let mut e = EnrichedEvent {
             event_id: r.i64()?,
             content_id: r.i64()?,
             user_id: r.i64()?,
@@ -114,12 +116,15 @@ pub fn decode(payload: &[u8]) -> Option<Record> {
             device: r.opt_str()?.map(Into::into),
             content_type: r.opt_str()?.map(Arc::from),
             length_seconds: r.opt_i32()?,
-            engagement_ms: r.opt_i64()?,
-            engagement_pct_hundredths: r.opt_i64()?,
-            source_lsn: Lsn(r.u64()?),
-            commit_us: r.i64()?,
-            tx_index: if with_index { r.u32()? } else { 0 },
-        });
+            ..EnrichedEvent::default()
+        };
+        // The derived fields: what the fields above give, so not kept.
+        r.opt_i64()?;
+        r.opt_i64()?;
+        e.source_lsn = Lsn(r.u64()?);
+        e.commit_us = r.i64()?;
+        e.tx_index = if with_index { r.u32()? } else { 0 };
+        events.push(e);
     }
     if !with_index {
         // The first format: number the events of each transaction within the record (a
