@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use bytes::Bytes;
+use rustc_hash::FxHashSet;
 use serde::Serialize;
 
 use crate::ops::http::Peer;
@@ -87,31 +88,28 @@ enum Kind {
     Timestamp,
 }
 
+/// An id: any 64-bit integer.
+const ID: Kind = Kind::Int {
+    max: i64::MAX,
+    null: false,
+};
+/// A nullable `integer` column.
+const INT4: Kind = Kind::Int {
+    max: i32::MAX as i64,
+    null: true,
+};
+
+/// What each of [`FIELDS`] may hold, in the same order.
 const KINDS: [Kind; 11] = [
-    Kind::Int {
-        max: i64::MAX,
-        null: false,
-    },
-    Kind::Int {
-        max: i64::MAX,
-        null: false,
-    },
-    Kind::Int {
-        max: i64::MAX,
-        null: false,
-    },
+    ID,
+    ID,
+    ID,
     Kind::Text { null: false },
     Kind::Timestamp,
-    Kind::Int {
-        max: i32::MAX as i64,
-        null: true,
-    },
+    INT4,
     Kind::Text { null: true },
     Kind::Text { null: true },
-    Kind::Int {
-        max: i32::MAX as i64,
-        null: true,
-    },
+    INT4,
     Kind::Number,
     Kind::Number,
 ];
@@ -301,7 +299,7 @@ struct State {
     /// Failure and slowness, changed at run time by `POST /control`.
     faults: Faults,
     ids_file: Option<std::fs::File>,
-    seen: HashSet<i64>,
+    seen: FxHashSet<i64>,
     /// With `--keep-events`: each event's JSON as last received.
     kept: std::collections::HashMap<i64, String>,
 }
