@@ -486,7 +486,6 @@ impl Writer {
     }
 }
 
-/// A sink's (or `replay`'s) reader: sequential reads from any sequence number.
 /// Drop a segment's pages from the page cache once written and synced, or read. The
 /// journal is written once and read again only by a sink that fell behind the batches in
 /// memory: cached, it would take memory from Postgres's own cached data on the same host
@@ -507,6 +506,7 @@ fn drop_cached(file: &File) {
     let _ = file;
 }
 
+/// A sink's (or `replay`'s) reader: sequential reads from any sequence number.
 pub struct Reader {
     dir: PathBuf,
     /// The open segment, and the last sequence number read from it.

@@ -959,10 +959,8 @@ impl RedisSink {
             }
         }
         let text = |s: String| Value::from(s);
-        let mut shared = vec![text(hours.len().to_string())];
-        for (h, ids, bf) in hours {
-            shared.extend([text(h.clone()), text(ids.to_string()), text(bf.to_string())]);
-        }
+        let mut shared = Vec::with_capacity(1 + 3 * hours.len());
+        push_hours(&mut shared, hours);
         let now = now_us();
         let log_ttl = self.horizon.as_secs() + 3600;
         let shared = &shared;
