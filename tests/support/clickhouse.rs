@@ -131,15 +131,26 @@ impl ClickHouse {
     }
 
     fn wait_ready(&self) {
-        wait_for(
-            "clickhouse to answer /ping",
-            Duration::from_secs(20),
-            || {
-                http_get(self.http_port, "/ping")
-                    .filter(|b| b.trim() == "Ok.")
-                    .map(|_| ())
-            },
-        );
+        let timeout = Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + timeout;
+        while http_get(self.http_port, "/ping")
+            .filter(|b| b.trim() == "Ok.")
+            .is_none()
+        {
+            if std::time::Instant::now() > deadline {
+                // What the server said about it (the directory goes with the test).
+                let log =
+                    std::fs::read_to_string(self._dir.path.join("log/clickhouse-server.err.log"))
+                        .unwrap_or_else(|e| format!("(no error log: {e})"));
+                let lines: Vec<&str> = log.lines().collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for clickhouse on port {} to answer /ping; the end of its error log:\n{}",
+                    self.http_port,
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The event's time in microseconds since the epoch as an expression of either layout:
