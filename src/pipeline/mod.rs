@@ -161,6 +161,8 @@ pub(super) struct Hub {
     state: Mutex<HubState>,
     /// A batch was added, or the pipeline closed.
     changed: Notify,
+    /// The source caught up ([`Pipeline::caught_up`]): wakes only the sinks filling a write.
+    caught_up: Notify,
 }
 
 #[derive(Default)]
@@ -171,6 +173,10 @@ struct HubState {
     /// Events held.
     events: usize,
     closed: bool,
+    /// The source has read everything the server had sent when it last said so (a
+    /// keepalive after its last transaction), and every batch of it is here: while catching
+    /// up, a sink waiting to fill its write has nothing more to wait for. A new batch clears it.
+    source_caught_up: bool,
 }
 
 impl Hub {
@@ -247,6 +253,7 @@ impl Pipeline {
                 ..HubState::default()
             }),
             changed: Notify::new(),
+            caught_up: Notify::new(),
         });
         let (journaled_tx, journaled_rx) = watch::channel(first_seq);
         let mut tasks = JoinSet::new();
@@ -383,6 +390,7 @@ impl Pipeline {
                 let mut st = self.hub.lock();
                 st.events += batch.events.len();
                 st.batches.push_back(batch);
+                st.source_caught_up = false;
             }
             self.hub.changed.notify_waiters();
         }
@@ -403,6 +411,18 @@ impl Pipeline {
                 dim_changes: Vec::new(),
             })
             .map_err(|_| anyhow!("the checkpoint tracker stopped"))
+    }
+
+    /// The source has read everything the server had (its keepalive came after the last
+    /// transaction) and sent it all: sinks filling a catch-up's write stop waiting for more
+    /// and write what they hold, until the next batch comes.
+    pub fn caught_up(&self) {
+        let mut st = self.hub.lock();
+        if !st.source_caught_up {
+            st.source_caught_up = true;
+            drop(st);
+            self.hub.caught_up.notify_waiters();
+        }
     }
 
     /// Whether something sent is not yet durable.
@@ -493,9 +513,12 @@ impl SinkTask {
                 Next::Write(mut group) => {
                     // A sink that lingers waits a little for more; one that fills its
                     // writes while catching up waits for the next batches then.
+                    // While catching up, neither waits once the source has read all the
+                    // server had: nothing more is coming (the end of a catch-up).
                     let mut linger_until = last_write + self.sink.linger();
                     let fill = self.sink.fill_wait();
-                    if !fill.is_zero() && catching_up(&group) {
+                    let catch_up = catching_up(&group);
+                    if !fill.is_zero() && catch_up {
                         linger_until = linger_until.max(tokio::time::Instant::now() + fill);
                     }
                     let mut n: usize = group.iter().map(|b| b.events.len()).sum();
@@ -503,6 +526,9 @@ impl SinkTask {
                         let more = hub.changed.notified();
                         tokio::pin!(more);
                         more.as_mut().enable();
+                        let caught_up = hub.caught_up.notified();
+                        tokio::pin!(caught_up);
+                        caught_up.as_mut().enable();
                         let after = group.last().map_or(self.cursor, |b| b.seq);
                         match self.take_after(after, self.write_limit - n) {
                             Next::Write(m) => {
@@ -513,7 +539,16 @@ impl SinkTask {
                             Next::Wait => {}
                             _ => break,
                         }
-                        if tokio::time::timeout_at(linger_until, more).await.is_err() {
+                        if catch_up && hub.lock().source_caught_up {
+                            break;
+                        }
+                        let woken = async {
+                            tokio::select! {
+                                _ = more => {}
+                                _ = caught_up, if catch_up => {}
+                            }
+                        };
+                        if tokio::time::timeout_at(linger_until, woken).await.is_err() {
                             break;
                         }
                     }

@@ -459,3 +459,50 @@ async fn the_budget_holds_the_largest_write_and_half_the_usual_budget_beside_it(
     assert_eq!(store.checkpoint().unwrap(), Lsn(36));
     p.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_catch_ups_last_write_goes_once_the_source_has_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // A sink that would wait an hour to fill its write while catching up.
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(FillingSink {
+        writes: writes.clone(),
+        limit: 1000,
+        fill: Duration::from_secs(3600),
+        gate: None,
+    })];
+    let mut p = Pipeline::start(
+        sinks,
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        100,
+        None,
+    );
+    let mut progress = p.progress();
+    let old = Duration::from_secs(30);
+    let start = tokio::time::Instant::now();
+    p.send(aged_batch(1, 20, old)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    p.send(aged_batch(3, 30, old)).await.unwrap();
+    // The end of the backlog: the source says it has read all there was.
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    p.caught_up();
+    progress.wait_for(|p| p.done_seq == 2).await.unwrap();
+    assert_eq!(*writes.lock().unwrap(), vec![4]);
+    // (Paused time: it moves only when every task waits, so an hour's wait would show.)
+    assert_eq!(start.elapsed(), Duration::from_millis(80));
+    // A new batch clears it: the next catch-up write waits to fill again, and takes the
+    // batch that comes 40 ms later.
+    p.send(aged_batch(5, 40, old)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    p.send(aged_batch(7, 50, old)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    p.caught_up();
+    progress.wait_for(|p| p.done_seq == 4).await.unwrap();
+    assert_eq!(*writes.lock().unwrap(), vec![4, 4]);
+    assert_eq!(store.checkpoint().unwrap(), Lsn(50));
+    p.close(Duration::from_secs(5)).await;
+}

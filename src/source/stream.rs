@@ -179,6 +179,9 @@ impl Source {
         let mut late = None;
         let mut tx: Option<Tx> = None;
         let mut b = Builder::new(self.max_batch_rows);
+        // A keepalive came after the last transaction while the batch still held it: the
+        // source has caught up with the server once that batch is sent.
+        let mut caught_up_after_batch = false;
         loop {
             if progress.has_changed().unwrap_or(false) {
                 let lsn = progress.borrow_and_update().checkpoint;
@@ -228,6 +231,9 @@ impl Source {
                         if let Some(end) = send(pipeline, b.take(), shutdown).await {
                             return end;
                         }
+                        if std::mem::take(&mut caught_up_after_batch) {
+                            pipeline.caught_up();
+                        }
                         continue;
                     }
                 }
@@ -271,6 +277,7 @@ impl Source {
                     // Postgres sent it late or the engine read it late.
                     late = (waited > 50_000).then_some((final_lsn, commit_us, waited));
                     let commit_lsn = Lsn::from(final_lsn);
+                    caught_up_after_batch = false;
                     tx = Some(Tx {
                         commit_lsn,
                         commit_us: commit_time_micros + PG_EPOCH_OFFSET_US,
@@ -325,6 +332,15 @@ impl Source {
                     self.metrics
                         .server_wal_end
                         .store(wal_end.0, Ordering::Relaxed);
+                    // The walsender sends one when it has sent all the WAL there is (and
+                    // waits for more): what the source holds is all there is for now.
+                    if tx.is_none() {
+                        if b.batch.is_empty() {
+                            pipeline.caught_up();
+                        } else {
+                            caught_up_after_batch = true;
+                        }
+                    }
                     // Nothing in flight: confirm the server's position, so an idle database
                     // (or one with writes to other tables only) does not retain WAL.
                     if tx.is_none() && b.batch.is_empty() {
