@@ -283,7 +283,7 @@ fn main() {
     // Raw: pg_recvlogical to the end of the backlog.
     let raw = || {
         let t = Instant::now();
-        let out = pg
+        let mut out = pg
             .client(&format!("{PG_BIN}/pg_recvlogical"), "engagement")
             .args([
                 "--slot",
@@ -295,16 +295,30 @@ fn main() {
                 "publication_names=engagement_cdc",
             ])
             .args(["--endpos", &end, "-f", "/dev/null"])
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        // The CPU of the walsender serving it, sampled every 10 ms while it reads (it cannot
+        // be read once the walsender has gone): the last sample is within 10 ms of its end.
+        let active = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'bench_raw'";
+        let (mut walsender, mut walsender_cpu) = (None::<i32>, 0.0);
+        while out.try_wait().unwrap().is_none() {
+            match walsender {
+                None => walsender = sql(active).parse().ok().filter(|p| *p > 0),
+                Some(pid) => walsender_cpu = cpu_seconds(pid).max(walsender_cpu),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let raw_secs = t.elapsed().as_secs_f64();
+        let out = out.wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "pg_recvlogical: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let raw_secs = t.elapsed().as_secs_f64();
         let raw_rate = n as f64 / raw_secs;
-        (raw_secs, raw_rate)
+        (raw_secs, raw_rate, walsender_cpu)
     };
 
     // Engine: from start to checkpoint past the end.
@@ -428,7 +442,7 @@ fn main() {
             node_cpu,
         }
     };
-    let ((raw_secs, raw_rate), cu) = if o.engine_first {
+    let ((raw_secs, raw_rate, raw_walsender_cpu), cu) = if o.engine_first {
         let e = catch_up();
         (raw(), e)
     } else {
@@ -595,6 +609,10 @@ fn main() {
     println!("| measure | value |");
     println!("|---|---|");
     println!("| pg_recvlogical alone | {raw_rate:.0} events/s ({raw_secs:.2} s) |");
+    println!(
+        "| CPU µs per event of pg_recvlogical's walsender (text values) | {:.2} ({raw_walsender_cpu:.2} s) |",
+        raw_walsender_cpu * 1e6 / n as f64
+    );
     println!(
         "| engine catch-up, all listed sinks | {engine_rate:.0} events/s ({:.2} s) |",
         cu.engine_secs
