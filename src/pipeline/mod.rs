@@ -526,9 +526,12 @@ impl SinkTask {
                         let more = hub.changed.notified();
                         tokio::pin!(more);
                         more.as_mut().enable();
+                        // Registered only by a catch-up's fill (a steady linger never hears it).
                         let caught_up = hub.caught_up.notified();
                         tokio::pin!(caught_up);
-                        caught_up.as_mut().enable();
+                        if catch_up {
+                            caught_up.as_mut().enable();
+                        }
                         let after = group.last().map_or(self.cursor, |b| b.seq);
                         match self.take_after(after, self.write_limit - n) {
                             Next::Write(m) => {

@@ -334,16 +334,13 @@ impl Source {
                         .store(wal_end.0, Ordering::Relaxed);
                     // The walsender sends one when it has sent all the WAL there is (and
                     // waits for more): what the source holds is all there is for now.
-                    if tx.is_none() {
-                        if b.batch.is_empty() {
-                            pipeline.caught_up();
-                        } else {
-                            caught_up_after_batch = true;
-                        }
+                    if tx.is_none() && !b.batch.is_empty() {
+                        caught_up_after_batch = true;
                     }
                     // Nothing in flight: confirm the server's position, so an idle database
                     // (or one with writes to other tables only) does not retain WAL.
                     if tx.is_none() && b.batch.is_empty() {
+                        pipeline.caught_up();
                         crate::pipeline::shed_spares();
                         if let Err(e) = confirm_when_idle(pipeline, wal_end.into()) {
                             return SessionEnd::Fatal(e);
