@@ -196,13 +196,15 @@ impl Sink for ClickHouseSink {
         FILL_WAIT
     }
 
-    /// Fewer, larger parts while catching up: ClickHouse merges less. Four batches a shard:
-    /// straight to the shards a write is split among them, and each shard's INSERT is a part
-    /// to merge and (replicated) a round of ZooKeeper operations, so a write of two shards
-    /// takes eight batches (the pipeline's budget grows with it, so the source goes on
-    /// reading while it is out).
+    /// Fewer, larger parts while catching up: ClickHouse merges less. One server: four
+    /// batches. Straight to the shards: eight batches a shard, since a write is split among
+    /// them and each shard's INSERT into a replicated table is a part to merge on every
+    /// replica and a round of ZooKeeper operations; halving their number cut a clusters
+    /// catch-up's ClickHouse and ZooKeeper CPU by a third (docs/benchmarks.md, "Larger
+    /// inserts straight to the shards"). The pipeline's budget grows with the write, so the
+    /// source goes on reading while it is out.
     fn write_limit(&self, max_batch_rows: usize) -> usize {
-        4 * max_batch_rows * self.shards.as_ref().map_or(1, Shards::count)
+        self.shards.as_ref().map_or(4 * max_batch_rows, |s| 8 * max_batch_rows * s.count())
     }
 
     fn deliver<'a>(
