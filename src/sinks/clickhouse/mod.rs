@@ -204,7 +204,9 @@ impl Sink for ClickHouseSink {
     /// inserts straight to the shards"). The pipeline's budget grows with the write, so the
     /// source goes on reading while it is out.
     fn write_limit(&self, max_batch_rows: usize) -> usize {
-        self.shards.as_ref().map_or(4 * max_batch_rows, |s| 8 * max_batch_rows * s.count())
+        self.shards
+            .as_ref()
+            .map_or(4 * max_batch_rows, |s| 8 * max_batch_rows * s.count())
     }
 
     fn deliver<'a>(
