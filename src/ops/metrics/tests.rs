@@ -79,3 +79,26 @@ fn the_exposition_parses_and_names_the_sink() {
         "{text}"
     );
 }
+
+proptest::proptest! {
+    /// The quantiles read through the coarse totals are the ones a scan of every bucket
+    /// gives, wherever the samples fall (overflow bucket included).
+    #[test]
+    fn quantiles_through_the_coarse_totals_match_a_full_scan(
+        samples in proptest::collection::vec((0u64..12_000_000, 1u64..50), 0..300),
+        qs in proptest::collection::vec(0.0f64..=1.0, 1..6),
+    ) {
+        let h = Histogram::default();
+        for (us, n) in &samples {
+            h.record_us(*us, *n);
+        }
+        let counts = h.counts();
+        let mut qs = qs;
+        qs.sort_by(f64::total_cmp);
+        let full: Vec<Option<u64>> = qs.iter().map(|q| quantile_of(&counts, *q)).collect();
+        let coarse: Vec<Option<u64>> = qs.iter().map(|q| h.quantile_ms(*q)).collect();
+        proptest::prop_assert_eq!(&coarse, &full);
+        let [p50, p99] = h.quantiles([0.5, 0.99]);
+        proptest::prop_assert_eq!([p50, p99], quantiles_of(&counts, [0.5, 0.99]));
+    }
+}
