@@ -1463,7 +1463,8 @@ fn top_10m_stays_exact_when_calls_touch_many_contents() {
 /// deleted, though the checkpoint had passed them).
 #[test]
 fn a_transaction_across_journal_segments_reaches_a_sink_that_was_away() {
-    // The smallest budget: 2 MiB segments, about 20,000 events each.
+    // The smallest budget: 2 MiB segments, about 60,000 of these events each (the journal's
+    // compact records, about 33 bytes an event): the transaction below spans two or three.
     let mut env = env(
         MockApi::start(&[]),
         "",
@@ -1475,7 +1476,7 @@ fn a_transaction_across_journal_segments_reaches_a_sink_that_was_away() {
         (env.ch_count() == 200).then_some(())
     });
     env.ch.stop();
-    env.insert_n(50_000);
+    env.insert_n(150_000);
     for _ in 0..5 {
         env.insert_n(100);
     }
