@@ -9,7 +9,7 @@
 //! event time as its difference from the commit time; optional values and strings as
 //! varint `0` for none, else the value (or length) plus one; the derived fields left out
 //! (they follow from the others). About 35 bytes an event where the fixed-width form took
-//! about 115: a third of the bytes to copy, write and keep (docs/benchmarks.md, "A compact
+//! about 120: a third of the bytes to copy, write and keep (docs/benchmarks.md, "A compact
 //! journal"). Records of both earlier forms (fixed-width fields, with and without
 //! `tx_index`) are still read; an engine older than the compact form cannot read its
 //! records.
@@ -87,6 +87,11 @@ pub fn encode(
         lsn = e.source_lsn.0;
         put_varint(out, u64::from(e.tx_index));
     }
+    frame(out, start);
+}
+
+/// Fill in the header of the record that starts at `start`: its payload's length and CRC.
+fn frame(out: &mut [u8], start: usize) {
     let len = (out.len() - start - HEADER) as u32;
     let crc = crc32fast::hash(&out[start + HEADER..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -219,13 +224,22 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// A signed value as an unsigned one that is small when the value is near 0.
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(z: u64) -> i64 {
+    (z >> 1) as i64 ^ -((z & 1) as i64)
+}
+
 fn put_signed(out: &mut Vec<u8>, v: i64) {
-    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+    put_varint(out, zigzag(v));
 }
 
 /// `0` for none, else the zigzagged value plus one (an `i32` widened: no overflow).
 fn put_opt_signed(out: &mut Vec<u8>, v: Option<i64>) {
-    put_varint(out, v.map_or(0, |v| ((v << 1) ^ (v >> 63)) as u64 + 1));
+    put_varint(out, v.map_or(0, |v| zigzag(v) + 1));
 }
 
 /// `0` for none, else the length plus one, then the bytes.
@@ -305,10 +319,7 @@ fn encode_fixed(
             out.extend_from_slice(&e.tx_index.to_le_bytes());
         }
     }
-    let len = (out.len() - start - HEADER) as u32;
-    let crc = crc32fast::hash(&out[start + HEADER..]);
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    frame(out, start);
 }
 
 struct Cursor<'a> {
@@ -353,19 +364,13 @@ impl<'a> Cursor<'a> {
     }
 
     fn signed(&mut self) -> Option<i64> {
-        let z = self.varint()?;
-        Some((z >> 1) as i64 ^ -((z & 1) as i64))
+        Some(unzigzag(self.varint()?))
     }
 
     fn opt_signed_i32(&mut self) -> Option<Option<i32>> {
         match self.varint()? {
             0 => Some(None),
-            z => {
-                let z = z - 1;
-                i32::try_from((z >> 1) as i64 ^ -((z & 1) as i64))
-                    .ok()
-                    .map(Some)
-            }
+            z => i32::try_from(unzigzag(z - 1)).ok().map(Some),
         }
     }
 
