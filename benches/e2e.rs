@@ -134,6 +134,10 @@ struct CatchUp<'a> {
     peak_catch_up_mb: f64,
     /// The engine's minor page faults (it starts for the catch-up).
     engine_faults: u64,
+    /// Times the engine's runtime thread and the walsender gave up the CPU to wait
+    /// (`voluntary_ctxt_switches`): how often each slept and was woken again.
+    engine_waits: u64,
+    walsender_waits: u64,
     /// Batches the engine made of the backlog.
     batches: u64,
     /// CPU seconds of the engine and of the walsender.
@@ -147,6 +151,8 @@ struct CatchUp<'a> {
     node_cpu: Vec<String>,
 }
 
+/// A numeric field of `/proc/<pid>/status` (`VmHWM:`, `voluntary_ctxt_switches:`…); the
+/// main thread's for the thread counts, which is the engine's runtime thread.
 fn rss_kb(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -414,6 +420,8 @@ fn main() {
                 .parse()
                 .unwrap_or(0);
         let pg_cpu = cpu(&[walsender]);
+        let engine_waits = rss_kb(engine.pid(), "voluntary_ctxt_switches:");
+        let walsender_waits = rss_kb(walsender, "voluntary_ctxt_switches:");
         let server_cpu: Vec<(&str, f64)> = servers
             .iter()
             .zip(&servers_before)
@@ -435,6 +443,8 @@ fn main() {
             peak_catch_up_mb,
             engine_cpu,
             engine_faults,
+            engine_waits,
+            walsender_waits,
             batches,
             pg_cpu,
             server_cpu,
@@ -634,6 +644,13 @@ fn main() {
         "| engine's minor page faults during catch-up | {} ({:.3} per event) |",
         cu.engine_faults,
         cu.engine_faults as f64 / n as f64
+    );
+    println!(
+        "| waits during catch-up (voluntary context switches; per 1000 events) | engine {} ({:.1}), walsender {} ({:.1}) |",
+        cu.engine_waits,
+        cu.engine_waits as f64 * 1000.0 / n as f64,
+        cu.walsender_waits,
+        cu.walsender_waits as f64 * 1000.0 / n as f64
     );
     let mut cpu_line = format!("engine {:.2}, walsender {:.2}", cu.engine_cpu, cu.pg_cpu);
     for (name, c) in &cu.server_cpu {

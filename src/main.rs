@@ -271,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let runtime = if matches!(cli.command, Command::Run { .. }) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(engagement_cdc::source::stream::nap_before_park)
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()

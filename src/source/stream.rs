@@ -5,7 +5,7 @@
 //! transaction, relations, the batch being cut, keepalives), and splitting it would spread
 //! one loop's invariants over several files.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,42 @@ const GATHER: Duration = Duration::from_millis(2);
 /// Past GATHER, a batch of a busy stream goes out once the stream has been quiet this long
 /// (tokio's timer rounds it up to its next millisecond).
 const QUIET: Duration = Duration::from_micros(200);
+
+/// While a busy batch waits QUIET for more, the runtime's thread, when it has nothing else
+/// to run, sleeps this long before it waits on its sockets ([`nap_before_park`]).
+const NAP: Duration = Duration::from_micros(500);
+
+/// Set while a busy batch waits for more messages.
+static NAP_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// NAP_WANTED while it lives: cleared however the wait ends, a dropped future included.
+struct NapWanted;
+
+impl NapWanted {
+    fn set() -> NapWanted {
+        NAP_WANTED.store(true, Ordering::Relaxed);
+        NapWanted
+    }
+}
+
+impl Drop for NapWanted {
+    fn drop(&mut self) {
+        NAP_WANTED.store(false, Ordering::Relaxed);
+    }
+}
+
+/// `run`'s runtime calls this when it is about to wait on its sockets and timers (tokio's
+/// `on_thread_park`): nothing is left to run. In a catch-up the engine reads faster than
+/// the walsender writes, and waiting on the socket it was woken every 15–30 events —
+/// wake-ups that cost the walsender (Postgres's own CPU) more than they cost the engine
+/// (docs/benchmarks.md, "Woken less often"). While a busy batch waits for more, the thread
+/// sleeps NAP first, so the walsender's writes queue in the socket and are read together;
+/// when anything else is runnable (a sink's reply), the runtime runs it and does not nap.
+pub fn nap_before_park() {
+    if NAP_WANTED.load(Ordering::Relaxed) {
+        std::thread::sleep(NAP);
+    }
+}
 
 /// A batch that gathered this many events within GATHER comes from a busy stream: it waits
 /// QUIET for more when the stream pauses.
@@ -237,6 +273,7 @@ impl Source {
                         None if b.batch.events.len() < BUSY_EVENTS => None,
                         None => {
                             unclocked = CLOCK_EVERY;
+                            let _nap = NapWanted::set();
                             tokio::time::timeout(QUIET, client.recv()).await.ok()
                         }
                     }
@@ -619,6 +656,30 @@ fn confirm_when_idle(pipeline: &mut Pipeline, lsn: Lsn) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::pipeline::tests::event;
+
+    #[test]
+    fn the_nap_is_asked_for_only_while_a_busy_batch_waits_however_the_wait_ends() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(nap_before_park)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(!NAP_WANTED.load(Ordering::Relaxed));
+            let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let wait = tokio::spawn(async move {
+                let _nap = NapWanted::set();
+                let _ = rx.await;
+            });
+            // The spawned wait runs to its await before this task runs again.
+            tokio::task::yield_now().await;
+            assert!(NAP_WANTED.load(Ordering::Relaxed));
+            // Dropped mid-wait (a shutdown): the runtime no longer naps.
+            wait.abort();
+            assert!(wait.await.unwrap_err().is_cancelled());
+            assert!(!NAP_WANTED.load(Ordering::Relaxed));
+        });
+    }
 
     #[test]
     fn busy_batches_reuse_the_vectors_of_finished_ones_and_hold_no_more_room_than_they_need() {
