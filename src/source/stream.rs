@@ -64,7 +64,7 @@ impl Drop for NapWanted {
 
 /// `run`'s runtime calls this when it is about to wait on its sockets and timers (tokio's
 /// `on_thread_park`): nothing is left to run. In a catch-up the engine reads faster than
-/// the walsender writes, and waiting on the socket it was woken every 15–30 events —
+/// the walsender writes, and waiting on the socket it was woken every 14–27 events —
 /// wake-ups that cost the walsender (Postgres's own CPU) more than they cost the engine
 /// (docs/benchmarks.md, "Woken less often"). While a busy batch waits for more, the thread
 /// sleeps NAP first, so the walsender's writes queue in the socket and are read together;
