@@ -153,7 +153,7 @@ struct CatchUp<'a> {
 
 /// A numeric field of `/proc/<pid>/status` (`VmHWM:`, `voluntary_ctxt_switches:`…); the
 /// main thread's for the thread counts, which is the engine's runtime thread.
-fn rss_kb(pid: i32, field: &str) -> u64 {
+fn status_field(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -410,7 +410,7 @@ fn main() {
                 redis_command_stats(&masters.join("\n"), n)
             }
         };
-        let peak_catch_up_mb = rss_kb(engine.pid(), "VmHWM:") as f64 / 1024.0;
+        let peak_catch_up_mb = status_field(engine.pid(), "VmHWM:") as f64 / 1024.0;
         let engine_cpu = cpu_seconds(engine.pid());
         let engine_faults = minor_faults(engine.pid());
         let batches = cfg.counter("batches").unwrap_or(0);
@@ -420,8 +420,8 @@ fn main() {
                 .parse()
                 .unwrap_or(0);
         let pg_cpu = cpu(&[walsender]);
-        let engine_waits = rss_kb(engine.pid(), "voluntary_ctxt_switches:");
-        let walsender_waits = rss_kb(walsender, "voluntary_ctxt_switches:");
+        let engine_waits = status_field(engine.pid(), "voluntary_ctxt_switches:");
+        let walsender_waits = status_field(walsender, "voluntary_ctxt_switches:");
         let server_cpu: Vec<(&str, f64)> = servers
             .iter()
             .zip(&servers_before)
@@ -568,7 +568,7 @@ fn main() {
     if let Some(p) = steady_perf {
         perf_stop(p);
     }
-    let steady_rss_mb = rss_kb(engine.pid(), "VmRSS:") as f64 / 1024.0;
+    let steady_rss_mb = status_field(engine.pid(), "VmRSS:") as f64 / 1024.0;
     let steady_events = (total - n) as f64;
     let steady_api_requests = api_requests() - api_requests_before;
     let steady_redis = match &clusters {
