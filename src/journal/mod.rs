@@ -16,6 +16,8 @@ pub mod config;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+#[cfg(target_os = "linux")]
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -227,7 +229,11 @@ pub struct Writer {
     dir: PathBuf,
     segments: VecDeque<SegmentInfo>,
     /// The last segment, open for appending; `None` after it was closed.
-    active: Option<File>,
+    active: Option<Active>,
+    /// Whether new segments are written with direct I/O (false once a filesystem refused it).
+    direct: bool,
+    /// Block-aligned room for direct writes, up to [`DIRECT_CHUNK`] bytes.
+    blocks: Vec<Block>,
     segment_bytes: u64,
     max_bytes: u64,
     retain: Duration,
@@ -350,6 +356,8 @@ impl Writer {
             dir: dir.to_path_buf(),
             segments,
             active: None,
+            direct: cfg!(target_os = "linux"),
+            blocks: Vec::new(),
             segment_bytes: (cfg.max_bytes / 8).clamp(1 << 20, 64 << 20),
             max_bytes: cfg.max_bytes,
             retain: cfg.retain()?,
@@ -419,7 +427,20 @@ impl Writer {
                 .append(true)
                 .open(&path)
                 .with_context(|| format!("cannot create the journal segment {}", path.display()))?;
-            self.active = Some(file);
+            let direct = if self.direct {
+                open_direct(&path)
+            } else {
+                None
+            };
+            self.direct = direct.is_some();
+            self.active = Some(Active {
+                file,
+                direct,
+                len: 0,
+                tail: Vec::new(),
+                #[cfg(test)]
+                direct_bytes: 0,
+            });
             self.segments.push_back(SegmentInfo {
                 path,
                 ..SegmentInfo::default()
@@ -429,16 +450,20 @@ impl Writer {
                 .and_then(|d| d.sync_all())
                 .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
         }
-        let file = self.active.as_mut().expect("an active segment");
-        file.write_all(&self.buf)
-            .and_then(|_| file.sync_data())
+        let active = self.active.as_mut().expect("an active segment");
+        active
+            .write(&self.buf, &mut self.blocks)
+            .and_then(|_| active.file.sync_data())
             .with_context(|| {
                 format!(
                     "cannot write the journal in {} (is the disk full?)",
                     self.dir.display()
                 )
             })?;
-        drop_cached(file);
+        if active.direct.is_none() {
+            self.direct = false;
+        }
+        drop_cached(&active.file);
         let seg = self.segments.back_mut().expect("an active segment");
         for p in self.pending.drain(..) {
             seg.add(p.seq, p.last_commit_us, p.lsns, p.size);
@@ -486,6 +511,167 @@ impl Writer {
     }
 }
 
+/// The size and alignment of a direct write's blocks: what every filesystem here accepts
+/// (a filesystem that asks for more refuses the first write, and the journal writes through
+/// the page cache from then on).
+const BLOCK: usize = 4096;
+
+/// How much one direct write takes at most: the room the writer keeps for them.
+const DIRECT_CHUNK: usize = 64 * BLOCK;
+
+/// One block of a direct write's buffer, aligned as direct I/O asks.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Block([u8; BLOCK]);
+
+/// The segment being appended to.
+struct Active {
+    /// Opened to append: the bytes that do not fill a block, `fdatasync` and the advice.
+    file: File,
+    /// The same file opened for direct I/O (`O_DIRECT`), where whole blocks go from the
+    /// writer's buffer to the disk without a page-cache copy; `None` where the filesystem
+    /// refuses it.
+    direct: Option<File>,
+    /// The file's length.
+    len: u64,
+    /// The bytes after the file's last whole block: a direct write starts at that block and
+    /// writes them again ahead of the new ones. Empty without direct I/O.
+    tail: Vec<u8>,
+    /// Bytes written with direct I/O (blocks written again counted again).
+    #[cfg(test)]
+    direct_bytes: u64,
+}
+
+impl Active {
+    /// Append `data`: the whole blocks that the tail and `data` make with direct writes, the
+    /// rest through the page cache. Without direct I/O (or when the filesystem refuses its
+    /// first write) everything goes through the page cache.
+    fn write(&mut self, data: &[u8], blocks: &mut Vec<Block>) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(direct) = &self.direct {
+            let whole = (self.tail.len() + data.len()) / BLOCK * BLOCK;
+            if whole > 0 {
+                match write_blocks(direct, self.len, &self.tail, data, whole, blocks) {
+                    Ok(()) => {
+                        #[cfg(test)]
+                        {
+                            self.direct_bytes += whole as u64;
+                        }
+                        let rest = &data[whole - self.tail.len()..];
+                        // `O_APPEND`: at the end, which the direct writes moved to their end.
+                        self.file.write_all(rest)?;
+                        self.len += data.len() as u64;
+                        self.tail.clear();
+                        self.tail.extend_from_slice(rest);
+                        return Ok(());
+                    }
+                    Err(Refused(e)) => {
+                        tracing::info!(
+                            "journal: the filesystem refuses direct writes ({e}); writing through the page cache"
+                        );
+                        self.direct = None;
+                        self.tail = Vec::new();
+                    }
+                    Err(Failed(e)) => return Err(e),
+                }
+            }
+        }
+        self.file.write_all(data)?;
+        self.len += data.len() as u64;
+        if self.direct.is_some() {
+            let keep = (self.len % BLOCK as u64) as usize;
+            if data.len() >= keep {
+                self.tail.clear();
+                self.tail.extend_from_slice(&data[data.len() - keep..]);
+            } else {
+                self.tail.extend_from_slice(data);
+                self.tail.drain(..self.tail.len() - keep);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a direct write did not happen.
+#[cfg(target_os = "linux")]
+enum DirectError {
+    /// The first write was refused (`EINVAL`: alignment or no direct I/O here); nothing
+    /// was written.
+    Refused(std::io::Error),
+    Failed(std::io::Error),
+}
+#[cfg(target_os = "linux")]
+use DirectError::{Failed, Refused};
+
+/// Write the first `whole` bytes of `tail` followed by `data` at `len - tail.len()` (a block
+/// boundary), [`DIRECT_CHUNK`] bytes at a time through `blocks`.
+#[cfg(target_os = "linux")]
+fn write_blocks(
+    file: &File,
+    len: u64,
+    tail: &[u8],
+    data: &[u8],
+    whole: usize,
+    blocks: &mut Vec<Block>,
+) -> Result<(), DirectError> {
+    let mut at = len - tail.len() as u64;
+    let mut done = 0usize;
+    let mut from = 0usize;
+    while done < whole {
+        let n = (whole - done).min(DIRECT_CHUNK);
+        if blocks.len() < n / BLOCK {
+            blocks.resize(n / BLOCK, Block([0; BLOCK]));
+        }
+        // SAFETY: `Block` is an array of bytes with no padding (its size is its alignment),
+        // so `n / BLOCK` of them are `n` initialised bytes; the slice borrows `blocks`.
+        let buf = unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), n) };
+        let mut filled = 0;
+        if done == 0 {
+            buf[..tail.len()].copy_from_slice(tail);
+            filled = tail.len();
+        }
+        let take = n - filled;
+        buf[filled..].copy_from_slice(&data[from..from + take]);
+        from += take;
+        match file.write_all_at(buf, at) {
+            Ok(()) => {}
+            Err(e) if done == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(Refused(e))
+            }
+            Err(e) => return Err(Failed(e)),
+        }
+        at += n as u64;
+        done += n;
+    }
+    Ok(())
+}
+
+/// `path` opened again for direct writes, or `None` where that is refused.
+fn open_direct(path: &Path) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::info!(
+                    "journal: cannot open {} for direct writes ({e}); writing through the page cache",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// Drop a segment's pages from the page cache once written and synced, or read. The
 /// journal is written once and read again only by a sink that fell behind the batches in
 /// memory: cached, it would take memory from Postgres's own cached data on the same host
@@ -509,8 +695,9 @@ fn drop_cached(file: &File) {
 /// A sink's (or `replay`'s) reader: sequential reads from any sequence number.
 pub struct Reader {
     dir: PathBuf,
-    /// The open segment, and the last sequence number read from it.
-    open: Option<(BufReader<File>, u64)>,
+    /// The open segment, the last sequence number read from it, and the segment's first
+    /// (its name).
+    open: Option<(BufReader<File>, u64, u64)>,
     payload: Vec<u8>,
 }
 
@@ -532,7 +719,7 @@ impl Reader {
         max_events: usize,
     ) -> anyhow::Result<Vec<Record>> {
         let out = self.read_records(after, up_to, max_events);
-        if let Some((file, _)) = &self.open {
+        if let Some((file, _, _)) = &self.open {
             drop_cached(file.get_ref());
         }
         out
@@ -551,14 +738,14 @@ impl Reader {
             return Ok(out);
         }
         // Go on where the last read ended, or find the segment again.
-        if !matches!(&self.open, Some((_, last)) if *last == after) {
+        if !matches!(&self.open, Some((_, last, _)) if *last == after) {
             self.open = self.position(after)?;
         }
         loop {
             if next >= up_to || (events >= max_events && !out.is_empty()) {
                 return Ok(out);
             }
-            let Some((file, last)) = self.open.as_mut() else {
+            let Some((file, last, first)) = self.open.as_mut() else {
                 return Ok(out);
             };
             let pos = file
@@ -579,15 +766,19 @@ impl Reader {
                 }
                 None => {
                     // The end of this segment (or a record still being written): the next
-                    // segment when there is one, else wait here.
+                    // segment when there is one, else wait here. A later one than this:
+                    // when this one is damaged before its first record, `next` is still
+                    // below this segment's number.
                     let files = segment_files(&self.dir)?;
-                    match files.iter().find(|(first, _)| *first > next) {
-                        Some((_, path)) => {
+                    let here = *first;
+                    match files.iter().find(|(n, _)| *n > next && *n > here) {
+                        Some((first_of, path)) => {
                             drop_cached(file.get_ref());
                             let f = File::open(path).with_context(|| {
                                 format!("cannot open the journal segment {}", path.display())
                             })?;
-                            self.open = Some((BufReader::with_capacity(1 << 20, f), next));
+                            self.open =
+                                Some((BufReader::with_capacity(1 << 20, f), next, *first_of));
                         }
                         None => {
                             file.seek(SeekFrom::Start(pos))?;
@@ -600,7 +791,7 @@ impl Reader {
     }
 
     /// Open the segment holding the first record after `after`, positioned at its start.
-    fn position(&self, after: u64) -> anyhow::Result<Option<(BufReader<File>, u64)>> {
+    fn position(&self, after: u64) -> anyhow::Result<Option<(BufReader<File>, u64, u64)>> {
         let files = segment_files(&self.dir)?;
         // The last segment that starts at or before after + 1, else the first.
         let pick = files
@@ -617,6 +808,7 @@ impl Reader {
         Ok(Some((
             BufReader::with_capacity(1 << 20, f),
             first.saturating_sub(1),
+            *first,
         )))
     }
 }
