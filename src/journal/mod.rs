@@ -432,7 +432,6 @@ impl Writer {
             } else {
                 None
             };
-            self.direct = direct.is_some();
             self.active = Some(Active {
                 file,
                 direct,
@@ -460,6 +459,8 @@ impl Writer {
                     self.dir.display()
                 )
             })?;
+        // Refused when the segment was opened or at its first direct write: the segments
+        // after it are not tried again.
         if active.direct.is_none() {
             self.direct = false;
         }
