@@ -4,9 +4,11 @@
 //! loopback ports) it measures, for the release binary:
 //!
 //! 1. **Catch-up**: a backlog of `--events` rows (1000-row transactions) is inserted while
-//!    two slots created at the same position wait. `pg_recvlogical` reads one to the end
-//!    (the raw rate of Postgres's walsender here); the engine, with the sinks of `--sinks`,
-//!    reads the other until its checkpoint passes the end. Peak RSS during catch-up.
+//!    three slots created at the same position wait. `pg_recvlogical` reads one to the end
+//!    over TCP on loopback and one over the Unix socket (the raw rate of Postgres's
+//!    walsender here, both ways; not the socket under `--tls`); the engine, with the sinks
+//!    of `--sinks`, reads the third until its checkpoint passes the end. Peak RSS during
+//!    catch-up.
 //! 2. **Steady state**: `engagement-cdc load` at `--rate` events/s for `--seconds`; the
 //!    engine's commit-to-sink latency (p50, p99) and resident memory.
 //!
@@ -18,7 +20,8 @@
 //! `--clusters` (a Redis Cluster of three masters with a replica each and a ClickHouse
 //! cluster of two shards, the test support's, instead of single servers; the engine inserts
 //! straight into the shards, `[clickhouse] shard_urls`, unless `--through-distributed`),
-//! `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--binary off`
+//! `--pg-socket` (the engine reaches Postgres through its Unix socket rather than TCP on
+//! loopback), `--journal off` (`journal.max_bytes = 0`; on by default, as in the engine), `--binary off`
 //! (`postgres.binary = false`: column values as text), `--first
 //! engine|recvlogical` (which catch-up reads first; `recvlogical` by default —
 //! `scripts/bench.sh` alternates). Catch-up ends when every sink has every event
@@ -52,6 +55,9 @@ struct Options {
     /// On the ClickHouse cluster, insert through the Distributed table rather than straight
     /// to the shards (`--through-distributed`).
     through_distributed: bool,
+    /// The engine and `pg_recvlogical` reach Postgres through its Unix socket instead of
+    /// TCP on loopback (`--pg-socket`).
+    pg_socket: bool,
 }
 
 fn options() -> Options {
@@ -67,6 +73,7 @@ fn options() -> Options {
         engine_first: false,
         clusters: false,
         through_distributed: false,
+        pg_socket: false,
     };
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -81,6 +88,11 @@ fn options() -> Options {
         }
         if args[i] == "--clusters" {
             o.clusters = true;
+            i += 1;
+            continue;
+        }
+        if args[i] == "--pg-socket" {
+            o.pg_socket = true;
             i += 1;
             continue;
         }
@@ -243,6 +255,12 @@ fn main() {
             "postgres://postgres@localhost:{}/engagement?sslmode=verify-full&sslrootcert={ca}",
             pg.port
         )
+    } else if o.pg_socket {
+        format!(
+            "postgres://postgres@/engagement?host={}&port={}",
+            pg.socket_dir().display(),
+            pg.port
+        )
     } else {
         pg.url("engagement")
     };
@@ -254,6 +272,13 @@ fn main() {
     let setup = cli(Some(&cfg.path), &["setup"], &[]);
     assert_eq!(setup.code, 0, "setup: {setup:?}");
     sql("SELECT pg_create_logical_replication_slot('bench_raw', 'pgoutput')");
+    // pg_recvlogical is measured over both ways to the server: TCP on loopback, as the
+    // engine connects by default, and the Unix socket, where its walsender does about half
+    // the work per event (its own reads wake it per message over TCP). The ratio is taken
+    // against the faster. Not under --tls: the socket carries no TLS.
+    if !o.tls {
+        sql("SELECT pg_create_logical_replication_slot('bench_raw_socket', 'pgoutput')");
+    }
 
     // Content rows for every id the events use (the migration has 1–3).
     sql(&format!(
@@ -287,13 +312,22 @@ fn main() {
     );
 
     // Raw: pg_recvlogical to the end of the backlog.
-    let raw = || {
+    let raw_one = |socket: bool| {
+        let slot = if socket {
+            "bench_raw_socket"
+        } else {
+            "bench_raw"
+        };
         let t = Instant::now();
-        let mut out = pg
-            .client(&format!("{PG_BIN}/pg_recvlogical"), "engagement")
+        let mut recvlogical = pg.client(&format!("{PG_BIN}/pg_recvlogical"), "engagement");
+        if socket {
+            // A later -h wins: the socket's directory instead of 127.0.0.1.
+            recvlogical.arg("-h").arg(pg.socket_dir());
+        }
+        let mut out = recvlogical
             .args([
                 "--slot",
-                "bench_raw",
+                slot,
                 "--start",
                 "-o",
                 "proto_version=1",
@@ -307,11 +341,12 @@ fn main() {
             .unwrap();
         // The CPU of the walsender serving it, sampled every 10 ms while it reads (it cannot
         // be read once the walsender has gone): the last sample is within 10 ms of its end.
-        let active = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'bench_raw'";
+        let active =
+            format!("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'");
         let (mut walsender, mut walsender_cpu) = (None::<i32>, 0.0);
         while out.try_wait().unwrap().is_none() {
             match walsender {
-                None => walsender = sql(active).parse().ok().filter(|p| *p > 0),
+                None => walsender = sql(&active).parse().ok().filter(|p| *p > 0),
                 Some(pid) => walsender_cpu = cpu_seconds(pid).max(walsender_cpu),
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -325,6 +360,20 @@ fn main() {
         );
         let raw_rate = n as f64 / raw_secs;
         (raw_secs, raw_rate, walsender_cpu)
+    };
+    // Both ways, in the order opposite to the engine's: the one read nearer the engine's
+    // catch-up alternates with --first as the engine's place does.
+    let raw = || {
+        if o.tls {
+            return (raw_one(false), None);
+        }
+        if o.engine_first {
+            let socket = raw_one(true);
+            (raw_one(false), Some(socket))
+        } else {
+            let tcp = raw_one(false);
+            (tcp, Some(raw_one(true)))
+        }
     };
 
     // Engine: from start to checkpoint past the end.
@@ -452,7 +501,7 @@ fn main() {
             node_cpu,
         }
     };
-    let ((raw_secs, raw_rate, raw_walsender_cpu), cu) = if o.engine_first {
+    let (((raw_secs, raw_rate, raw_walsender_cpu), raw_socket), cu) = if o.engine_first {
         let e = catch_up();
         (raw(), e)
     } else {
@@ -623,6 +672,15 @@ fn main() {
         "| CPU µs per event of pg_recvlogical's walsender (text values) | {:.2} ({raw_walsender_cpu:.2} s) |",
         raw_walsender_cpu * 1e6 / n as f64
     );
+    if let Some((secs, rate, walsender_cpu)) = raw_socket {
+        println!(
+            "| pg_recvlogical alone over the Unix socket | {rate:.0} events/s ({secs:.2} s) |"
+        );
+        println!(
+            "| CPU µs per event of that walsender (text values) | {:.2} ({walsender_cpu:.2} s) |",
+            walsender_cpu * 1e6 / n as f64
+        );
+    }
     println!(
         "| engine catch-up, all listed sinks | {engine_rate:.0} events/s ({:.2} s) |",
         cu.engine_secs
@@ -631,6 +689,16 @@ fn main() {
         "| engine / pg_recvlogical | {:.0} % |",
         100.0 * engine_rate / raw_rate
     );
+    if let Some((_, rate, _)) = raw_socket {
+        println!(
+            "| engine / pg_recvlogical over the Unix socket | {:.0} % |",
+            100.0 * engine_rate / rate
+        );
+        println!(
+            "| engine / the faster pg_recvlogical | {:.0} % |",
+            100.0 * engine_rate / rate.max(raw_rate)
+        );
+    }
     println!(
         "| peak RSS during catch-up | {:.1} MB |",
         cu.peak_catch_up_mb

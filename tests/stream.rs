@@ -1001,3 +1001,53 @@ fn a_slot_dropped_while_streaming_is_one_clear_error() {
     );
     assert!(err.lines().count() < 30, "a reconnect loop:\n{err}");
 }
+
+/// A sidecar beside Postgres can reach it through its Unix socket (`host=` a directory,
+/// as libpq spells it): setup, streaming and `status` all go through the socket (the
+/// server sees no client address), and a mode that demands TLS, which Postgres does not
+/// offer there, is refused with a clear error before anything connects.
+#[test]
+fn through_the_unix_socket_it_sets_up_streams_and_refuses_demanded_tls() {
+    let pg = Postgres::start();
+    let url = format!(
+        "postgres://postgres@/engagement?host={}&port={}",
+        pg.socket_dir().display(),
+        pg.port
+    );
+    let cfg = TestConfig::new(&url, "");
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    let engine = Engine::spawn_with(&cfg.path, &["run", "--stdout"], &[], Stdout::Collect);
+    let id: i64 = pg
+        .psql(
+            "engagement",
+            "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 1, 'play') RETURNING id",
+        )
+        .parse()
+        .unwrap();
+    let lines = engine.wait_lines(1, T);
+    assert_eq!(ids(&lines), [id].into_iter().collect::<BTreeSet<_>>());
+    // Both of the engine's connections, the replication one and the query one, came
+    // through the socket: Postgres records no client address for either.
+    assert_eq!(
+        pg.psql(
+            "engagement",
+            "SELECT count(*) FILTER (WHERE backend_type = 'walsender'),
+                    count(*) FILTER (WHERE backend_type = 'client backend') > 0,
+                    count(client_addr)
+               FROM pg_stat_activity WHERE application_name = 'engagement-cdc'"
+        ),
+        "1|t|0"
+    );
+    let status = cli(Some(&cfg.path), &["status"], &[]);
+    assert_eq!(status.code, 0, "{status:?}");
+    drop(engine);
+
+    let demanding = TestConfig::new(&format!("{url}&sslmode=verify-full"), "");
+    let run = cli(Some(&demanding.path), &["setup"], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("Unix socket") && run.stderr.contains("sslmode=verify-full demands it"),
+        "{run:?}"
+    );
+}

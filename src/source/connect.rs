@@ -158,7 +158,22 @@ impl PgConnection {
                 ))
             })?),
         };
-        let sslmode = one_of("sslmode", pg.sslmode, url_mode)?.unwrap_or(SslMode::Prefer);
+        let mut sslmode = one_of("sslmode", pg.sslmode, url_mode)?.unwrap_or(SslMode::Prefer);
+        // A Unix socket (a host that is a directory: `?host=/var/run/postgresql`): Postgres
+        // offers no TLS there, so, as libpq, nothing is negotiated; a mode that demands TLS
+        // cannot be met and is refused rather than quietly dropped.
+        if is_socket(&config) {
+            match sslmode {
+                SslMode::Disable | SslMode::Prefer => sslmode = SslMode::Disable,
+                demanding => {
+                    return Err(UsageError::new(format!(
+                        "postgres.url reaches Postgres through a Unix socket ({}), where the server offers no TLS, but sslmode={} demands it; use sslmode=disable or prefer with a socket, or a TCP host for TLS",
+                        describe(&config),
+                        demanding.name()
+                    )));
+                }
+            }
+        }
         let path = |key: &str, from_key: &Option<PathBuf>, from_url: &Option<String>| {
             one_of(key, from_key.clone(), from_url.as_ref().map(PathBuf::from))
         };
@@ -262,8 +277,22 @@ impl PgConnection {
         }
     }
 
+    /// Whether Postgres is reached through a Unix socket (no TLS there).
+    pub fn is_socket(&self) -> bool {
+        is_socket(&self.config)
+    }
+
     pub fn sslmode_name(&self) -> &'static str {
         self.sslmode.name()
+    }
+}
+
+/// Whether the first host is a Unix socket's directory.
+fn is_socket(c: &tokio_postgres::Config) -> bool {
+    match c.get_hosts().first() {
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(_)) => true,
+        _ => false,
     }
 }
 
@@ -335,6 +364,45 @@ mod tests {
         assert!(e.to_string().contains("set it in one place"), "{e}");
         let e = conn("postgres://u@db/x?sslmode=allow", |_| {}).unwrap_err();
         assert!(e.to_string().contains("sslmode=\"allow\""), "{e}");
+    }
+
+    #[test]
+    fn a_unix_socket_negotiates_no_tls_and_refuses_a_mode_that_demands_it() {
+        for url in [
+            "postgres://u@/x?host=/var/run/postgresql&port=5433",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql:5433/x?sslmode=prefer",
+            "host=/var/run/postgresql port=5433 user=u dbname=x sslmode=disable",
+        ] {
+            let c = conn(url, |_| {}).unwrap();
+            assert_eq!(c.sslmode, SslMode::Disable, "{url}");
+            assert_eq!(
+                c.host_port(),
+                ("/var/run/postgresql".to_string(), 5433),
+                "{url}"
+            );
+            assert_eq!(
+                c.replication_tls().mode,
+                pgwire_replication::config::SslMode::Disable
+            );
+        }
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let e = conn(
+                &format!("postgres://u@/x?host=/var/run/postgresql&sslmode={mode}"),
+                |_| {},
+            )
+            .unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("Unix socket"), "{text}");
+            assert!(
+                text.contains(&format!("sslmode={mode} demands it")),
+                "{text}"
+            );
+        }
+        // A TCP host keeps the default.
+        assert_eq!(
+            conn("postgres://u@db/x", |_| {}).unwrap().sslmode,
+            SslMode::Prefer
+        );
     }
 
     #[test]

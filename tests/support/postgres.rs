@@ -300,6 +300,11 @@ impl Postgres {
         }
     }
 
+    /// The directory holding the server's Unix socket (`host=` of a socket URL).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir.path
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
