@@ -925,6 +925,24 @@ fn readyz_follows_the_replication_session() {
     });
 }
 
+/// `setup` and `run --stdout` with `url`, and one event inserted and printed.
+fn set_up_and_stream_one_event(pg: &Postgres, url: &str) -> (TestConfig, Engine) {
+    let cfg = TestConfig::new(url, "");
+    let setup = cli(Some(&cfg.path), &["setup"], &[]);
+    assert_eq!(setup.code, 0, "{setup:?}");
+    let engine = Engine::spawn_with(&cfg.path, &["run", "--stdout"], &[], Stdout::Collect);
+    let id: i64 = pg
+        .psql(
+            "engagement",
+            "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 1, 'play') RETURNING id",
+        )
+        .parse()
+        .unwrap();
+    let lines = engine.wait_lines(1, T);
+    assert_eq!(ids(&lines), [id].into_iter().collect::<BTreeSet<_>>());
+    (cfg, engine)
+}
+
 /// The least-privilege role of docs/operations.md: LOGIN REPLICATION, SELECT on the two
 /// tables, owner of nothing; the publication made by the tables' owner. `setup` and `run`
 /// work with it.
@@ -951,19 +969,7 @@ fn a_least_privilege_role_sets_up_and_streams() {
         "postgres://cdc_reader:reader-pw@127.0.0.1:{}/engagement",
         pg.port
     );
-    let cfg = TestConfig::new(&url, "");
-    let setup = cli(Some(&cfg.path), &["setup"], &[]);
-    assert_eq!(setup.code, 0, "{setup:?}");
-    let engine = Engine::spawn_with(&cfg.path, &["run", "--stdout"], &[], Stdout::Collect);
-    let id: i64 = pg
-        .psql(
-            "engagement",
-            "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 1, 'play') RETURNING id",
-        )
-        .parse()
-        .unwrap();
-    let lines = engine.wait_lines(1, T);
-    assert_eq!(ids(&lines), [id].into_iter().collect::<BTreeSet<_>>());
+    let (cfg, _engine) = set_up_and_stream_one_event(&pg, &url);
     let status = cli(Some(&cfg.path), &["status"], &[]);
     assert_eq!(status.code, 0, "{status:?}");
 }
@@ -1014,19 +1020,7 @@ fn through_the_unix_socket_it_sets_up_streams_and_refuses_demanded_tls() {
         pg.socket_dir().display(),
         pg.port
     );
-    let cfg = TestConfig::new(&url, "");
-    let setup = cli(Some(&cfg.path), &["setup"], &[]);
-    assert_eq!(setup.code, 0, "{setup:?}");
-    let engine = Engine::spawn_with(&cfg.path, &["run", "--stdout"], &[], Stdout::Collect);
-    let id: i64 = pg
-        .psql(
-            "engagement",
-            "INSERT INTO engagement_events (content_id, user_id, event_type) VALUES (1, 1, 'play') RETURNING id",
-        )
-        .parse()
-        .unwrap();
-    let lines = engine.wait_lines(1, T);
-    assert_eq!(ids(&lines), [id].into_iter().collect::<BTreeSet<_>>());
+    let (cfg, engine) = set_up_and_stream_one_event(&pg, &url);
     // Both of the engine's connections, the replication one and the query one, came
     // through the socket: Postgres records no client address for either.
     assert_eq!(
