@@ -1037,6 +1037,26 @@ fn through_the_unix_socket_it_sets_up_streams_and_refuses_demanded_tls() {
     assert_eq!(status.code, 0, "{status:?}");
     drop(engine);
 
+    // A socket directory the server does not use: what to check, not just ENOENT.
+    let elsewhere = TestConfig::new(
+        &format!(
+            "postgres://postgres@/engagement?host={}&port={}",
+            cfg.path.parent().unwrap().display(),
+            pg.port
+        ),
+        "",
+    );
+    let run = cli(Some(&elsewhere.path), &["setup"], &[]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "through the Unix socket {}/.s.PGSQL.{}: there is no such socket; is the server running",
+            cfg.path.parent().unwrap().display(),
+            pg.port
+        )),
+        "{run:?}"
+    );
+
     let demanding = TestConfig::new(&format!("{url}&sslmode=verify-full"), "");
     let run = cli(Some(&demanding.path), &["setup"], &[]);
     assert_eq!(run.code, 2, "{run:?}");

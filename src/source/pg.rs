@@ -161,6 +161,18 @@ pub fn explain_connect_error(e: &tokio_postgres::Error, conn: &PgConnection) -> 
             "Postgres at {target} asks for a password and none is configured; put it in [postgres] url as postgres://USER:PASSWORD@HOST:PORT/DB"
         );
     }
+    if conn.is_socket() && (text.contains("No such file or directory") || text.contains("refused"))
+    {
+        let (dir, port) = conn.host_port();
+        return anyhow!(
+            "cannot connect to Postgres through the Unix socket {dir}/.s.PGSQL.{port}: {}; is the server running, with {dir} in its unix_socket_directories and port {port}? check [postgres] url (ENGAGEMENT_CDC__POSTGRES__URL)",
+            if text.contains("refused") {
+                "nothing accepts connections on it"
+            } else {
+                "there is no such socket"
+            }
+        );
+    }
     if text.contains("refused") {
         return anyhow!(
             "cannot connect to Postgres at {target}: connection refused; is the server running and listening there? check [postgres] url (ENGAGEMENT_CDC__POSTGRES__URL)"
