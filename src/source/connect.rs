@@ -162,6 +162,17 @@ impl PgConnection {
         // A Unix socket (a host that is a directory: `?host=/var/run/postgresql`): Postgres
         // offers no TLS there, so, as libpq, nothing is negotiated; a mode that demands TLS
         // cannot be met and is refused rather than quietly dropped.
+        let sockets = config
+            .get_hosts()
+            .iter()
+            .filter(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)))
+            .count();
+        if sockets > 0 && sockets < config.get_hosts().len() {
+            return Err(UsageError::new(format!(
+                "postgres.url {:?} lists a Unix socket and TCP hosts together; the engine reads one server: give either the socket's directory or a host name",
+                redact_url(&pg.url)
+            )));
+        }
         if is_socket(&config) {
             match sslmode {
                 SslMode::Disable | SslMode::Prefer => sslmode = SslMode::Disable,
@@ -398,6 +409,16 @@ mod tests {
                 "{text}"
             );
         }
+        let e = conn(
+            "host=/var/run/postgresql,db.example.com user=u dbname=x",
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("lists a Unix socket and TCP hosts together"),
+            "{e}"
+        );
         // A TCP host keeps the default.
         assert_eq!(
             conn("postgres://u@db/x", |_| {}).unwrap().sslmode,
