@@ -194,12 +194,28 @@ impl Env {
     /// Every sink holds exactly the events of Postgres, each once.
     fn assert_exact(&self, api_exact: bool) {
         let n = self.total();
-        wait_for("every sink to hold every event", T, || {
-            (self.ch_count() == n
-                && self.redis_counts() == self.pg_counts()
-                && self.api.stats()["unique_event_ids"].as_u64() == Some(n))
-            .then_some(())
-        });
+        let deadline = Instant::now() + T;
+        loop {
+            let (ch, redis, api) = (
+                self.ch_count(),
+                self.redis_counts(),
+                self.api.stats()["unique_event_ids"].as_u64(),
+            );
+            let pg = self.pg_counts();
+            if ch == n && redis == pg && api == Some(n) {
+                break;
+            }
+            // The timeout says which sink is short, and by how much.
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {T:?} waiting for every sink to hold all {n} events: ClickHouse {ch}, Redis counts {redis:?} against Postgres {pg:?}, API unique ids {api:?}; the engine's status: {}",
+                self.cfg
+                    .engine_status()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "no answer".into())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(
             self.ch
                 .query("SELECT uniqExact(event_id) FROM engagement.events_enriched FINAL"),
