@@ -136,6 +136,10 @@ fn options() -> Options {
         }
         i += 2;
     }
+    assert!(
+        !(o.tls && o.pg_socket),
+        "--pg-socket and --tls together: Postgres offers no TLS on its Unix socket; choose one"
+    );
     o
 }
 
