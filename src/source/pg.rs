@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, NoTls, Socket};
 
 use crate::checks::{redact_url, QualifiedTable};
 use crate::source::config::PostgresConfig;
@@ -64,49 +65,43 @@ pub async fn within<F: std::future::Future>(
 /// unless the URL says otherwise).
 pub async fn connect(pg: &PostgresConfig) -> anyhow::Result<Client> {
     let conn = PgConnection::from_config(pg)?;
+    // Over a Unix socket nothing is negotiated (the mode is `disable` there), and
+    // tokio-postgres would still ask the TLS connector for a name the socket does not have.
+    if conn.is_socket() {
+        start(&conn, NoTls).await
+    } else {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(conn.client_tls()?);
+        start(&conn, tls).await
+    }
+}
+
+/// The startup with `tls`, within `connect_timeout`, and the connection task spawned.
+async fn start<T>(conn: &PgConnection, tls: T) -> anyhow::Result<Client>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
     let limit = conn
         .config
         .get_connect_timeout()
         .copied()
         .unwrap_or(Duration::from_secs(10));
-    let late = || {
-        anyhow!(
-            "Postgres at {} did not complete the connection startup (TLS, authentication) within {} s; is it overloaded, stopped, or not a Postgres server? check [postgres] url",
-            conn.target,
-            limit.as_secs()
-        )
-    };
-    // Over a Unix socket nothing is negotiated (the mode is `disable` there), and
-    // tokio-postgres would still ask the TLS connector for a name the socket does not have.
-    let client = if conn.is_socket() {
-        let (client, connection) = tokio::time::timeout(limit, conn.config.connect(NoTls))
-            .await
-            .map_err(|_| late())?
-            .map_err(|e| explain_connect_error(&e, &conn))?;
-        spawn_connection(connection);
-        client
-    } else {
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(conn.client_tls()?);
-        let (client, connection) = tokio::time::timeout(limit, conn.config.connect(tls))
-            .await
-            .map_err(|_| late())?
-            .map_err(|e| explain_connect_error(&e, &conn))?;
-        spawn_connection(connection);
-        client
-    };
-    Ok(client)
-}
-
-fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+    let (client, connection) = tokio::time::timeout(limit, conn.config.connect(tls))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "Postgres at {} did not complete the connection startup (TLS, authentication) within {} s; is it overloaded, stopped, or not a Postgres server? check [postgres] url",
+                conn.target,
+                limit.as_secs()
+            )
+        })?
+        .map_err(|e| explain_connect_error(&e, conn))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("postgres connection ended: {e}");
         }
     });
+    Ok(client)
 }
 
 /// Turn a connection error into one actionable line.
