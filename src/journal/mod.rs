@@ -696,10 +696,27 @@ fn drop_cached(file: &File) {
 /// A sink's (or `replay`'s) reader: sequential reads from any sequence number.
 pub struct Reader {
     dir: PathBuf,
-    /// The open segment, the last sequence number read from it, and the segment's first
-    /// (its name).
-    open: Option<(BufReader<File>, u64, u64)>,
+    open: Option<Open>,
     payload: Vec<u8>,
+}
+
+/// A reader's open segment.
+struct Open {
+    file: BufReader<File>,
+    /// The last sequence number read from it (one before its first when none yet).
+    last: u64,
+    /// Its first sequence number (its name).
+    first: u64,
+}
+
+impl Open {
+    fn new(file: File, last: u64, first: u64) -> Open {
+        Open {
+            file: BufReader::with_capacity(1 << 20, file),
+            last,
+            first,
+        }
+    }
 }
 
 impl Reader {
@@ -720,8 +737,8 @@ impl Reader {
         max_events: usize,
     ) -> anyhow::Result<Vec<Record>> {
         let out = self.read_records(after, up_to, max_events);
-        if let Some((file, _, _)) = &self.open {
-            drop_cached(file.get_ref());
+        if let Some(open) = &self.open {
+            drop_cached(open.file.get_ref());
         }
         out
     }
@@ -739,14 +756,14 @@ impl Reader {
             return Ok(out);
         }
         // Go on where the last read ended, or find the segment again.
-        if !matches!(&self.open, Some((_, last, _)) if *last == after) {
+        if !matches!(&self.open, Some(open) if open.last == after) {
             self.open = self.position(after)?;
         }
         loop {
             if next >= up_to || (events >= max_events && !out.is_empty()) {
                 return Ok(out);
             }
-            let Some((file, last, first)) = self.open.as_mut() else {
+            let Some(Open { file, last, first }) = self.open.as_mut() else {
                 return Ok(out);
             };
             let pos = file
@@ -778,8 +795,7 @@ impl Reader {
                             let f = File::open(path).with_context(|| {
                                 format!("cannot open the journal segment {}", path.display())
                             })?;
-                            self.open =
-                                Some((BufReader::with_capacity(1 << 20, f), next, *first_of));
+                            self.open = Some(Open::new(f, next, *first_of));
                         }
                         None => {
                             file.seek(SeekFrom::Start(pos))?;
@@ -792,7 +808,7 @@ impl Reader {
     }
 
     /// Open the segment holding the first record after `after`, positioned at its start.
-    fn position(&self, after: u64) -> anyhow::Result<Option<(BufReader<File>, u64, u64)>> {
+    fn position(&self, after: u64) -> anyhow::Result<Option<Open>> {
         let files = segment_files(&self.dir)?;
         // The last segment that starts at or before after + 1, else the first.
         let pick = files
@@ -806,11 +822,7 @@ impl Reader {
         let f = File::open(path)
             .with_context(|| format!("cannot open the journal segment {}", path.display()))?;
         // Records before `after` are skipped by the caller.
-        Ok(Some((
-            BufReader::with_capacity(1 << 20, f),
-            first.saturating_sub(1),
-            *first,
-        )))
+        Ok(Some(Open::new(f, first.saturating_sub(1), *first)))
     }
 }
 
