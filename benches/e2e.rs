@@ -154,6 +154,14 @@ struct CatchUp<'a> {
     /// (`voluntary_ctxt_switches`): how often each slept and was woken again.
     engine_waits: u64,
     walsender_waits: u64,
+    /// Times each was made to give up the CPU (`nonvoluntary_ctxt_switches`), and moved
+    /// to another CPU (`se.nr_migrations` of `/proc/<pid>/sched`).
+    engine_preempted: u64,
+    walsender_preempted: u64,
+    engine_migrations: u64,
+    walsender_migrations: u64,
+    /// What the kernel's TCP stack did meanwhile, machine-wide (counters that moved).
+    tcp: Vec<(String, u64)>,
     /// Batches the engine made of the backlog.
     batches: u64,
     /// CPU seconds of the engine and of the walsender.
@@ -177,6 +185,44 @@ fn status_field(pid: i32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A numeric field of `/proc/<pid>/sched` (`se.nr_migrations`…).
+fn sched_field(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/sched"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(field))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The kernel's TCP counters, machine-wide: `/proc/net/snmp`'s `Tcp:` and
+/// `/proc/net/netstat`'s `TcpExt:` rows (header line, then values), as `TcpOutSegs`,
+/// `TcpExtTCPRcvCoalesce`…
+fn tcp_counters() -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let mut names = names.split_whitespace();
+            let mut values = values.split_whitespace();
+            let prefix = names.next().unwrap_or("").trim_end_matches(':');
+            values.next();
+            if prefix != "Tcp" && prefix != "TcpExt" {
+                continue;
+            }
+            for (name, value) in names.zip(values) {
+                if let Ok(v) = value.parse::<u64>() {
+                    out.push((format!("{prefix}{name}"), v));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn main() {
@@ -427,6 +473,7 @@ fn main() {
                 }
             }
         }
+        let tcp_before = tcp_counters();
         let t = Instant::now();
         let engine = Engine::spawn_with(
             &cfg.path,
@@ -483,6 +530,20 @@ fn main() {
         let pg_cpu = cpu(&[walsender]);
         let engine_waits = status_field(engine.pid(), "voluntary_ctxt_switches:");
         let walsender_waits = status_field(walsender, "voluntary_ctxt_switches:");
+        let engine_preempted = status_field(engine.pid(), "nonvoluntary_ctxt_switches:");
+        let walsender_preempted = status_field(walsender, "nonvoluntary_ctxt_switches:");
+        let engine_migrations = sched_field(engine.pid(), "se.nr_migrations");
+        let walsender_migrations = sched_field(walsender, "se.nr_migrations");
+        let tcp: Vec<(String, u64)> = tcp_counters()
+            .into_iter()
+            .filter_map(|(name, after)| {
+                let before = tcp_before
+                    .iter()
+                    .find(|(b, _)| *b == name)
+                    .map_or(0, |b| b.1);
+                (after > before).then(|| (name, after - before))
+            })
+            .collect();
         let server_cpu: Vec<(&str, f64)> = servers
             .iter()
             .zip(&servers_before)
@@ -506,6 +567,11 @@ fn main() {
             engine_faults,
             engine_waits,
             walsender_waits,
+            engine_preempted,
+            walsender_preempted,
+            engine_migrations,
+            walsender_migrations,
+            tcp,
             batches,
             pg_cpu,
             server_cpu,
@@ -731,6 +797,48 @@ fn main() {
         cu.engine_waits as f64 * 1000.0 / n as f64,
         cu.walsender_waits,
         cu.walsender_waits as f64 * 1000.0 / n as f64
+    );
+    let per_k = |v: u64| v as f64 * 1000.0 / n as f64;
+    println!(
+        "| preempted and moved to another CPU during catch-up (per 1000 events) | engine {:.1} and {:.1}, walsender {:.1} and {:.1} |",
+        per_k(cu.engine_preempted),
+        per_k(cu.engine_migrations),
+        per_k(cu.walsender_preempted),
+        per_k(cu.walsender_migrations)
+    );
+    // The loopback TCP counters that tell how the walsender's writes travelled: segments,
+    // what the receiving side coalesced or had to collapse, delayed ACKs.
+    let tcp: Vec<String> = [
+        "TcpOutSegs",
+        "TcpExtTCPRcvCoalesce",
+        "TcpExtTCPBacklogCoalesce",
+        "TcpExtTCPRcvCollapsed",
+        "TcpExtPruneCalled",
+        "TcpExtDelayedACKs",
+        "TcpExtTCPHPHits",
+        "TcpExtTCPPureAcks",
+        "TcpExtTCPHPAcks",
+        "TcpExtTCPAutoCorking",
+        "TcpExtTCPBacklogDrop",
+        "TcpExtTCPRcvQDrop",
+    ]
+    .iter()
+    .filter_map(|name| {
+        let (_, v) = cu.tcp.iter().find(|(n, _)| n == name)?;
+        Some(format!(
+            "{} {:.1}",
+            name.trim_start_matches("TcpExt"),
+            per_k(*v)
+        ))
+    })
+    .collect();
+    println!(
+        "| TCP during catch-up, whole machine (per 1000 events) | {} |",
+        if tcp.is_empty() {
+            "none counted".to_string()
+        } else {
+            tcp.join(", ")
+        }
     );
     let mut cpu_line = format!("engine {:.2}, walsender {:.2}", cu.engine_cpu, cu.pg_cpu);
     for (name, c) in &cu.server_cpu {
