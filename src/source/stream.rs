@@ -93,9 +93,10 @@ const BUSY_EVENTS: usize = 64;
 /// until a smaller one does, or the walsender says it has sent all the WAL there is. Held,
 /// the runtime naps before it parks. Without it, a catch-up's engine waited (mostly woken
 /// by the walsender's writes) 3.0–14.3 times per 1,000 events and spent 1.73–1.99 µs per
-/// event in four runs; with it, 0.7–2.9 waits and 1.43–1.70 µs (docs/benchmarks.md,
-/// "Napping through a catch-up"). A steady stream of small transactions (17 events a batch
-/// at 5,000 a second) never holds it.
+/// event in four runs; with it (and a 0.5 ms nap), 0.7–2.9 waits and 1.43–1.70 µs
+/// (docs/benchmarks.md, "Napping through a catch-up"). A steady stream of small
+/// transactions (17 events a batch at 5,000 a second) never holds it. While a sink is down
+/// mid-stream it stays held: status requests and a shutdown wait up to NAP more.
 #[derive(Default)]
 struct Streaming(Option<NapWanted>);
 
