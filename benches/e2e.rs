@@ -791,14 +791,14 @@ fn main() {
         cu.engine_faults,
         cu.engine_faults as f64 / n as f64
     );
+    let per_k = |v: u64| v as f64 * 1000.0 / n as f64;
     println!(
         "| waits during catch-up (voluntary context switches; per 1000 events) | engine {} ({:.1}), walsender {} ({:.1}) |",
         cu.engine_waits,
-        cu.engine_waits as f64 * 1000.0 / n as f64,
+        per_k(cu.engine_waits),
         cu.walsender_waits,
-        cu.walsender_waits as f64 * 1000.0 / n as f64
+        per_k(cu.walsender_waits)
     );
-    let per_k = |v: u64| v as f64 * 1000.0 / n as f64;
     println!(
         "| preempted and moved to another CPU during catch-up (per 1000 events) | engine {:.1} and {:.1}, walsender {:.1} and {:.1} |",
         per_k(cu.engine_preempted),
