@@ -187,15 +187,16 @@ fn fraction(s: &str) -> Result<f64, String> {
 
 /// glibc's allocator, tuned for a sidecar's footprint (docs/benchmarks.md, "Memory"): two
 /// arenas instead of one per thread that ever allocated (8 per core), and blocks from
-/// 256 KiB up (a batch's events) always mapped apart and returned when freed, instead of
-/// the threshold rising after the first such free and the heap keeping them. Without it a
-/// 1,000,000-event catch-up peaked 10–20 MB higher.
+/// 256 KiB up that the heap has no free room for mapped apart and returned when freed,
+/// instead of the threshold rising after the first such free and the heap growing to keep
+/// them. Without it a 1,000,000-event catch-up peaked 10–20 MB higher.
 ///
 /// Setting the mmap threshold also pins the trim threshold at its 128 KiB default, so
 /// the heap gave back its free top whenever it passed 128 KiB and took the pages again
-/// for the next request body, Redis call or growing batch: in a catch-up's profile, 15 %
-/// of the engine's samples were the kernel zeroing fresh pages. Up to 8 MiB of free top
-/// is kept instead (docs/benchmarks.md, "Keeping the heap's free top").
+/// for the next request body, Redis call or batch: in a catch-up's profile, 15 % of the
+/// engine's samples were the kernel zeroing fresh pages. Up to 8 MiB of free top is kept
+/// instead, and serves large blocks too while it has room (docs/benchmarks.md, "Keeping
+/// the heap's free top").
 fn bound_the_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
