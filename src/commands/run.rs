@@ -381,6 +381,7 @@ async fn open_session(
     // Each step has a limit: a server that accepts and then stops answering is a lost
     // session (retried with backoff), not a hang.
     let limit = pg::QUERY_TIMEOUT;
+    crate::source::stream::nap_for_transport(rc.is_unix_socket());
     let mut client = pg::within(
         limit,
         "the replication connection's startup",

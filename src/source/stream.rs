@@ -5,7 +5,7 @@
 //! transaction, relations, the batch being cut, keepalives), and splitting it would spread
 //! one loop's invariants over several files.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,28 @@ const QUIET: Duration = Duration::from_micros(200);
 /// long.
 const NAP: Duration = Duration::from_micros(1500);
 
+/// The nap when the replication connection is a Unix socket. There the walsender's writes
+/// do not coalesce into segments: each is a buffer queued for the reader, and about a
+/// millisecond of them fills the socket's send buffer, so during a 1.5 ms nap the walsender
+/// waits for room. Over the socket a catch-up ran at 133,375 and 142,549 events/s napping
+/// NAP, 177,374 and 183,528 not napping, and 173,464–195,210 (four runs) napping 300 µs,
+/// with the engine cheapest at 300 µs (docs/benchmarks.md, "The nap over a Unix socket").
+const SOCKET_NAP: Duration = Duration::from_micros(300);
+
+/// The nap of the current session's transport, in microseconds ([`nap_for_transport`]).
+static NAP_US: AtomicU64 = AtomicU64::new(NAP.as_micros() as u64);
+
+/// Set before a replication session connects: NAP over TCP, SOCKET_NAP over a Unix socket.
+pub fn nap_for_transport(unix_socket: bool) {
+    let nap = if unix_socket { SOCKET_NAP } else { NAP };
+    NAP_US.store(nap.as_micros() as u64, Ordering::Relaxed);
+}
+
+/// How long [`nap_before_park`] sleeps for the current session's transport.
+fn nap_length() -> Duration {
+    Duration::from_micros(NAP_US.load(Ordering::Relaxed))
+}
+
 /// How many [`NapWanted`] live: a busy batch waiting for more messages, a session reading
 /// a busy stream ([`Streaming`]).
 static NAP_WANTED: AtomicUsize = AtomicUsize::new(0);
@@ -75,13 +97,14 @@ impl Drop for NapWanted {
 /// the walsender writes, and waiting on the socket it was woken every 14–27 events —
 /// wake-ups that cost the walsender (Postgres's own CPU) more than they cost the engine
 /// (docs/benchmarks.md, "Woken less often"). While a busy batch waits for more, the thread
-/// sleeps NAP first, so the walsender's writes queue in the socket and are read together;
-/// when anything else is runnable (a sink's reply), the runtime runs it and does not nap.
+/// sleeps NAP first (SOCKET_NAP over a Unix socket), so the walsender's writes queue in
+/// the socket and are read together; when anything else is runnable (a sink's reply), the
+/// runtime runs it and does not nap.
 /// The same while a session reads a busy stream ([`Streaming`]), whatever it waits on: the
 /// walsender, room in the pipeline, the gather's deadline.
 pub fn nap_before_park() {
     if NAP_WANTED.load(Ordering::Relaxed) > 0 {
-        std::thread::sleep(NAP);
+        std::thread::sleep(nap_length());
     }
 }
 
@@ -716,6 +739,18 @@ mod tests {
             let t = Instant::now();
             nap_before_park();
             assert!(t.elapsed() >= NAP, "the hook napped {:?}", t.elapsed());
+            // Over a Unix socket, the shorter nap (this test alone changes the transport).
+            nap_for_transport(true);
+            assert_eq!(nap_length(), SOCKET_NAP);
+            let t = Instant::now();
+            nap_before_park();
+            assert!(
+                t.elapsed() >= SOCKET_NAP,
+                "the hook napped {:?}",
+                t.elapsed()
+            );
+            nap_for_transport(false);
+            assert_eq!(nap_length(), NAP);
             // Dropped mid-wait (a shutdown): the runtime no longer naps.
             wait.abort();
             assert!(wait.await.unwrap_err().is_cancelled());
