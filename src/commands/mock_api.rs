@@ -237,13 +237,64 @@ impl<'de> serde::de::Visitor<'de> for Event {
     }
 }
 
-/// The event's id, or what in it differs from docs/sinks.md.
-fn check_event(raw: &str) -> Result<i64, String> {
+/// Events in an array, each checked as it is parsed: their ids.
+struct Events;
+
+impl<'de> serde::de::Visitor<'de> for Events {
+    type Value = Vec<i64>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of event objects")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Vec<i64>, A::Error> {
+        let mut ids = Vec::with_capacity(s.size_hint().unwrap_or(0));
+        while let Some(id) = s.next_element_seed(OneEvent)? {
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+}
+
+/// One element of the array: an event object.
+struct OneEvent;
+
+impl<'de> serde::de::DeserializeSeed<'de> for OneEvent {
+    type Value = i64;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<i64, D::Error> {
+        d.deserialize_map(Event)
+    }
+}
+
+/// Why a body was refused.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// Not JSON, or neither an event object nor an array (answered 400).
+    Body(String),
+    /// An event differs from docs/sinks.md (answered 422).
+    Event(String),
+}
+
+/// The ids of a body's events — a JSON array of event objects, or one object — each event
+/// checked against docs/sinks.md as it is parsed, in one pass over the body.
+fn check_body(bytes: &[u8]) -> Result<Vec<i64>, Refusal> {
     use serde::Deserializer as _;
-    let mut d = serde_json::Deserializer::from_str(raw);
-    let id = d.deserialize_map(Event).map_err(|e| e.to_string())?;
-    d.end().map_err(|e| e.to_string())?;
-    Ok(id)
+    let mut d = serde_json::Deserializer::from_slice(bytes);
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let ids = if first == Some(&b'[') {
+        d.deserialize_seq(Events)
+    } else {
+        d.deserialize_map(Event).map(|id| vec![id])
+    };
+    ids.and_then(|ids| d.end().map(|()| ids)).map_err(|e| {
+        // An event that differs is told only in a body that is JSON throughout (a broken
+        // body is refused as such, wherever it breaks).
+        match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Err(broken) => Refusal::Body(broken.to_string()),
+            Ok(_) if e.classify() == serde_json::error::Category::Data => {
+                Refusal::Event(e.to_string())
+            }
+            Ok(_) => Refusal::Body(e.to_string()),
+        }
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, or with `.ffffff` (six digits, not all zero) before the `Z`.
@@ -274,8 +325,8 @@ fn check_event_ts(ts: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The events of a body: a JSON array of event objects, or one object; each kept as the
-/// bytes received.
+/// The events of a body: a JSON array of event objects, or one object; each as the bytes
+/// received (for `--keep-events`).
 fn split_body(bytes: &[u8]) -> Result<Vec<&serde_json::value::RawValue>, serde_json::Error> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
@@ -523,30 +574,40 @@ impl Answer {
 
 async fn post_events(bytes: &[u8], state: &Mutex<State>, opts: &MockOptions, key: &str) -> Answer {
     state.lock().expect("stats lock").stats.requests += 1;
-    let raws = match split_body(bytes) {
-        Ok(v) => v,
-        Err(e) => {
+    let ids = match check_body(bytes) {
+        Ok(ids) => ids,
+        Err(Refusal::Body(e)) => {
             return Answer::new(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"error": format!("expected an event object or an array of events: {e}")}),
                 format!("key={key} invalid body"),
             )
         }
+        Err(Refusal::Event(why)) => {
+            state.lock().expect("stats lock").stats.invalid_events += 1;
+            return Answer::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"error": format!("an event differs from docs/sinks.md: {why}")}),
+                format!("key={key} invalid event: {why}"),
+            );
+        }
     };
-    let mut events: Vec<(i64, &str)> = Vec::with_capacity(raws.len());
-    for raw in &raws {
-        match check_event(raw.get()) {
-            Ok(id) => events.push((id, raw.get())),
-            Err(why) => {
-                state.lock().expect("stats lock").stats.invalid_events += 1;
+    // With --keep-events, each event's text as received (the body is valid JSON by now).
+    let raws = if opts.keep_events {
+        match split_body(bytes) {
+            Ok(raws) if raws.len() == ids.len() => raws.into_iter().map(|r| r.get()).collect(),
+            // Not reached: the body was just parsed as these events.
+            _ => {
                 return Answer::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    serde_json::json!({"error": format!("an event differs from docs/sinks.md: {why}")}),
-                    format!("key={key} invalid event: {why}"),
-                );
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"error": "the mock could not keep the body's events"}),
+                    format!("key={key} keep-events error"),
+                )
             }
         }
-    }
+    } else {
+        Vec::new()
+    };
     let faults = state.lock().expect("stats lock").faults;
     if faults.slow_rate > 0.0 && rand::random::<f64>() < faults.slow_rate {
         tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
@@ -568,7 +629,7 @@ async fn post_events(bytes: &[u8], state: &Mutex<State>, opts: &MockOptions, key
     if let Some(f) = st.ids_file.as_ref() {
         let mut fresh = HashSet::new();
         let mut lines = String::new();
-        for (id, _) in &events {
+        for id in &ids {
             if !st.seen.contains(id) && fresh.insert(*id) {
                 lines.push_str(&format!("{id}\n"));
             }
@@ -581,21 +642,21 @@ async fn post_events(bytes: &[u8], state: &Mutex<State>, opts: &MockOptions, key
             );
         }
     }
-    st.stats.events += events.len() as u64;
-    for (id, raw) in &events {
-        if st.seen.insert(*id) {
+    st.stats.events += ids.len() as u64;
+    for &id in &ids {
+        if st.seen.insert(id) {
             st.stats.unique_event_ids += 1;
         } else {
             st.stats.duplicates += 1;
         }
-        if opts.keep_events {
-            st.kept.insert(*id, raw.to_string());
-        }
+    }
+    for (&id, raw) in ids.iter().zip(&raws) {
+        st.kept.insert(id, raw.to_string());
     }
     Answer::new(
         StatusCode::OK,
-        serde_json::json!({"status": "ok", "received": events.len()}),
-        format!("key={key} received={}", events.len()),
+        serde_json::json!({"status": "ok", "received": ids.len()}),
+        format!("key={key} received={}", ids.len()),
     )
 }
 
@@ -604,6 +665,17 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"event_id":16,"content_id":1,"user_id":999,"event_type":"play","event_ts":"2026-01-08T14:21:52.163702Z","duration_ms":7000,"device":"web","content_type":"video","length_seconds":300,"engagement_seconds":7.0,"engagement_pct":0.02}"#;
+
+    /// One event's body: its id, or why it was refused.
+    fn check_event(raw: &str) -> Result<i64, String> {
+        match check_body(raw.as_bytes()) {
+            Ok(ids) => {
+                assert_eq!(ids.len(), 1, "{raw}");
+                Ok(ids[0])
+            }
+            Err(Refusal::Body(e) | Refusal::Event(e)) => Err(e),
+        }
+    }
 
     #[test]
     fn events_are_checked_against_the_documented_form() {
@@ -672,5 +744,31 @@ mod tests {
             GOOD
         );
         assert!(split_body(b"[1,").is_err());
+
+        // A body is checked in one pass: its ids, in order; a broken body is told apart
+        // from a body whose events differ from the documented form.
+        let two = format!(
+            "[{GOOD},{}]",
+            GOOD.replace(r#""event_id":16"#, r#""event_id":17"#)
+        );
+        assert_eq!(check_body(two.as_bytes()), Ok(vec![16, 17]));
+        assert_eq!(check_body(format!(" {GOOD}").as_bytes()), Ok(vec![16]));
+        assert_eq!(check_body(b" [ ] "), Ok(vec![]));
+        assert!(matches!(check_body(b"[1,"), Err(Refusal::Body(_))));
+        assert!(matches!(check_body(b"not json"), Err(Refusal::Body(_))));
+        assert!(matches!(
+            check_body(format!("{GOOD} 1").as_bytes()),
+            Err(Refusal::Body(_))
+        ));
+        assert!(matches!(check_body(b"[1]"), Err(Refusal::Event(_))));
+        assert!(matches!(check_body(b"\"x\""), Err(Refusal::Event(_))));
+        let second_bad = format!(
+            "[{GOOD},{}]",
+            GOOD.replace(r#""device":"web""#, r#""device":7"#)
+        );
+        match check_body(second_bad.as_bytes()) {
+            Err(Refusal::Event(e)) => assert!(e.contains("device"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
