@@ -119,7 +119,7 @@ const BUSY_EVENTS: usize = 64;
 /// event in four runs; with it (and a 0.5 ms nap), 0.7–2.9 waits and 1.43–1.70 µs
 /// (docs/benchmarks.md, "Napping through a catch-up"). A steady stream of small
 /// transactions (17 events a batch at 5,000 a second) never holds it. While a sink is down
-/// mid-stream it stays held: status requests and a shutdown wait up to NAP more.
+/// mid-stream it stays held: status requests and a shutdown wait up to a nap more.
 #[derive(Default)]
 struct Streaming(Option<NapWanted>);
 
