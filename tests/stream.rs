@@ -125,6 +125,13 @@ fn the_seed_insert_prints_the_spec_json() {
     );
     // Logs went to stderr, not into the JSON stream.
     assert!(engine.stderr().contains("streaming slot"));
+    // `pipeline.nice` is 0 by default: the engine keeps the priority it was started with.
+    let own = nice_of("thread-self");
+    let nices = engine_nices(&engine);
+    assert!(
+        nices.iter().all(|&n| n == own),
+        "nice of each thread {nices:?}, the test's {own}"
+    );
     // The engine's endpoints.
     let port = env.cfg.server_port;
     assert_eq!(http_get(port, "/healthz").as_deref(), Some("ok\n"));
@@ -139,6 +146,28 @@ fn the_seed_insert_prints_the_spec_json() {
         page.contains("<h1>engagement-cdc</h1>") && page.contains("commit to stdout"),
         "{page}"
     );
+}
+
+/// The niceness of each of the engine's threads.
+fn engine_nices(engine: &Engine) -> Vec<i64> {
+    let pid = engine.pid();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            nice_of(&format!(
+                "{pid}/task/{}",
+                t.unwrap().file_name().to_string_lossy()
+            ))
+        })
+        .collect()
+}
+
+/// The niceness in `/proc/<which>/stat` (`thread-self`, `PID/task/TID`).
+fn nice_of(which: &str) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap();
+    // After the command's name in parentheses: state is field 3, nice field 19.
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(16).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -700,9 +729,26 @@ fn a_dropped_required_column_halts_with_the_checkpoint_held() {
 #[test]
 fn sigterm_confirms_the_checkpoint_and_exits_0() {
     let env = env();
-    let mut engine = env.engine(Stdout::Collect);
+    // With `pipeline.nice`: every thread of the engine, those started while it runs
+    // included, yields to processes of normal priority. Never raised: started nicer, it
+    // keeps that.
+    let mut engine = env.engine_with(&[("ENGAGEMENT_CDC__PIPELINE__NICE", "10")], Stdout::Collect);
     env.insert("(1, 1, 'play', 100, 'web'), (2, 2, 'play', 100, 'web')");
     engine.wait_lines(2, T);
+    let own = nice_of("thread-self");
+    let nices = engine_nices(&engine);
+    assert!(nices.len() > 1, "threads {nices:?}");
+    assert!(
+        nices.iter().all(|&n| n == own.max(10)),
+        "nice of each thread {nices:?}"
+    );
+    if own < 10 {
+        assert!(
+            engine.stderr().contains("lowered from nice"),
+            "{}",
+            engine.stderr()
+        );
+    }
     let lsn = env.sql("SELECT pg_current_wal_lsn()");
     assert_eq!(engine.terminate(), 0, "{}", engine.stderr());
     assert!(

@@ -52,6 +52,17 @@ pub async fn run(
             "no sink is enabled; add a [clickhouse], [redis], [http] or [stdout] section (or pass --stdout)"
         ));
     }
+    // Before any thread starts: every thread the engine starts later inherits it.
+    match lower_priority(config.pipeline.nice) {
+        Ok(Some((from, to))) => tracing::info!(
+            "scheduling priority lowered from nice {from} to {to} (pipeline.nice): processes of normal priority on this host, Postgres first, run before the engine"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            "cannot lower the scheduling priority to nice {} (pipeline.nice): {e}; the engine runs at its starting priority",
+            config.pipeline.nice
+        ),
+    }
     let store = StateStore::open(&config.state.dir)?;
     let Some(identity) = store.identity()? else {
         bail!(
@@ -472,6 +483,40 @@ pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
 }
 
 /// Why a session ended, for `/status` while the next one is not yet streaming.
+/// Make the calling thread at least `nice` (0–19; 0 does nothing): never raises its
+/// priority. On Linux the niceness is the thread's, and threads it starts inherit it, so
+/// called before the engine starts any thread it covers them all. `Some((from, to))` when
+/// it changed.
+pub fn lower_priority(nice: i32) -> std::io::Result<Option<(i32, i32)>> {
+    if nice <= 0 {
+        return Ok(None);
+    }
+    let current = current_nice()?;
+    if current >= nice {
+        return Ok(None);
+    }
+    // SAFETY: setpriority has no memory effects; who = 0 is the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some((current, nice)))
+}
+
+/// The calling thread's niceness.
+pub fn current_nice() -> std::io::Result<i32> {
+    // -1 is a valid niceness, so an error shows only in errno, cleared first.
+    // SAFETY: errno is this thread's; getpriority has no memory effects.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
+        let err = std::io::Error::last_os_error();
+        if n == -1 && err.raw_os_error() != Some(0) {
+            return Err(err);
+        }
+        Ok(n)
+    }
+}
+
 fn session_end_reason(end: &SessionEnd) -> String {
     match end {
         SessionEnd::Shutdown => "shutting down".into(),
@@ -572,5 +617,36 @@ async fn read_slot(
             "slot": value,
         });
         tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{current_nice, lower_priority};
+
+    #[test]
+    fn the_priority_is_only_ever_lowered() {
+        // On a thread of its own: the niceness is the thread's, the test runner's other
+        // threads keep theirs.
+        std::thread::spawn(|| {
+            let start = current_nice().unwrap();
+            assert_eq!(lower_priority(0).unwrap(), None);
+            if start >= 19 {
+                assert_eq!(lower_priority(19).unwrap(), None);
+                return;
+            }
+            assert_eq!(lower_priority(start + 1).unwrap(), Some((start, start + 1)));
+            assert_eq!(current_nice().unwrap(), start + 1);
+            // Asked for less than it has: left as it is, not raised.
+            assert_eq!(lower_priority(start.max(1)).unwrap(), None);
+            assert_eq!(current_nice().unwrap(), start + 1);
+            // A thread started now inherits it.
+            let inherited = std::thread::spawn(|| current_nice().unwrap())
+                .join()
+                .unwrap();
+            assert_eq!(inherited, start + 1);
+        })
+        .join()
+        .unwrap();
     }
 }

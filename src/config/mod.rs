@@ -210,6 +210,12 @@ impl Config {
             0,
             60_000,
         )?;
+        if !(0..=19).contains(&self.pipeline.nice) {
+            return Err(UsageError::new(format!(
+                "pipeline.nice = {} is out of range; use a value from 0 to 19 (0 keeps the priority the engine was started with; the engine never raises its own)",
+                self.pipeline.nice
+            )));
+        }
         self.journal.validate()?;
         if let Some(ch) = &self.clickhouse {
             ch.validate()?;

@@ -110,6 +110,19 @@ fn bad_values_are_clear_errors() {
     assert!(e.to_string().contains("is not an integer"), "{e}");
     let e = parse("[pipeline]\nmax_batch_rows = 0\n", &[]).unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
+    for nice in ["-1", "20"] {
+        let e = parse("", &[("ENGAGEMENT_CDC__PIPELINE__NICE", nice)]).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("pipeline.nice") && text.contains("0 to 19"),
+            "{text}"
+        );
+    }
+    assert_eq!(parse("", &[]).unwrap().pipeline.nice, 0);
+    assert_eq!(
+        parse("[pipeline]\nnice = 10\n", &[]).unwrap().pipeline.nice,
+        10
+    );
     let e = parse("[http]\nmode = \"stream\"\n", &[]).unwrap_err();
     assert!(e.to_string().contains("stream"), "{e}");
     let e = parse("[postgres]\nslot = \"Bad-Name\"\n", &[]).unwrap_err();
