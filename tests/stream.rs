@@ -126,7 +126,7 @@ fn the_seed_insert_prints_the_spec_json() {
     // Logs went to stderr, not into the JSON stream.
     assert!(engine.stderr().contains("streaming slot"));
     // `pipeline.nice` is 0 by default: the engine keeps the priority it was started with.
-    let own = nice_of("thread-self");
+    let own = nice_of("thread-self").unwrap();
     let nices = engine_nices(&engine);
     assert!(
         nices.iter().all(|&n| n == own),
@@ -148,26 +148,28 @@ fn the_seed_insert_prints_the_spec_json() {
     );
 }
 
-/// The niceness of each of the engine's threads.
+/// The niceness of each of the engine's threads (a thread that ends while they are read is
+/// left out).
 fn engine_nices(engine: &Engine) -> Vec<i64> {
     let pid = engine.pid();
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .map(|t| {
+        .filter_map(|t| {
             nice_of(&format!(
                 "{pid}/task/{}",
-                t.unwrap().file_name().to_string_lossy()
+                t.ok()?.file_name().to_string_lossy()
             ))
         })
         .collect()
 }
 
-/// The niceness in `/proc/<which>/stat` (`thread-self`, `PID/task/TID`).
-fn nice_of(which: &str) -> i64 {
-    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).unwrap();
+/// The niceness in `/proc/<which>/stat` (`thread-self`, `PID/task/TID`); `None` when it
+/// is gone.
+fn nice_of(which: &str) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).ok()?;
     // After the command's name in parentheses: state is field 3, nice field 19.
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(16)?.parse().ok()
 }
 
 #[test]
@@ -735,7 +737,7 @@ fn sigterm_confirms_the_checkpoint_and_exits_0() {
     let mut engine = env.engine_with(&[("ENGAGEMENT_CDC__PIPELINE__NICE", "10")], Stdout::Collect);
     env.insert("(1, 1, 'play', 100, 'web'), (2, 2, 'play', 100, 'web')");
     engine.wait_lines(2, T);
-    let own = nice_of("thread-self");
+    let own = nice_of("thread-self").unwrap();
     let nices = engine_nices(&engine);
     assert!(nices.len() > 1, "threads {nices:?}");
     assert!(

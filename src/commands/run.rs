@@ -482,7 +482,6 @@ pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-/// Why a session ended, for `/status` while the next one is not yet streaming.
 /// Make the calling thread at least `nice` (0–19; 0 does nothing): never raises its
 /// priority. On Linux the niceness is the thread's, and threads it starts inherit it, so
 /// called before the engine starts any thread it covers them all. `Some((from, to))` when
@@ -517,6 +516,7 @@ pub fn current_nice() -> std::io::Result<i32> {
     }
 }
 
+/// Why a session ended, for `/status` while the next one is not yet streaming.
 fn session_end_reason(end: &SessionEnd) -> String {
     match end {
         SessionEnd::Shutdown => "shutting down".into(),
