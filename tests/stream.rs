@@ -126,10 +126,10 @@ fn the_seed_insert_prints_the_spec_json() {
     // Logs went to stderr, not into the JSON stream.
     assert!(engine.stderr().contains("streaming slot"));
     // `pipeline.nice` is 0 by default: the engine keeps the priority it was started with.
-    let own = nice_of("thread-self").unwrap();
-    let nices = engine_nices(&engine);
+    let own = own_nice();
+    let nices = thread_nices(engine.pid());
     assert!(
-        nices.iter().all(|&n| n == own),
+        !nices.is_empty() && nices.iter().all(|&n| n == own),
         "nice of each thread {nices:?}, the test's {own}"
     );
     // The engine's endpoints.
@@ -146,30 +146,6 @@ fn the_seed_insert_prints_the_spec_json() {
         page.contains("<h1>engagement-cdc</h1>") && page.contains("commit to stdout"),
         "{page}"
     );
-}
-
-/// The niceness of each of the engine's threads (a thread that ends while they are read is
-/// left out).
-fn engine_nices(engine: &Engine) -> Vec<i64> {
-    let pid = engine.pid();
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| {
-            nice_of(&format!(
-                "{pid}/task/{}",
-                t.ok()?.file_name().to_string_lossy()
-            ))
-        })
-        .collect()
-}
-
-/// The niceness in `/proc/<which>/stat` (`thread-self`, `PID/task/TID`); `None` when it
-/// is gone.
-fn nice_of(which: &str) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).ok()?;
-    // After the command's name in parentheses: state is field 3, nice field 19.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(16)?.parse().ok()
 }
 
 #[test]
@@ -737,8 +713,8 @@ fn sigterm_confirms_the_checkpoint_and_exits_0() {
     let mut engine = env.engine_with(&[("ENGAGEMENT_CDC__PIPELINE__NICE", "10")], Stdout::Collect);
     env.insert("(1, 1, 'play', 100, 'web'), (2, 2, 'play', 100, 'web')");
     engine.wait_lines(2, T);
-    let own = nice_of("thread-self").unwrap();
-    let nices = engine_nices(&engine);
+    let own = own_nice();
+    let nices = thread_nices(engine.pid());
     assert!(nices.len() > 1, "threads {nices:?}");
     assert!(
         nices.iter().all(|&n| n == own.max(10)),

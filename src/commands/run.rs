@@ -486,12 +486,9 @@ pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
 /// priority. On Linux the niceness is the thread's, and threads it starts inherit it, so
 /// called before the engine starts any thread it covers them all. `Some((from, to))` when
 /// it changed.
-pub fn lower_priority(nice: i32) -> std::io::Result<Option<(i32, i32)>> {
-    if nice <= 0 {
-        return Ok(None);
-    }
-    let current = current_nice()?;
-    if current >= nice {
+fn lower_priority(nice: i32) -> std::io::Result<Option<(i32, i32)>> {
+    let current = current_nice();
+    if nice <= 0 || current >= nice {
         return Ok(None);
     }
     // SAFETY: setpriority has no memory effects; who = 0 is the calling thread.
@@ -501,19 +498,11 @@ pub fn lower_priority(nice: i32) -> std::io::Result<Option<(i32, i32)>> {
     Ok(Some((current, nice)))
 }
 
-/// The calling thread's niceness.
-pub fn current_nice() -> std::io::Result<i32> {
-    // -1 is a valid niceness, so an error shows only in errno, cleared first.
-    // SAFETY: errno is this thread's; getpriority has no memory effects.
-    unsafe {
-        *libc::__errno_location() = 0;
-        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
-        let err = std::io::Error::last_os_error();
-        if n == -1 && err.raw_os_error() != Some(0) {
-            return Err(err);
-        }
-        Ok(n)
-    }
+/// The calling thread's niceness. getpriority cannot fail for the caller itself (its -1
+/// would be a niceness of -1, below any that [`lower_priority`] sets).
+fn current_nice() -> i32 {
+    // SAFETY: getpriority has no memory effects; who = 0 is the calling thread.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
 }
 
 /// Why a session ended, for `/status` while the next one is not yet streaming.
@@ -629,21 +618,19 @@ mod tests {
         // On a thread of its own: the niceness is the thread's, the test runner's other
         // threads keep theirs.
         std::thread::spawn(|| {
-            let start = current_nice().unwrap();
+            let start = current_nice();
             assert_eq!(lower_priority(0).unwrap(), None);
             if start >= 19 {
                 assert_eq!(lower_priority(19).unwrap(), None);
                 return;
             }
             assert_eq!(lower_priority(start + 1).unwrap(), Some((start, start + 1)));
-            assert_eq!(current_nice().unwrap(), start + 1);
+            assert_eq!(current_nice(), start + 1);
             // Asked for less than it has: left as it is, not raised.
             assert_eq!(lower_priority(start.max(1)).unwrap(), None);
-            assert_eq!(current_nice().unwrap(), start + 1);
+            assert_eq!(current_nice(), start + 1);
             // A thread started now inherits it.
-            let inherited = std::thread::spawn(|| current_nice().unwrap())
-                .join()
-                .unwrap();
+            let inherited = std::thread::spawn(current_nice).join().unwrap();
             assert_eq!(inherited, start + 1);
         })
         .join()

@@ -230,12 +230,38 @@ pub fn minor_faults(pid: i32) -> u64 {
     proc_stat(pid, 10).unwrap_or(0)
 }
 
-/// Numeric field `n` (1-based, as `man proc` counts) of `/proc/<pid>/stat`; fields are
-/// counted after the parenthesised name, which may hold spaces.
+/// Numeric field `n` (1-based, as `man proc` counts) of `/proc/<pid>/stat`.
 fn proc_stat(pid: i32, n: usize) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    proc_stat_of(&pid.to_string(), n)
+}
+
+/// Numeric field `n` of `/proc/<which>/stat` (`which`: a pid, `PID/task/TID`,
+/// `thread-self`); fields are counted after the parenthesised name, which may hold spaces.
+/// `None` when the process or thread is gone.
+fn proc_stat_of<T: std::str::FromStr>(which: &str, n: usize) -> Option<T> {
+    let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(n - 3)?.parse().ok()
+}
+
+/// The niceness of the calling thread.
+pub fn own_nice() -> i64 {
+    proc_stat_of("thread-self", 19).expect("/proc/thread-self/stat")
+}
+
+/// The niceness of each thread of a process (a thread that ends while they are read is
+/// left out).
+pub fn thread_nices(pid: i32) -> Vec<i64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| {
+                    let tid = t.ok()?.file_name();
+                    proc_stat_of(&format!("{pid}/task/{}", tid.to_string_lossy()), 19)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// HTTP to a loopback server: the status server, the mock API, ClickHouse. `None` when
