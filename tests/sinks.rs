@@ -535,6 +535,36 @@ fn a_hung_postgres_is_waited_out() {
     env.assert_exact(true);
 }
 
+/// The connection lost inside a transaction larger than a batch, after some of its events
+/// reached the sinks: the next session reads it again from its start and hands on only the
+/// rest, so the API (which has no exactly-once of its own) receives no event twice.
+#[test]
+fn a_connection_lost_inside_a_large_transaction_sends_nothing_twice() {
+    const N: u64 = 300_000;
+    let env = env(MockApi::start(&[]), "", "");
+    let _engine = env.engine();
+    env.insert_n(N as usize);
+    wait_for("the transaction's first events at the API", T, || {
+        (env.api.stats()["unique_event_ids"].as_u64() > Some(0)).then_some(())
+    });
+    // Stopped first, so that it sends nothing more before the SIGTERM is seen.
+    let walsender: i32 = env
+        .sql("SELECT pid FROM pg_stat_replication WHERE application_name = 'engagement-cdc'")
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(walsender, libc::SIGSTOP) };
+    env.sql(&format!("SELECT pg_terminate_backend({walsender})"));
+    unsafe { libc::kill(walsender, libc::SIGCONT) };
+    env.assert_exact(true);
+    assert!(env.cfg.counter("replication_sessions").unwrap() >= 2);
+    // The cut came inside the transaction: part of it was read twice and skipped once.
+    let skipped = env.cfg.counter("events_reread_skipped").unwrap();
+    assert!(
+        skipped > 0 && skipped < N,
+        "{skipped} events of {N} skipped when read again"
+    );
+}
+
 /// A crash (immediate shutdown) of Postgres while events are being committed: every
 /// committed event reaches every sink once; what the crash cut off never existed.
 #[test]

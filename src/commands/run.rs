@@ -184,6 +184,7 @@ pub async fn run(
         metrics: metrics.clone(),
         max_batch_rows: config.pipeline.max_batch_rows,
         max_batch_delay: Duration::from_millis(config.pipeline.max_batch_delay_ms),
+        cut: None,
     };
 
     let feedback = Arc::new(Notify::new());

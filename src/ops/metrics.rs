@@ -71,6 +71,9 @@ counters! {
     transactions,
     /// Transactions skipped on replay (at or below the checkpoint).
     transactions_replayed_skipped,
+    /// Events of a transaction that a lost connection cut, read again in the next session
+    /// and skipped: the sinks already had them.
+    events_reread_skipped,
     /// Batches handed to the sinks.
     batches,
     /// Events every sink made durable (counted once per batch, when every sink acked it; the

@@ -192,6 +192,11 @@ pub struct Source {
     pub metrics: Arc<Metrics>,
     pub max_batch_rows: usize,
     pub max_batch_delay: Duration,
+    /// The transaction a lost connection cut after some of its events were handed to the
+    /// pipeline (a large one, spread over several batches): its commit LSN and how many of
+    /// its inserts went. The next session reads it again from its start and skips those,
+    /// which the sinks already have (the pipeline was drained before the reconnect).
+    pub cut: Option<(Lsn, u32)>,
 }
 
 struct Tx {
@@ -205,6 +210,16 @@ struct Tx {
     /// Inserts into the events table seen so far (skipped rows included, so an event's
     /// index depends only on the WAL).
     inserts: u32,
+    /// Inserts whose events the pipeline has (in this session or, for a transaction a lost
+    /// connection cut, in the one before): read again, they are skipped.
+    handed: u32,
+}
+
+impl Tx {
+    /// Its events read so far are in a batch the pipeline took.
+    fn handed_over(&mut self) {
+        self.handed = self.handed.max(self.inserts);
+    }
 }
 
 struct Builder {
@@ -271,12 +286,36 @@ impl Source {
         checkpoint: Lsn,
         shutdown: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
+        let mut tx: Option<Tx> = None;
+        let end = self
+            .read(client, pipeline, checkpoint, shutdown, &mut tx)
+            .await;
+        // A transaction cut in the middle: what of it the pipeline took is not sent again.
+        if let Some(t) = tx.filter(|t| !t.replayed && t.handed > 0) {
+            tracing::info!(
+                "the connection was lost inside the transaction committed at {}, after {} of its rows were handed to the sinks; the next session skips those",
+                t.commit_lsn,
+                t.handed
+            );
+            self.cut = Some((t.commit_lsn, t.handed));
+        }
+        end
+    }
+
+    /// The session's loop; `tx` is the transaction being read when it returns.
+    async fn read(
+        &mut self,
+        client: &mut ReplicationClient,
+        pipeline: &mut Pipeline,
+        checkpoint: Lsn,
+        shutdown: &mut watch::Receiver<bool>,
+        tx: &mut Option<Tx>,
+    ) -> SessionEnd {
         let mut progress = pipeline.progress();
         // Commit-to-read latency of each transaction: what Postgres and the transport add.
         let read_latency = self.metrics.commit_to_read.clone();
         // A transaction read more than 50 ms after its commit, logged at its first message.
         let mut late = None;
-        let mut tx: Option<Tx> = None;
         let mut b = Builder::new(self.max_batch_rows);
         // A keepalive came after the last transaction while the batch still held it: the
         // source has caught up with the server once that batch is sent.
@@ -290,7 +329,7 @@ impl Source {
                 client.update_applied_lsn(lsn.into());
             }
             if *shutdown.borrow() {
-                if let Some(end) = send(pipeline, b.take(), shutdown).await {
+                if let Err(end) = send(pipeline, b.take(), shutdown, tx).await {
                     return end;
                 }
                 return SessionEnd::Shutdown;
@@ -341,7 +380,7 @@ impl Source {
                     Some(r) => r,
                     None => {
                         streaming.batch_out(b.batch.events.len());
-                        if let Some(end) = send(pipeline, b.take(), shutdown).await {
+                        if let Err(end) = send(pipeline, b.take(), shutdown, tx).await {
                             return end;
                         }
                         if std::mem::take(&mut caught_up_after_batch) {
@@ -371,7 +410,7 @@ impl Source {
                     return SessionEnd::Lost(anyhow::anyhow!("the replication stream ended"))
                 }
                 Err(e) => {
-                    if let Some(end) = send(pipeline, b.take(), shutdown).await {
+                    if let Err(end) = send(pipeline, b.take(), shutdown, tx).await {
                         return end;
                     }
                     return classify(e);
@@ -392,12 +431,22 @@ impl Source {
                     late = (waited > 50_000).then_some((final_lsn, commit_us, waited));
                     let commit_lsn = Lsn::from(final_lsn);
                     caught_up_after_batch = false;
-                    tx = Some(Tx {
+                    let mut handed = 0;
+                    if let Some((cut, n)) = self.cut {
+                        if cut == commit_lsn {
+                            handed = n;
+                        }
+                        if cut <= commit_lsn {
+                            self.cut = None;
+                        }
+                    }
+                    *tx = Some(Tx {
                         commit_lsn,
                         commit_us: commit_time_micros + PG_EPOCH_OFFSET_US,
                         replayed: commit_lsn < checkpoint,
                         dim_changes: Vec::new(),
                         inserts: 0,
+                        handed,
                     });
                 }
                 ReplicationEvent::Commit {
@@ -509,6 +558,11 @@ impl Source {
         match msg {
             Message::Insert { relation, new } => match kind(&self.relations, relation)? {
                 RelKind::Events(pos) => match decode_event(&new, &pos, &self.zone) {
+                    Ok(_) if tx.inserts < tx.handed => {
+                        // Read again after a lost connection; the sinks have it.
+                        tx.inserts += 1;
+                        self.metrics.counters.events_reread_skipped.inc();
+                    }
                     Ok((raw, unfit)) => {
                         let tx_index = tx.inserts;
                         tx.inserts += 1;
@@ -651,22 +705,31 @@ impl Source {
 
 /// Hand a batch to the pipeline; it may wait for room in the in-flight budget, but not
 /// through a shutdown (a batch not handed over is read again at the next start).
+/// Hand a batch to the pipeline (`tx`, the transaction being read, notes that its events so
+/// far went); an error is how the session ends.
 async fn send(
     pipeline: &mut Pipeline,
     batch: Batch,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<SessionEnd> {
-    if *shutdown.borrow() {
+    tx: &mut Option<Tx>,
+) -> Result<(), SessionEnd> {
+    let sent = if *shutdown.borrow() {
         // Shutting down: hand it over only if there is room right away.
-        return match pipeline.send(batch).now_or_never() {
-            Some(Err(e)) => Some(SessionEnd::Fatal(e)),
-            _ => None,
-        };
+        match pipeline.send(batch).now_or_never() {
+            Some(Err(e)) => return Err(SessionEnd::Fatal(e)),
+            Some(Ok(())) => true,
+            None => false,
+        }
+    } else {
+        tokio::select! {
+            sent = pipeline.send(batch) => { sent.map_err(SessionEnd::Fatal)?; true }
+            _ = shutdown.changed() => return Err(SessionEnd::Shutdown),
+        }
+    };
+    if let Some(t) = tx.as_mut().filter(|_| sent) {
+        t.handed_over();
     }
-    tokio::select! {
-        sent = pipeline.send(batch) => sent.err().map(SessionEnd::Fatal),
-        _ = shutdown.changed() => Some(SessionEnd::Shutdown),
-    }
+    Ok(())
 }
 
 /// Which replication errors a reconnect may fix.
