@@ -542,7 +542,7 @@ fn a_hung_postgres_is_waited_out() {
 fn a_connection_lost_inside_a_large_transaction_sends_nothing_twice() {
     const N: u64 = 300_000;
     let env = env(MockApi::start(&[]), "", "");
-    let _engine = env.engine();
+    let engine = env.engine();
     env.insert_n(N as usize);
     wait_for("the transaction's first events at the API", T, || {
         (env.api.stats()["unique_event_ids"].as_u64() > Some(0)).then_some(())
@@ -563,6 +563,30 @@ fn a_connection_lost_inside_a_large_transaction_sends_nothing_twice() {
         skipped > 0 && skipped < N,
         "{skipped} events of {N} skipped when read again"
     );
+    let said = format!("after {skipped} of its rows were handed to the sinks");
+    assert!(engine.stderr().contains(&said), "no {said:?} in the log");
+}
+
+/// SIGTERM while a transaction larger than a batch is being read, after its first batches
+/// reached the API: the engine reads on to its commit before it stops, so the next start
+/// reads none of it again and the API receives nothing twice.
+#[test]
+fn sigterm_inside_a_large_transaction_reads_on_to_its_commit() {
+    let env = env(MockApi::start(&[]), "", "");
+    let mut engine = env.engine();
+    env.insert_n(300_000);
+    wait_for("the transaction's first events at the API", T, || {
+        (env.api.stats()["unique_event_ids"].as_u64() > Some(0)).then_some(())
+    });
+    assert_eq!(engine.terminate(), 0, "{}", engine.stderr());
+    let log = engine.stderr();
+    assert!(
+        log.contains("stop requested inside the transaction committed at"),
+        "{log}"
+    );
+    assert!(!log.contains("stopped inside the transaction"), "{log}");
+    let _again = env.engine();
+    env.assert_exact(true);
 }
 
 /// A crash (immediate shutdown) of Postgres while events are being committed: every

@@ -185,6 +185,7 @@ pub async fn run(
         max_batch_rows: config.pipeline.max_batch_rows,
         max_batch_delay: Duration::from_millis(config.pipeline.max_batch_delay_ms),
         cut: None,
+        stop_seen: None,
     };
 
     let feedback = Arc::new(Notify::new());
@@ -247,7 +248,11 @@ pub async fn run(
         state.set_streaming(false, Some(session_end_reason(&end)));
         match end {
             SessionEnd::Shutdown => {
-                let done = tokio::time::timeout(DRAIN_TIMEOUT, pipeline.drain()).await;
+                // The sinks get what is left of DRAIN_TIMEOUT after the source finished the
+                // transaction it was reading (at most FINISH_LIMIT).
+                let waited = source.stop_seen.map_or(Duration::ZERO, |t| t.elapsed());
+                let drain_for = DRAIN_TIMEOUT.saturating_sub(waited);
+                let done = tokio::time::timeout(drain_for, pipeline.drain()).await;
                 match done {
                     Ok(Ok(p)) => {
                         confirm_and_stop(
@@ -265,7 +270,7 @@ pub async fn run(
                         let cp = pipeline.progress().borrow().checkpoint;
                         confirm_and_stop(&mut client, cp, &feedback, pgc.status_interval_ms).await;
                         tracing::warn!(
-                            "a sink did not finish within {DRAIN_TIMEOUT:?}; stopping at checkpoint {cp}; the rest is read again at the next start"
+                            "a sink did not finish within {drain_for:?}; stopping at checkpoint {cp}; the rest is read again at the next start"
                         );
                         break Ok(());
                     }

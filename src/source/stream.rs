@@ -29,6 +29,13 @@ pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// 10,000-event batch take gigabytes.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
+/// How long a stop waits for the transaction being read to commit when part of it already
+/// went to the sinks (a transaction larger than a batch, or one a pause in the stream cut):
+/// past its commit the checkpoint covers it, and the next start does not read it again
+/// (the API would receive that part twice). `run` gives the sinks' drain what is left of
+/// its 30 s.
+pub const FINISH_LIMIT: Duration = Duration::from_secs(5);
+
 /// How long an open batch waits for more after its first event when nothing more is
 /// waiting (at most `pipeline.max_batch_delay_ms`): every batch costs the journal, the
 /// checkpoint and each sink a write, so thousands of single-row transactions a second go
@@ -192,6 +199,8 @@ pub struct Source {
     pub metrics: Arc<Metrics>,
     pub max_batch_rows: usize,
     pub max_batch_delay: Duration,
+    /// When the session saw the stop asked for (`run` bounds the drain after it by that).
+    pub stop_seen: Option<Instant>,
     /// The transaction a lost connection cut after some of its events were handed to the
     /// pipeline (a large one, spread over several batches): its commit LSN and how many of
     /// its inserts went. The next session reads it again from its start and skips those,
@@ -213,13 +222,37 @@ struct Tx {
     /// Inserts whose events the pipeline has (in this session or, for a transaction a lost
     /// connection cut, in the one before): read again, they are skipped.
     handed: u32,
+    /// Where its events start in the batch being built.
+    in_batch: usize,
 }
 
 impl Tx {
     /// Its events read so far are in a batch the pipeline took.
     fn handed_over(&mut self) {
         self.handed = self.handed.max(self.inserts);
+        self.in_batch = 0;
     }
+
+    /// Part of it is with the sinks, and the checkpoint (before it) does not cover that.
+    fn part_gone(tx: &Option<Tx>) -> bool {
+        tx.as_ref().is_some_and(|t| !t.replayed && t.handed > 0)
+    }
+}
+
+/// The stop was asked for inside a transaction part of which went to the sinks: read on to
+/// its commit, until the returned deadline.
+fn finish_first(shutdown: &mut watch::Receiver<bool>, tx: &Option<Tx>) -> tokio::time::Instant {
+    // Seen: `changed` no longer wakes the session for this stop.
+    shutdown.borrow_and_update();
+    if let Some(t) = tx {
+        tracing::info!(
+            "stop requested inside the transaction committed at {}, {} of whose rows went to the sinks: reading on to its commit (at most {} s) so that nothing of it is read again",
+            t.commit_lsn,
+            t.handed,
+            FINISH_LIMIT.as_secs()
+        );
+    }
+    tokio::time::Instant::now() + FINISH_LIMIT
 }
 
 struct Builder {
@@ -290,14 +323,24 @@ impl Source {
         let end = self
             .read(client, pipeline, checkpoint, shutdown, &mut tx)
             .await;
-        // A transaction cut in the middle: what of it the pipeline took is not sent again.
-        if let Some(t) = tx.filter(|t| !t.replayed && t.handed > 0) {
-            tracing::info!(
-                "the connection was lost inside the transaction committed at {}, after {} of its rows were handed to the sinks; the next session skips those",
+        // A transaction cut in the middle: what of it the pipeline took is not sent again
+        // (the engine reconnects only after a lost connection).
+        let cut = tx.filter(|t| !t.replayed && t.handed > 0);
+        match (cut, &end) {
+            (Some(t), SessionEnd::Lost(_)) => {
+                tracing::info!(
+                    "the connection was lost inside the transaction committed at {}, after {} of its rows were handed to the sinks; the next session skips those",
+                    t.commit_lsn,
+                    t.handed
+                );
+                self.cut = Some((t.commit_lsn, t.handed));
+            }
+            (Some(t), SessionEnd::Shutdown) => tracing::warn!(
+                "stopped inside the transaction committed at {}, {} of whose rows went to the sinks: the next start reads it again from its start, and the API may receive those rows twice (each with its event_id)",
                 t.commit_lsn,
                 t.handed
-            );
-            self.cut = Some((t.commit_lsn, t.handed));
+            ),
+            _ => {}
         }
         end
     }
@@ -323,16 +366,33 @@ impl Source {
         // Messages taken since the clock was last read for the batch's delay.
         let mut unclocked = CLOCK_EVERY;
         let mut streaming = Streaming::default();
+        // A stop waiting for the transaction being read to commit: until when.
+        let mut finishing: Option<tokio::time::Instant> = None;
         loop {
             if progress.has_changed().unwrap_or(false) {
                 let lsn = progress.borrow_and_update().checkpoint;
                 client.update_applied_lsn(lsn.into());
             }
             if *shutdown.borrow() {
-                if let Err(end) = send(pipeline, b.take(), shutdown, tx).await {
-                    return end;
+                self.stop_seen.get_or_insert_with(Instant::now);
+                let part_gone = Tx::part_gone(tx);
+                match finishing {
+                    None if part_gone => finishing = Some(finish_first(shutdown, tx)),
+                    Some(until) if part_gone && tokio::time::Instant::now() < until => {}
+                    _ => {
+                        // Only whole transactions go at a stop: the one being read is read
+                        // again at the next start, from its start.
+                        if let Some(t) = tx.as_ref().filter(|t| !t.replayed) {
+                            b.batch.events.truncate(t.in_batch);
+                        }
+                        let batch = b.take();
+                        if let Err(end) = send(pipeline, batch, shutdown, tx, &mut finishing).await
+                        {
+                            return end;
+                        }
+                        return SessionEnd::Shutdown;
+                    }
                 }
-                return SessionEnd::Shutdown;
             }
             // With something in the batch, take what is already waiting, or arrives within
             // GATHER of the batch's first event; then the batch goes out (an isolated insert
@@ -380,7 +440,9 @@ impl Source {
                     Some(r) => r,
                     None => {
                         streaming.batch_out(b.batch.events.len());
-                        if let Err(end) = send(pipeline, b.take(), shutdown, tx).await {
+                        if let Err(end) =
+                            send(pipeline, b.take(), shutdown, tx, &mut finishing).await
+                        {
                             return end;
                         }
                         if std::mem::take(&mut caught_up_after_batch) {
@@ -391,9 +453,17 @@ impl Source {
                     }
                 }
             } else {
+                let until = finishing.unwrap_or_else(|| tokio::time::Instant::now() + FINISH_LIMIT);
                 tokio::select! {
                     r = client.recv() => r,
-                    _ = shutdown.changed() => return SessionEnd::Shutdown,
+                    // The stop is handled at the top of the loop.
+                    changed = shutdown.changed() => {
+                        if changed.is_err() {
+                            return SessionEnd::Shutdown;
+                        }
+                        continue;
+                    }
+                    _ = tokio::time::sleep_until(until), if finishing.is_some() => continue,
                     changed = progress.changed() => {
                         if changed.is_ok() {
                             let lsn = progress.borrow_and_update().checkpoint;
@@ -410,7 +480,7 @@ impl Source {
                     return SessionEnd::Lost(anyhow::anyhow!("the replication stream ended"))
                 }
                 Err(e) => {
-                    if let Err(end) = send(pipeline, b.take(), shutdown, tx).await {
+                    if let Err(end) = send(pipeline, b.take(), shutdown, tx, &mut finishing).await {
                         return end;
                     }
                     return classify(e);
@@ -447,6 +517,7 @@ impl Source {
                         dim_changes: Vec::new(),
                         inserts: 0,
                         handed,
+                        in_batch: b.batch.events.len(),
                     });
                 }
                 ReplicationEvent::Commit {
@@ -706,24 +777,41 @@ impl Source {
 /// Hand a batch to the pipeline; it may wait for room in the in-flight budget, but not
 /// through a shutdown (a batch not handed over is read again at the next start).
 /// Hand a batch to the pipeline (`tx`, the transaction being read, notes that its events so
-/// far went); an error is how the session ends.
+/// far went); an error is how the session ends. A stop asked for while it waits for room
+/// ends the session at once, unless part of the transaction being read went already: then
+/// it waits on (`finishing`), as the session reads on to the commit.
 async fn send(
     pipeline: &mut Pipeline,
     batch: Batch,
     shutdown: &mut watch::Receiver<bool>,
     tx: &mut Option<Tx>,
+    finishing: &mut Option<tokio::time::Instant>,
 ) -> Result<(), SessionEnd> {
-    let sent = if *shutdown.borrow() {
-        // Shutting down: hand it over only if there is room right away.
+    let sent = if finishing.is_none() && *shutdown.borrow() {
+        // Stopping: hand it over only if there is room right away.
         match pipeline.send(batch).now_or_never() {
             Some(Err(e)) => return Err(SessionEnd::Fatal(e)),
             Some(Ok(())) => true,
             None => false,
         }
     } else {
-        tokio::select! {
-            sent = pipeline.send(batch) => { sent.map_err(SessionEnd::Fatal)?; true }
-            _ = shutdown.changed() => return Err(SessionEnd::Shutdown),
+        let sending = pipeline.send(batch);
+        tokio::pin!(sending);
+        loop {
+            let until = finishing.unwrap_or_else(|| tokio::time::Instant::now() + FINISH_LIMIT);
+            tokio::select! {
+                sent = &mut sending => { sent.map_err(SessionEnd::Fatal)?; break true }
+                _ = tokio::time::sleep_until(until), if finishing.is_some() => {
+                    return Err(SessionEnd::Shutdown)
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_ok() && finishing.is_none() && Tx::part_gone(tx) {
+                        *finishing = Some(finish_first(shutdown, tx));
+                    } else {
+                        return Err(SessionEnd::Shutdown);
+                    }
+                }
+            }
         }
     };
     if let Some(t) = tx.as_mut().filter(|_| sent) {
