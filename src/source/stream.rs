@@ -774,12 +774,11 @@ impl Source {
     }
 }
 
-/// Hand a batch to the pipeline; it may wait for room in the in-flight budget, but not
-/// through a shutdown (a batch not handed over is read again at the next start).
-/// Hand a batch to the pipeline (`tx`, the transaction being read, notes that its events so
-/// far went); an error is how the session ends. A stop asked for while it waits for room
-/// ends the session at once, unless part of the transaction being read went already: then
-/// it waits on (`finishing`), as the session reads on to the commit.
+/// Hand a batch to the pipeline, waiting for room in the in-flight budget (`tx`, the
+/// transaction being read, notes that its events so far went); an error is how the session
+/// ends. A stop asked for while it waits ends the session at once (a batch not handed over
+/// is read again at the next start), unless part of the transaction being read went
+/// already: then it waits on until `finishing`, as the session reads on to the commit.
 async fn send(
     pipeline: &mut Pipeline,
     batch: Batch,
