@@ -239,6 +239,14 @@ impl Tx {
     }
 }
 
+/// At a stop, only whole transactions go: the rows of the one being read leave the batch,
+/// and the next start reads it again from its start (the checkpoint is before it).
+fn keep_whole_transactions(b: &mut Builder, tx: &Option<Tx>) {
+    if let Some(t) = tx.as_ref().filter(|t| !t.replayed) {
+        b.batch.events.truncate(t.in_batch);
+    }
+}
+
 /// The stop was asked for inside a transaction part of which went to the sinks: read on to
 /// its commit, until the returned deadline.
 fn finish_first(shutdown: &mut watch::Receiver<bool>, tx: &Option<Tx>) -> tokio::time::Instant {
@@ -380,11 +388,7 @@ impl Source {
                     None if part_gone => finishing = Some(finish_first(shutdown, tx)),
                     Some(until) if part_gone && tokio::time::Instant::now() < until => {}
                     _ => {
-                        // Only whole transactions go at a stop: the one being read is read
-                        // again at the next start, from its start.
-                        if let Some(t) = tx.as_ref().filter(|t| !t.replayed) {
-                            b.batch.events.truncate(t.in_batch);
-                        }
+                        keep_whole_transactions(&mut b, tx);
                         let batch = b.take();
                         if let Err(end) = send(pipeline, batch, shutdown, tx, &mut finishing).await
                         {
@@ -868,6 +872,53 @@ fn confirm_when_idle(pipeline: &mut Pipeline, lsn: Lsn) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::pipeline::tests::event;
+
+    fn open_tx(in_batch: usize) -> Tx {
+        Tx {
+            commit_lsn: Lsn(0x2000),
+            commit_us: 0,
+            replayed: false,
+            dim_changes: Vec::new(),
+            inserts: 0,
+            handed: 0,
+            in_batch,
+        }
+    }
+
+    #[test]
+    fn a_stop_hands_over_whole_transactions_only() {
+        let mut b = Builder::new(100);
+        // One committed transaction of three events, then two of an open one.
+        for id in 1..=3 {
+            b.push(event(id));
+        }
+        b.batch.commit_end = Some(Lsn(0x1000));
+        let mut tx = Some(open_tx(b.batch.events.len()));
+        for id in 4..=5 {
+            b.push(event(id));
+            tx.as_mut().unwrap().inserts += 1;
+        }
+        keep_whole_transactions(&mut b, &tx);
+        let ids: Vec<i64> = b.batch.events.iter().map(|e| e.event_id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(b.batch.commit_end, Some(Lsn(0x1000)));
+        assert!(!Tx::part_gone(&tx), "nothing of the open one went");
+        // A batch with part of it goes out; what is read of it after that stays behind too.
+        b.push(event(4));
+        b.push(event(5));
+        b.take();
+        tx.as_mut().unwrap().handed_over();
+        assert!(Tx::part_gone(&tx), "two of its rows went");
+        assert_eq!(tx.as_ref().unwrap().handed, 2);
+        b.push(event(6));
+        tx.as_mut().unwrap().inserts += 1;
+        keep_whole_transactions(&mut b, &tx);
+        assert!(b.batch.events.is_empty());
+        // Between transactions the batch goes as it is.
+        b.push(event(7));
+        keep_whole_transactions(&mut b, &None);
+        assert_eq!(b.batch.events.len(), 1);
+    }
 
     #[test]
     fn the_nap_is_asked_for_only_while_a_busy_batch_waits_or_a_busy_stream_is_read() {
