@@ -239,6 +239,14 @@ impl Tx {
     }
 }
 
+/// Resolves at the deadline of a stop that waits for a commit; never while none waits.
+async fn finish_deadline(finishing: Option<tokio::time::Instant>) {
+    match finishing {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// At a stop, only whole transactions go: the rows of the one being read leave the batch,
 /// and the next start reads it again from its start (the checkpoint is before it).
 fn keep_whole_transactions(b: &mut Builder, tx: &Option<Tx>) {
@@ -457,7 +465,6 @@ impl Source {
                     }
                 }
             } else {
-                let until = finishing.unwrap_or_else(|| tokio::time::Instant::now() + FINISH_LIMIT);
                 tokio::select! {
                     r = client.recv() => r,
                     // The stop is handled at the top of the loop.
@@ -467,7 +474,7 @@ impl Source {
                         }
                         continue;
                     }
-                    _ = tokio::time::sleep_until(until), if finishing.is_some() => continue,
+                    _ = finish_deadline(finishing) => continue,
                     changed = progress.changed() => {
                         if changed.is_ok() {
                             let lsn = progress.borrow_and_update().checkpoint;
@@ -801,10 +808,9 @@ async fn send(
         let sending = pipeline.send(batch);
         tokio::pin!(sending);
         loop {
-            let until = finishing.unwrap_or_else(|| tokio::time::Instant::now() + FINISH_LIMIT);
             tokio::select! {
                 sent = &mut sending => { sent.map_err(SessionEnd::Fatal)?; break true }
-                _ = tokio::time::sleep_until(until), if finishing.is_some() => {
+                _ = finish_deadline(*finishing) => {
                     return Err(SessionEnd::Shutdown)
                 }
                 changed = shutdown.changed() => {
