@@ -44,6 +44,25 @@ impl From<Lsn> for pgwire_replication::Lsn {
     }
 }
 
+/// Where a streamed event is in the stream: its transaction's commit LSN, then its place
+/// among that transaction's events. The same whenever the transaction is read again (it
+/// depends only on the WAL); backfilled events have none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub lsn: Lsn,
+    pub index: u32,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "event {} of the transaction committed at {}",
+            self.index, self.lsn
+        )
+    }
+}
+
 /// `engagement_events.id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId(pub i64);

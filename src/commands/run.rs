@@ -375,11 +375,13 @@ fn open_journal(
         summary.max_bytes,
         config.journal.retain
     );
+    let received = store.received_by(&names)?;
     Ok(Some(JournalParts {
         writer,
         dir,
         cursors,
         cursor_store: Arc::new(store.clone()),
+        received,
     }))
 }
 

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::Lsn;
+use crate::types::{Lsn, Position};
 
 mod json;
 mod time;
@@ -182,6 +182,14 @@ pub fn round_half_away_div(n: i64, d: i64) -> i64 {
 /// The derived fields are computed when written, not held: an event in memory is 32 bytes
 /// smaller (the in-flight budget holds tens of thousands of them while catching up).
 impl EnrichedEvent {
+    /// Its place in the stream; `None` for a backfilled event.
+    pub fn position(&self) -> Option<Position> {
+        (self.source_lsn.0 != 0).then_some(Position {
+            lsn: self.source_lsn,
+            index: self.tx_index,
+        })
+    }
+
     /// `engagement_seconds` in milliseconds (the exact decimal is this / 1000).
     pub fn engagement_ms(&self) -> Option<i64> {
         derived_fields(self.duration_ms, self.length_seconds).0

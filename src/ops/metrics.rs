@@ -74,6 +74,10 @@ counters! {
     /// Events of a transaction that a lost connection cut, read again in the next session
     /// and skipped: the sinks already had them.
     events_reread_skipped,
+    /// Events a sink had received before the engine stopped or crashed, delivered again by
+    /// the stream after the start (the journal cut the transaction they belong to) and not
+    /// sent to that sink again; counted once per sink.
+    events_received_before_skipped,
     /// Batches handed to the sinks.
     batches,
     /// Events every sink made durable (counted once per batch, when every sink acked it; the

@@ -39,7 +39,7 @@ use crate::ops::metrics::Histogram;
 use crate::ops::metrics::Metrics;
 use crate::sinks::{Sink, SinkError};
 use crate::state::{CheckpointStore, CursorStore};
-use crate::types::Lsn;
+use crate::types::{Lsn, Position};
 
 pub mod config;
 mod tracker;
@@ -153,6 +153,10 @@ pub struct JournalParts {
     pub cursors: Vec<u64>,
     /// Where the cursors are kept.
     pub cursor_store: Arc<dyn CursorStore>,
+    /// Each sink's last streamed event received, as saved before this start, in the order
+    /// of the sinks: what a crash makes the stream deliver again up to there is not sent to
+    /// it twice.
+    pub received: Vec<Option<Position>>,
 }
 
 /// The batches held in memory, shared by the source (which adds) and the sinks (which read
@@ -237,7 +241,7 @@ impl Pipeline {
             (IN_FLIGHT_BATCHES * rows).max(largest_write + IN_FLIGHT_BATCHES / 2 * rows);
         let budget = Arc::new(Semaphore::new(budget_size));
         let (register, reg_rx) = mpsc::unbounded_channel();
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(usize, u64)>();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
         let (fail_tx, failures) = mpsc::unbounded_channel();
         let (progress_tx, progress) = watch::channel(Progress {
             done_seq: 0,
@@ -261,6 +265,10 @@ impl Pipeline {
             Some(j) => j.cursors.clone(),
             None => vec![first_seq; n],
         };
+        let received: Vec<Option<Position>> = match &journal {
+            Some(j) => j.received.clone(),
+            None => vec![None; n],
+        };
         let journal_dir = journal.as_ref().map(|j| j.dir.clone());
         for (index, sink) in sinks.into_iter().enumerate() {
             let task = SinkTask {
@@ -269,6 +277,8 @@ impl Pipeline {
                 sink,
                 hub: hub.clone(),
                 cursor: cursors[index],
+                skip_through: received[index],
+                skipped: 0,
                 reader: journal_dir.as_deref().map(journal::Reader::new),
                 journaled: journaled_rx.clone(),
                 ack: ack_tx.clone(),
@@ -315,6 +325,7 @@ impl Pipeline {
             hub: hub.clone(),
             delivered_tx,
             acked: cursors,
+            received,
         };
         tasks.spawn(async move {
             if let Err(e) = t.track(reg_rx, ack_rx).await {
@@ -485,8 +496,23 @@ struct SinkTask {
     reader: Option<journal::Reader>,
     journaled: watch::Receiver<u64>,
     write_limit: usize,
-    ack: mpsc::UnboundedSender<(usize, u64)>,
+    ack: mpsc::UnboundedSender<Ack>,
     metrics: Arc<Metrics>,
+    /// The last streamed event this sink received before the start (saved with its
+    /// cursor): events read again up to there — a transaction the journal cut at the
+    /// start, which the stream delivers again — are not sent to it twice. Cleared at the
+    /// first event past it.
+    skip_through: Option<Position>,
+    /// How many events `skip_through` left out.
+    skipped: u64,
+}
+
+/// A write done: who (a sink's index, or the journal's), through which batch, and for a
+/// sink, the last streamed event it received.
+pub(super) struct Ack {
+    pub who: usize,
+    pub seq: u64,
+    pub received: Option<Position>,
 }
 
 /// What a sink task found to do.
@@ -578,7 +604,12 @@ impl SinkTask {
                 .await;
                 continue;
             }
-            let events: Vec<&EnrichedEvent> = group.iter().flat_map(|b| b.events.iter()).collect();
+            let mut events: Vec<&EnrichedEvent> =
+                group.iter().flat_map(|b| b.events.iter()).collect();
+            let received = events.iter().rev().find_map(|e| e.position());
+            if let Some(through) = self.skip_through {
+                self.skip_received(&mut events, through);
+            }
             // Commit records read from the journal carry no events: nothing to write.
             if !events.is_empty() {
                 last_write = tokio::time::Instant::now();
@@ -592,8 +623,35 @@ impl SinkTask {
                     .journal
                     .cursor(self.sink.name(), last.seq, e.source_lsn, e.commit_us);
             }
-            let _ = self.ack.send((self.index, last.seq));
+            let _ = self.ack.send(Ack {
+                who: self.index,
+                seq: last.seq,
+                received,
+            });
             idle.reset();
+        }
+    }
+
+    /// Leave out of `events` the streamed ones at or before `through`, which this sink
+    /// received before the start; past the first one after it, nothing more is left out.
+    fn skip_received(&mut self, events: &mut Vec<&EnrichedEvent>, through: Position) {
+        let before = events.len();
+        events.retain(|e| e.position().is_none_or(|p| p > through));
+        let skipped = (before - events.len()) as u64;
+        self.skipped += skipped;
+        self.metrics
+            .counters
+            .events_received_before_skipped
+            .inc_by(skipped);
+        if events.iter().any(|e| e.position().is_some()) {
+            self.skip_through = None;
+            if self.skipped > 0 {
+                tracing::info!(
+                    "{} sink: {} events it had received before the restart (up to {through}) were read again; not sent to it again",
+                    self.sink.name(),
+                    self.skipped
+                );
+            }
         }
     }
 
@@ -661,7 +719,7 @@ impl SinkTask {
 async fn journal_task(
     mut writer: journal::Writer,
     mut rx: mpsc::UnboundedReceiver<Arc<Batch>>,
-    ack: mpsc::UnboundedSender<(usize, u64)>,
+    ack: mpsc::UnboundedSender<Ack>,
     index: usize,
     mut delivered: watch::Receiver<u64>,
     journaled: watch::Sender<u64>,
@@ -750,7 +808,11 @@ async fn journal_task(
         let last = group.last().expect("a batch").seq;
         gauges.set_summary(writer.summary(), false);
         journaled.send_replace(last);
-        let _ = ack.send((index, last));
+        let _ = ack.send(Ack {
+            who: index,
+            seq: last,
+            received: None,
+        });
     }
 }
 

@@ -142,6 +142,7 @@ fn journal_parts(state: &std::path::Path, store: &StateStore, checkpoint: Lsn) -
         dir,
         cursors,
         cursor_store: Arc::new(store.clone()),
+        received: store.received_by(&["gated", "slow"]).unwrap(),
     }
 }
 
@@ -305,6 +306,106 @@ async fn a_commit_without_events_is_journaled_and_keeps_its_transaction() {
         .collect();
     assert_eq!(ids, [1, 2]);
     assert_eq!(records.last().unwrap().commit_end, Some(Lsn(20)));
+}
+
+/// Events `ids` of the transaction committed at `lsn`, the first at place `first` in it.
+fn tx_batch(lsn: u64, first: u32, ids: &[i64], commit: bool) -> Batch {
+    let mut b = batch(ids, commit.then_some(lsn), vec![]);
+    for (i, e) in b.events.iter_mut().enumerate() {
+        e.source_lsn = Lsn(lsn);
+        e.tx_index = first + i as u32;
+    }
+    b
+}
+
+/// A crash inside a transaction: the journal cuts its first part at the next start, and
+/// the stream delivers it again. A sink that had received that part gets only the rest;
+/// a sink that had not gets all of it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_read_again_after_a_crash_skips_what_each_sink_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    store.replace_dimension(&[], Lsn(10)).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let away_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let away = Arc::new(Gate::new(0));
+    let sinks = |seen: &Arc<std::sync::Mutex<Vec<i64>>>| -> Vec<Box<dyn Sink>> {
+        vec![
+            Box::new(GatedSink {
+                gate: Arc::new(Gate::new(100)),
+                seen: seen.clone(),
+            }),
+            Box::new(SlowSink(GatedSink {
+                gate: away.clone(),
+                seen: away_seen.clone(),
+            })),
+        ]
+    };
+    let mut p = Pipeline::start(
+        sinks(&seen),
+        Arc::new(store.clone()),
+        Arc::new(Metrics::default()),
+        Lsn(10),
+        100,
+        Some(journal_parts(dir.path(), &store, Lsn(10))),
+    );
+    p.send(tx_batch(20, 0, &[1, 2], true)).await.unwrap();
+    // The first three events of the transaction committed at 30, which is still being read.
+    p.send(tx_batch(30, 0, &[3, 4, 5], false)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while seen.lock().unwrap().len() < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the first sink received both batches");
+    p.close(Duration::from_secs(1)).await;
+    assert_eq!(store.checkpoint().unwrap(), Lsn(20));
+    assert_eq!(
+        store.received_by(&["gated", "slow"]).unwrap(),
+        [
+            Some(Position {
+                lsn: Lsn(30),
+                index: 2
+            }),
+            None
+        ]
+    );
+
+    // The next start: the journal keeps only the transaction committed at 20, and the
+    // stream delivers the one committed at 30 again from its start.
+    away.add_permits(100);
+    let again = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let metrics = Arc::new(Metrics::default());
+    let mut p = Pipeline::start(
+        sinks(&again),
+        Arc::new(store.clone()),
+        metrics.clone(),
+        Lsn(20),
+        100,
+        Some(journal_parts(dir.path(), &store, Lsn(20))),
+    );
+    p.send(tx_batch(30, 0, &[3, 4, 5], false)).await.unwrap();
+    p.send(tx_batch(30, 3, &[6], true)).await.unwrap();
+    assert_eq!(p.drain().await.unwrap().checkpoint, Lsn(30));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while again.lock().unwrap().is_empty() || away_seen.lock().unwrap().len() < 6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("both sinks wrote");
+    p.close(Duration::from_secs(1)).await;
+    assert_eq!(*again.lock().unwrap(), [6]);
+    assert_eq!(*away_seen.lock().unwrap(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(metrics.counters.events_received_before_skipped.get(), 3);
+    assert_eq!(
+        store.received_by(&["gated", "slow"]).unwrap(),
+        [Some(Position {
+            lsn: Lsn(30),
+            index: 3
+        }); 2]
+    );
 }
 
 /// A sink that records the size of each write, and fills its writes (up to `limit` events,

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::{Hub, Progress, Registration};
+use super::{Ack, Hub, Progress, Registration};
 use crate::ops::metrics::Metrics;
 use crate::state::{CheckpointStore, CursorStore};
+use crate::types::Position;
 
 /// How long a batch waits in memory for a sink before, with memory half full, that sink is
 /// left to read it from the journal.
@@ -40,6 +41,8 @@ pub(super) struct Tracker {
     pub delivered_tx: watch::Sender<u64>,
     /// Each sink's last acked batch (its cursor at the start).
     pub acked: Vec<u64>,
+    /// Each sink's last streamed event received (as saved at the start, then as acked).
+    pub received: Vec<Option<Position>>,
     /// The journal's last durable batch.
     pub journaled: u64,
 }
@@ -48,7 +51,7 @@ impl Tracker {
     pub(super) async fn track(
         mut self,
         mut reg_rx: mpsc::UnboundedReceiver<Registration>,
-        mut ack_rx: mpsc::UnboundedReceiver<(usize, u64)>,
+        mut ack_rx: mpsc::UnboundedReceiver<Ack>,
     ) -> anyhow::Result<()> {
         let journal = self.cursor_store.is_some();
         let mut pending: VecDeque<Registration> = VecDeque::new();
@@ -57,6 +60,7 @@ impl Tracker {
         let mut unacked: VecDeque<(u64, u64)> = VecDeque::new();
         let mut progress = *self.progress_tx.borrow();
         let mut saved: Vec<u64> = self.acked.clone();
+        let mut saved_received = self.received.clone();
         let mut registering = true;
         let mut acks_open = true;
         let mut stall_check = tokio::time::interval(STALLED / 4);
@@ -77,7 +81,7 @@ impl Tracker {
                     None => registering = false,
                 },
                 a = ack_rx.recv(), if acks_open => match a {
-                    Some((who, seq)) => self.ack(who, seq, &mut progress_at),
+                    Some(a) => self.ack(a, &mut progress_at),
                     None => acks_open = false,
                 },
                 // Batches age in memory while nothing else happens (a stalled sink, the
@@ -91,8 +95,8 @@ impl Tracker {
                 unacked.push_back((r.seq, r.events as u64));
                 pending.push_back(r);
             }
-            while let Ok((who, seq)) = ack_rx.try_recv() {
-                self.ack(who, seq, &mut progress_at);
+            while let Ok(a) = ack_rx.try_recv() {
+                self.ack(a, &mut progress_at);
             }
             let all_acked = self.acked.iter().copied().min().unwrap_or(u64::MAX);
             let mut delivered = 0;
@@ -128,11 +132,12 @@ impl Tracker {
             deferred = false;
             if !closing && last_persist.elapsed() < PERSIST_EVERY {
                 let cursors_moved = self.cursor_store.is_some()
-                    && self
+                    && (self
                         .acked
                         .iter()
                         .map(|&a| a.min(self.journaled))
-                        .ne(saved.iter().copied());
+                        .ne(saved.iter().copied())
+                        || self.received != saved_received);
                 let durable_front = pending
                     .front()
                     .is_some_and(|f| f.marker || f.seq <= durable);
@@ -144,21 +149,29 @@ impl Tracker {
                 // A cursor never passes what the journal holds: after a crash the batches
                 // past it are numbered again.
                 let now: Vec<u64> = self.acked.iter().map(|&a| a.min(self.journaled)).collect();
-                if now != saved {
+                if now != saved || self.received != saved_received {
                     let named: Vec<(&'static str, u64)> = self
                         .names
                         .iter()
                         .copied()
                         .zip(now.iter().copied())
                         .collect();
+                    let received: Vec<(&'static str, Position)> = self
+                        .names
+                        .iter()
+                        .copied()
+                        .zip(self.received.iter().copied())
+                        .filter_map(|(n, p)| Some((n, p?)))
+                        .collect();
                     let writer = cursors.clone();
-                    tokio::task::spawn_blocking(move || writer.save_cursors(&named))
+                    tokio::task::spawn_blocking(move || writer.save_cursors(&named, &received))
                         .await
                         .map_err(|_| anyhow!("the cursor writer stopped"))??;
                     last_persist = tokio::time::Instant::now();
                     self.delivered_tx
                         .send_replace(now.iter().copied().min().unwrap_or(self.journaled));
                     saved = now;
+                    saved_received = self.received.clone();
                 }
             }
 
@@ -220,7 +233,8 @@ impl Tracker {
         Ok(())
     }
 
-    fn ack(&mut self, who: usize, seq: u64, progress_at: &mut [std::time::Instant]) {
+    fn ack(&mut self, a: Ack, progress_at: &mut [std::time::Instant]) {
+        let Ack { who, seq, received } = a;
         if who == self.sinks {
             self.journaled = self.journaled.max(seq);
         } else {
@@ -228,6 +242,9 @@ impl Tracker {
                 progress_at[who] = std::time::Instant::now();
             }
             self.acked[who] = self.acked[who].max(seq);
+            if received > self.received[who] {
+                self.received[who] = received;
+            }
         }
     }
 

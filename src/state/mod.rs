@@ -34,7 +34,12 @@ pub trait CheckpointStore: Send + Sync + 'static {
 /// Where each sink's journal cursor lives (docs/architecture.md, "The journal").
 ///
 /// Contract: a saved cursor may lag what the sink received (it then receives batches
-/// again, which sinks make harmless) but never runs ahead of it. `save_cursors` may block.
+/// again, which sinks make harmless) but never runs ahead of it; the same for the last
+/// streamed event a sink received (`received`). `save_cursors` may block.
 pub trait CursorStore: Send + Sync + 'static {
-    fn save_cursors(&self, cursors: &[(&'static str, u64)]) -> anyhow::Result<()>;
+    fn save_cursors(
+        &self,
+        cursors: &[(&'static str, u64)],
+        received: &[(&'static str, crate::types::Position)],
+    ) -> anyhow::Result<()>;
 }

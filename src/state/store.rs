@@ -10,13 +10,15 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::enrich::{ContentRow, DimChange, Dimension};
-use crate::types::Lsn;
+use crate::types::{Lsn, Position};
 
 const KEY_CHECKPOINT: &[u8] = b"m:checkpoint";
 const KEY_IDENTITY: &[u8] = b"m:identity";
 const KEY_LAST_COMMIT: &[u8] = b"m:last_commit_us";
 const CONTENT_PREFIX: &[u8] = b"c:";
 const CURSOR_PREFIX: &[u8] = b"j:cursor:";
+/// Each sink's last streamed event received ([`Position`]).
+const RECEIVED_PREFIX: &[u8] = b"j:received:";
 
 /// Which Postgres cluster, database and slot this state belongs to (docs/guarantees.md, "Safety").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,12 +230,60 @@ impl StateStore {
     /// Set cursors (not flushed: sled flushes within half a second, and a cursor that lags
     /// only means batches received again).
     pub fn set_cursors(&self, cursors: &[(&str, u64)]) -> anyhow::Result<()> {
+        self.set_cursors_and_received(cursors, &[])
+    }
+
+    /// Set cursors and each sink's last streamed event received, in one write (not
+    /// flushed, as [`StateStore::set_cursors`]).
+    pub fn set_cursors_and_received(
+        &self,
+        cursors: &[(&str, u64)],
+        received: &[(&str, Position)],
+    ) -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
         for (name, seq) in cursors {
             batch.insert(cursor_key(name), &seq.to_be_bytes());
         }
+        for (name, p) in received {
+            let mut v = p.lsn.0.to_be_bytes().to_vec();
+            v.extend_from_slice(&p.index.to_be_bytes());
+            batch.insert(received_key(name), v);
+        }
         self.db.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// The last streamed event each of `sinks` received, as last saved (`None`: nothing
+    /// saved for it).
+    pub fn received_by(&self, sinks: &[&str]) -> anyhow::Result<Vec<Option<Position>>> {
+        let saved = self.received()?;
+        Ok(sinks
+            .iter()
+            .map(|n| saved.iter().find(|(s, _)| s == n).map(|(_, p)| *p))
+            .collect())
+    }
+
+    /// Each sink's last streamed event received, as last saved, by sink name.
+    pub fn received(&self) -> anyhow::Result<Vec<(String, Position)>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(RECEIVED_PREFIX) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[RECEIVED_PREFIX.len()..]).into_owned();
+            if v.len() != 12 {
+                bail!(
+                    "the state store's record of what the {name} sink received is damaged ({} bytes, expected 12)",
+                    v.len()
+                );
+            }
+            out.push((
+                name,
+                Position {
+                    lsn: Lsn(u64_from(&v[..8])),
+                    index: u32::from_be_bytes(v[8..12].try_into().expect("4 bytes")),
+                },
+            ));
+        }
+        Ok(out)
     }
 
     /// Set cursors and flush them: for a sink's first cursor, whose absence after a crash
@@ -244,14 +294,22 @@ impl StateStore {
         Ok(())
     }
 
-    /// Forget every cursor (the journal is off and empty).
+    /// Forget every cursor, and what each sink received (the journal is off and empty).
     pub fn clear_cursors(&self) -> anyhow::Result<()> {
-        for kv in self.db.scan_prefix(CURSOR_PREFIX) {
-            self.db.remove(kv?.0)?;
+        for prefix in [CURSOR_PREFIX, RECEIVED_PREFIX] {
+            for kv in self.db.scan_prefix(prefix) {
+                self.db.remove(kv?.0)?;
+            }
         }
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn received_key(sink: &str) -> Vec<u8> {
+    let mut k = RECEIVED_PREFIX.to_vec();
+    k.extend_from_slice(sink.as_bytes());
+    k
 }
 
 fn cursor_key(sink: &str) -> Vec<u8> {
@@ -274,8 +332,12 @@ fn u64_from(v: &[u8]) -> u64 {
 }
 
 impl super::CursorStore for StateStore {
-    fn save_cursors(&self, cursors: &[(&'static str, u64)]) -> anyhow::Result<()> {
-        self.set_cursors(cursors)
+    fn save_cursors(
+        &self,
+        cursors: &[(&'static str, u64)],
+        received: &[(&'static str, Position)],
+    ) -> anyhow::Result<()> {
+        self.set_cursors_and_received(cursors, received)
     }
 }
 
