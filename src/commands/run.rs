@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::journal;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, AbortOnDrop, EngineState};
-use crate::pipeline::{JournalParts, Pipeline};
+use crate::pipeline::{JournalParts, Pipeline, Received};
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
 use crate::source::replication_config;
@@ -162,6 +162,11 @@ pub async fn run(
             .join(", ")
     );
     let journal = open_journal(config, &store, checkpoint, &sinks)?;
+    let names: Vec<&str> = sinks.iter().map(|s| s.name()).collect();
+    let received = Received {
+        saved: store.received_by(&names)?,
+        store: Arc::new(store.clone()),
+    };
     let mut pipeline = Pipeline::start(
         sinks,
         Arc::new(store.clone()),
@@ -169,6 +174,7 @@ pub async fn run(
         checkpoint,
         config.pipeline.max_batch_rows,
         journal,
+        Some(received),
     );
     let mut source = Source {
         relations: Relations::new(
@@ -375,13 +381,11 @@ fn open_journal(
         summary.max_bytes,
         config.journal.retain
     );
-    let received = store.received_by(&names)?;
     Ok(Some(JournalParts {
         writer,
         dir,
         cursors,
         cursor_store: Arc::new(store.clone()),
-        received,
     }))
 }
 

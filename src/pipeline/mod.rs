@@ -153,10 +153,16 @@ pub struct JournalParts {
     pub cursors: Vec<u64>,
     /// Where the cursors are kept.
     pub cursor_store: Arc<dyn CursorStore>,
+}
+
+/// What each sink received of the stream, saved (with the cursors, when there is a
+/// journal) so that what the stream delivers again after a restart is not sent to a sink
+/// twice (docs/architecture.md, "The journal").
+pub struct Received {
     /// Each sink's last streamed event received, as saved before this start, in the order
-    /// of the sinks: what a crash makes the stream deliver again up to there is not sent to
-    /// it twice.
-    pub received: Vec<Option<Position>>,
+    /// of the sinks.
+    pub saved: Vec<Option<Position>>,
+    pub store: Arc<dyn CursorStore>,
 }
 
 /// The batches held in memory, shared by the source (which adds) and the sinks (which read
@@ -228,6 +234,7 @@ impl Pipeline {
         checkpoint: Lsn,
         max_batch_rows: usize,
         journal: Option<JournalParts>,
+        received: Option<Received>,
     ) -> Pipeline {
         // Room for the largest write and half the usual budget beside it, so the source
         // goes on reading while that write is out.
@@ -265,9 +272,9 @@ impl Pipeline {
             Some(j) => j.cursors.clone(),
             None => vec![first_seq; n],
         };
-        let received: Vec<Option<Position>> = match &journal {
-            Some(j) => j.received.clone(),
-            None => vec![None; n],
+        let (saved_received, received_store) = match received {
+            Some(r) => (r.saved, Some(r.store)),
+            None => (vec![None; n], None),
         };
         let journal_dir = journal.as_ref().map(|j| j.dir.clone());
         for (index, sink) in sinks.into_iter().enumerate() {
@@ -277,7 +284,7 @@ impl Pipeline {
                 sink,
                 hub: hub.clone(),
                 cursor: cursors[index],
-                skip_through: received[index],
+                skip_through: saved_received[index],
                 skipped: 0,
                 reader: journal_dir.as_deref().map(journal::Reader::new),
                 journaled: journaled_rx.clone(),
@@ -309,7 +316,7 @@ impl Pipeline {
                 });
                 (Some(tx), Some(j.cursor_store))
             }
-            None => (None, None),
+            None => (None, received_store),
         };
         drop(ack_tx);
         let t = tracker::Tracker {
@@ -318,6 +325,7 @@ impl Pipeline {
             journaled: first_seq,
             store,
             cursor_store,
+            journal: journal_tx.is_some(),
             progress_tx,
             metrics: metrics.clone(),
             budget: budget.clone(),
@@ -325,7 +333,7 @@ impl Pipeline {
             hub: hub.clone(),
             delivered_tx,
             acked: cursors,
-            received,
+            received: saved_received,
         };
         tasks.spawn(async move {
             if let Err(e) = t.track(reg_rx, ack_rx).await {

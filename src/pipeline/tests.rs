@@ -82,6 +82,7 @@ async fn the_checkpoint_follows_the_slowest_sink_and_carries_the_dimension() {
         Lsn(10),
         100,
         None,
+        None,
     );
     let row = ContentRow {
         content_id: 9,
@@ -142,7 +143,6 @@ fn journal_parts(state: &std::path::Path, store: &StateStore, checkpoint: Lsn) -
         dir,
         cursors,
         cursor_store: Arc::new(store.clone()),
-        received: store.received_by(&["gated", "slow"]).unwrap(),
     }
 }
 
@@ -187,6 +187,7 @@ async fn with_the_journal_a_dead_sink_holds_neither_the_checkpoint_nor_the_other
         Lsn(10),
         1000,
         Some(journal_parts(dir.path(), &store, Lsn(10))),
+        None,
     );
     // 30,000 events while the slow sink writes nothing: far past the memory budget.
     for b in 0..30i64 {
@@ -235,6 +236,7 @@ async fn with_the_journal_a_dead_sink_holds_neither_the_checkpoint_nor_the_other
         Lsn(129),
         1000,
         Some(journal_parts(dir.path(), &store, Lsn(129))),
+        None,
     );
     tokio::time::timeout(Duration::from_secs(30), async {
         while slow_seen.lock().unwrap().len() < 30_000 {
@@ -289,6 +291,7 @@ async fn a_commit_without_events_is_journaled_and_keeps_its_transaction() {
         Lsn(10),
         100,
         Some(journal_parts(dir.path(), &store, Lsn(10))),
+        None,
     );
     p.send(batch(&[1, 2], None, vec![])).await.unwrap();
     p.send(batch(&[], Some(20), vec![])).await.unwrap();
@@ -318,11 +321,29 @@ fn tx_batch(lsn: u64, first: u32, ids: &[i64], commit: bool) -> Batch {
     b
 }
 
-/// A crash inside a transaction: the journal cuts its first part at the next start, and
-/// the stream delivers it again. A sink that had received that part gets only the rest;
-/// a sink that had not gets all of it, once.
+fn received(store: &StateStore) -> Option<Received> {
+    Some(Received {
+        saved: store.received_by(&["gated", "slow"]).unwrap(),
+        store: Arc::new(store.clone()),
+    })
+}
+
+/// A stop inside a transaction, one sink away: at the next start the stream delivers again
+/// what the checkpoint does not cover — with the journal, the transaction the journal cut
+/// (its commit was not checkpointed); without it, everything the sink that was away held
+/// back. A sink that had received part of it gets only the rest; the sink that was away
+/// gets all of it, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_read_again_after_a_crash_skips_what_each_sink_received() {
+async fn what_the_stream_delivers_again_skips_what_each_sink_received() {
+    read_again_after_a_stop(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_journal_what_is_delivered_again_skips_what_each_sink_received() {
+    read_again_after_a_stop(false).await;
+}
+
+async fn read_again_after_a_stop(journal: bool) {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
     store.replace_dimension(&[], Lsn(10)).unwrap();
@@ -347,7 +368,8 @@ async fn a_transaction_read_again_after_a_crash_skips_what_each_sink_received() 
         Arc::new(Metrics::default()),
         Lsn(10),
         100,
-        Some(journal_parts(dir.path(), &store, Lsn(10))),
+        journal.then(|| journal_parts(dir.path(), &store, Lsn(10))),
+        received(&store),
     );
     p.send(tx_batch(20, 0, &[1, 2], true)).await.unwrap();
     // The first three events of the transaction committed at 30, which is still being read.
@@ -360,20 +382,22 @@ async fn a_transaction_read_again_after_a_crash_skips_what_each_sink_received() 
     .await
     .expect("the first sink received both batches");
     p.close(Duration::from_secs(1)).await;
-    assert_eq!(store.checkpoint().unwrap(), Lsn(20));
+    // With the journal the first transaction is durable; without it the sink away holds it.
+    let checkpoint = if journal { Lsn(20) } else { Lsn(10) };
+    assert_eq!(store.checkpoint().unwrap(), checkpoint);
+    let at = |index| {
+        Some(Position {
+            lsn: Lsn(30),
+            index,
+        })
+    };
     assert_eq!(
         store.received_by(&["gated", "slow"]).unwrap(),
-        [
-            Some(Position {
-                lsn: Lsn(30),
-                index: 2
-            }),
-            None
-        ]
+        [at(2), None]
     );
 
-    // The next start: the journal keeps only the transaction committed at 20, and the
-    // stream delivers the one committed at 30 again from its start.
+    // The next start: the stream delivers again from the checkpoint; the transaction
+    // committed at 30 from its start.
     away.add_permits(100);
     let again = Arc::new(std::sync::Mutex::new(Vec::new()));
     let metrics = Arc::new(Metrics::default());
@@ -381,10 +405,14 @@ async fn a_transaction_read_again_after_a_crash_skips_what_each_sink_received() 
         sinks(&again),
         Arc::new(store.clone()),
         metrics.clone(),
-        Lsn(20),
+        checkpoint,
         100,
-        Some(journal_parts(dir.path(), &store, Lsn(20))),
+        journal.then(|| journal_parts(dir.path(), &store, checkpoint)),
+        received(&store),
     );
+    if !journal {
+        p.send(tx_batch(20, 0, &[1, 2], true)).await.unwrap();
+    }
     p.send(tx_batch(30, 0, &[3, 4, 5], false)).await.unwrap();
     p.send(tx_batch(30, 3, &[6], true)).await.unwrap();
     assert_eq!(p.drain().await.unwrap().checkpoint, Lsn(30));
@@ -398,13 +426,14 @@ async fn a_transaction_read_again_after_a_crash_skips_what_each_sink_received() 
     p.close(Duration::from_secs(1)).await;
     assert_eq!(*again.lock().unwrap(), [6]);
     assert_eq!(*away_seen.lock().unwrap(), [1, 2, 3, 4, 5, 6]);
-    assert_eq!(metrics.counters.events_received_before_skipped.get(), 3);
+    let skipped = if journal { 3 } else { 5 };
+    assert_eq!(
+        metrics.counters.events_received_before_skipped.get(),
+        skipped
+    );
     assert_eq!(
         store.received_by(&["gated", "slow"]).unwrap(),
-        [Some(Position {
-            lsn: Lsn(30),
-            index: 3
-        }); 2]
+        [at(3), at(3)]
     );
 }
 
@@ -485,6 +514,7 @@ fn filling_pipeline(
         Lsn(10),
         100,
         None,
+        None,
     );
     (dir, store, writes, p)
 }
@@ -538,6 +568,7 @@ async fn the_budget_holds_the_largest_write_and_half_the_usual_budget_beside_it(
         Arc::new(Metrics::default()),
         Lsn(10),
         1000,
+        None,
         None,
     );
     let mut progress = p.progress();

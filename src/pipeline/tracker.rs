@@ -30,8 +30,10 @@ pub(super) struct Tracker {
     pub sinks: usize,
     pub names: Vec<&'static str>,
     pub store: Arc<dyn CheckpointStore>,
-    /// With the journal: where the cursors go.
+    /// Where the cursors (with the journal) and what each sink received go.
     pub cursor_store: Option<Arc<dyn CursorStore>>,
+    /// Whether there is a journal.
+    pub journal: bool,
     pub progress_tx: watch::Sender<Progress>,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<Semaphore>,
@@ -53,13 +55,18 @@ impl Tracker {
         mut reg_rx: mpsc::UnboundedReceiver<Registration>,
         mut ack_rx: mpsc::UnboundedReceiver<Ack>,
     ) -> anyhow::Result<()> {
-        let journal = self.cursor_store.is_some();
+        let journal = self.journal;
         let mut pending: VecDeque<Registration> = VecDeque::new();
         // Batches (number, events) not yet acked by every sink: `events_delivered` counts
         // what every sink has, with or without the journal.
         let mut unacked: VecDeque<(u64, u64)> = VecDeque::new();
         let mut progress = *self.progress_tx.borrow();
-        let mut saved: Vec<u64> = self.acked.clone();
+        // The cursors as saved (none without the journal).
+        let mut saved: Vec<u64> = if journal {
+            self.acked.clone()
+        } else {
+            Vec::new()
+        };
         let mut saved_received = self.received.clone();
         let mut registering = true;
         let mut acks_open = true;
@@ -132,11 +139,7 @@ impl Tracker {
             deferred = false;
             if !closing && last_persist.elapsed() < PERSIST_EVERY {
                 let cursors_moved = self.cursor_store.is_some()
-                    && (self
-                        .acked
-                        .iter()
-                        .map(|&a| a.min(self.journaled))
-                        .ne(saved.iter().copied())
+                    && (self.cursors_now().ne(saved.iter().copied())
                         || self.received != saved_received);
                 let durable_front = pending
                     .front()
@@ -146,9 +149,7 @@ impl Tracker {
             }
 
             if let Some(cursors) = &self.cursor_store {
-                // A cursor never passes what the journal holds: after a crash the batches
-                // past it are numbered again.
-                let now: Vec<u64> = self.acked.iter().map(|&a| a.min(self.journaled)).collect();
+                let now: Vec<u64> = self.cursors_now().collect();
                 if now != saved || self.received != saved_received {
                     let named: Vec<(&'static str, u64)> = self
                         .names
@@ -168,8 +169,10 @@ impl Tracker {
                         .await
                         .map_err(|_| anyhow!("the cursor writer stopped"))??;
                     last_persist = tokio::time::Instant::now();
-                    self.delivered_tx
-                        .send_replace(now.iter().copied().min().unwrap_or(self.journaled));
+                    if journal {
+                        self.delivered_tx
+                            .send_replace(now.iter().copied().min().unwrap_or(self.journaled));
+                    }
                     saved = now;
                     saved_received = self.received.clone();
                 }
@@ -231,6 +234,15 @@ impl Tracker {
             }
         }
         Ok(())
+    }
+
+    /// The cursors to save (none without the journal). A cursor never passes what the
+    /// journal holds: after a crash the batches past it are numbered again.
+    fn cursors_now(&self) -> impl Iterator<Item = u64> + '_ {
+        self.acked
+            .iter()
+            .filter(|_| self.journal)
+            .map(|&a| a.min(self.journaled))
     }
 
     fn ack(&mut self, a: Ack, progress_at: &mut [std::time::Instant]) {

@@ -352,7 +352,7 @@ impl Source {
                 self.cut = Some((t.commit_lsn, t.handed));
             }
             (Some(t), SessionEnd::Shutdown) => tracing::warn!(
-                "stopped inside the transaction committed at {}, {} of whose rows went to the sinks: the next start reads it again from its start; with the journal on, each sink skips the rows it received, with it off the API may receive them twice (each with its event_id)",
+                "stopped inside the transaction committed at {}, {} of whose rows went to the sinks: the next start reads it again from its start, and each sink skips the rows it received",
                 t.commit_lsn,
                 t.handed
             ),

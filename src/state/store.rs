@@ -294,12 +294,11 @@ impl StateStore {
         Ok(())
     }
 
-    /// Forget every cursor, and what each sink received (the journal is off and empty).
+    /// Forget every cursor (the journal is off and empty). What each sink received stays:
+    /// it does not depend on the journal.
     pub fn clear_cursors(&self) -> anyhow::Result<()> {
-        for prefix in [CURSOR_PREFIX, RECEIVED_PREFIX] {
-            for kv in self.db.scan_prefix(prefix) {
-                self.db.remove(kv?.0)?;
-            }
+        for kv in self.db.scan_prefix(CURSOR_PREFIX) {
+            self.db.remove(kv?.0)?;
         }
         self.db.flush()?;
         Ok(())
