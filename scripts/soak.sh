@@ -24,7 +24,7 @@ mkdir -p docs/bench-output
 report=$(mktemp)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo ' (with local changes)')"
+  echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet -- . ':!docs/bench-output' || echo ' (with local changes)')"
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(uname -sr)"
   echo "command: scripts/soak.sh --minutes $minutes${seed:+ --seed $seed}"
 } > "$out"

@@ -157,7 +157,7 @@ pub struct JournalParts {
 
 /// What each sink received of the stream, saved (with the cursors, when there is a
 /// journal) so that what the stream delivers again after a restart is not sent to a sink
-/// twice (docs/architecture.md, "The journal").
+/// twice (docs/architecture.md, "Exactly once in effect").
 pub struct Received {
     /// Each sink's last streamed event received, as saved before this start, in the order
     /// of the sinks.
@@ -506,10 +506,10 @@ struct SinkTask {
     write_limit: usize,
     ack: mpsc::UnboundedSender<Ack>,
     metrics: Arc<Metrics>,
-    /// The last streamed event this sink received before the start (saved with its
-    /// cursor): events read again up to there — a transaction the journal cut at the
-    /// start, which the stream delivers again — are not sent to it twice. Cleared at the
-    /// first event past it.
+    /// The last streamed event this sink received before the start, as saved: what the
+    /// stream delivers again up to there (a transaction the journal cut at the start;
+    /// without the journal, everything past the slowest sink) is not sent to it twice.
+    /// Cleared at the first streamed event past it.
     skip_through: Option<Position>,
     /// How many events `skip_through` left out.
     skipped: u64,
