@@ -31,9 +31,9 @@ pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// How long a stop waits for the transaction being read to commit when part of it already
 /// went to the sinks (a transaction larger than a batch, or one a pause in the stream cut):
-/// past its commit the checkpoint covers it, and the next start does not read it again
-/// (the API would receive that part twice). `run` gives the sinks' drain what is left of
-/// its 30 s.
+/// past its commit the checkpoint covers it, and the next start does not make Postgres
+/// decode it again. (Without the commit nothing reaches a sink twice either: each skips
+/// what its saved position covers.) `run` gives the sinks' drain what is left of its 30 s.
 pub const FINISH_LIMIT: Duration = Duration::from_secs(5);
 
 /// How long an open batch waits for more after its first event when nothing more is

@@ -264,7 +264,7 @@ impl StateStore {
     }
 
     /// Each sink's last streamed event received, as last saved, by sink name.
-    pub fn received(&self) -> anyhow::Result<Vec<(String, Position)>> {
+    fn received(&self) -> anyhow::Result<Vec<(String, Position)>> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(RECEIVED_PREFIX) {
             let (k, v) = kv?;
