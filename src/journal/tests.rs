@@ -304,6 +304,47 @@ fn a_reader_keeps_up_with_a_writer_across_segments_and_gaps() {
     assert_eq!(read, written);
 }
 
+/// A record still being written when the reader reaches it, finished (and a segment begun
+/// after it) before the reader looks for the next segment: the reader reads it, and does not
+/// skip to the next segment past it.
+#[test]
+fn a_record_finished_while_the_reader_looks_for_the_next_segment_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(dir.path(), &cfg(MIN_BYTES), Lsn(0)).unwrap();
+    for seq in 1..=4u64 {
+        let e = events(seq as i64 * 100, 3, seq * 10);
+        w.append([(seq, Some(Lsn(seq * 10 + 5)), Some(seq as i64), e.as_slice())])
+            .unwrap();
+    }
+    drop(w);
+    // The next segment, as the writer would begin it after record 4.
+    let later = tempfile::tempdir().unwrap();
+    let mut w = Writer::open(later.path(), &cfg(MIN_BYTES), Lsn(0)).unwrap();
+    let e = events(500, 3, 50);
+    w.append([(5, Some(Lsn(55)), Some(5), e.as_slice())])
+        .unwrap();
+    drop(w);
+    let (first, _) = segment_files(dir.path()).unwrap()[0].clone();
+    let (_, next_path) = segment_files(later.path()).unwrap()[0].clone();
+    let path = dir.path().join(format!("{first:020}.seg"));
+    let whole = std::fs::read(&path).unwrap();
+    // Record 4 is half written when the reader gets there.
+    std::fs::write(&path, &whole[..whole.len() - 7]).unwrap();
+    let mut r = Reader::new(dir.path());
+    let got: Vec<u64> = r.read(0, 4, 100).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    // The writer finishes record 4 and begins the next segment while the reader looks.
+    let (dir_path, once) = (dir.path().to_path_buf(), std::sync::Once::new());
+    r.at_end = Some(Box::new(move || {
+        once.call_once(|| {
+            std::fs::write(&path, &whole).unwrap();
+            std::fs::copy(&next_path, dir_path.join(next_path.file_name().unwrap())).unwrap();
+        })
+    }));
+    let got: Vec<u64> = r.read(3, 5, 100).unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(got, vec![4, 5], "record 4 was skipped");
+}
+
 mod cut {
     use super::*;
     use proptest::prelude::*;
