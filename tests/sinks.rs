@@ -27,7 +27,11 @@ struct Env {
 }
 
 fn env(api: MockApi, prefix: &str, http_extra: &str) -> Env {
-    let pg = Postgres::start();
+    env_on(Postgres::start(), api, prefix, http_extra)
+}
+
+/// As [`env`], on a Postgres of the test's own.
+fn env_on(pg: Postgres, api: MockApi, prefix: &str, http_extra: &str) -> Env {
     let ch = ClickHouse::start();
     let redis = Redis::start();
     let cfg = TestConfig::new(
@@ -378,6 +382,56 @@ fn a_hung_redis_and_a_stopped_clickhouse_lose_and_double_nothing() {
     // The prefix applies to every key.
     assert!(env.redis.cli(&["KEYS", "content:*"]).is_empty());
     assert!(!env.redis.cli(&["KEYS", "t1:content:count:*"]).is_empty());
+}
+
+/// A hung sink holds the whole pipeline (journal off), so the source stops reading and the
+/// walsender waits on a full socket. The session's standby status updates go on all the
+/// same (src/source/wire.rs): with `wal_sender_timeout = 2s`, the walsender still hears
+/// from the engine more than three timeouts into the hang, the session is the first one,
+/// and nothing is lost or doubled once the sink is back.
+#[test]
+fn a_source_held_by_a_hung_sink_keeps_its_replication_session() {
+    let pg = Postgres::start_with(PgOptions {
+        extra_conf: "wal_sender_timeout = 2s\n".into(),
+        ..Default::default()
+    });
+    pg.create_database("engagement", true);
+    let env = env_on(pg, MockApi::start(&[]), "", JOURNAL_OFF);
+    let _engine = env.engine();
+    env.insert_n(500);
+    wait_for("the first events everywhere", T, || {
+        (env.ch_count() == 500).then_some(())
+    });
+    let walsender = env.walsender();
+    env.redis.hang();
+    // More than the pipeline's budget (8 × 10,000 events) and the sockets' buffers hold.
+    for _ in 0..8 {
+        env.insert_n(25_000);
+    }
+    let backlog_end = env.sql("SELECT pg_current_wal_lsn()");
+    let hung_at = env.sql("SELECT now()");
+    wait_for(
+        "a status update from the engine 7 s (three and a half timeouts) into the hang",
+        T,
+        || {
+            let heard = env.sql(&format!(
+                "SELECT coalesce(reply_time > '{hung_at}'::timestamptz + interval '7 s', false) FROM pg_stat_replication WHERE pid = {walsender}"
+            ));
+            match heard.as_str() {
+                "t" => Some(()),
+                "f" => None,
+                other => panic!("the walsender {walsender} is gone ({other:?}): the session ended"),
+            }
+        },
+    );
+    // The walsender was held back all along: it has not sent the backlog's end.
+    let behind = env.sql(&format!(
+        "SELECT sent_lsn < '{backlog_end}'::pg_lsn FROM pg_stat_replication WHERE pid = {walsender}"
+    ));
+    assert_eq!(behind, "t", "the walsender was not held back");
+    env.redis.resume();
+    env.assert_exact(true);
+    assert_eq!(env.cfg.counter("replication_sessions"), Some(1));
 }
 
 #[test]

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use pgwire_replication::{FeedbackObserver, ReplicationClient};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -17,9 +16,10 @@ use crate::ops::server::{self, AbortOnDrop, EngineState};
 use crate::pipeline::{JournalParts, Pipeline, Received};
 use crate::sinks::{self, SinkKind};
 use crate::source::pg;
-use crate::source::replication_config;
 use crate::source::rows::Relations;
+use crate::source::session_config;
 use crate::source::stream::{classify, SessionEnd, SlotInUse, Source};
+use crate::source::wire::{Connection, Session};
 use crate::state::dlq::Dlq;
 use crate::state::{Identity, StateStore};
 use crate::types::Lsn;
@@ -194,20 +194,11 @@ pub async fn run(
         stop_seen: None,
     };
 
-    let feedback = Arc::new(Notify::new());
-    let observer = {
-        let feedback = feedback.clone();
-        FeedbackObserver::new(move |_| feedback.notify_waiters())
-    };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut slot_busy_since: Option<Instant> = None;
     let result: anyhow::Result<()> = loop {
         let start = pipeline.progress().borrow().checkpoint;
-        let rc = replication_config(pgc)?
-            .with_binary(binary)
-            .with_start_lsn(start.into())
-            .with_ack_lsn(start.into())
-            .with_feedback_observer(observer.clone());
+        let rc = session_config(pgc, binary, start)?;
         let mut client = match open_session(rc, &identity).await {
             Ok(c) => c,
             Err(SessionEnd::Fatal(e)) => break Err(e),
@@ -261,20 +252,14 @@ pub async fn run(
                 let done = tokio::time::timeout(drain_for, pipeline.drain()).await;
                 match done {
                     Ok(Ok(p)) => {
-                        confirm_and_stop(
-                            &mut client,
-                            p.checkpoint,
-                            &feedback,
-                            pgc.status_interval_ms,
-                        )
-                        .await;
+                        confirm_and_stop(client, p.checkpoint, pgc.status_interval_ms).await;
                         tracing::info!("stopped at checkpoint {}", p.checkpoint);
                         break Ok(());
                     }
                     Ok(Err(e)) => break Err(e),
                     Err(_) => {
                         let cp = pipeline.progress().borrow().checkpoint;
-                        confirm_and_stop(&mut client, cp, &feedback, pgc.status_interval_ms).await;
+                        confirm_and_stop(client, cp, pgc.status_interval_ms).await;
                         tracing::warn!(
                             "a sink did not finish within {drain_for:?}; stopping at checkpoint {cp}; the rest is read again at the next start"
                         );
@@ -283,11 +268,11 @@ pub async fn run(
                 }
             }
             SessionEnd::Fatal(e) => {
-                client.abort();
+                drop(client);
                 break Err(e);
             }
             SessionEnd::Lost(e) => {
-                client.abort();
+                drop(client);
                 tracing::warn!("{e:#}; draining in-flight batches, then reconnecting");
                 // Resume exactly at the checkpoint: everything read is made durable first,
                 // and the dimension is reloaded as of that checkpoint (a transaction cut by
@@ -398,22 +383,22 @@ async fn reload_catalog(
 
 /// Connect, check the server's identity, start streaming.
 async fn open_session(
-    rc: pgwire_replication::ReplicationConfig,
+    rc: crate::source::wire::Config,
     identity: &Identity,
-) -> Result<ReplicationClient, SessionEnd> {
+) -> Result<Session, SessionEnd> {
     // Each step has a limit: a server that accepts and then stops answering is a lost
     // session (retried with backoff), not a hang.
     let limit = pg::QUERY_TIMEOUT;
     crate::source::stream::nap_for_transport(rc.is_unix_socket());
-    let mut client = pg::within(
+    let mut conn = pg::within(
         limit,
         "the replication connection's startup",
-        ReplicationClient::connect_gated(rc),
+        Connection::open(rc),
     )
     .await
     .map_err(SessionEnd::Lost)?
     .map_err(classify)?;
-    let system = pg::within(limit, "IDENTIFY_SYSTEM", client.identify_system())
+    let system = pg::within(limit, "IDENTIFY_SYSTEM", conn.identify_system())
         .await
         .map_err(SessionEnd::Lost)?
         .map_err(classify)?;
@@ -423,36 +408,18 @@ async fn open_session(
             system.system_id
         )));
     }
-    pg::within(limit, "START_REPLICATION", client.start())
+    pg::within(limit, "START_REPLICATION", conn.start())
         .await
         .map_err(SessionEnd::Lost)?
-        .map_err(classify)?;
-    pg::within(limit, "START_REPLICATION", client.wait_started())
-        .await
-        .map_err(SessionEnd::Lost)?
-        .map_err(classify)?;
-    Ok(client)
+        .map_err(classify)
 }
 
-/// Report the final checkpoint to Postgres and end the session: wait (bounded) until the
-/// standby status update carrying it was sent.
-async fn confirm_and_stop(
-    client: &mut ReplicationClient,
-    checkpoint: Lsn,
-    feedback: &Notify,
-    status_interval_ms: u64,
-) {
-    client.update_applied_lsn(checkpoint.into());
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(status_interval_ms + 2000);
-    loop {
-        let notified = feedback.notified();
-        if client.feedback_pending_since().is_none() {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            tracing::warn!("the final position {checkpoint} may not have reached Postgres; it is confirmed at the next start");
-            break;
-        }
+/// Report the final checkpoint to Postgres and end the session: the standby status update
+/// carrying it is sent at once, and the stream ended (both bounded).
+async fn confirm_and_stop(client: Session, checkpoint: Lsn, status_interval_ms: u64) {
+    let limit = Duration::from_millis(status_interval_ms + 2000);
+    if !client.confirm(checkpoint, limit).await {
+        tracing::warn!("the final position {checkpoint} may not have reached Postgres; it is confirmed at the next start");
     }
     // A server that stopped answering never acknowledges the end of the stream.
     match tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await {
@@ -460,7 +427,6 @@ async fn confirm_and_stop(
         Ok(Err(e)) => tracing::debug!("replication session ended: {e}"),
         Err(_) => {
             tracing::warn!("Postgres did not acknowledge the end of the replication stream within 5 s; closing it");
-            client.abort();
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The replication source: the connection (`pgwire-replication`), our pgoutput decoder, and
-//! the loop that turns committed transactions into enriched batches.
+//! The replication source: the connection (`wire` for `run`'s stream, `pgwire-replication`
+//! for `setup`'s session), our pgoutput decoder, and the loop that turns committed
+//! transactions into enriched batches.
 
 pub mod config;
 pub mod connect;
@@ -8,13 +9,14 @@ pub mod pgoutput;
 pub mod rows;
 pub mod schema;
 pub mod stream;
+pub mod wire;
 
 use std::time::Duration;
 
 use pgwire_replication::ReplicationConfig;
 
 use config::PostgresConfig;
-use connect::PgConnection;
+use connect::{PgConnection, SslMode};
 
 /// Session settings for the walsender, so text values are rendered the way the decoder
 /// parses them (ISO dates, UTC offsets) whatever the server's defaults are.
@@ -54,4 +56,47 @@ pub fn replication_config(pg: &PostgresConfig) -> anyhow::Result<ReplicationConf
     .with_wakeup_interval(Duration::from_millis(pg.status_interval_ms))
     .with_buffer_size(4096);
     Ok(rc)
+}
+
+/// The settings of `run`'s replication sessions from `[postgres]`: the same server, login
+/// and TLS as [`replication_config`]'s, for [`wire`].
+pub fn session_config(
+    pg: &PostgresConfig,
+    binary: bool,
+    start: crate::types::Lsn,
+) -> anyhow::Result<wire::Config> {
+    let conn = PgConnection::from_config(pg)?;
+    let rc = replication_config(pg)?;
+    let (host, port) = conn.host_port();
+    let target = if conn.is_socket() {
+        wire::Target::Unix(std::path::Path::new(&host).join(format!(".s.PGSQL.{port}")))
+    } else {
+        wire::Target::Tcp {
+            host: host.clone(),
+            port,
+        }
+    };
+    let tls = match conn.sslmode {
+        _ if conn.is_socket() => wire::Tls::Off,
+        SslMode::Disable => wire::Tls::Off,
+        SslMode::Prefer => wire::Tls::Prefer(std::sync::Arc::new(conn.client_tls()?)),
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+            wire::Tls::Require(std::sync::Arc::new(conn.client_tls()?))
+        }
+    };
+    Ok(wire::Config {
+        target,
+        tls,
+        server_name: host,
+        user: rc.user,
+        password: rc.password,
+        database: rc.database,
+        options: SESSION_OPTIONS.to_string(),
+        application_name: "engagement-cdc".to_string(),
+        slot: pg.slot.clone(),
+        publication: pg.publication.clone(),
+        binary,
+        start,
+        status_interval: Duration::from_millis(pg.status_interval_ms),
+    })
 }

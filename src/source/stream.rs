@@ -1,4 +1,4 @@
-//! One replication session: read events from `pgwire-replication`, decode pgoutput, keep
+//! One replication session: read events from the replication connection (`wire`), decode pgoutput, keep
 //! transactions and the dimension in commit order, enrich, and cut batches for the pipeline.
 //!
 //! About 400 lines, kept in one file on purpose: the session is one state machine (open
@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::watch;
 
 use crate::enrich::{enrich, DimChange, Dimension, EnrichedEvent};
@@ -20,6 +19,7 @@ use crate::source::pgoutput::Message;
 use crate::source::rows::{
     content_key, decode_content, decode_event, RelKind, RelationError, Relations, UnfitLog, Zone,
 };
+use crate::source::wire::{Event, Session, WireError};
 use crate::types::Lsn;
 
 /// Microseconds between 1970-01-01 and 2000-01-01 (Postgres's epoch).
@@ -330,7 +330,7 @@ impl Source {
     /// where it started: transactions whose commit lies before it are skipped.
     pub async fn session(
         &mut self,
-        client: &mut ReplicationClient,
+        client: &mut Session,
         pipeline: &mut Pipeline,
         checkpoint: Lsn,
         shutdown: &mut watch::Receiver<bool>,
@@ -364,7 +364,7 @@ impl Source {
     /// The session's loop; `tx` is the transaction being read when it returns.
     async fn read(
         &mut self,
-        client: &mut ReplicationClient,
+        client: &mut Session,
         pipeline: &mut Pipeline,
         checkpoint: Lsn,
         shutdown: &mut watch::Receiver<bool>,
@@ -387,7 +387,7 @@ impl Source {
         loop {
             if progress.has_changed().unwrap_or(false) {
                 let lsn = progress.borrow_and_update().checkpoint;
-                client.update_applied_lsn(lsn.into());
+                client.update_applied_lsn(lsn);
             }
             if *shutdown.borrow() {
                 self.stop_seen.get_or_insert_with(Instant::now);
@@ -432,24 +432,27 @@ impl Source {
                     // it).
                     let gather = self.max_batch_delay.min(GATHER);
                     let until = b.started.unwrap_or_else(Instant::now) + gather;
-                    match client.recv().now_or_never() {
-                        Some(r) => Some(r),
-                        None if Instant::now() < until => {
+                    match client.buffered() {
+                        Ok(true) => Some(Ok(())),
+                        Err(e) => Some(Err(e)),
+                        _ if Instant::now() < until => {
                             tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
                             unclocked = CLOCK_EVERY;
                             continue;
                         }
                         // A few events: a quiet stream, out they go.
-                        None if b.batch.events.len() < BUSY_EVENTS => None,
-                        None => {
+                        _ if b.batch.events.len() < BUSY_EVENTS => None,
+                        _ => {
                             unclocked = CLOCK_EVERY;
                             let _nap = NapWanted::set();
-                            tokio::time::timeout(QUIET, client.recv()).await.ok()
+                            tokio::time::timeout(QUIET, client.wait()).await.ok()
                         }
                     }
                 };
                 match ready {
-                    Some(r) => r,
+                    // A message is there: taken at once.
+                    Some(Ok(())) => client.next().await,
+                    Some(Err(e)) => Err(e),
                     None => {
                         streaming.batch_out(b.batch.events.len());
                         if let Err(end) =
@@ -466,7 +469,7 @@ impl Source {
                 }
             } else {
                 tokio::select! {
-                    r = client.recv() => r,
+                    r = client.next() => r,
                     // The stop is handled at the top of the loop.
                     changed = shutdown.changed() => {
                         if changed.is_err() {
@@ -478,7 +481,7 @@ impl Source {
                     changed = progress.changed() => {
                         if changed.is_ok() {
                             let lsn = progress.borrow_and_update().checkpoint;
-                            client.update_applied_lsn(lsn.into());
+                            client.update_applied_lsn(lsn);
                         }
                         continue;
                     }
@@ -498,10 +501,9 @@ impl Source {
                 }
             };
             match event {
-                ReplicationEvent::Begin {
+                Event::Begin {
                     final_lsn,
                     commit_time_micros,
-                    ..
                 } => {
                     let commit_us = commit_time_micros + PG_EPOCH_OFFSET_US;
                     let now = crate::enrich::now_us();
@@ -510,7 +512,7 @@ impl Source {
                     // Said with the send time of its first message (below): whether
                     // Postgres sent it late or the engine read it late.
                     late = (waited > 50_000).then_some((final_lsn, commit_us, waited));
-                    let commit_lsn = Lsn::from(final_lsn);
+                    let commit_lsn = final_lsn;
                     caught_up_after_batch = false;
                     let mut handed = 0;
                     if let Some((cut, n)) = self.cut {
@@ -531,10 +533,9 @@ impl Source {
                         in_batch: b.batch.events.len(),
                     });
                 }
-                ReplicationEvent::Commit {
+                Event::Commit {
                     end_lsn,
                     commit_time_micros,
-                    ..
                 } => {
                     let Some(t) = tx.take() else {
                         return SessionEnd::Fatal(anyhow::anyhow!(
@@ -546,15 +547,14 @@ impl Source {
                         continue;
                     }
                     self.metrics.counters.transactions.inc();
-                    b.batch.commit_end = Some(end_lsn.into());
+                    b.batch.commit_end = Some(end_lsn);
                     b.batch.last_commit_us = Some(commit_time_micros + PG_EPOCH_OFFSET_US);
                     b.batch.dim_changes.extend(t.dim_changes);
                     b.started.get_or_insert_with(Instant::now);
                 }
-                ReplicationEvent::XLogData {
+                Event::Change {
                     data,
                     server_time_micros,
-                    ..
                 } => {
                     if let Some((lsn, commit_us, waited)) = late.take() {
                         let sent = server_time_micros + PG_EPOCH_OFFSET_US - commit_us;
@@ -564,7 +564,7 @@ impl Source {
                             sent.max(0) / 1000
                         );
                     }
-                    if let Err(e) = self.apply(&data, tx.as_mut(), &mut b) {
+                    if let Err(e) = self.apply(data, tx.as_mut(), &mut b) {
                         // A type newer than the catalog: read again from the checkpoint
                         // once the catalog is (see `Relations::pending_type`).
                         if let Some(t) = e.downcast_ref::<NewType>() {
@@ -573,7 +573,7 @@ impl Source {
                         return SessionEnd::Fatal(e);
                     }
                 }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                Event::KeepAlive { wal_end } => {
                     self.metrics
                         .server_wal_end
                         .store(wal_end.0, Ordering::Relaxed);
@@ -588,25 +588,24 @@ impl Source {
                         streaming.caught_up();
                         pipeline.caught_up();
                         crate::pipeline::shed_spares();
-                        if let Err(e) = confirm_when_idle(pipeline, wal_end.into()) {
+                        if let Err(e) = confirm_when_idle(pipeline, wal_end) {
                             return SessionEnd::Fatal(e);
                         }
                     }
                 }
                 // A heartbeat (or any message outside a transaction): the same, at its
                 // position.
-                ReplicationEvent::Message {
+                Event::Message {
                     transactional: false,
                     lsn,
-                    ..
                 } => {
                     if tx.is_none() && b.batch.is_empty() {
-                        if let Err(e) = confirm_when_idle(pipeline, lsn.into()) {
+                        if let Err(e) = confirm_when_idle(pipeline, lsn) {
                             return SessionEnd::Fatal(e);
                         }
                     }
                 }
-                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+                Event::Message { .. } => {}
             }
         }
     }
@@ -830,27 +829,29 @@ async fn send(
 }
 
 /// Which replication errors a reconnect may fix.
-pub fn classify(e: pgwire_replication::PgWireError) -> SessionEnd {
-    use pgwire_replication::PgWireError as E;
+pub fn classify(e: WireError) -> SessionEnd {
+    use WireError as E;
     let text = e.to_string();
     match &e {
-        E::Io(_) | E::Task(_) => SessionEnd::Lost(anyhow::anyhow!("replication connection lost: {text}")),
-        E::Server(m)
+        E::Io(_) => SessionEnd::Lost(anyhow::anyhow!("replication connection lost: {text}")),
+        E::Server { message: m, .. }
             if m.contains("does not exist") && m.contains("replication slot") =>
         {
             SessionEnd::Fatal(anyhow::anyhow!(
                 "the replication slot is missing ({m}); run `engagement-cdc setup` to create it, then `engagement-cdc backfill` over the time since the last commit that `engagement-cdc status` shows"
             ))
         }
-        E::Server(m) if m.contains("publication") && m.contains("does not exist") => {
+        E::Server { message: m, .. } if m.contains("publication") && m.contains("does not exist") => {
             SessionEnd::Fatal(anyhow::anyhow!(
                 "Postgres cannot decode the slot's next change: {m} (the publication was dropped while the engine ran, or created after the slot); the checkpoint is held; run `engagement-cdc setup --resync` (re-creates the publication and moves the slot to now), then the backfill it prints"
             ))
         }
-        E::Server(m) if m.contains("is active for PID") => {
+        E::Server { message: m, .. } if m.contains("is active for PID") => {
             SessionEnd::Lost(anyhow::Error::new(SlotInUse(m.clone())))
         }
-        E::Server(m) if m.contains("can no longer get changes") || m.contains("invalidated") => {
+        E::Server { message: m, .. }
+            if m.contains("can no longer get changes") || m.contains("invalidated") =>
+        {
             SessionEnd::Fatal(anyhow::anyhow!(
                 "the replication slot is invalidated ({m}); drop it, run `engagement-cdc setup`, then `engagement-cdc backfill` over the time since the last commit that `engagement-cdc status` shows"
             ))
@@ -858,10 +859,10 @@ pub fn classify(e: pgwire_replication::PgWireError) -> SessionEnd {
         E::Auth(m) => SessionEnd::Fatal(anyhow::anyhow!(
             "Postgres rejected the replication login: {m}; fix [postgres] url"
         )),
-        E::Protocol(_) | E::MessageTooLarge { .. } => {
-            SessionEnd::Fatal(anyhow::anyhow!("replication protocol error: {text}"))
+        E::Protocol(_) => SessionEnd::Fatal(anyhow::anyhow!("replication protocol error: {text}")),
+        E::Server { .. } | E::Tls(_) => {
+            SessionEnd::Lost(anyhow::anyhow!("replication stream failed: {text}"))
         }
-        _ => SessionEnd::Lost(anyhow::anyhow!("replication stream failed: {text}")),
     }
 }
 
