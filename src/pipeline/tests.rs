@@ -639,3 +639,60 @@ async fn a_catch_ups_last_write_goes_once_the_source_has_caught_up() {
     assert_eq!(store.checkpoint().unwrap(), Lsn(50));
     p.close(Duration::from_secs(5)).await;
 }
+
+/// Each transaction's events recorded at once give the histogram a per-event record gives:
+/// transactions of 1 to 3,000 events, cut at a write's start (a skip or a batch boundary),
+/// two in a row with the same commit time, backfilled events with none.
+#[test]
+fn the_latency_of_a_write_is_each_event_s_own() {
+    let now = 10_000_000_000i64;
+    let mut all = Vec::new();
+    let mut x = 11u64;
+    let mut id = 0;
+    let mut lsn = 0x1000u64;
+    for t in 0..400u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let size = [1, 2, 3, 7, 64, 1000, 3000][(x % 7) as usize];
+        // A write that begins inside a transaction: its first events are not there.
+        let from = if t == 0 { 17 } else { 0 };
+        lsn += 0x100;
+        // Every fifth transaction commits at the same µs as the one before.
+        let commit = if t % 5 == 4 {
+            now - 1_000 * (t as i64 - 1)
+        } else {
+            now - 1_000 * t as i64
+        };
+        for index in from..size {
+            id += 1;
+            let mut e = event(id);
+            e.source_lsn = Lsn(lsn);
+            e.tx_index = index as u32;
+            e.commit_us = commit;
+            all.push(e);
+        }
+        if t % 50 == 0 {
+            for _ in 0..3 {
+                id += 1;
+                let mut e = event(id);
+                e.source_lsn = Lsn(0);
+                e.tx_index = 0;
+                e.commit_us = 0;
+                all.push(e);
+            }
+        }
+    }
+    let events: Vec<&EnrichedEvent> = all.iter().collect();
+    let (runs, each) = (Histogram::default(), Histogram::default());
+    record_latency_at(&runs, &events, now);
+    for e in &events {
+        if e.commit_us > 0 {
+            each.record_us((now - e.commit_us) as u64, 1);
+        }
+    }
+    assert_eq!(runs.count(), each.count());
+    assert_eq!(runs.counts(), each.counts());
+    assert_eq!(runs.summary(), each.summary());
+    assert!(runs.count() > 100_000, "{}", runs.count());
+}

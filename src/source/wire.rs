@@ -245,17 +245,7 @@ impl Connection {
             if let Some(m) = take_message(&mut self.buf)? {
                 return Ok(m);
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(8 * 1024);
-            }
-            let n = self
-                .io
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(io_error("cannot read from Postgres"))?;
-            if n == 0 {
-                return Err(WireError::Io("Postgres closed the connection".into()));
-            }
+            read_more(&mut self.io, &mut self.buf, 4096, 8 * 1024).await?;
         }
     }
 
@@ -475,6 +465,27 @@ async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, Wir
     Err(cannot(last.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")
     })))
+}
+
+/// Read what the socket holds into `buf`, with at least `room` bytes free (growing it by
+/// `grow` when less is).
+async fn read_more<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    room: usize,
+    grow: usize,
+) -> Result<(), WireError> {
+    if buf.capacity() - buf.len() < room {
+        buf.reserve(grow);
+    }
+    let n = rd
+        .read_buf(buf)
+        .await
+        .map_err(io_error("cannot read from Postgres"))?;
+    if n == 0 {
+        return Err(WireError::Io("Postgres closed the connection".into()));
+    }
+    Ok(())
 }
 
 async fn negotiate(
@@ -753,9 +764,11 @@ impl Session {
     pub async fn shutdown(mut self) -> Result<(), WireError> {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.notify_one();
+        // Awaited in place: dropped before it finishes (the caller's time limit), the session
+        // still aborts its writer.
         let writer = self
             .writer
-            .take()
+            .as_mut()
             .expect("the writer runs until the session ends");
         let Some(mut wr) = writer
             .await
@@ -776,20 +789,12 @@ impl Session {
                 Some((b'Z', _)) => break,
                 Some((b'E', body)) => return Err(server_error(&body)),
                 Some(_) => {}
-                None => {
-                    let n = self
-                        .rd
-                        .read_buf(&mut self.buf)
-                        .await
-                        .map_err(io_error("cannot read from Postgres"))?;
-                    if n == 0 {
-                        return if ended {
-                            Ok(())
-                        } else {
-                            Err(WireError::Io("Postgres closed the connection".into()))
-                        };
-                    }
-                }
+                None => match read_more(&mut self.rd, &mut self.buf, 4096, 8 * 1024).await {
+                    Ok(()) => {}
+                    // The server closed the connection after its end of the stream.
+                    Err(_) if ended => return Ok(()),
+                    Err(e) => return Err(e),
+                },
             }
         }
         let mut out = BytesMut::new();
@@ -838,18 +843,7 @@ impl Session {
         if let Some(e) = self.writer_failed() {
             return Err(e);
         }
-        if self.buf.capacity() - self.buf.len() < READ_ROOM {
-            self.buf.reserve(READ_BUFFER);
-        }
-        let n = self
-            .rd
-            .read_buf(&mut self.buf)
-            .await
-            .map_err(io_error("cannot read from Postgres"))?;
-        if n == 0 {
-            return Err(WireError::Io("Postgres closed the connection".into()));
-        }
-        Ok(())
+        read_more(&mut self.rd, &mut self.buf, READ_ROOM, READ_BUFFER).await
     }
 
     fn event(&self, start: usize, len: usize) -> Result<Event<'_>, WireError> {
