@@ -967,6 +967,55 @@ fn set_up_and_stream_one_event(pg: &Postgres, url: &str) -> (TestConfig, Engine)
     (cfg, engine)
 }
 
+/// The replication connection logs in by each password method Postgres offers over TCP:
+/// `md5` (the password stored as MD5) and `password` (sent in plaintext), as well as
+/// `scram-sha-256` (the other tests' roles). Each role's server lets it in by that method
+/// only; `setup` and `run` work.
+#[test]
+fn md5_and_cleartext_password_logins_stream() {
+    for (method, role, stored) in [
+        ("md5", "md5_role", "md5"),
+        ("password", "plain_role", "scram-sha-256"),
+    ] {
+        let pg = Postgres::start_with(PgOptions {
+            hba_first: format!(
+                "host all {role} 127.0.0.1/32 {method}\nhost replication {role} 127.0.0.1/32 {method}\n"
+            ),
+            ..Default::default()
+        });
+        pg.create_database("engagement", true);
+        pg.psql(
+            "engagement",
+            &format!(
+                "SET password_encryption = '{stored}'; CREATE ROLE {role} SUPERUSER LOGIN PASSWORD '{role}-pw'"
+            ),
+        );
+        let prefix = if method == "md5" {
+            "md5"
+        } else {
+            "SCRAM-SHA-256$"
+        };
+        assert!(
+            pg.psql(
+                "engagement",
+                &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'")
+            )
+            .starts_with(prefix),
+            "{role}'s password is not stored as {stored}"
+        );
+        let url = format!(
+            "postgres://{role}:{role}-pw@127.0.0.1:{}/engagement",
+            pg.port
+        );
+        let (_cfg, _engine) = set_up_and_stream_one_event(&pg, &url);
+        let streaming = pg.psql(
+            "engagement",
+            &format!("SELECT count(*) FROM pg_stat_replication WHERE usename = '{role}'"),
+        );
+        assert_eq!(streaming, "1", "{role} does not stream");
+    }
+}
+
 /// The least-privilege role of docs/operations.md: LOGIN REPLICATION, SELECT on the two
 /// tables, owner of nothing; the publication made by the tables' owner. `setup` and `run`
 /// work with it.

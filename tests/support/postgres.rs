@@ -101,6 +101,8 @@ pub struct PgOptions {
     /// A data directory of its own initdb, not a copy of the template: another system
     /// identifier (test servers copied from the template share one).
     pub fresh_initdb: bool,
+    /// pg_hba.conf lines matched before the usual ones (another login method for a role).
+    pub hba_first: String,
 }
 
 impl Default for PgOptions {
@@ -112,6 +114,7 @@ impl Default for PgOptions {
             hostssl_only: false,
             client_ca: None,
             fresh_initdb: false,
+            hba_first: String::new(),
         }
     }
 }
@@ -202,6 +205,11 @@ impl Postgres {
                  hostssl replication all 127.0.0.1/32 scram-sha-256\n",
             )
             .unwrap();
+        }
+        if !opts.hba_first.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).unwrap();
+            std::fs::write(&hba, format!("{}{rest}", opts.hba_first)).unwrap();
         }
         if is_root() {
             run_checked(
