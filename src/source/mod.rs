@@ -22,24 +22,11 @@ use connect::{PgConnection, SslMode};
 /// parses them (ISO dates, UTC offsets) whatever the server's defaults are.
 pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,YMD -c TimeZone=UTC";
 
-/// The replication connection's settings from `[postgres]`.
+/// The settings of `setup`'s replication session (`pgwire-replication`) from `[postgres]`.
 pub fn replication_config(pg: &PostgresConfig) -> anyhow::Result<ReplicationConfig> {
     let conn = PgConnection::from_config(pg)?;
-    let config = &conn.config;
     let (host, port) = conn.host_port();
-    let user = config
-        .get_user()
-        .map(str::to_string)
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "postgres".into());
-    let password = config
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .unwrap_or_default();
-    let database = config
-        .get_dbname()
-        .map(str::to_string)
-        .unwrap_or_else(|| user.clone());
+    let (user, password, database) = login(&conn);
     let rc = ReplicationConfig::new(
         host,
         user,
@@ -58,6 +45,26 @@ pub fn replication_config(pg: &PostgresConfig) -> anyhow::Result<ReplicationConf
     Ok(rc)
 }
 
+/// The user, password and database of the URL, with libpq's defaults (the OS user, no
+/// password, a database named after the user).
+fn login(conn: &PgConnection) -> (String, String, String) {
+    let config = &conn.config;
+    let user = config
+        .get_user()
+        .map(str::to_string)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "postgres".into());
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = config
+        .get_dbname()
+        .map(str::to_string)
+        .unwrap_or_else(|| user.clone());
+    (user, password, database)
+}
+
 /// The settings of `run`'s replication sessions from `[postgres]`: the same server, login
 /// and TLS as [`replication_config`]'s, for [`wire`].
 pub fn session_config(
@@ -66,7 +73,7 @@ pub fn session_config(
     start: crate::types::Lsn,
 ) -> anyhow::Result<wire::Config> {
     let conn = PgConnection::from_config(pg)?;
-    let rc = replication_config(pg)?;
+    let (user, password, database) = login(&conn);
     let (host, port) = conn.host_port();
     let target = if conn.is_socket() {
         wire::Target::Unix(std::path::Path::new(&host).join(format!(".s.PGSQL.{port}")))
@@ -88,9 +95,9 @@ pub fn session_config(
         target,
         tls,
         server_name: host,
-        user: rc.user,
-        password: rc.password,
-        database: rc.database,
+        user,
+        password,
+        database,
         options: SESSION_OPTIONS.to_string(),
         application_name: "engagement-cdc".to_string(),
         slot: pg.slot.clone(),

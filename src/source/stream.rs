@@ -1,5 +1,6 @@
-//! One replication session: read events from the replication connection (`wire`), decode pgoutput, keep
-//! transactions and the dimension in commit order, enrich, and cut batches for the pipeline.
+//! One replication session: read events from the replication connection (`wire`), decode
+//! pgoutput, keep transactions and the dimension in commit order, enrich, and cut batches
+//! for the pipeline.
 //!
 //! About 400 lines, kept in one file on purpose: the session is one state machine (open
 //! transaction, relations, the batch being cut, keepalives), and splitting it would spread

@@ -27,8 +27,6 @@ use tokio::time::Instant;
 
 use crate::types::Lsn;
 
-/// Postgres's epoch (2000-01-01) in µs after 1970.
-const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// The socket is read in chunks of at least this much free room.
 const READ_ROOM: usize = 64 * 1024;
 /// The buffer's size when it has to grow for room.
@@ -578,7 +576,7 @@ struct Shared {
 
 /// A standby status update: written, flushed and applied up to `lsn`.
 fn status_update(lsn: Lsn, out: &mut BytesMut) {
-    let now = crate::enrich::now_us() - PG_EPOCH_US;
+    let now = crate::enrich::now_us() - crate::source::stream::PG_EPOCH_OFFSET_US;
     let mut body = [0u8; 34];
     body[0] = b'r';
     for i in 0..3 {
