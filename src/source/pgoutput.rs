@@ -15,6 +15,15 @@ fn err<T>(what: impl Into<String>) -> Result<T, DecodeError> {
     Err(DecodeError(what.into()))
 }
 
+/// Kept out of the readers' inlined fast path.
+#[cold]
+#[inline(never)]
+fn truncated(what: &str, n: usize, pos: usize, left: usize) -> DecodeError {
+    DecodeError(format!(
+        "truncated {what}: needs {n} bytes at offset {pos}, {left} left"
+    ))
+}
+
 /// One column of a Relation message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelColumn {
@@ -108,33 +117,36 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
-        if self.buf.len() - self.pos < n {
-            return err(format!(
-                "truncated {what}: needs {n} bytes at offset {}, {} left",
-                self.pos,
-                self.buf.len() - self.pos
-            ));
+        let rest = &self.buf[self.pos..];
+        if rest.len() < n {
+            return Err(truncated(what, n, self.pos, rest.len()));
         }
-        let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
-        Ok(s)
+        Ok(&rest[..n])
     }
+    #[inline]
     fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
         Ok(self.take(1, what)?[0])
     }
+    #[inline]
     fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
         Ok(u16::from_be_bytes(self.take(2, what)?.try_into().unwrap()))
     }
+    #[inline]
     fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.take(4, what)?.try_into().unwrap()))
     }
+    #[inline]
     fn i32(&mut self, what: &str) -> Result<i32, DecodeError> {
         Ok(i32::from_be_bytes(self.take(4, what)?.try_into().unwrap()))
     }
+    #[inline]
     fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.take(8, what)?.try_into().unwrap()))
     }
+    #[inline]
     fn i64(&mut self, what: &str) -> Result<i64, DecodeError> {
         Ok(i64::from_be_bytes(self.take(8, what)?.try_into().unwrap()))
     }
@@ -149,24 +161,35 @@ impl<'a> Reader<'a> {
     }
     fn tuple(&mut self) -> Result<Tuple<'a>, DecodeError> {
         let n = self.u16("tuple column count")? as usize;
+        // At least 3 bytes a column (a kind, or a kind and a 4-byte length): a count the
+        // message cannot hold is refused before anything is reserved for it.
+        if n > self.buf.len() - self.pos {
+            return err(format!(
+                "tuple of {n} columns in {} bytes",
+                self.buf.len() - self.pos
+            ));
+        }
         let mut values = Vec::with_capacity(n);
         for _ in 0..n {
             let v = match self.u8("tuple value kind")? {
                 b'n' => Value::Null,
                 b'u' => Value::Unchanged,
-                b't' => {
-                    let len = self.i32("text value length")?;
+                kind @ (b't' | b'b') => {
+                    let what = if kind == b't' {
+                        "text value"
+                    } else {
+                        "binary value"
+                    };
+                    let len = self.i32(what)?;
                     if len < 0 {
                         return err("negative value length");
                     }
-                    Value::Text(self.take(len as usize, "text value")?)
-                }
-                b'b' => {
-                    let len = self.i32("binary value length")?;
-                    if len < 0 {
-                        return err("negative value length");
+                    let bytes = self.take(len as usize, what)?;
+                    if kind == b't' {
+                        Value::Text(bytes)
+                    } else {
+                        Value::Binary(bytes)
                     }
-                    Value::Binary(self.take(len as usize, "binary value")?)
                 }
                 other => return err(format!("unknown tuple value kind {:?}", other as char)),
             };

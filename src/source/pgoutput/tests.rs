@@ -134,6 +134,27 @@ fn truncated_and_garbage_input_are_errors_not_panics() {
     let mut extra = relation.clone();
     extra.push(0);
     assert!(Message::parse(&extra).unwrap_err().0.contains("trailing"));
+    // Every cut of an insert is an error that says what was cut.
+    let insert = encode::message(&Message::Insert {
+        relation: 16385,
+        new: Tuple(vec![
+            Value::Text(b"42"),
+            Value::Binary(b"\x00\x07"),
+            Value::Null,
+        ]),
+    });
+    for cut in 1..insert.len() {
+        let e = Message::parse(&insert[..cut]).unwrap_err().0;
+        assert!(
+            e.contains("truncated") || e.contains("columns in"),
+            "cut at {cut}: {e}"
+        );
+    }
+    // A column count the message cannot hold is refused as such.
+    let e = Message::parse(b"I\x00\x00\x40\x01N\xff\xffn")
+        .unwrap_err()
+        .0;
+    assert_eq!(e, "tuple of 65535 columns in 1 bytes");
 }
 
 fn arb_value() -> impl Strategy<Value = Vec<u8>> {
