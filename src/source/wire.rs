@@ -432,10 +432,12 @@ impl Connection {
 /// now and then, and the walsender's messages queue and leave together: in a catch-up on
 /// this project's machine, 17–113 segments per 1,000 events instead of 549–704, and the
 /// walsender at 3.57–3.91 µs per event instead of 5.50–6.10 (docs/benchmarks.md, "Our own
-/// replication reader"). At 16 KiB a loopback stream once stalled for good (its window
-/// stayed under one segment of loopback's 64 KiB); 96 KiB keeps a window above it. Other
+/// replication reader"). Which size: alternated catch-ups put 64 KiB at 88–99 % of
+/// `pg_recvlogical` (six runs of seven at 90 % or more) against 82–95 % for 96 KiB, and
+/// 48 KiB at 70–87 %, its window too small for the walsender's pace (docs/benchmarks.md, "A
+/// smaller receive buffer"). At 16 KiB a loopback stream once stalled for good. Other
 /// connections keep the kernel's tuning, which a link with a longer round trip needs.
-const LOOPBACK_RECEIVE_BUFFER: u32 = 96 * 1024;
+const LOOPBACK_RECEIVE_BUFFER: u32 = 64 * 1024;
 
 async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, WireError> {
     let cannot = |e: std::io::Error| WireError::Io(format!("cannot connect to {host}:{port}: {e}"));
