@@ -425,19 +425,39 @@ impl Connection {
     }
 }
 
-/// The receive buffer asked for on a loopback connection (the kernel doubles it). A sidecar
-/// beside Postgres reads faster than the walsender writes; left to the kernel's tuning, the
-/// window stays wide open and the walsender sends each message as its own segment, which
-/// its own system call carries through the receiving side. A fixed buffer closes the window
-/// now and then, and the walsender's messages queue and leave together: in a catch-up on
-/// this project's machine, 17–113 segments per 1,000 events instead of 549–704, and the
-/// walsender at 3.57–3.91 µs per event instead of 5.50–6.10 (docs/benchmarks.md, "Our own
-/// replication reader"). Which size: alternated catch-ups put 64 KiB at 88–99 % of
-/// `pg_recvlogical` (six runs of seven at 90 % or more) against 82–95 % for 96 KiB, and
-/// 48 KiB at 70–87 %, its window too small for the walsender's pace (docs/benchmarks.md, "A
-/// smaller receive buffer"). At 16 KiB a loopback stream once stalled for good. Other
-/// connections keep the kernel's tuning, which a link with a longer round trip needs.
-const LOOPBACK_RECEIVE_BUFFER: u32 = 64 * 1024;
+/// The receive window of a loopback connection, at most (`TCP_WINDOW_CLAMP`). A sidecar
+/// beside Postgres reads faster than the walsender writes; with the window wide open, the
+/// walsender's every message leaves as a segment of its own, which its own system call
+/// carries through the receiving side. With the window closing at this much unread data,
+/// the walsender's messages queue in its socket while the engine is busy and leave together:
+/// in alternated catch-ups on this project's machine 20–25 segments per 1,000 events in every
+/// run, and 94–101 % of `pg_recvlogical` (docs/benchmarks.md, "The receive window on
+/// loopback"). A fixed receive buffer (96 KiB, then 64 KiB) closed the window too, but by
+/// memory, which small segments use up faster than their bytes: runs fell into one of two
+/// regimes, 17–70 segments or 125–319, at 98 % or at 67–86 %. The kernel still sizes the
+/// buffer. Other connections keep the kernel's tuning, which a longer round trip needs.
+const LOOPBACK_WINDOW_CLAMP: libc::c_int = 32 * 1024;
+
+/// Clamp the receive window of a socket not yet connected ([`LOOPBACK_WINDOW_CLAMP`]).
+fn clamp_window(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    let bytes = LOOPBACK_WINDOW_CLAMP;
+    // SAFETY: the descriptor is the socket's own, open while it lives; the option's value
+    // is a c_int that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, WireError> {
     let cannot = |e: std::io::Error| WireError::Io(format!("cannot connect to {host}:{port}: {e}"));
@@ -453,9 +473,7 @@ async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, Wir
         }
         .map_err(cannot)?;
         if addr.ip().is_loopback() {
-            socket
-                .set_recv_buffer_size(LOOPBACK_RECEIVE_BUFFER)
-                .map_err(cannot)?;
+            clamp_window(&socket).map_err(cannot)?;
         }
         match socket.connect(addr).await {
             Ok(tcp) => return Ok(tcp),
@@ -907,6 +925,38 @@ mod tests {
         m.extend_from_slice(&(4 + payload.len() as u32).to_be_bytes());
         m.extend_from_slice(payload);
         m
+    }
+
+    fn window_clamp(tcp: &tokio::net::TcpStream) -> libc::c_int {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the stream's own descriptor; `v` and `len` outlive the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(tcp),
+                libc::IPPROTO_TCP,
+                libc::TCP_WINDOW_CLAMP,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        v
+    }
+
+    #[tokio::test]
+    async fn a_loopback_connection_clamps_its_receive_window() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (ours, theirs) = tokio::join!(connect_tcp("localhost", port), listener.accept());
+        let (ours, (theirs, _)) = (ours.unwrap(), theirs.unwrap());
+        assert_eq!(window_clamp(&ours), LOOPBACK_WINDOW_CLAMP);
+        // The other end keeps the kernel's own, larger.
+        assert!(
+            window_clamp(&theirs) > LOOPBACK_WINDOW_CLAMP,
+            "{}",
+            window_clamp(&theirs)
+        );
     }
 
     #[test]
