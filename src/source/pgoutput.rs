@@ -161,8 +161,8 @@ impl<'a> Reader<'a> {
     }
     fn tuple(&mut self) -> Result<Tuple<'a>, DecodeError> {
         let n = self.u16("tuple column count")? as usize;
-        // At least 3 bytes a column (a kind, or a kind and a 4-byte length): a count the
-        // message cannot hold is refused before anything is reserved for it.
+        // At least a byte a column (its kind): a count the message cannot hold is refused
+        // before anything is reserved for it.
         if n > self.buf.len() - self.pos {
             return err(format!(
                 "tuple of {n} columns in {} bytes",

@@ -948,7 +948,7 @@ mod tests {
     async fn a_loopback_connection_clamps_its_receive_window() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (ours, theirs) = tokio::join!(connect_tcp("localhost", port), listener.accept());
+        let (ours, theirs) = tokio::join!(connect_tcp("127.0.0.1", port), listener.accept());
         let (ours, (theirs, _)) = (ours.unwrap(), theirs.unwrap());
         assert_eq!(window_clamp(&ours), LOOPBACK_WINDOW_CLAMP);
         // The other end keeps the kernel's own, larger.
