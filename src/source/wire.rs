@@ -208,7 +208,9 @@ impl Connection {
                     .map_err(io_error(&format!("cannot connect to {}", path.display())))?,
             ),
             Target::Tcp { host, port } => {
-                let tcp = connect_tcp(host, *port).await?;
+                // Plaintext only: over TLS the clamp was measured no better (docs/benchmarks.md).
+                let clamp = matches!(cfg.tls, Tls::Off);
+                let tcp = connect_tcp(host, *port, clamp).await?;
                 tcp.set_nodelay(true)
                     .map_err(io_error("cannot set TCP_NODELAY"))?;
                 match &cfg.tls {
@@ -435,7 +437,8 @@ impl Connection {
 /// loopback"). A fixed receive buffer (96 KiB, then 64 KiB) closed the window too, but by
 /// memory, which small segments use up faster than their bytes: runs fell into one of two
 /// regimes, 17–70 segments or 125–319, at 98 % or at 67–86 %. The kernel still sizes the
-/// buffer. Other connections keep the kernel's tuning, which a longer round trip needs.
+/// buffer. Other connections, and TLS ones (measured no better with it), keep the kernel's
+/// tuning, which a longer round trip needs.
 const LOOPBACK_WINDOW_CLAMP: libc::c_int = 32 * 1024;
 
 /// Clamp the receive window of a socket not yet connected ([`LOOPBACK_WINDOW_CLAMP`]).
@@ -459,7 +462,12 @@ fn clamp_window(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
     }
 }
 
-async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, WireError> {
+/// With `clamp`, a loopback address gets [`LOOPBACK_WINDOW_CLAMP`].
+async fn connect_tcp(
+    host: &str,
+    port: u16,
+    clamp: bool,
+) -> Result<tokio::net::TcpStream, WireError> {
     let cannot = |e: std::io::Error| WireError::Io(format!("cannot connect to {host}:{port}: {e}"));
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port))
@@ -472,7 +480,7 @@ async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, Wir
             tokio::net::TcpSocket::new_v6()
         }
         .map_err(cannot)?;
-        if addr.ip().is_loopback() {
+        if clamp && addr.ip().is_loopback() {
             clamp_window(&socket).map_err(cannot)?;
         }
         match socket.connect(addr).await {
@@ -948,9 +956,13 @@ mod tests {
     async fn a_loopback_connection_clamps_its_receive_window() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (ours, theirs) = tokio::join!(connect_tcp("127.0.0.1", port), listener.accept());
+        let (ours, theirs) = tokio::join!(connect_tcp("127.0.0.1", port, true), listener.accept());
         let (ours, (theirs, _)) = (ours.unwrap(), theirs.unwrap());
         assert_eq!(window_clamp(&ours), LOOPBACK_WINDOW_CLAMP);
+        // Without the clamp asked for (a TLS connection), the kernel's own.
+        let (plain, _accepted) =
+            tokio::join!(connect_tcp("127.0.0.1", port, false), listener.accept());
+        assert!(window_clamp(&plain.unwrap()) > LOOPBACK_WINDOW_CLAMP);
         // The other end keeps the kernel's own, larger.
         assert!(
             window_clamp(&theirs) > LOOPBACK_WINDOW_CLAMP,
