@@ -9,6 +9,7 @@ pub mod pgoutput;
 pub mod rows;
 pub mod schema;
 pub mod stream;
+pub mod timer;
 pub mod wire;
 
 use std::time::Duration;

@@ -392,6 +392,7 @@ impl Source {
         // Messages taken since the clock was last read for the batch's delay.
         let mut unclocked = CLOCK_EVERY;
         let mut streaming = Streaming::default();
+        let mut gather_timer = crate::source::timer::Timer::new();
         // A stop waiting for the transaction being read to commit: until when.
         let mut finishing: Option<tokio::time::Instant> = None;
         loop {
@@ -446,7 +447,7 @@ impl Source {
                         Ok(true) => Some(Ok(())),
                         Err(e) => Some(Err(e)),
                         _ if Instant::now() < until => {
-                            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                            gather_timer.sleep_until(until).await;
                             unclocked = CLOCK_EVERY;
                             continue;
                         }
