@@ -655,6 +655,11 @@ fn main() {
         pids
     };
     let steady_before: Vec<f64> = steady_pids.iter().map(|(_, p)| cpu(p)).collect();
+    // The load's own CPU (a child this process waits for) and its Postgres backends' (the
+    // postmaster's children, counted once they exit: after the load).
+    let postmaster = parent_pid(steady_pids[1].1[0]);
+    let load_before = waited_children_cpu_seconds();
+    let backends_before = postmaster.map(reaped_children_cpu_seconds);
     if clusters.is_none() {
         redis.cli(&["CONFIG", "RESETSTAT"]);
     }
@@ -680,6 +685,7 @@ fn main() {
         &[],
     );
     assert_eq!(load.code, 0, "load: {load:?}");
+    let load_cpu = waited_children_cpu_seconds() - load_before;
     let total: u64 = sql("SELECT count(*) FROM engagement_events")
         .parse()
         .unwrap();
@@ -695,6 +701,18 @@ fn main() {
     if let Some(p) = steady_perf {
         perf_stop(p);
     }
+    wait_for(
+        "the load's connections to close",
+        Duration::from_secs(60),
+        || {
+            (sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND query LIKE 'INSERT INTO %engagement_events%'")
+                == "0")
+                .then_some(())
+        },
+    );
+    let backends_cpu = postmaster
+        .zip(backends_before)
+        .map(|(pm, before)| reaped_children_cpu_seconds(pm) - before);
     let steady_rss_mb = status_field(engine.pid(), "VmRSS:") as f64 / 1024.0;
     let steady_events = (total - n) as f64;
     let steady_api_requests = api_requests() - api_requests_before;
@@ -893,6 +911,11 @@ fn main() {
         "| CPU µs per event at steady state ({} events/s) | {} |",
         o.rate,
         steady_cpu.join(", ")
+    );
+    println!(
+        "| CPU µs per event of the load itself: `engagement-cdc load`, its Postgres backends | {:.2}, {} |",
+        load_cpu * 1e6 / steady_events,
+        backends_cpu.map_or("unknown".into(), |c| format!("{:.2}", c * 1e6 / steady_events))
     );
     if !steady_redis.is_empty() {
         println!(

@@ -275,11 +275,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // one another, and on a multi-threaded runtime every hand-off could wake a parked
     // worker — at 5,000 one-row transactions a second that cost about a fifth of the
     // engine's CPU. Blocking work (sled, the journal's files) goes to tokio's blocking
-    // pool either way. The other commands keep the multi-threaded runtime.
+    // pool either way. `load` on one thread too: its connections wait on Postgres, and at
+    // 5,000 one-row inserts a second two workers handing wake-ups to each other cost it
+    // 34–37 µs an insert against 25–26 (docs/benchmarks.md, "A lighter load"). The other
+    // commands keep the multi-threaded runtime.
     let runtime = if matches!(cli.command, Command::Run { .. }) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .on_thread_park(engagement_cdc::source::stream::nap_before_park)
+            .build()
+    } else if matches!(cli.command, Command::Load { .. }) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()

@@ -273,6 +273,70 @@ fn load_inserts_what_it_reports() {
     assert_eq!(types, "6|4");
 }
 
+/// `load` sends small inserts as a prepared statement with text parameters and large ones as
+/// statement text: both fit a user's own column types (an enum, a citext domain, integer
+/// and numeric ids, a bigint duration), and it reports what Postgres inserted.
+#[test]
+fn load_fits_the_users_own_column_types() {
+    let pg = Postgres::start();
+    pg.create_database("shop", false);
+    let sql = |q: &str| pg.psql("shop", q);
+    sql("CREATE EXTENSION citext;
+         CREATE TYPE action AS ENUM ('play', 'pause', 'seek', 'complete', 'like', 'share');
+         CREATE DOMAIN gadget AS citext;
+         CREATE TABLE catalog (item_id numeric(12, 0) PRIMARY KEY, kind varchar(20) NOT NULL, secs numeric);
+         CREATE TABLE activity (
+           event_no bigserial PRIMARY KEY, item integer NOT NULL, who bigint NOT NULL,
+           what action NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+           duration_ms bigint, device gadget);");
+    let cfg = TestConfig::with_postgres(
+        &pg.url("shop"),
+        "events_table = \"public.activity\"\ncontent_table = \"public.catalog\"\n\n\
+         [postgres.event_columns]\nid = \"event_no\"\ncontent_id = \"item\"\nuser_id = \"who\"\nevent_type = \"what\"\nevent_ts = \"created_at\"\n\n\
+         [postgres.content_columns]\ncontent_id = \"item_id\"\ncontent_type = \"kind\"\nlength_seconds = \"secs\"\n",
+        "",
+    );
+    // One row an insert (prepared), ten (prepared, ten rows), a hundred (statement text).
+    for batch in ["1", "10", "100"] {
+        let before: u64 = sql("SELECT count(*) FROM activity").parse().unwrap();
+        let run = cli(
+            Some(&cfg.path),
+            &[
+                "load",
+                "--contents",
+                "5",
+                "--rate",
+                "0",
+                "--duration",
+                "1s",
+                "--batch",
+                batch,
+            ],
+            &[],
+        );
+        assert_eq!(run.code, 0, "--batch {batch}: {run:?}");
+        let line = run.stdout.lines().last().unwrap();
+        let reported: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("inserted="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let after: u64 = sql("SELECT count(*) FROM activity").parse().unwrap();
+        assert!(reported > 0, "--batch {batch}: {line}");
+        assert_eq!(after - before, reported, "--batch {batch}: {line}");
+    }
+    // The values are the generator's: every type and device, durations NULL or in range.
+    assert_eq!(
+        sql("SELECT count(DISTINCT what), count(DISTINCT device), count(*) FILTER (WHERE item NOT BETWEEN 1 AND 5) FROM activity"),
+        "6|4|0"
+    );
+    assert_eq!(
+        sql("SELECT count(*) FROM activity a JOIN catalog c ON c.item_id = a.item WHERE a.duration_ms > coalesce(c.secs, 300) * 1000 OR a.duration_ms < 0"),
+        "0"
+    );
+}
+
 #[test]
 fn a_terminal_gets_a_progress_bar() {
     let env = env();

@@ -6,11 +6,16 @@
 //! paced to `--rate` events per second (0: as fast as possible). The report counts the rows
 //! Postgres said it inserted.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::BytesMut;
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::Rng;
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 
 use crate::config::Config;
 use crate::error::UsageError;
@@ -114,23 +119,66 @@ impl Generator {
         }
     }
 
-    /// One `(content_id, user_id, event_type, duration_ms, device)` SQL tuple.
-    fn tuple(&self, rng: &mut impl Rng, out: &mut String) {
-        use std::fmt::Write;
+    /// One event's `(content_id, user_id, event_type, duration_ms, device)`, as text.
+    fn values(&self, rng: &mut impl Rng) -> [Option<Cow<'static, str>>; 5] {
         let index = self.zipf.sample(rng);
         let content = index + 1;
         let len = self.lengths[index];
         let user = rng.gen_range(1..=1_000_000);
         let ty = EVENT_TYPES[self.types.sample(rng)].0;
         let device = DEVICES[self.devices.sample(rng)].0;
-        let duration = if rng.gen_bool(0.05) {
-            "NULL".to_string()
-        } else {
+        let duration = (!rng.gen_bool(0.05)).then(|| {
             let max_ms = len.unwrap_or(300) as u64 * 1000;
-            rng.gen_range(0..=max_ms).to_string()
-        };
+            Cow::Owned(rng.gen_range(0..=max_ms).to_string())
+        });
+        [
+            Some(Cow::Owned(content.to_string())),
+            Some(Cow::Owned(user.to_string())),
+            Some(Cow::Borrowed(ty)),
+            duration,
+            Some(Cow::Borrowed(device)),
+        ]
+    }
+
+    /// One `(content_id, user_id, event_type, duration_ms, device)` SQL tuple.
+    fn tuple(&self, rng: &mut impl Rng, out: &mut String) {
+        let [content, user, ty, duration, device] = self.values(rng);
+        let (content, user) = (content.unwrap_or_default(), user.unwrap_or_default());
+        let (ty, device) = (ty.unwrap_or_default(), device.unwrap_or_default());
+        let duration = duration.unwrap_or(Cow::Borrowed("NULL"));
         let _ = write!(out, "({content},{user},'{ty}',{duration},'{device}')");
     }
+}
+
+/// Inserts of at most this many rows go as a prepared statement (one per row count and
+/// connection); larger ones as one statement text each.
+const PREPARED_ROWS: usize = 64;
+
+/// A parameter sent as text, whatever its column's type (Postgres reads it with that
+/// type's input function, as it reads a literal), so the load needs no Rust type per
+/// column of the user's table.
+#[derive(Debug)]
+struct TextParam<'a>(&'a str);
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _: &Type) -> Format {
+        Format::Text
+    }
+
+    to_sql_checked!();
 }
 
 pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadReport> {
@@ -171,12 +219,15 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
     let mut lengths: Vec<Option<i32>> = (1..=opts.contents).map(|id| content_row(id).1).collect();
     for row in pg::timed(setup.query(
         &format!(
-            "SELECT {id}::int8, {len}::int4 FROM {} WHERE {id} BETWEEN 1 AND $1",
+            // The bound as a literal: a parameter would need the column's own type (an
+            // `int8` does not bind to a `numeric` id).
+            "SELECT {id}::int8, {len}::int4 FROM {} WHERE {id} BETWEEN 1 AND {}",
             content.quoted(),
+            opts.contents,
             id = q(&cc.content_id),
             len = q(&cc.length_seconds),
         ),
-        &[&(opts.contents as i64)],
+        &[],
     ))
     .await
     .context("cannot read the content rows")?
@@ -205,6 +256,7 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
         tasks.spawn(async move {
             let mut inserted: u64 = 0;
             let mut sql = String::with_capacity(batch * 48 + prefix.len());
+            let mut prepared: HashMap<usize, tokio_postgres::Statement> = HashMap::new();
             loop {
                 let now = Instant::now();
                 if now >= deadline {
@@ -226,20 +278,64 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
                 } else {
                     batch
                 };
-                sql.clear();
-                sql.push_str(&prefix);
-                {
-                    let mut rng = rand::thread_rng();
-                    for i in 0..n {
-                        if i > 0 {
-                            sql.push(',');
+                let done = if n <= PREPARED_ROWS {
+                    // A prepared statement: Postgres parses and plans it once, and each
+                    // insert is one round trip (docs/benchmarks.md, "A lighter load").
+                    let statement = match prepared.get(&n) {
+                        Some(s) => s,
+                        None => {
+                            sql.clear();
+                            sql.push_str(&prefix);
+                            for i in 0..n {
+                                if i > 0 {
+                                    sql.push(',');
+                                }
+                                let p = 5 * i;
+                                let _ = write!(
+                                    sql,
+                                    "(${},${},${},${},${})",
+                                    p + 1,
+                                    p + 2,
+                                    p + 3,
+                                    p + 4,
+                                    p + 5
+                                );
+                            }
+                            let s = pg::timed(client.prepare(&sql))
+                                .await
+                                .context("cannot prepare the load's INSERT")?;
+                            prepared.entry(n).or_insert(s)
                         }
-                        gen.tuple(&mut rng, &mut sql);
+                    };
+                    let rows: Vec<_> = {
+                        let mut rng = rand::thread_rng();
+                        (0..n).flat_map(|_| gen.values(&mut rng)).collect()
+                    };
+                    let params: Vec<Option<TextParam>> =
+                        rows.iter().map(|v| v.as_deref().map(TextParam)).collect();
+                    pg::timed(client.execute_raw(statement, params.iter()))
+                        .await
+                        .context("an INSERT of the load failed")?
+                } else {
+                    sql.clear();
+                    sql.push_str(&prefix);
+                    {
+                        let mut rng = rand::thread_rng();
+                        for i in 0..n {
+                            if i > 0 {
+                                sql.push(',');
+                            }
+                            gen.tuple(&mut rng, &mut sql);
+                        }
                     }
-                }
-                let done = pg::timed(client.execute(sql.as_str(), &[]))
-                    .await
-                    .context("an INSERT of the load failed")?;
+                    // One round trip (`execute` with a statement text is two: Parse and
+                    // Describe, then Bind and Execute).
+                    rows_inserted(
+                        &pg::timed(client.simple_query(sql.as_str()))
+                            .await
+                            .context("an INSERT of the load failed")?,
+                    )
+                };
                 inserted += done;
             }
             Ok::<u64, anyhow::Error>(inserted)
@@ -253,6 +349,17 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
         inserted,
         elapsed: started.elapsed(),
     })
+}
+
+/// The rows a simple query's INSERT inserted.
+fn rows_inserted(messages: &[tokio_postgres::SimpleQueryMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => *n,
+            _ => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]

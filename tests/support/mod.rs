@@ -224,6 +224,28 @@ pub fn cpu_seconds(pid: i32) -> f64 {
     (proc_stat(pid, 14).unwrap_or(0) + proc_stat(pid, 15).unwrap_or(0)) as f64 / hz
 }
 
+/// CPU seconds (user and system) of the children a process has waited for: for Postgres's
+/// postmaster, the backends that have exited.
+pub fn reaped_children_cpu_seconds(pid: i32) -> f64 {
+    // cutime and cstime are fields 16 and 17.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (proc_stat(pid, 16).unwrap_or(0) + proc_stat(pid, 17).unwrap_or(0)) as f64 / hz
+}
+
+/// The parent's pid of a process.
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    proc_stat_of(&pid.to_string(), 4)
+}
+
+/// CPU seconds of this process's own children that it has waited for (`getrusage`).
+pub fn waited_children_cpu_seconds() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid rusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 /// Minor page faults of a process so far: pages it touched for the first time, a cost of
 /// fresh memory.
 pub fn minor_faults(pid: i32) -> u64 {
