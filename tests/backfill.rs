@@ -52,6 +52,17 @@ impl Env {
     }
 }
 
+/// `load`'s last line and the count it reports (`inserted=N`).
+fn load_report(run: &Run) -> (&str, u64) {
+    let line = last_line(run);
+    let reported = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("inserted="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no inserted=N in {line:?}"));
+    (line, reported)
+}
+
 fn last_line(run: &Run) -> &str {
     run.stdout.lines().last().unwrap_or("")
 }
@@ -248,13 +259,7 @@ fn load_inserts_what_it_reports() {
         all.extend_from_slice(&args);
         let run = cli(Some(&env.cfg.path), &all, &[]);
         assert_eq!(run.code, 0, "{run:?}");
-        let line = run.stdout.lines().last().unwrap();
-        let reported: u64 = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("inserted="))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let (line, reported) = load_report(&run);
         let after: u64 = env
             .sql("SELECT count(*) FROM engagement_events")
             .parse()
@@ -315,13 +320,7 @@ fn load_fits_the_users_own_column_types() {
             &[],
         );
         assert_eq!(run.code, 0, "--batch {batch}: {run:?}");
-        let line = run.stdout.lines().last().unwrap();
-        let reported: u64 = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("inserted="))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let (line, reported) = load_report(&run);
         let after: u64 = sql("SELECT count(*) FROM activity").parse().unwrap();
         assert!(reported > 0, "--batch {batch}: {line}");
         assert_eq!(after - before, reported, "--batch {batch}: {line}");
