@@ -660,6 +660,7 @@ fn main() {
     let postmaster = parent_pid(steady_pids[1].1[0]);
     let load_before = waited_children_cpu_seconds();
     let backends_before = postmaster.map(reaped_children_cpu_seconds);
+    let children_before = postmaster.map_or(0, children_of);
     if clusters.is_none() {
         redis.cli(&["CONFIG", "RESETSTAT"]);
     }
@@ -701,14 +702,11 @@ fn main() {
     if let Some(p) = steady_perf {
         perf_stop(p);
     }
+    // The load's backends count once the postmaster has reaped them.
     wait_for(
-        "the load's connections to close",
+        "the load's backends to exit",
         Duration::from_secs(60),
-        || {
-            (sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND query LIKE 'INSERT INTO %engagement_events%'")
-                == "0")
-                .then_some(())
-        },
+        || (postmaster.map_or(0, children_of) <= children_before).then_some(()),
     );
     let backends_cpu = postmaster
         .zip(backends_before)

@@ -277,8 +277,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // engine's CPU. Blocking work (sled, the journal's files) goes to tokio's blocking
     // pool either way. `load` on one thread too: its connections wait on Postgres, and at
     // 5,000 one-row inserts a second two workers handing wake-ups to each other cost it
-    // 34–37 µs an insert against 25–26 (docs/benchmarks.md, "A lighter load"). The other
-    // commands keep the multi-threaded runtime.
+    // 34–37 µs an insert against 25–26 (docs/benchmarks.md, "What the steady tail shares
+    // its cores with, and a lighter load"). The other commands keep the multi-threaded
+    // runtime.
     let runtime = if matches!(cli.command, Command::Run { .. }) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

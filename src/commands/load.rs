@@ -280,7 +280,8 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
                 };
                 let done = if n <= PREPARED_ROWS {
                     // A prepared statement: Postgres parses and plans it once, and each
-                    // insert is one round trip (docs/benchmarks.md, "A lighter load").
+                    // insert is one round trip (docs/benchmarks.md, "What the steady tail
+                    // shares its cores with, and a lighter load").
                     let statement = match prepared.get(&n) {
                         Some(s) => s,
                         None => {

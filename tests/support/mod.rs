@@ -237,6 +237,17 @@ pub fn parent_pid(pid: i32) -> Option<i32> {
     proc_stat_of(&pid.to_string(), 4)
 }
 
+/// How many processes (zombies included, until reaped) have `pid` as their parent.
+pub fn children_of(pid: i32) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&p| parent_pid(p) == Some(pid))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// CPU seconds of this process's own children that it has waited for (`getrusage`).
 pub fn waited_children_cpu_seconds() -> f64 {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
