@@ -338,6 +338,12 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The samples' sum, in microseconds.
+    #[cfg(test)]
+    pub(crate) fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
     /// The upper bound (ms) of the bucket holding quantile `q`, or `None` when empty.
     pub fn quantile_ms(&self, q: f64) -> Option<u64> {
         let [found] = self.quantiles([q]);

@@ -451,8 +451,13 @@ impl Source {
                             unclocked = CLOCK_EVERY;
                             continue;
                         }
-                        // A few events: a quiet stream, out they go.
-                        _ if b.batch.events.len() < BUSY_EVENTS => None,
+                        // A few events: a quiet stream. What reached the socket while the
+                        // batch slept to its deadline goes with it; then out it goes.
+                        _ if b.batch.events.len() < BUSY_EVENTS => match client.ready_now() {
+                            Ok(false) => None,
+                            Ok(true) => Some(Ok(())),
+                            Err(e) => Some(Err(e)),
+                        },
                         _ => {
                             unclocked = CLOCK_EVERY;
                             let _nap = NapWanted::set();
@@ -998,6 +1003,194 @@ mod tests {
         s.batch_out(BUSY_EVENTS);
         drop(s);
         assert_eq!(wanted(), 0, "the session ended");
+    }
+
+    /// A sink that notes how many events each write carried.
+    struct WriteSizes(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl crate::sinks::Sink for WriteSizes {
+        fn name(&self) -> &'static str {
+            "sizes"
+        }
+        fn deliver<'a>(
+            &'a mut self,
+            events: &'a [&'a EnrichedEvent],
+        ) -> crate::sinks::BoxFuture<'a, Result<crate::sinks::Delivery, crate::sinks::SinkError>>
+        {
+            self.0.lock().unwrap().push(events.len());
+            Box::pin(async { Ok(crate::sinks::Delivery::default()) })
+        }
+    }
+
+    /// One replication message as the walsender frames it: CopyData of XLogData.
+    fn xlog(m: &Message<'_>) -> Vec<u8> {
+        let data = crate::source::pgoutput::encode::message(m);
+        let mut out = vec![b'd'];
+        out.extend_from_slice(&(4 + 25 + data.len() as u32).to_be_bytes());
+        out.push(b'w');
+        out.extend_from_slice(&[0; 24]);
+        out.extend_from_slice(&data);
+        out
+    }
+
+    /// One single-row transaction of the events table, committed now (µs since 1970).
+    fn one_row_transaction(id: i64) -> (Vec<u8>, i64) {
+        use crate::source::pgoutput::{Tuple, Value};
+        let lsn = 0x1000 * id as u64;
+        let now = crate::enrich::now_us() - PG_EPOCH_OFFSET_US;
+        let text = id.to_string();
+        let mut out = xlog(&Message::Begin {
+            final_lsn: lsn,
+            commit_time_us: now,
+            xid: id as u32,
+        });
+        out.extend(xlog(&Message::Insert {
+            relation: 16385,
+            new: Tuple(vec![
+                Value::Text(text.as_bytes()),
+                Value::Text(b"1"),
+                Value::Text(b"7"),
+                Value::Text(b"play"),
+                Value::Text(b"2026-12-06 07:00:00+00"),
+                Value::Text(b"1000"),
+                Value::Null,
+            ]),
+        }));
+        out.extend(xlog(&Message::Commit {
+            flags: 0,
+            commit_lsn: lsn,
+            end_lsn: lsn + 0x100,
+            commit_time_us: now,
+        }));
+        (out, now + PG_EPOCH_OFFSET_US)
+    }
+
+    /// A small transaction that reaches the socket while a quiet batch sleeps to its
+    /// deadline goes out with that batch, not in a batch of its own a gather later (which
+    /// made every event of a steady stream wait up to two gathers: the one it arrived in,
+    /// unread, and its own).
+    #[tokio::test]
+    async fn a_transaction_that_arrives_while_a_quiet_batch_gathers_goes_out_with_it() {
+        use crate::config::QualifiedTable;
+        use crate::source::pgoutput::{RelColumn, Relation};
+        use crate::source::schema::{ContentColumns, EventColumns, TypeCatalog};
+        use std::io::Write;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut session = Session::over_tcp(tcp);
+        let metrics = Arc::new(Metrics::default());
+        let mut source = Source {
+            relations: Relations::new(
+                QualifiedTable::parse("t", "public.engagement_events").unwrap(),
+                QualifiedTable::parse("t", "public.content").unwrap(),
+                &EventColumns::default(),
+                &ContentColumns::default(),
+                TypeCatalog::default(),
+            ),
+            zone: Zone::utc(),
+            unfit_log: Default::default(),
+            dimension: Dimension::default(),
+            metrics: metrics.clone(),
+            max_batch_rows: 1000,
+            max_batch_delay: Duration::from_millis(20),
+            stop_seen: None,
+            cut: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(dir.path()).unwrap();
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut pipeline = Pipeline::start(
+            vec![Box::new(WriteSizes(sizes.clone()))],
+            Arc::new(store),
+            metrics.clone(),
+            Lsn(0),
+            1000,
+            None,
+            None,
+        );
+        let (stop, mut stopped) = watch::channel(false);
+        let relation = Relation {
+            id: 16385,
+            namespace: "public".into(),
+            name: "engagement_events".into(),
+            replica_identity: b'd',
+            columns: [
+                ("id", 20),
+                ("content_id", 20),
+                ("user_id", 20),
+                ("event_type", 25),
+                ("event_ts", 1184),
+                ("duration_ms", 23),
+                ("device", 25),
+            ]
+            .iter()
+            .map(|(n, t)| RelColumn {
+                flags: 0,
+                name: n.to_string(),
+                type_oid: *t,
+                type_modifier: -1,
+            })
+            .collect(),
+        };
+        // The server, a task beside the source on this one thread: a transaction; once the
+        // source has read it (its batch then sleeps to its deadline, as nothing else can run
+        // meanwhile), the next at once; then what the sink got. When the first was read is
+        // its commit time plus the commit-to-read sample the source took. A try whose second
+        // transaction reached the socket GATHER / 2 or later after that (the thread held up
+        // for that long by the machine) says nothing, and another is made.
+        let server = tokio::spawn(async move {
+            server
+                .write_all(&xlog(&Message::Relation(relation)))
+                .unwrap();
+            let read = &metrics.commit_to_read;
+            let mut tries = Vec::new();
+            for pair in 0..50 {
+                let before = sizes.lock().unwrap().len();
+                let (count, sum) = (read.count(), read.sum_us());
+                let (first, committed) = one_row_transaction(2 * pair + 1);
+                server.write_all(&first).unwrap();
+                let written = std::time::Instant::now();
+                while read.count() == count {
+                    assert!(written.elapsed() < Duration::from_secs(10), "not read");
+                    tokio::task::yield_now().await;
+                }
+                let read_at = committed + (read.sum_us() - sum) as i64;
+                server
+                    .write_all(&one_row_transaction(2 * pair + 2).0)
+                    .unwrap();
+                let late = crate::enrich::now_us() - read_at;
+                while sizes.lock().unwrap()[before..].iter().sum::<usize>() < 2 {
+                    assert!(written.elapsed() < Duration::from_secs(10), "not written");
+                    tokio::task::yield_now().await;
+                }
+                if late < GATHER.as_micros() as i64 / 2 {
+                    tries.push(sizes.lock().unwrap()[before..].to_vec());
+                    if tries.len() == 3 {
+                        break;
+                    }
+                }
+            }
+            stop.send(true).unwrap();
+            // The connection stays open until the session has stopped.
+            (tries, server)
+        });
+        let mut tx = None;
+        let end = source
+            .read(&mut session, &mut pipeline, Lsn(0), &mut stopped, &mut tx)
+            .await;
+        assert!(matches!(end, SessionEnd::Shutdown), "{end:?}");
+        let (tries, _server) = server.await.unwrap();
+        assert!(
+            !tries.is_empty(),
+            "the machine was never quick enough to try"
+        );
+        for writes in tries {
+            assert_eq!(writes, [2], "both transactions in one write");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -401,27 +402,12 @@ impl Connection {
                 _ => {}
             }
         }
-        let shared = Arc::new(Shared {
-            applied: AtomicU64::new(self.cfg.start.0),
-            sent: AtomicU64::new(0),
-            wake: Notify::new(),
-            written: Notify::new(),
-            reply: AtomicBool::new(false),
-            urgent: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            failed: Mutex::new(None),
-        });
-        let (rd, wr) = tokio::io::split(self.io);
-        let writer = tokio::spawn(write_status(wr, shared.clone(), self.cfg.status_interval));
-        let mut buf = self.buf;
-        buf.reserve(READ_BUFFER);
-        Ok(Session {
-            rd,
-            buf,
-            taken: 0,
-            shared,
-            writer: Some(writer),
-        })
+        Ok(Session::streaming(
+            self.io,
+            self.buf,
+            self.cfg.start,
+            self.cfg.status_interval,
+        ))
     }
 }
 
@@ -727,6 +713,42 @@ fn be64(p: &[u8], at: usize) -> u64 {
 }
 
 impl Session {
+    /// The session of a connection whose START_REPLICATION was answered; `buf` holds what
+    /// was read past the answer.
+    fn streaming(io: Stream, mut buf: BytesMut, start: Lsn, status_interval: Duration) -> Session {
+        let shared = Arc::new(Shared {
+            applied: AtomicU64::new(start.0),
+            sent: AtomicU64::new(0),
+            wake: Notify::new(),
+            written: Notify::new(),
+            reply: AtomicBool::new(false),
+            urgent: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            failed: Mutex::new(None),
+        });
+        let (rd, wr) = tokio::io::split(io);
+        let writer = tokio::spawn(write_status(wr, shared.clone(), status_interval));
+        buf.reserve(READ_BUFFER);
+        Session {
+            rd,
+            buf,
+            taken: 0,
+            shared,
+            writer: Some(writer),
+        }
+    }
+
+    /// A session over a connection a test plays the server of, streaming from the start.
+    #[cfg(test)]
+    pub(crate) fn over_tcp(tcp: tokio::net::TcpStream) -> Session {
+        Session::streaming(
+            Box::new(tcp),
+            BytesMut::new(),
+            Lsn(0),
+            Duration::from_secs(10),
+        )
+    }
+
     /// The next message; `None` once the server ended the stream. Cancel-safe: what was
     /// read stays in the session.
     pub async fn next(&mut self) -> Result<Option<Event<'_>>, WireError> {
@@ -759,6 +781,20 @@ impl Session {
     /// is not read).
     pub fn buffered(&mut self) -> Result<bool, WireError> {
         Ok(!matches!(self.frame()?, Frame::More))
+    }
+
+    /// Whether a message is ready for [`Session::next`], in what was already read or in what
+    /// the socket holds now: read without waiting for more.
+    pub fn ready_now(&mut self) -> Result<bool, WireError> {
+        loop {
+            match self.frame()? {
+                Frame::More => match self.fill().now_or_never() {
+                    Some(read) => read?,
+                    None => return Ok(false),
+                },
+                _ => return Ok(true),
+            }
+        }
     }
 
     /// Confirm up to `lsn` in the next status updates.
