@@ -40,30 +40,7 @@ fn bench<T>(name: &str, per: usize, mut f: impl FnMut() -> T) {
 }
 
 fn main() {
-    let relation = Relation {
-        id: 16385,
-        namespace: "public".into(),
-        name: "engagement_events".into(),
-        replica_identity: b'd',
-        columns: [
-            ("id", 20),
-            ("content_id", 20),
-            ("user_id", 20),
-            ("event_type", 25),
-            ("event_ts", 1184),
-            ("duration_ms", 23),
-            ("device", 25),
-            ("raw_payload", 3802),
-        ]
-        .iter()
-        .map(|(n, t)| RelColumn {
-            flags: 0,
-            name: n.to_string(),
-            type_oid: *t,
-            type_modifier: -1,
-        })
-        .collect(),
-    };
+    let relation = encode::events_relation();
     let mut relations = Relations::new(
         QualifiedTable::parse("t", "public.engagement_events").unwrap(),
         QualifiedTable::parse("t", "public.content").unwrap(),

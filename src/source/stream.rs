@@ -1054,6 +1054,7 @@ mod tests {
                 Value::Text(b"2026-12-06 07:00:00+00"),
                 Value::Text(b"1000"),
                 Value::Null,
+                Value::Null,
             ]),
         }));
         out.extend(xlog(&Message::Commit {
@@ -1072,7 +1073,6 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_that_arrives_while_a_quiet_batch_gathers_goes_out_with_it() {
         use crate::config::QualifiedTable;
-        use crate::source::pgoutput::{RelColumn, Relation};
         use crate::source::schema::{ContentColumns, EventColumns, TypeCatalog};
         use std::io::Write;
 
@@ -1113,29 +1113,7 @@ mod tests {
             None,
         );
         let (stop, mut stopped) = watch::channel(false);
-        let relation = Relation {
-            id: 16385,
-            namespace: "public".into(),
-            name: "engagement_events".into(),
-            replica_identity: b'd',
-            columns: [
-                ("id", 20),
-                ("content_id", 20),
-                ("user_id", 20),
-                ("event_type", 25),
-                ("event_ts", 1184),
-                ("duration_ms", 23),
-                ("device", 25),
-            ]
-            .iter()
-            .map(|(n, t)| RelColumn {
-                flags: 0,
-                name: n.to_string(),
-                type_oid: *t,
-                type_modifier: -1,
-            })
-            .collect(),
-        };
+        let relation = crate::source::pgoutput::encode::events_relation();
         // The server, a task beside the source on this one thread: a transaction; once the
         // source has read it (its batch then sleeps to its deadline, as nothing else can run
         // meanwhile), the next at once; then what the sink got. When the first was read is

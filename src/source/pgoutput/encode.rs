@@ -2,7 +2,7 @@
 //! for the unit tests and for `benches/hot_path.rs`, which includes this file by path. Not
 //! part of the library.
 
-use super::{Message, Value};
+use super::{Message, RelColumn, Relation, Value};
 
 fn cstr(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
@@ -128,4 +128,34 @@ pub fn message(m: &Message<'_>) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The Relation of `public.engagement_events` (id 16385) as Postgres sends it for the
+/// documented table: id, content_id, user_id, event_type, event_ts (timestamptz),
+/// duration_ms, device, raw_payload (jsonb).
+pub fn events_relation() -> Relation {
+    Relation {
+        id: 16385,
+        namespace: "public".into(),
+        name: "engagement_events".into(),
+        replica_identity: b'd',
+        columns: [
+            ("id", 20),
+            ("content_id", 20),
+            ("user_id", 20),
+            ("event_type", 25),
+            ("event_ts", 1184),
+            ("duration_ms", 23),
+            ("device", 25),
+            ("raw_payload", 3802),
+        ]
+        .iter()
+        .map(|(n, t)| RelColumn {
+            flags: 0,
+            name: n.to_string(),
+            type_oid: *t,
+            type_modifier: -1,
+        })
+        .collect(),
+    }
 }
