@@ -6,7 +6,6 @@
 //! paced to `--rate` events per second (0: as fast as possible). The report counts the rows
 //! Postgres said it inserted.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::time::{Duration, Instant};
@@ -119,33 +118,55 @@ impl Generator {
         }
     }
 
-    /// One event's `(content_id, user_id, event_type, duration_ms, device)`, as text.
-    fn values(&self, rng: &mut impl Rng) -> [Option<Cow<'static, str>>; 5] {
+    /// One event's values.
+    fn row(&self, rng: &mut impl Rng) -> Row {
         let index = self.zipf.sample(rng);
-        let content = index + 1;
         let len = self.lengths[index];
-        let user = rng.gen_range(1..=1_000_000);
-        let ty = EVENT_TYPES[self.types.sample(rng)].0;
-        let device = DEVICES[self.devices.sample(rng)].0;
-        let duration = (!rng.gen_bool(0.05)).then(|| {
-            let max_ms = len.unwrap_or(300) as u64 * 1000;
-            Cow::Owned(rng.gen_range(0..=max_ms).to_string())
-        });
+        Row {
+            content: (index + 1).to_string(),
+            user: rng.gen_range(1..=1_000_000u32).to_string(),
+            ty: EVENT_TYPES[self.types.sample(rng)].0,
+            duration: (!rng.gen_bool(0.05)).then(|| {
+                let max_ms = len.unwrap_or(300) as u64 * 1000;
+                rng.gen_range(0..=max_ms).to_string()
+            }),
+            device: DEVICES[self.devices.sample(rng)].0,
+        }
+    }
+}
+
+/// One event's `(content_id, user_id, event_type, duration_ms, device)`, as text.
+struct Row {
+    content: String,
+    user: String,
+    ty: &'static str,
+    /// `None`: NULL.
+    duration: Option<String>,
+    device: &'static str,
+}
+
+impl Row {
+    /// The five values as statement parameters (`None`: NULL).
+    fn params(&self) -> [Option<&str>; 5] {
         [
-            Some(Cow::Owned(content.to_string())),
-            Some(Cow::Owned(user.to_string())),
-            Some(Cow::Borrowed(ty)),
-            duration,
-            Some(Cow::Borrowed(device)),
+            Some(&self.content),
+            Some(&self.user),
+            Some(self.ty),
+            self.duration.as_deref(),
+            Some(self.device),
         ]
     }
 
-    /// One `(content_id, user_id, event_type, duration_ms, device)` SQL tuple.
-    fn tuple(&self, rng: &mut impl Rng, out: &mut String) {
-        let [content, user, ty, duration, device] = self.values(rng);
-        let (content, user) = (content.unwrap_or_default(), user.unwrap_or_default());
-        let (ty, device) = (ty.unwrap_or_default(), device.unwrap_or_default());
-        let duration = duration.unwrap_or(Cow::Borrowed("NULL"));
+    /// The five values as an SQL tuple, appended to `out`.
+    fn write_tuple(&self, out: &mut String) {
+        let Row {
+            content,
+            user,
+            ty,
+            duration,
+            device,
+        } = self;
+        let duration = duration.as_deref().unwrap_or("NULL");
         let _ = write!(out, "({content},{user},'{ty}',{duration},'{device}')");
     }
 }
@@ -308,12 +329,15 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
                             prepared.entry(n).or_insert(s)
                         }
                     };
-                    let rows: Vec<_> = {
+                    let rows: Vec<Row> = {
                         let mut rng = rand::thread_rng();
-                        (0..n).flat_map(|_| gen.values(&mut rng)).collect()
+                        (0..n).map(|_| gen.row(&mut rng)).collect()
                     };
-                    let params: Vec<Option<TextParam>> =
-                        rows.iter().map(|v| v.as_deref().map(TextParam)).collect();
+                    let params: Vec<Option<TextParam>> = rows
+                        .iter()
+                        .flat_map(Row::params)
+                        .map(|v| v.map(TextParam))
+                        .collect();
                     pg::timed(client.execute_raw(statement, params.iter()))
                         .await
                         .context("an INSERT of the load failed")?
@@ -326,7 +350,7 @@ pub async fn load(config: &Config, opts: &LoadOptions) -> anyhow::Result<LoadRep
                             if i > 0 {
                                 sql.push(',');
                             }
-                            gen.tuple(&mut rng, &mut sql);
+                            gen.row(&mut rng).write_tuple(&mut sql);
                         }
                     }
                     // One round trip (`execute` with a statement text is two: Parse and
@@ -396,10 +420,24 @@ mod tests {
     }
 
     #[test]
-    fn tuples_are_sql() {
+    fn tuples_are_sql_and_carry_the_parameters_values() {
         let g = Generator::new(3);
-        let mut s = String::new();
-        g.tuple(&mut rand::thread_rng(), &mut s);
-        assert!(s.starts_with('(') && s.ends_with("')"), "{s}");
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let row = g.row(&mut rng);
+            let mut s = String::new();
+            row.write_tuple(&mut s);
+            assert!(s.starts_with('(') && s.ends_with("')"), "{s}");
+            let [c, u, t, d, dev] = row.params();
+            let expected = format!(
+                "({},{},'{}',{},'{}')",
+                c.unwrap(),
+                u.unwrap(),
+                t.unwrap(),
+                d.unwrap_or("NULL"),
+                dev.unwrap()
+            );
+            assert_eq!(s, expected);
+        }
     }
 }
