@@ -632,11 +632,11 @@ fn main() {
     });
 
     // Steady state at --rate, with the CPU each process spends on it.
+    let walsender: i32 =
+        sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
+            .parse()
+            .unwrap_or(0);
     let steady_pids: Vec<(&str, Vec<i32>)> = {
-        let walsender: i32 =
-            sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'engagement_cdc'")
-                .parse()
-                .unwrap_or(0);
         let mut pids = vec![
             ("engine", vec![engine.pid()]),
             ("walsender", vec![walsender]),
@@ -657,7 +657,7 @@ fn main() {
     let steady_before: Vec<f64> = steady_pids.iter().map(|(_, p)| cpu(p)).collect();
     // The load's own CPU (a child this process waits for) and its Postgres backends' (the
     // postmaster's children, counted once they exit: after the load).
-    let postmaster = parent_pid(steady_pids[1].1[0]);
+    let postmaster = parent_pid(walsender);
     let load_before = waited_children_cpu_seconds();
     let backends_before = postmaster.map(reaped_children_cpu_seconds);
     let children_before = postmaster.map_or(0, children_of);

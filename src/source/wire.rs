@@ -763,8 +763,8 @@ impl Session {
         self.event(5, len - 5).map(Some)
     }
 
-    /// Wait until a message is ready for [`Session::next`] (or the stream ended). Cancel-safe;
-    /// polled once (`now_or_never`), it reads what the socket already holds.
+    /// Wait until a message is ready for [`Session::next`] (or the stream ended). Cancel-safe.
+    /// ([`Session::ready_now`] reads what the socket already holds without waiting.)
     pub async fn wait(&mut self) -> Result<(), WireError> {
         loop {
             match self.frame()? {
