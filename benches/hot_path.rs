@@ -3,13 +3,15 @@
 //! Each measures one stage alone on the same 100,000 events, so a regression points at its
 //! stage: pgoutput decoding into typed rows (the null destination: decode cost alone; text
 //! values and binary ones),
-//! enrichment, the enriched event's JSON (docs/sinks.md), the Redis script arguments, the HTTP request bodies.
+//! enrichment, the enriched event's JSON (docs/sinks.md), ClickHouse's RowBinary rows, the Redis
+//! script arguments, the HTTP request bodies.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use engagement_cdc::config::{HttpMode, QualifiedTable};
 use engagement_cdc::enrich::{enrich, ContentRow, Dimension, EnrichedEvent};
+use engagement_cdc::sinks::clickhouse::Layout;
 use engagement_cdc::sinks::http::requests;
 use engagement_cdc::sinks::redis::{script_args, CallContext, TopMode};
 use engagement_cdc::source::pgoutput::{Message, RelColumn, Relation, Tuple, Value};
@@ -155,6 +157,17 @@ fn main() {
             total += out.len();
         }
         total
+    });
+    bench("clickhouse RowBinary rows", N, || {
+        let mut out = bytes::BytesMut::with_capacity(256 * 1024);
+        let mut total = 0;
+        for e in &events {
+            Layout::Modern.write_row(e, &mut out);
+            if out.len() >= 254 * 1024 {
+                total += out.split().freeze().len();
+            }
+        }
+        total + out.len()
     });
     let hours = [("2026010814".to_string(), 0, 0)];
     let ctx = CallContext {

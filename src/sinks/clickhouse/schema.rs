@@ -4,6 +4,7 @@
 //! every column the engine writes.
 
 use anyhow::anyhow;
+use bytes::{BufMut, BytesMut};
 
 use super::client::ClickHouse;
 use crate::enrich::EnrichedEvent;
@@ -20,9 +21,10 @@ pub enum Layout {
     Legacy,
 }
 
-/// Defines the row type of each layout from one list of the columns both share and the
-/// columns particular to each: `name: RustType = "ClickHouse type" => |event| value`. The
-/// row's field order is the INSERT's column list, so it need not follow the table's.
+/// Defines the row of each layout from one list of the columns both share and the columns
+/// particular to each: `name: RustType = "ClickHouse type" => |event| value`. A row is
+/// written in RowBinary in the order listed, which is the INSERT's column list, so it need
+/// not follow the table's.
 macro_rules! event_rows {
     (shared $shared:tt $($row:ident $own:tt)*) => {
         $(event_row!($row $shared $own);)*
@@ -35,25 +37,67 @@ macro_rules! event_row {
         { $($col:ident: $ty:ty = $ch:literal => $conv:expr,)* }
         { $($vcol:ident: $vty:ty = $vch:literal => $vconv:expr,)* }
     ) => {
-        #[derive(clickhouse::Row, serde::Serialize)]
-        pub(super) struct $row<'a> {
-            $($col: $ty,)*
-            $($vcol: $vty,)*
-        }
+        pub(super) struct $row;
 
-        impl<'a> $row<'a> {
+        impl $row {
             /// Every column of this layout and its ClickHouse type.
             pub(super) const COLUMNS: &'static [(&'static str, &'static str)] =
                 &[$((stringify!($col), $ch),)* $((stringify!($vcol), $vch),)*];
 
-            pub(super) fn from_event(e: &'a EnrichedEvent) -> Self {
-                $row {
-                    $($col: { let f: fn(&'a EnrichedEvent) -> $ty = $conv; f(e) },)*
-                    $($vcol: { let f: fn(&'a EnrichedEvent) -> $vty = $vconv; f(e) },)*
-                }
+            /// `e`'s row in RowBinary, its columns in the order of `COLUMNS`.
+            pub(super) fn write<'a>(e: &'a EnrichedEvent, out: &mut BytesMut) {
+                $({ let f: fn(&'a EnrichedEvent) -> $ty = $conv; f(e).put(out); })*
+                $({ let f: fn(&'a EnrichedEvent) -> $vty = $vconv; f(e).put(out); })*
             }
         }
     };
+}
+
+/// A value in ClickHouse's RowBinary format: numbers little-endian, a string as its LEB128
+/// length then its bytes, a Nullable as a byte (1 for NULL) then the value when there is
+/// one. `LowCardinality(String)`, `DateTime('UTC')` and `DateTime64(6, 'UTC')` take the
+/// form of `String`, `UInt32` and `Int64`.
+trait RowBinary {
+    fn put(self, out: &mut BytesMut);
+}
+
+macro_rules! little_endian {
+    ($($t:ty => $put:ident),*) => {
+        $(impl RowBinary for $t {
+            #[inline]
+            fn put(self, out: &mut BytesMut) {
+                out.$put(self);
+            }
+        })*
+    };
+}
+
+little_endian!(i32 => put_i32_le, u32 => put_u32_le, i64 => put_i64_le, u64 => put_u64_le, f64 => put_f64_le);
+
+impl RowBinary for &str {
+    #[inline]
+    fn put(self, out: &mut BytesMut) {
+        let mut n = self.len() as u64;
+        while n >= 0x80 {
+            out.put_u8(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.put_u8(n as u8);
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl<T: RowBinary> RowBinary for Option<T> {
+    #[inline]
+    fn put(self, out: &mut BytesMut) {
+        match self {
+            None => out.put_u8(1),
+            Some(v) => {
+                out.put_u8(0);
+                v.put(out);
+            }
+        }
+    }
 }
 
 event_rows! {
@@ -103,6 +147,14 @@ impl Layout {
         match self {
             Layout::Modern => ModernRow::COLUMNS,
             Layout::Legacy => LegacyRow::COLUMNS,
+        }
+    }
+
+    /// `e`'s row in this layout, in RowBinary (the columns of [`Layout::columns`], in order).
+    pub fn write_row(self, e: &EnrichedEvent, out: &mut BytesMut) {
+        match self {
+            Layout::Modern => ModernRow::write(e, out),
+            Layout::Legacy => LegacyRow::write(e, out),
         }
     }
 
@@ -231,6 +283,83 @@ fn split_statements(sql: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event() -> EnrichedEvent {
+        EnrichedEvent {
+            event_id: 1,
+            content_id: 2,
+            user_id: 3,
+            event_type: "play".into(),
+            event_ts_us: 1_767_882_112_163_702,
+            duration_ms: Some(7000),
+            device: None,
+            content_type: Some("video".into()),
+            length_seconds: Some(300),
+            source_lsn: crate::types::Lsn(16),
+            commit_us: 0,
+            tx_index: 0,
+        }
+    }
+
+    /// The bytes RowBinary gives `event()`'s shared columns, then `own`'s.
+    fn expected(device: Option<&str>, own: &[&[u8]]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [1i64, 2, 3] {
+            b.extend(v.to_le_bytes());
+        }
+        b.push(0);
+        b.extend(7000i32.to_le_bytes());
+        match device {
+            None => b.push(1),
+            Some(d) => {
+                b.push(0);
+                // LEB128 of the length (two bytes from 128 to 16,383).
+                assert!((128..16_384).contains(&d.len()));
+                b.extend([(d.len() as u8) | 0x80, (d.len() >> 7) as u8]);
+                b.extend(d.as_bytes());
+            }
+        }
+        b.extend([0, 5]);
+        b.extend(b"video");
+        b.push(0);
+        b.extend(300i32.to_le_bytes());
+        b.push(0);
+        b.extend(7.0f64.to_le_bytes());
+        b.push(0);
+        b.extend(0.02f64.to_le_bytes());
+        b.extend(16u64.to_le_bytes());
+        for part in own {
+            b.extend(*part);
+        }
+        b
+    }
+
+    #[test]
+    fn rows_are_written_in_row_binary_column_by_column() {
+        let ts = 1_767_882_112_163_702i64;
+        let mut e = event();
+        for device in [None, Some("d".repeat(300))] {
+            e.device = device.clone().map(Into::into);
+            let mut out = BytesMut::new();
+            Layout::Modern.write_row(&e, &mut out);
+            let want = expected(device.as_deref(), &[&[4], b"play", &ts.to_le_bytes()]);
+            assert_eq!(&out[..], &want[..]);
+            let mut out = BytesMut::new();
+            Layout::Legacy.write_row(&e, &mut out);
+            let seconds = (ts / 1_000_000) as u32;
+            let want = expected(
+                device.as_deref(),
+                &[&[4], b"play", &seconds.to_le_bytes(), &ts.to_le_bytes()],
+            );
+            assert_eq!(&out[..], &want[..]);
+        }
+        // Every column of the layout is written: a NULL is one byte, so a row of NULLs and
+        // zeros has a known length per column type.
+        let mut out = BytesMut::new();
+        Layout::Modern.write_row(&EnrichedEvent::default(), &mut out);
+        // Int64 ×3, Nullable ×6 (NULL), UInt64, String "", Int64.
+        assert_eq!(out.len(), 3 * 8 + 6 + 8 + 1 + 8);
+    }
 
     #[test]
     fn layout_follows_the_version() {
