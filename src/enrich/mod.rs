@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use compact_str::CompactString;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,12 +44,37 @@ pub enum DimChange {
 pub struct Dimension {
     /// Fx hashing: one lookup per event, on ids from the user's own table.
     rows: FxHashMap<i64, ContentRow>,
+    /// One shared copy of each `content_type` text the rows hold: every event joined with
+    /// a row of that type takes (and later drops) a reference to the same text, whose count
+    /// stays in the cache, instead of one text per row scattered over the heap.
+    types: FxHashSet<Arc<str>>,
 }
 
 impl Dimension {
     pub fn from_rows(rows: impl IntoIterator<Item = ContentRow>) -> Self {
-        Dimension {
-            rows: rows.into_iter().map(|r| (r.content_id, r)).collect(),
+        let mut d = Dimension::default();
+        for row in rows {
+            d.upsert(row);
+        }
+        d
+    }
+
+    fn upsert(&mut self, mut row: ContentRow) {
+        if let Some(t) = row.content_type.take() {
+            let shared = match self.types.get(&*t) {
+                Some(shared) => shared.clone(),
+                None => {
+                    self.types.insert(t.clone());
+                    t
+                }
+            };
+            row.content_type = Some(shared);
+        }
+        self.rows.insert(row.content_id, row);
+        // Texts no row holds any more go once they outnumber the rows (events still in
+        // flight keep their own reference).
+        if self.types.len() > 2 * self.rows.len() + 16 {
+            self.types.retain(|t| Arc::strong_count(t) > 1);
         }
     }
 
@@ -67,13 +92,14 @@ impl Dimension {
 
     pub fn apply(&mut self, change: &DimChange) {
         match change {
-            DimChange::Upsert(row) => {
-                self.rows.insert(row.content_id, row.clone());
-            }
+            DimChange::Upsert(row) => self.upsert(row.clone()),
             DimChange::Delete(id) => {
                 self.rows.remove(id);
             }
-            DimChange::Truncate => self.rows.clear(),
+            DimChange::Truncate => {
+                self.rows.clear();
+                self.types.clear();
+            }
         }
     }
 }
@@ -369,6 +395,30 @@ mod tests {
         d.apply(&DimChange::Upsert(video(None)));
         d.apply(&DimChange::Truncate);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn rows_of_one_content_type_share_its_text_and_unused_texts_go() {
+        let row = |id: i64, t: &str| ContentRow {
+            content_id: id,
+            content_type: Some(t.into()),
+            length_seconds: Some(60),
+        };
+        let mut d = Dimension::from_rows([row(1, "video"), row(2, "video")]);
+        d.apply(&DimChange::Upsert(row(3, "video")));
+        let text = |d: &Dimension, id| d.get(id).unwrap().content_type.clone().unwrap();
+        assert!(Arc::ptr_eq(&text(&d, 1), &text(&d, 2)));
+        assert!(Arc::ptr_eq(&text(&d, 1), &text(&d, 3)));
+        // One row changing its type many times: the texts it no longer has are let go, and
+        // what the rows hold is kept.
+        for i in 0..1000 {
+            d.apply(&DimChange::Upsert(row(4, &format!("type {i}"))));
+        }
+        assert!(d.types.len() <= 2 * d.len() + 17, "{} texts", d.types.len());
+        assert_eq!(&*text(&d, 4), "type 999");
+        assert_eq!(&*text(&d, 1), "video");
+        d.apply(&DimChange::Upsert(row(5, "video")));
+        assert!(Arc::ptr_eq(&text(&d, 1), &text(&d, 5)));
     }
 
     proptest! {

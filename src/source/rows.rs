@@ -3,7 +3,9 @@
 //! one conversion of text values that the stream, `backfill` and `setup` share
 //! (docs/configuration.md, "Source columns").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,7 +51,8 @@ pub struct Relations {
     /// Types looked for in a fresh catalog already: not asked for again.
     looked_up: HashSet<u32>,
     pending_type: Option<u32>,
-    by_id: HashMap<u32, RelKind>,
+    /// Looked up once per change: Fx hashing of the relation id.
+    by_id: FxHashMap<u32, RelKind>,
 }
 
 impl Relations {
@@ -68,7 +71,7 @@ impl Relations {
             catalog,
             looked_up: HashSet::new(),
             pending_type: None,
-            by_id: HashMap::new(),
+            by_id: FxHashMap::default(),
         }
     }
 

@@ -16,10 +16,11 @@ use tokio::sync::watch;
 use crate::enrich::{enrich, DimChange, Dimension, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::{Batch, Pipeline};
-use crate::source::pgoutput::Message;
+use crate::source::pgoutput::{Message, Tuple};
 use crate::source::rows::{
     content_key, decode_content, decode_event, RelKind, RelationError, Relations, UnfitLog, Zone,
 };
+use crate::source::schema::EventLayout;
 use crate::source::wire::{Event, Session, WireError};
 use crate::types::Lsn;
 
@@ -627,6 +628,51 @@ impl Source {
     }
 
     /// One pgoutput change inside a transaction.
+    /// An insert into the events table: decoded, enriched and added to the open batch.
+    fn event(&mut self, new: &Tuple<'_>, pos: &EventLayout, tx: &mut Tx, b: &mut Builder) {
+        match decode_event(new, pos, &self.zone) {
+            Ok(_) if tx.inserts < tx.handed => {
+                // Read again after a lost connection; the sinks have it.
+                tx.inserts += 1;
+                self.metrics.counters.events_reread_skipped.inc();
+            }
+            Ok((raw, unfit)) => {
+                let tx_index = tx.inserts;
+                tx.inserts += 1;
+                if let Some(why) = unfit {
+                    self.metrics.counters.invalid_values.inc();
+                    self.unfit_log.note(
+                        &format!("event {}: {why}", raw.id),
+                        format_args!("transaction committed at {}", tx.commit_lsn),
+                    );
+                }
+                let content = self.dimension.get(raw.content_id);
+                let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
+                event.commit_us = tx.commit_us;
+                event.tx_index = tx_index;
+                self.metrics.counters.events_streamed.inc();
+                if notes.unknown_content {
+                    self.metrics.counters.events_unknown_content.inc();
+                }
+                if notes.invalid_duration {
+                    self.metrics.counters.events_negative_duration.inc();
+                }
+                b.bytes +=
+                    128 + event.event_type.len() + event.device.as_ref().map_or(0, |d| d.len());
+                b.push(event);
+                b.started.get_or_insert_with(Instant::now);
+            }
+            Err(why) => {
+                tx.inserts += 1;
+                self.metrics.counters.events_invalid.inc();
+                tracing::warn!(
+                    "skipped an event row in the transaction committed at {}: {why}",
+                    tx.commit_lsn
+                );
+            }
+        }
+    }
+
     fn apply(&mut self, data: &[u8], tx: Option<&mut Tx>, b: &mut Builder) -> anyhow::Result<()> {
         let msg = Message::parse(data)?;
         if let Message::Relation(rel) = &msg {
@@ -654,48 +700,9 @@ impl Source {
         };
         match msg {
             Message::Insert { relation, new } => match kind(&self.relations, relation)? {
-                RelKind::Events(pos) => match decode_event(&new, &pos, &self.zone) {
-                    Ok(_) if tx.inserts < tx.handed => {
-                        // Read again after a lost connection; the sinks have it.
-                        tx.inserts += 1;
-                        self.metrics.counters.events_reread_skipped.inc();
-                    }
-                    Ok((raw, unfit)) => {
-                        let tx_index = tx.inserts;
-                        tx.inserts += 1;
-                        if let Some(why) = unfit {
-                            self.metrics.counters.invalid_values.inc();
-                            self.unfit_log.note(
-                                &format!("event {}: {why}", raw.id),
-                                format_args!("transaction committed at {}", tx.commit_lsn),
-                            );
-                        }
-                        let content = self.dimension.get(raw.content_id);
-                        let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
-                        event.commit_us = tx.commit_us;
-                        event.tx_index = tx_index;
-                        self.metrics.counters.events_streamed.inc();
-                        if notes.unknown_content {
-                            self.metrics.counters.events_unknown_content.inc();
-                        }
-                        if notes.invalid_duration {
-                            self.metrics.counters.events_negative_duration.inc();
-                        }
-                        b.bytes += 128
-                            + event.event_type.len()
-                            + event.device.as_ref().map_or(0, |d| d.len());
-                        b.push(event);
-                        b.started.get_or_insert_with(Instant::now);
-                    }
-                    Err(why) => {
-                        tx.inserts += 1;
-                        self.metrics.counters.events_invalid.inc();
-                        tracing::warn!(
-                            "skipped an event row in the transaction committed at {}: {why}",
-                            tx.commit_lsn
-                        );
-                    }
-                },
+                RelKind::Events(pos) => {
+                    self.event(&new, &pos, tx, b);
+                }
                 RelKind::Content(pos) => {
                     let id =
                         content_key(&new, &pos).map_err(|e| anyhow::anyhow!("content row: {e}"))?;
