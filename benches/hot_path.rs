@@ -1,7 +1,7 @@
 //! Micro benchmarks of the per-event hot path: `cargo bench --bench hot_path`.
 //!
 //! Each measures one stage alone on the same 100,000 events, so a regression points at its
-//! stage: pgoutput decoding into typed rows (the null destination: decode cost alone; text
+//! stage (`HOT_PATH_ONLY=TEXT` runs only the stages whose name holds TEXT): pgoutput decoding into typed rows (the null destination: decode cost alone; text
 //! values and binary ones),
 //! enrichment, the enriched event's JSON (docs/sinks.md), ClickHouse's RowBinary rows, the Redis
 //! script arguments, the HTTP request bodies.
@@ -26,6 +26,10 @@ mod encode;
 const N: usize = 100_000;
 
 fn bench<T>(name: &str, per: usize, mut f: impl FnMut() -> T) {
+    // HOT_PATH_ONLY=TEXT: only the stages whose name contains TEXT (to profile one).
+    if std::env::var("HOT_PATH_ONLY").is_ok_and(|only| !name.contains(&only)) {
+        return;
+    }
     // One warm-up, then the best of five.
     black_box(f());
     let mut best = f64::MAX;
@@ -180,6 +184,23 @@ fn main() {
     };
     bench("redis script arguments (20000-event calls)", N, || {
         refs.chunks(20_000)
+            .map(|c| script_args("", &ctx, c, 1_767_882_112_000_000).len())
+            .sum::<usize>()
+    });
+    // The e2e bench's spread: 1,000 content ids, so each call carries about 1,000 contents
+    // (their counts, latest events and minute buckets) besides its events.
+    let spread: Vec<EnrichedEvent> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| EnrichedEvent {
+            content_id: 1 + (i % 1000) as i64,
+            ..e.clone()
+        })
+        .collect();
+    let spread: Vec<&EnrichedEvent> = spread.iter().collect();
+    bench("redis script arguments, 1,000 contents", N, || {
+        spread
+            .chunks(20_000)
             .map(|c| script_args("", &ctx, c, 1_767_882_112_000_000).len())
             .sum::<usize>()
     });
