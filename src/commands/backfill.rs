@@ -295,7 +295,7 @@ pub async fn backfill(config: &Config, opts: &BackfillOptions) -> anyhow::Result
                     Some(c)
                 }
             };
-            batch.push(enrich(raw, content_row.as_ref(), Lsn(0)).0);
+            batch.push(enrich(raw, content_row, Lsn(0)).0);
         }
         if batch.is_empty() {
             progress.show(report.scanned, false);

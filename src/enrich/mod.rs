@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use compact_str::CompactString;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,46 +40,104 @@ pub enum DimChange {
 }
 
 /// The `content` table as of the last applied change.
+///
+/// Each event is joined with one lookup here, on an id from the user's own table, and the
+/// table's lines are often out of the cache by the time an event needs one (a catch-up
+/// streams megabytes between two events of the same content): a row is held in 8 bytes, 16
+/// with its key, so that 1,000 rows take 16 KB where 40-byte rows took 40 KB
+/// (docs/benchmarks.md, "A smaller content table"). Its `content_type` is an index into
+/// one shared copy of each text the rows hold: every event of a type takes (and later
+/// drops) a reference to the same text, whose count stays in the cache.
 #[derive(Debug, Default, Clone)]
 pub struct Dimension {
-    /// Fx hashing: one lookup per event, on ids from the user's own table.
-    rows: FxHashMap<i64, ContentRow>,
-    /// One shared copy of each `content_type` text the rows hold: every event joined with
-    /// a row of that type takes (and later drops) a reference to the same text, whose count
-    /// stays in the cache, instead of one text per row scattered over the heap.
-    types: FxHashSet<Arc<str>>,
+    rows: FxHashMap<i64, Packed>,
+    /// Each text the rows hold, at its index; `None` at a free index.
+    types: Vec<Option<Arc<str>>>,
+    /// How many rows hold each index's text.
+    uses: Vec<u32>,
+    free: Vec<u32>,
+    index: FxHashMap<Arc<str>, u32>,
+}
+
+/// A row's `length_seconds` (bit 32: present; bits 0–31: the value) and `content_type`
+/// (bits 33–63: its index in `types` plus one; 0: NULL).
+#[derive(Debug, Clone, Copy)]
+struct Packed(u64);
+
+impl Packed {
+    fn new(type_index: Option<u32>, length: Option<i32>) -> Packed {
+        let t = type_index.map_or(0, |i| u64::from(i) + 1);
+        let has = u64::from(length.is_some());
+        Packed(t << 33 | has << 32 | u64::from(length.unwrap_or(0) as u32))
+    }
+
+    fn type_index(self) -> Option<usize> {
+        let t = self.0 >> 33;
+        (t > 0).then(|| (t - 1) as usize)
+    }
+
+    fn length(self) -> Option<i32> {
+        (self.0 >> 32 & 1 == 1).then_some(self.0 as u32 as i32)
+    }
 }
 
 impl Dimension {
     pub fn from_rows(rows: impl IntoIterator<Item = ContentRow>) -> Self {
         let mut d = Dimension::default();
         for row in rows {
-            d.upsert(row);
+            d.upsert(&row);
         }
         d
     }
 
-    fn upsert(&mut self, mut row: ContentRow) {
-        if let Some(t) = row.content_type.take() {
-            let shared = match self.types.get(&*t) {
-                Some(shared) => shared.clone(),
-                None => {
-                    self.types.insert(t.clone());
-                    t
-                }
-            };
-            row.content_type = Some(shared);
-        }
-        self.rows.insert(row.content_id, row);
-        // Texts no row holds any more go once they outnumber the rows (events still in
-        // flight keep their own reference).
-        if self.types.len() > 2 * self.rows.len() + 16 {
-            self.types.retain(|t| Arc::strong_count(t) > 1);
+    fn upsert(&mut self, row: &ContentRow) {
+        let type_index = row.content_type.as_ref().map(|t| self.intern(t));
+        let packed = Packed::new(type_index, row.length_seconds);
+        if let Some(old) = self.rows.insert(row.content_id, packed) {
+            self.release(old);
         }
     }
 
-    pub fn get(&self, content_id: i64) -> Option<&ContentRow> {
-        self.rows.get(&content_id)
+    /// The index of `text`, one more row holding it.
+    fn intern(&mut self, text: &Arc<str>) -> u32 {
+        if let Some(&i) = self.index.get(&**text) {
+            self.uses[i as usize] += 1;
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.types.push(None);
+                self.uses.push(0);
+                u32::try_from(self.types.len() - 1).expect("fewer than 2^31 content types")
+            }
+        };
+        self.types[i as usize] = Some(text.clone());
+        self.uses[i as usize] = 1;
+        self.index.insert(text.clone(), i);
+        i
+    }
+
+    /// One row fewer holds `old`'s text; a text no row holds is let go (events still in
+    /// flight keep their own reference).
+    fn release(&mut self, old: Packed) {
+        let Some(i) = old.type_index() else { return };
+        self.uses[i] -= 1;
+        if self.uses[i] == 0 {
+            if let Some(text) = self.types[i].take() {
+                self.index.remove(&*text);
+            }
+            self.free.push(i as u32);
+        }
+    }
+
+    pub fn get(&self, content_id: i64) -> Option<ContentRow> {
+        let packed = *self.rows.get(&content_id)?;
+        Some(ContentRow {
+            content_id,
+            content_type: packed.type_index().and_then(|i| self.types[i].clone()),
+            length_seconds: packed.length(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -92,14 +150,13 @@ impl Dimension {
 
     pub fn apply(&mut self, change: &DimChange) {
         match change {
-            DimChange::Upsert(row) => self.upsert(row.clone()),
+            DimChange::Upsert(row) => self.upsert(row),
             DimChange::Delete(id) => {
-                self.rows.remove(id);
+                if let Some(old) = self.rows.remove(id) {
+                    self.release(old);
+                }
             }
-            DimChange::Truncate => {
-                self.rows.clear();
-                self.types.clear();
-            }
+            DimChange::Truncate => *self = Dimension::default(),
         }
     }
 }
@@ -153,13 +210,14 @@ pub struct EnrichNotes {
 /// Join and derive. The event itself is always returned.
 pub fn enrich(
     event: RawEvent,
-    content: Option<&ContentRow>,
+    content: Option<ContentRow>,
     source_lsn: Lsn,
 ) -> (EnrichedEvent, EnrichNotes) {
-    let content_type = content.and_then(|c| c.content_type.clone());
-    let length_seconds = content.and_then(|c| c.length_seconds);
+    let unknown_content = content.is_none();
+    let (content_type, length_seconds) =
+        content.map_or((None, None), |c| (c.content_type, c.length_seconds));
     let notes = EnrichNotes {
-        unknown_content: content.is_none(),
+        unknown_content,
         invalid_duration: matches!(event.duration_ms, Some(d) if d < 0),
     };
     let enriched = EnrichedEvent {
@@ -267,12 +325,12 @@ mod tests {
             content_type: Some("video".into()),
             length_seconds: Some(300),
         };
-        let (e, _) = enrich(raw(Some(7000)), Some(&content), Lsn(1));
+        let (e, _) = enrich(raw(Some(7000)), Some(content.clone()), Lsn(1));
         assert_eq!(
             (e.engagement_ms(), e.engagement_pct_hundredths()),
             (Some(7000), Some(2))
         );
-        let (e, _) = enrich(raw(Some(-1)), Some(&content), Lsn(1));
+        let (e, _) = enrich(raw(Some(-1)), Some(content.clone()), Lsn(1));
         assert_eq!(
             (e.engagement_ms(), e.engagement_pct_hundredths()),
             (None, None)
@@ -306,7 +364,7 @@ mod tests {
 
     #[test]
     fn the_spec_example_json_exactly() {
-        let (e, notes) = enrich(seed_event(), Some(&video(Some(300))), Lsn(5));
+        let (e, notes) = enrich(seed_event(), Some(video(Some(300))), Lsn(5));
         assert_eq!(
             e.to_json(),
             r#"{"event_id":16,"content_id":1,"user_id":999,"event_type":"play","event_ts":"2026-01-08T14:21:52Z","duration_ms":7000,"device":"web","content_type":"video","length_seconds":300,"engagement_seconds":7.0,"engagement_pct":0.02}"#
@@ -414,11 +472,47 @@ mod tests {
         for i in 0..1000 {
             d.apply(&DimChange::Upsert(row(4, &format!("type {i}"))));
         }
-        assert!(d.types.len() <= 2 * d.len() + 17, "{} texts", d.types.len());
+        // Two texts held ("video" and the last type), their slots reused.
+        assert_eq!(d.index.len(), 2);
+        assert!(d.types.len() <= 3, "{} slots", d.types.len());
         assert_eq!(&*text(&d, 4), "type 999");
         assert_eq!(&*text(&d, 1), "video");
         d.apply(&DimChange::Upsert(row(5, "video")));
         assert!(Arc::ptr_eq(&text(&d, 1), &text(&d, 5)));
+        // Deleted rows let their text go once no row holds it.
+        d.apply(&DimChange::Delete(4));
+        assert_eq!(d.index.len(), 1);
+        for id in [1, 2, 3, 5] {
+            d.apply(&DimChange::Delete(id));
+        }
+        assert!(d.index.is_empty() && d.is_empty());
+    }
+
+    #[test]
+    fn a_row_reads_back_as_it_was_put() {
+        let mut d = Dimension::default();
+        let rows = [
+            (1, None, None),
+            (2, Some("video"), Some(0)),
+            (-3, Some(""), Some(i32::MIN)),
+            (i64::MAX, None, Some(i32::MAX)),
+            (i64::MIN, Some("article"), Some(-1)),
+        ];
+        for (id, t, l) in rows {
+            d.apply(&DimChange::Upsert(ContentRow {
+                content_id: id,
+                content_type: t.map(Into::into),
+                length_seconds: l,
+            }));
+        }
+        for (id, t, l) in rows {
+            let row = d.get(id).unwrap();
+            assert_eq!(row.content_id, id);
+            assert_eq!(row.content_type.as_deref(), t);
+            assert_eq!(row.length_seconds, l);
+        }
+        assert!(d.get(4).is_none());
+        assert_eq!(d.len(), 5);
     }
 
     proptest! {

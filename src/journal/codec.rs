@@ -443,7 +443,7 @@ mod tests {
                 duration_ms: duration,
                 device: device.map(Into::into),
             },
-            Some(&content),
+            Some(content.clone()),
             Lsn(0x1_0000_0010),
         );
         e.commit_us = 1_767_882_112_000_000;

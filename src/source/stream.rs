@@ -706,7 +706,7 @@ impl Source {
                 RelKind::Content(pos) => {
                     let id =
                         content_key(&new, &pos).map_err(|e| anyhow::anyhow!("content row: {e}"))?;
-                    let row = decode_content(&new, &pos, self.dimension.get(id))
+                    let row = decode_content(&new, &pos, self.dimension.get(id).as_ref())
                         .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
                     let row = self.fitted(row, tx.commit_lsn);
                     self.change(tx, DimChange::Upsert(row));
@@ -724,7 +724,7 @@ impl Source {
                     if let Some(old) = old {
                         if let Ok(old_id) = content_key(&old, &pos) {
                             if old_id != id {
-                                let previous = self.dimension.get(old_id).cloned();
+                                let previous = self.dimension.get(old_id);
                                 self.change(tx, DimChange::Delete(old_id));
                                 let row = decode_content(&new, &pos, previous.as_ref())
                                     .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
@@ -734,7 +734,7 @@ impl Source {
                             }
                         }
                     }
-                    let row = decode_content(&new, &pos, self.dimension.get(id))
+                    let row = decode_content(&new, &pos, self.dimension.get(id).as_ref())
                         .map_err(|e| anyhow::anyhow!("content row {id}: {e}"))?;
                     let row = self.fitted(row, tx.commit_lsn);
                     self.change(tx, DimChange::Upsert(row));
