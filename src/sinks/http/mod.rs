@@ -114,6 +114,8 @@ fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
 struct HttpSender {
     client: reqwest::Client,
     cfg: HttpConfig,
+    /// `[http] url`, parsed once rather than for every request.
+    target: reqwest::Url,
     url: String,
     /// `auth_token` or the contents of `auth_token_file`.
     token: Option<Secret>,
@@ -170,9 +172,16 @@ impl HttpSender {
         if cfg.on_failure == OnFailure::FailFast {
             retry.max_retries = None;
         }
+        let target = reqwest::Url::parse(&cfg.url).map_err(|e| {
+            anyhow!(
+                "[http] url {} is not a URL ({e}); set it to the API's address, such as https://api.example.com/events",
+                redact_url(&cfg.url)
+            )
+        })?;
         Ok(HttpSender {
             client,
             cfg: cfg.clone(),
+            target,
             url: redact_url(&cfg.url),
             token: cfg.auth_token()?,
             metrics,
@@ -184,7 +193,7 @@ impl HttpSender {
     async fn attempt(&self, req: &Request) -> Result<(), SinkError> {
         let mut builder = self
             .client
-            .post(&self.cfg.url)
+            .post(self.target.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", &req.key)
             .body(req.body.clone());
