@@ -216,12 +216,14 @@ fn decode_compact(mut r: Cursor<'_>, n: usize) -> Option<Vec<EnrichedEvent>> {
     (r.at == r.b.len()).then_some(events)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// `v` as an unsigned LEB128 varint, 7 bits a byte, the lowest first: the journal's integers
+/// and the lengths of ClickHouse's RowBinary strings.
+pub(crate) fn put_varint(out: &mut impl bytes::BufMut, mut v: u64) {
     while v >= 0x80 {
-        out.push(v as u8 | 0x80);
+        out.put_u8(v as u8 | 0x80);
         v >>= 7;
     }
-    out.push(v as u8);
+    out.put_u8(v as u8);
 }
 
 /// A signed value as an unsigned one that is small when the value is near 0.

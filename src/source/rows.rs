@@ -4,12 +4,11 @@
 //! (docs/configuration.md, "Source columns").
 
 use std::collections::HashSet;
-
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
+use rustc_hash::FxHashMap;
 
 use crate::checks::QualifiedTable;
 use crate::enrich::{days_from_civil, ContentRow, RawEvent};

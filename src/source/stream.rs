@@ -627,7 +627,6 @@ impl Source {
         }
     }
 
-    /// One pgoutput change inside a transaction.
     /// An insert into the events table: decoded, enriched and added to the open batch.
     fn event(&mut self, new: &Tuple<'_>, pos: &EventLayout, tx: &mut Tx, b: &mut Builder) {
         match decode_event(new, pos, &self.zone) {
@@ -673,6 +672,7 @@ impl Source {
         }
     }
 
+    /// One pgoutput change inside a transaction.
     fn apply(&mut self, data: &[u8], tx: Option<&mut Tx>, b: &mut Builder) -> anyhow::Result<()> {
         let msg = Message::parse(data)?;
         if let Message::Relation(rel) = &msg {

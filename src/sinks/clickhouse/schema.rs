@@ -77,12 +77,7 @@ little_endian!(i32 => put_i32_le, u32 => put_u32_le, i64 => put_i64_le, u64 => p
 impl RowBinary for &str {
     #[inline]
     fn put(self, out: &mut BytesMut) {
-        let mut n = self.len() as u64;
-        while n >= 0x80 {
-            out.put_u8(n as u8 | 0x80);
-            n >>= 7;
-        }
-        out.put_u8(n as u8);
+        crate::journal::codec::put_varint(out, self.len() as u64);
         out.extend_from_slice(self.as_bytes());
     }
 }
