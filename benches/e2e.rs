@@ -488,6 +488,25 @@ fn main() {
             (_, Ok(file)) => Some(perf_record(&file, None)),
             _ => None,
         };
+        // BENCH_TRACE=FILE: the engine's system calls during the catch-up (`perf trace`), each
+        // with its arguments and result: how often it reads the replication socket, and how
+        // much each read finds.
+        let trace = std::env::var("BENCH_TRACE").ok().map(|file| {
+            Command::new("perf")
+                .args([
+                    "trace",
+                    "-e",
+                    "recvfrom,sendto,read,write,epoll_wait,nanosleep,clock_nanosleep",
+                    "-o",
+                    &file,
+                    "-p",
+                ])
+                .arg(engine.pid().to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf")
+        });
         // The end, from the engine's status: asked every 100 ms while more than a twentieth
         // is left, then every 5 ms. Each answer costs the engine a connection and a JSON
         // document; asked every 20 ms throughout, that was 2 % of its catch-up CPU.
@@ -506,6 +525,9 @@ fn main() {
         }
         let engine_secs = t.elapsed().as_secs_f64();
         if let Some(p) = perf {
+            perf_stop(p);
+        }
+        if let Some(p) = trace {
             perf_stop(p);
         }
         let redis_commands = match &clusters {

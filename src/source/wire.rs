@@ -414,15 +414,19 @@ impl Connection {
 /// The receive window of a loopback connection, at most (`TCP_WINDOW_CLAMP`). A sidecar
 /// beside Postgres reads faster than the walsender writes; with the window wide open, the
 /// walsender's every message leaves as a segment of its own, which its own system call
-/// carries through the receiving side. With the window closing at this much unread data,
-/// the walsender's messages queue in its socket while the engine is busy and leave together:
-/// in alternated catch-ups on this project's machine 20–25 segments per 1,000 events in every
-/// run, and 94–101 % of `pg_recvlogical` (docs/benchmarks.md, "The receive window on
-/// loopback"). A fixed receive buffer (96 KiB, then 64 KiB) closed the window too, but by
-/// memory, which small segments use up faster than their bytes: runs fell into one of two
-/// regimes, 17–70 segments or 125–319, at 98 % or at 67–86 %. The kernel still sizes the
-/// buffer. Other connections, and those certain to be TLS ([`clamps`]), keep the kernel's
-/// tuning, which a longer round trip needs.
+/// carries through the receiving side. Set before connecting, the clamp makes the kernel
+/// offer this connection a window scale of 0, so its window stays within 64 KiB for the
+/// connection's life, even after the kernel raises the clamp itself as data arrives (during
+/// a catch-up `ss` shows the engine's end at `wscale:10,0` with rcv_ssthresh in megabytes,
+/// and most reads return 65,534 bytes: docs/benchmarks.md, "What the clamp does"). While the
+/// engine naps, the window closes and the walsender's messages queue in its socket and
+/// leave together: in alternated catch-ups on this project's machine 20–25 segments per
+/// 1,000 events in every run, and 94–101 % of `pg_recvlogical` (docs/benchmarks.md, "The
+/// receive window on loopback"). A fixed receive buffer (96 KiB, then 64 KiB) closed the
+/// window too, but by memory, which small segments use up faster than their bytes: runs
+/// fell into one of two regimes, 17–70 segments or 125–319, at 98 % or at 67–86 %. Other
+/// connections, and those certain to be TLS ([`clamps`]), keep the kernel's tuning, which a
+/// longer round trip needs.
 const LOOPBACK_WINDOW_CLAMP: libc::c_int = 32 * 1024;
 
 /// Whether a loopback connection in this TLS mode gets [`LOOPBACK_WINDOW_CLAMP`]: one that
@@ -1000,18 +1004,45 @@ mod tests {
         v
     }
 
+    /// The window scale the connection receives with (`TCP_INFO`'s `tcpi_rcv_wscale`, the
+    /// high four bits of its byte).
+    fn receive_window_scale(tcp: &tokio::net::TcpStream) -> u8 {
+        // SAFETY: all zeros is a valid `tcp_info`.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the stream's own descriptor; `info` and `len` outlive the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(tcp),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        info.tcpi_snd_rcv_wscale >> 4
+    }
+
     #[tokio::test]
     async fn a_loopback_connection_clamps_its_receive_window() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (ours, _accepted) =
             tokio::join!(connect_tcp("127.0.0.1", port, true), listener.accept());
-        assert_eq!(window_clamp(&ours.unwrap()), LOOPBACK_WINDOW_CLAMP);
-        // Without the clamp asked for (a TLS connection), the kernel's own, larger.
+        let ours = ours.unwrap();
+        assert_eq!(window_clamp(&ours), LOOPBACK_WINDOW_CLAMP);
+        // What lasts once the kernel raises the clamp as data arrives: no window scaling,
+        // the window within 64 KiB.
+        assert_eq!(receive_window_scale(&ours), 0);
+        // Without the clamp asked for (a TLS connection), the kernel's own, larger, and a
+        // scaled window.
         let (plain, _accepted) =
             tokio::join!(connect_tcp("127.0.0.1", port, false), listener.accept());
-        let plain = window_clamp(&plain.unwrap());
-        assert!(plain > LOOPBACK_WINDOW_CLAMP, "{plain}");
+        let plain = plain.unwrap();
+        let clamp = window_clamp(&plain);
+        assert!(clamp > LOOPBACK_WINDOW_CLAMP, "{clamp}");
+        assert!(receive_window_scale(&plain) > 0);
     }
 
     #[test]
