@@ -848,6 +848,7 @@ fn main() {
     // what the receiving side coalesced or had to collapse, delayed ACKs.
     let tcp: Vec<String> = [
         "TcpOutSegs",
+        "TcpActiveOpens",
         "TcpExtTCPRcvCoalesce",
         "TcpExtTCPBacklogCoalesce",
         "TcpExtTCPRcvCollapsed",
