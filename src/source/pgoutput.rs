@@ -160,42 +160,50 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn tuple(&mut self) -> Result<Tuple<'a>, DecodeError> {
+        let n = self.columns()?;
+        let mut values = Vec::with_capacity(n);
+        for _ in 0..n {
+            values.push(self.value()?);
+        }
+        Ok(Tuple(values))
+    }
+    /// A tuple's column count, refused when the message cannot hold that many: at least a
+    /// byte a column (its kind), checked before anything is reserved for them.
+    #[inline(always)]
+    fn columns(&mut self) -> Result<usize, DecodeError> {
         let n = self.u16("tuple column count")? as usize;
-        // At least a byte a column (its kind): a count the message cannot hold is refused
-        // before anything is reserved for it.
         if n > self.buf.len() - self.pos {
             return err(format!(
                 "tuple of {n} columns in {} bytes",
                 self.buf.len() - self.pos
             ));
         }
-        let mut values = Vec::with_capacity(n);
-        for _ in 0..n {
-            let v = match self.u8("tuple value kind")? {
-                b'n' => Value::Null,
-                b'u' => Value::Unchanged,
-                kind @ (b't' | b'b') => {
-                    let what = if kind == b't' {
-                        "text value"
-                    } else {
-                        "binary value"
-                    };
-                    let len = self.i32(what)?;
-                    if len < 0 {
-                        return err("negative value length");
-                    }
-                    let bytes = self.take(len as usize, what)?;
-                    if kind == b't' {
-                        Value::Text(bytes)
-                    } else {
-                        Value::Binary(bytes)
-                    }
+        Ok(n)
+    }
+    #[inline(always)]
+    fn value(&mut self) -> Result<Value<'a>, DecodeError> {
+        Ok(match self.u8("tuple value kind")? {
+            b'n' => Value::Null,
+            b'u' => Value::Unchanged,
+            kind @ (b't' | b'b') => {
+                let what = if kind == b't' {
+                    "text value"
+                } else {
+                    "binary value"
+                };
+                let len = self.i32(what)?;
+                if len < 0 {
+                    return err("negative value length");
                 }
-                other => return err(format!("unknown tuple value kind {:?}", other as char)),
-            };
-            values.push(v);
-        }
-        Ok(Tuple(values))
+                let bytes = self.take(len as usize, what)?;
+                if kind == b't' {
+                    Value::Text(bytes)
+                } else {
+                    Value::Binary(bytes)
+                }
+            }
+            other => return err(format!("unknown tuple value kind {:?}", other as char)),
+        })
     }
     fn done(&self, what: &str) -> Result<(), DecodeError> {
         if self.pos != self.buf.len() {
@@ -208,7 +216,40 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How many columns an Insert's tuple may have for [`Message::parse_insert`] to read it
+/// into an array on the stack.
+pub const INLINE_COLUMNS: usize = 16;
+
 impl<'a> Message<'a> {
+    /// An Insert read without allocating its tuple: its relation and how many of `values`
+    /// hold its new tuple, the same values and the same errors as [`Message::parse`].
+    /// `None` when the message is not an Insert or its tuple has more columns than
+    /// `values` holds ([`Message::parse`] reads those). The hot path of a catch-up: a
+    /// vector per event was an allocation and a free per event.
+    pub fn parse_insert(
+        buf: &'a [u8],
+        values: &mut [Value<'a>],
+    ) -> Result<Option<(u32, usize)>, DecodeError> {
+        let mut r = Reader { buf, pos: 0 };
+        if r.u8("message tag")? != b'I' {
+            return Ok(None);
+        }
+        let relation = r.u32("Insert relation")?;
+        match r.u8("Insert tuple marker")? {
+            b'N' => {}
+            other => return err(format!("Insert: expected 'N', got {:?}", other as char)),
+        }
+        let n = r.columns()?;
+        let Some(slots) = values.get_mut(..n) else {
+            return Ok(None);
+        };
+        for slot in slots {
+            *slot = r.value()?;
+        }
+        r.done("message")?;
+        Ok(Some((relation, n)))
+    }
+
     pub fn parse(buf: &'a [u8]) -> Result<Message<'a>, DecodeError> {
         let mut r = Reader { buf, pos: 0 };
         let tag = r.u8("message tag")?;

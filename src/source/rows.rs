@@ -153,6 +153,15 @@ impl Fields for Tuple<'_> {
     }
 }
 
+/// A tuple's values read without a vector ([`Message::parse_insert`]).
+///
+/// [`Message::parse_insert`]: crate::source::pgoutput::Message::parse_insert
+impl Fields for [Value<'_>] {
+    fn value(&self, i: usize) -> Value<'_> {
+        self.get(i).copied().unwrap_or(Value::Null)
+    }
+}
+
 /// A row read with SQL, every column cast to text (`backfill`, `setup`'s copy of
 /// `content`): the same text pgoutput sends, so the same conversion applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,7 +264,7 @@ pub type Invalid = String;
 pub type Unfit = String;
 
 pub fn decode_event(
-    t: &impl Fields,
+    t: &(impl Fields + ?Sized),
     at: &EventLayout,
     zone: &Zone,
 ) -> Result<(RawEvent, Option<Unfit>), Invalid> {
@@ -295,7 +304,7 @@ fn parse_event_ts(b: &[u8], base: Base, zone: &Zone) -> Option<i64> {
 
 /// A content row from a new tuple; an unchanged-TOAST `content_type` keeps `previous`'s.
 pub fn decode_content(
-    t: &impl Fields,
+    t: &(impl Fields + ?Sized),
     at: &ContentLayout,
     previous: Option<&ContentRow>,
 ) -> Result<(ContentRow, Option<Unfit>), Invalid> {
@@ -323,11 +332,11 @@ pub fn decode_content(
 }
 
 /// The key of a content row in an old tuple (Delete, key-changing Update).
-pub fn content_key(t: &impl Fields, at: &ContentLayout) -> Result<i64, Invalid> {
+pub fn content_key(t: &(impl Fields + ?Sized), at: &ContentLayout) -> Result<i64, Invalid> {
     required_i64(t, at[0], "content_id")
 }
 
-fn required_i64(t: &impl Fields, at: Located, name: &str) -> Result<i64, Invalid> {
+fn required_i64(t: &(impl Fields + ?Sized), at: Located, name: &str) -> Result<i64, Invalid> {
     let value = t.value(at.pos);
     match integer_of(value, at.base) {
         Some(v) => v.map_err(|why| {
@@ -344,7 +353,7 @@ fn required_i64(t: &impl Fields, at: Located, name: &str) -> Result<i64, Invalid
 
 /// An optional Int32 field: a value that does not fit is NULL, and `unfit` says why.
 fn optional_i32(
-    t: &impl Fields,
+    t: &(impl Fields + ?Sized),
     at: Located,
     name: &str,
     unfit: &mut Option<Unfit>,
@@ -385,11 +394,15 @@ fn integer_text(value: Value<'_>, base: Base) -> String {
     }
 }
 
-fn required_text(t: &impl Fields, i: usize, name: &str) -> Result<CompactString, Invalid> {
+fn required_text(
+    t: &(impl Fields + ?Sized),
+    i: usize,
+    name: &str,
+) -> Result<CompactString, Invalid> {
     optional_text(t, i).ok_or_else(|| format!("{name} is NULL"))
 }
 
-fn optional_text(t: &impl Fields, i: usize) -> Option<CompactString> {
+fn optional_text(t: &(impl Fields + ?Sized), i: usize) -> Option<CompactString> {
     match t.value(i) {
         // A text type's binary form is its text.
         Value::Text(b) | Value::Binary(b) => Some(match std::str::from_utf8(b) {

@@ -16,9 +16,10 @@ use tokio::sync::watch;
 use crate::enrich::{enrich, DimChange, Dimension, EnrichedEvent};
 use crate::ops::metrics::Metrics;
 use crate::pipeline::{Batch, Pipeline};
-use crate::source::pgoutput::{Message, Tuple};
+use crate::source::pgoutput::{Message, Value, INLINE_COLUMNS};
 use crate::source::rows::{
-    content_key, decode_content, decode_event, RelKind, RelationError, Relations, UnfitLog, Zone,
+    content_key, decode_content, decode_event, Fields, RelKind, RelationError, Relations, UnfitLog,
+    Zone,
 };
 use crate::source::schema::EventLayout;
 use crate::source::wire::{Event, Session, WireError};
@@ -628,7 +629,13 @@ impl Source {
     }
 
     /// An insert into the events table: decoded, enriched and added to the open batch.
-    fn event(&mut self, new: &Tuple<'_>, pos: &EventLayout, tx: &mut Tx, b: &mut Builder) {
+    fn event(
+        &mut self,
+        new: &(impl Fields + ?Sized),
+        pos: &EventLayout,
+        tx: &mut Tx,
+        b: &mut Builder,
+    ) {
         match decode_event(new, pos, &self.zone) {
             Ok(_) if tx.inserts < tx.handed => {
                 // Read again after a lost connection; the sinks have it.
@@ -673,7 +680,27 @@ impl Source {
     }
 
     /// One pgoutput change inside a transaction.
-    fn apply(&mut self, data: &[u8], tx: Option<&mut Tx>, b: &mut Builder) -> anyhow::Result<()> {
+    fn apply(
+        &mut self,
+        data: &[u8],
+        mut tx: Option<&mut Tx>,
+        b: &mut Builder,
+    ) -> anyhow::Result<()> {
+        // The hot path, an insert into the events table: its tuple read onto the stack.
+        let mut values = [Value::Null; INLINE_COLUMNS];
+        if let Some((relation, n)) = Message::parse_insert(data, &mut values)? {
+            let Some(tx) = tx.as_deref_mut() else {
+                return Ok(());
+            };
+            if tx.replayed {
+                return Ok(());
+            }
+            if let Some(RelKind::Events(pos)) = self.relations.get(relation) {
+                let pos = *pos;
+                self.event(&values[..n], &pos, tx, b);
+                return Ok(());
+            }
+        }
         let msg = Message::parse(data)?;
         if let Message::Relation(rel) = &msg {
             return match self.relations.update(rel) {

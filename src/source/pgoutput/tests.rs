@@ -157,6 +157,66 @@ fn truncated_and_garbage_input_are_errors_not_panics() {
     assert_eq!(e, "tuple of 65535 columns in 1 bytes");
 }
 
+/// What [`Message::parse_insert`] makes of `bytes`, as [`Message::parse`] would say it:
+/// `Ok(None)` where it leaves the message to `parse`.
+fn parse_insert_as_message(bytes: &[u8]) -> Result<Option<Message<'_>>, DecodeError> {
+    let mut values = [Value::Null; INLINE_COLUMNS];
+    Ok(
+        Message::parse_insert(bytes, &mut values)?.map(|(relation, n)| Message::Insert {
+            relation,
+            new: Tuple(values[..n].to_vec()),
+        }),
+    )
+}
+
+#[test]
+fn an_insert_read_onto_the_stack_is_the_insert_parse_reads() {
+    let insert = |n: usize| {
+        encode::message(&Message::Insert {
+            relation: 16385,
+            new: Tuple((0..n).map(|_| Value::Text(b"7")).collect()),
+        })
+    };
+    // Up to INLINE_COLUMNS columns: read, the same message.
+    for n in [0, 1, 7, INLINE_COLUMNS] {
+        let bytes = insert(n);
+        assert_eq!(
+            parse_insert_as_message(&bytes).unwrap(),
+            Some(Message::parse(&bytes).unwrap()),
+            "{n} columns"
+        );
+    }
+    // More: left to `parse`, which reads them.
+    let wide = insert(INLINE_COLUMNS + 1);
+    assert_eq!(parse_insert_as_message(&wide).unwrap(), None);
+    assert!(matches!(Message::parse(&wide), Ok(Message::Insert { .. })));
+    // Other messages: left to `parse`.
+    for m in captured_messages() {
+        if !matches!(m, Message::Insert { .. }) {
+            assert_eq!(parse_insert_as_message(&encode::message(&m)).unwrap(), None);
+        }
+    }
+    // A cut or a trailing byte: the error `parse` gives.
+    let bytes = insert(3);
+    for cut in 1..bytes.len() {
+        assert_eq!(
+            parse_insert_as_message(&bytes[..cut]).unwrap_err(),
+            Message::parse(&bytes[..cut]).unwrap_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut extra = bytes.clone();
+    extra.push(0);
+    assert_eq!(
+        parse_insert_as_message(&extra).unwrap_err(),
+        Message::parse(&extra).unwrap_err()
+    );
+    assert_eq!(
+        parse_insert_as_message(b"I\x00\x00\x40\x01N\xff\xffn").unwrap_err(),
+        Message::parse(b"I\x00\x00\x40\x01N\xff\xffn").unwrap_err()
+    );
+}
+
 fn arb_value() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..40)
 }
@@ -165,6 +225,30 @@ proptest! {
     #[test]
     fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = Message::parse(&bytes);
+    }
+
+    /// Whatever the bytes, reading an insert onto the stack agrees with `parse`: the same
+    /// insert, the same error, or the message left to `parse`.
+    #[test]
+    fn parse_insert_agrees_with_parse(
+        tail in proptest::collection::vec(any::<u8>(), 0..200),
+        insert in any::<bool>(),
+    ) {
+        let mut bytes = tail;
+        if insert && !bytes.is_empty() {
+            bytes[0] = b'I';
+        }
+        match parse_insert_as_message(&bytes) {
+            Ok(Some(m)) => prop_assert_eq!(Message::parse(&bytes).unwrap(), m),
+            Ok(None) => {
+                let narrow_insert = matches!(
+                    Message::parse(&bytes),
+                    Ok(Message::Insert { ref new, .. }) if new.0.len() <= INLINE_COLUMNS
+                );
+                prop_assert!(!narrow_insert, "an insert parse reads was left to it");
+            }
+            Err(e) => prop_assert_eq!(Message::parse(&bytes).unwrap_err(), e),
+        }
     }
 
     #[test]
@@ -189,6 +273,9 @@ proptest! {
             Message::Delete { relation: rel, old: Tuple(values.clone()) },
         ] {
             let bytes = encode::message(&m);
+            if matches!(m, Message::Insert { .. }) {
+                prop_assert_eq!(parse_insert_as_message(&bytes).unwrap(), Some(m.clone()));
+            }
             prop_assert_eq!(Message::parse(&bytes).unwrap(), m);
         }
     }
