@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
 use crate::enrich::{enrich, DimChange, Dimension, EnrichedEvent};
@@ -283,6 +284,16 @@ struct Builder {
     /// busy batch finds no spare vector, rather than grown to it by doubling (each step a
     /// copy of every event so far: 2 % of the engine's samples in a catch-up).
     last_busy: usize,
+    /// Events added since the count was last passed on to `events_streamed` (each batch
+    /// taken, and when the builder goes): one atomic add a batch rather than one an event.
+    streamed: u64,
+    streamed_counter: Option<Counter>,
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        self.pass_on_count();
+    }
 }
 
 impl Builder {
@@ -293,10 +304,26 @@ impl Builder {
             started: None,
             max_rows,
             last_busy: 0,
+            streamed: 0,
+            streamed_counter: None,
         }
     }
 
+    /// The events added are counted in `counter`.
+    fn counting(mut self, counter: Counter) -> Self {
+        self.streamed_counter = Some(counter);
+        self
+    }
+
+    fn pass_on_count(&mut self) {
+        if let Some(counter) = &self.streamed_counter {
+            counter.inc_by(std::mem::take(&mut self.streamed));
+        }
+    }
+
+    /// Add an event read from the stream (counted in `events_streamed`).
     fn push(&mut self, event: EnrichedEvent) {
+        self.streamed += 1;
         let events = &mut self.batch.events;
         if events.len() == events.capacity() && events.len() >= BUSY_EVENTS {
             // A busy stream: a finished batch's vector, if one is spare, else room for
@@ -317,6 +344,7 @@ impl Builder {
     }
 
     fn take(&mut self) -> Batch {
+        self.pass_on_count();
         self.bytes = 0;
         self.started = None;
         let mut batch = std::mem::take(&mut self.batch);
@@ -387,7 +415,8 @@ impl Source {
         let read_latency = self.metrics.commit_to_read.clone();
         // A transaction read more than 50 ms after its commit, logged at its first message.
         let mut late = None;
-        let mut b = Builder::new(self.max_batch_rows);
+        let mut b = Builder::new(self.max_batch_rows)
+            .counting(self.metrics.counters.events_streamed.clone());
         // A keepalive came after the last transaction while the batch still held it: the
         // source has caught up with the server once that batch is sent.
         let mut caught_up_after_batch = false;
@@ -656,7 +685,6 @@ impl Source {
                 let (mut event, notes) = enrich(raw, content, tx.commit_lsn);
                 event.commit_us = tx.commit_us;
                 event.tx_index = tx_index;
-                self.metrics.counters.events_streamed.inc();
                 if notes.unknown_content {
                     self.metrics.counters.events_unknown_content.inc();
                 }
@@ -940,6 +968,23 @@ mod tests {
             handed: 0,
             in_batch,
         }
+    }
+
+    #[test]
+    fn events_are_counted_as_streamed_by_the_batch_and_none_is_lost_when_the_builder_goes() {
+        let counter = Counter::default();
+        let mut b = Builder::new(100).counting(counter.clone());
+        for id in 1..=3 {
+            b.push(event(id));
+        }
+        assert_eq!(counter.get(), 0, "passed on with the batch, not one by one");
+        b.take();
+        assert_eq!(counter.get(), 3);
+        b.push(event(4));
+        b.push(event(5));
+        // A session that ends with a batch open (a lost connection) still counts it.
+        drop(b);
+        assert_eq!(counter.get(), 5);
     }
 
     #[test]
