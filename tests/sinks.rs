@@ -404,8 +404,12 @@ fn a_source_held_by_a_hung_sink_keeps_its_replication_session() {
     });
     let walsender = env.walsender();
     env.redis.hang();
-    // More than the pipeline's budget (8 × 10,000 events) and the sockets' buffers hold.
-    for _ in 0..8 {
+    // More than the engine and the sockets hold: the pipeline's budget (80,000 events), an
+    // open batch and the walsender's send buffer (up to 4 MiB). With eight 25,000-row
+    // transactions the walsender stopped one or two short of the end in runs of this test,
+    // and once, in a full suite's run, at the end (it reads a transaction's WAL before it
+    // sends it, and `sent_lsn` is what it has read). Twelve leave it well short.
+    for _ in 0..12 {
         env.insert_n(25_000);
     }
     let backlog_end = env.sql("SELECT pg_current_wal_lsn()");
