@@ -987,16 +987,19 @@ mod tests {
         m
     }
 
-    fn window_clamp(tcp: &tokio::net::TcpStream) -> libc::c_int {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the stream's own descriptor; `v` and `len` outlive the call.
+    /// A TCP-level option of the stream, read into a zeroed `T` (a plain C value).
+    fn tcp_option<T: Copy>(tcp: &tokio::net::TcpStream, option: libc::c_int) -> T {
+        // SAFETY: `T` is a C integer or struct, for which all zeros is a valid value.
+        let mut v: T = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+        // SAFETY: the stream's own descriptor; `v` and `len` outlive the call, and `len`
+        // is `v`'s size.
         let rc = unsafe {
             libc::getsockopt(
                 std::os::fd::AsRawFd::as_raw_fd(tcp),
                 libc::IPPROTO_TCP,
-                libc::TCP_WINDOW_CLAMP,
-                (&mut v as *mut libc::c_int).cast(),
+                option,
+                (&mut v as *mut T).cast(),
                 &mut len,
             )
         };
@@ -1004,24 +1007,14 @@ mod tests {
         v
     }
 
+    fn window_clamp(tcp: &tokio::net::TcpStream) -> libc::c_int {
+        tcp_option(tcp, libc::TCP_WINDOW_CLAMP)
+    }
+
     /// The window scale the connection receives with (`TCP_INFO`'s `tcpi_rcv_wscale`, the
     /// high four bits of its byte).
     fn receive_window_scale(tcp: &tokio::net::TcpStream) -> u8 {
-        // SAFETY: all zeros is a valid `tcp_info`.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: the stream's own descriptor; `info` and `len` outlive the call.
-        let rc = unsafe {
-            libc::getsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(tcp),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&mut info as *mut libc::tcp_info).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        info.tcpi_snd_rcv_wscale >> 4
+        tcp_option::<libc::tcp_info>(tcp, libc::TCP_INFO).tcpi_snd_rcv_wscale >> 4
     }
 
     #[tokio::test]
