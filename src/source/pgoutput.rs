@@ -3,8 +3,9 @@
 //! Two layers, as in mini-redis's frame parsing: [`Message::parse`] checks lengths while it
 //! reads and borrows every value from the input (no copy of column data), and the source
 //! turns tuples into typed rows with the relation cache. [`Message::parse_insert`] reads an
-//! Insert, the message of every event, onto the caller's stack instead of into a vector. Begin, Commit and logical Messages
-//! are decoded too, though `pgwire-replication` already delivers those decoded.
+//! Insert, the message of every event, onto the caller's stack instead of into a vector.
+//! Begin, Commit and logical Messages are decoded too, though the replication reader
+//! (`wire.rs`) already takes those apart itself.
 
 use thiserror::Error;
 

@@ -715,6 +715,7 @@ impl Source {
         b: &mut Builder,
     ) -> anyhow::Result<()> {
         // The hot path, an insert into the events table: its tuple read onto the stack.
+        // An insert into another table (rare: the content dimension) is read again below.
         let mut values = [Value::Null; INLINE_COLUMNS];
         if let Some((relation, n)) = Message::parse_insert(data, &mut values)? {
             let Some(tx) = tx.as_deref_mut() else {
