@@ -225,7 +225,7 @@ fn clickhouse_cluster_scenario(direct: bool) {
     // stopped were acknowledged by it (one replica per shard, internal_replication) and
     // reach its twin now; nothing acknowledged is lost.
     let nodes = &mut cluster.nodes;
-    nodes[2].start_again();
+    nodes[2].start_again_after_a_crash();
     let deadline = std::time::Instant::now() + T;
     loop {
         // The restarted replica answers before it has attached its tables: until then its

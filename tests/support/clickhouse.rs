@@ -171,6 +171,20 @@ impl ClickHouse {
         )
     }
 
+    /// Start a replica again after `stop` (kill -9) as its operator would after a crash. A
+    /// replica killed between writing a part and registering it in ZooKeeper finds that part
+    /// unexpected when it starts; when such parts hold more than half its rows
+    /// (`replicated_max_ratio_of_wrong_parts`: a replica that had little data) it refuses to
+    /// start until told to restore with `flags/force_restore_data` in its data path, then
+    /// detaches them and fetches what ZooKeeper lists from its twin (docs/sinks.md,
+    /// "ClickHouse cluster"). ClickHouse removes the flag once it has read it.
+    pub fn start_again_after_a_crash(&mut self) {
+        let flags = self._dir.path.join("data/flags");
+        std::fs::create_dir_all(&flags).unwrap();
+        std::fs::write(flags.join("force_restore_data"), "").unwrap();
+        self.start_again();
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
     }
