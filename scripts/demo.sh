@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The demo, from a fresh clone: bring up the local stack, build, set up, start the mock API
-# and the engine, load events for a while, then show what a user looks at.
+# The demo, from a fresh clone: bring up the local stack, build, start the mock API, set up,
+# start the engine, load events for a while, then show what a user looks at.
 #
 #   scripts/demo.sh          run the demo (leaves everything running)
 #   scripts/demo.sh stop     stop the engine and the mock API (then: scripts/stack.sh down)
 #
-# DEMO_RATE (default 1000 events/s) and DEMO_SECONDS (default 15) shape the load.
+# DEMO_RATE (default 1000 events/s) and DEMO_SECONDS (default 15) shape the load;
+# ENGAGEMENT_CDC_BIN runs that binary instead of building target/release/engagement-cdc.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STACK="$ROOT/.stack"
-BIN="$ROOT/target/release/engagement-cdc"
+BIN="${ENGAGEMENT_CDC_BIN:-$ROOT/target/release/engagement-cdc}"
 RATE="${DEMO_RATE:-1000}"
 SECONDS_="${DEMO_SECONDS:-15}"
 PSQL=(psql -h 127.0.0.1 -p 55432 -U postgres -d engagement -Atq)
@@ -54,19 +55,24 @@ fi
 echo "== local stack"
 scripts/stack.sh up
 
-echo "== build (release)"
-cargo build --release --locked --quiet
+if [ -z "${ENGAGEMENT_CDC_BIN:-}" ]; then
+  echo "== build (release)"
+  cargo build --release --locked --quiet
+fi
 
-echo "== setup"
-"$BIN" setup
-
-echo "== mock API and engine"
+# The mock API first: setup checks that every enabled sink answers, the API too.
+echo "== mock API"
 mkdir -p "$STACK"
 if ! pid_alive "$STACK/mock-api.pid"; then
   nohup "$BIN" mock-api --listen 127.0.0.1:58000 >"$STACK/mock-api.log" 2>&1 &
   echo $! >"$STACK/mock-api.pid"
 fi
 wait_until 20 "the mock API" curl -sf http://127.0.0.1:58000/stats
+
+echo "== setup"
+"$BIN" setup
+
+echo "== engine"
 if ! pid_alive "$STACK/engine.pid"; then
   nohup "$BIN" run >"$STACK/engine.log" 2>&1 &
   echo $! >"$STACK/engine.pid"
