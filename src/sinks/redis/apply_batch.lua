@@ -35,13 +35,17 @@
 --   then one YYYYMMDDHHMM per bucket
 --   then, when 14 is not '0', the 10 minutes of the top:content:10m window, the
 --      current one first
---   then per content: content_id, index of its latest event in this call, that event's
---                     event_ts (RFC 3339, 6 fraction digits), its event_id, its JSON,
---                     the number of the call's events of that content, and what this call
---                     does for it: 'c' its count, 'l' its content:last, both, or '-'
---                     (on a Redis Cluster each key is written by the call of its slot;
---                     without 'l' the event's timestamp, id and JSON are empty)
---   then per (bucket, content): bucket index, content index, number of events
+--   then the contents, packed in one argument, per content (big-endian, texts preceded
+--                     by their length in a byte, as struct's 'Bc0' reads them):
+--                     content_id (text), index of its latest event in this call (4 bytes),
+--                     the number of the call's events of that content (8), what this call
+--                     does for it (1 byte: bit 1 its count, bit 2 its content:last; on a
+--                     Redis Cluster each key is written by the call of its slot), that
+--                     event's event_ts (text, RFC 3339, 6 fraction digits) and its event_id
+--                     (text), both empty without content:last
+--   then the (bucket, content) pairs, packed in one argument: bucket index (4 bytes),
+--                     content index (4), number of events (8)
+--   then per content: the JSON of its latest event ('' without content:last)
 --   then the runs of the call's ids (12 bytes each, as in the logs)
 --   then per event: id (8 bytes), content index (4), bucket index (4, 0 = outside
 --                   retention), commit LSN (8), index in transaction (4), big-endian;
@@ -109,13 +113,31 @@ local function apply(A, H, h)
       i = i + 1
     end
   end
-  local cbase = i
-  i = i + 7 * nc
-  local pbase = i
-  i = i + 3 * np
+  local contents_blob, pairs_blob = A[i], A[i + 1]
+  local jbase = i + 2
+  i = jbase + nc
   local runs_blob = A[i]
   local ev_blob = A[i + 1]
   if not H then H, h = A, i + 2 end
+
+  -- Per content: its id, its latest event's index, event_ts and event_id, its number of
+  -- events, what the call does for it (counts[c], lasts[c]); its JSON is A[jbase + c - 1].
+  local cid, clatest, cts, cevid, cnum = {}, {}, {}, {}, {}
+  local counts, lasts = {}, {}
+  local at = 1
+  for c = 1, nc do
+    local does
+    cid[c], clatest[c], cnum[c], does, cts[c], cevid[c], at =
+      struct.unpack('>Bc0i4i8BBc0Bc0', contents_blob, at)
+    counts[c] = does % 2 == 1
+    lasts[c] = does >= 2
+  end
+  -- Per (bucket, content): bucket index, content index, number of events.
+  local pb, pc, pn = {}, {}, {}
+  at = 1
+  for k = 1, np do
+    pb[k], pc[k], pn[k], at = struct.unpack('>i4i4i8', pairs_blob, at)
+  end
 
   -- The hours of the dedup horizon: { HOUR, ids read, bfids read }, read only by the
   -- calls that check ids (not by the common case).
@@ -223,13 +245,6 @@ local function apply(A, H, h)
     return exists and redis.call('GETBIT', key, id - chunk * 1048576) == 1
   end
 
-  -- What the call does per content: its count, its content:last.
-  local counts, lasts = {}, {}
-  for c = 1, nc do
-    local role = A[cbase + 7 * (c - 1) + 6]
-    counts[c] = string.find(role, 'c', 1, true) ~= nil
-    lasts[c] = string.find(role, 'l', 1, true) ~= nil
-  end
   -- Whether the ids must be logged: a count or a bucket applied twice would count twice;
   -- content:last alone keeps the later event by (event_ts, event_id), so applying an event
   -- again changes nothing (a Redis Cluster slot's share that writes nothing else comes in
@@ -243,16 +258,12 @@ local function apply(A, H, h)
     local n = 0
     for c = 1, nc do
       if counts[c] then
-        local base = cbase + 7 * (c - 1)
-        redis.call('INCRBY', p .. 'content:count:' .. A[base], A[base + 5])
-        n = n + tonumber(A[base + 5])
+        redis.call('INCRBY', p .. 'content:count:' .. cid[c], cnum[c])
+        n = n + cnum[c]
       end
     end
     for k = 1, np do
-      local base = pbase + 3 * (k - 1)
-      local b = tonumber(A[base])
-      redis.call('ZINCRBY', p .. 'top:content:bucket:' .. buckets[b], A[base + 2],
-        A[cbase + 7 * (tonumber(A[base + 1]) - 1)])
+      redis.call('ZINCRBY', p .. 'top:content:bucket:' .. buckets[pb[k]], pn[k], cid[pc[k]])
     end
     return n
   end
@@ -260,8 +271,7 @@ local function apply(A, H, h)
   -- content:last, for each content whose latest event of the call is new: set when that
   -- event is later than the stored one by (event_ts, event_id).
   local function set_last(c)
-    local base = cbase + 7 * (c - 1)
-    write_last(p .. 'content:last:' .. A[base], A[base + 2], A[base + 3], A[base + 4])
+    write_last(p .. 'content:last:' .. cid[c], cts[c], cevid[c], A[jbase + c - 1])
   end
 
   local function expire_buckets(used)
@@ -321,10 +331,8 @@ local function apply(A, H, h)
     end
     local used, adds = {}, {}
     for k = 1, np do
-      local base = pbase + 3 * (k - 1)
-      local b = tonumber(A[base])
-      used[b] = true
-      adds[k] = { b, A[cbase + 7 * (tonumber(A[base + 1]) - 1)], A[base + 2] }
+      used[pb[k]] = true
+      adds[k] = { pb[k], cid[pc[k]], pn[k] }
     end
     expire_buckets(used)
     if logs then append(p .. ns .. ':ids:' .. hour, runs_blob) end
@@ -395,13 +403,12 @@ local function apply(A, H, h)
   end
 
   for c = 1, nc do
-    local base = cbase + 7 * (c - 1)
     local n = per_content[c]
     if n then
       if counts[c] then
-        redis.call('INCRBY', p .. 'content:count:' .. A[base], n)
+        redis.call('INCRBY', p .. 'content:count:' .. cid[c], n)
       end
-      if lasts[c] and is_new[tonumber(A[base + 1])] then
+      if lasts[c] and is_new[clatest[c]] then
         set_last(c)
       end
     end
@@ -410,7 +417,7 @@ local function apply(A, H, h)
   for b, t in pairs(per_bucket) do
     local key = p .. 'top:content:bucket:' .. buckets[b]
     for c, n in pairs(t) do
-      local content_id = A[cbase + 7 * (c - 1)]
+      local content_id = cid[c]
       redis.call('ZINCRBY', key, n, content_id)
       adds[#adds + 1] = { b, content_id, n }
     end

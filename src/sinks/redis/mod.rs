@@ -430,7 +430,7 @@ pub fn script_args(
         args.hours(ctx.hours);
         return args.finish();
     }
-    let mut args = Args::with_capacity(30 + buckets.len() + contents.len() * 7 + pairs.len() * 3);
+    let mut args = Args::with_capacity(30 + buckets.len() + contents.len());
     args.text(prefix);
     args.text(ctx.namespace);
     args.text(if streamed { "s" } else { "b" });
@@ -466,32 +466,63 @@ pub fn script_args(
             args.text(&minute_key((now_minute - back) * MINUTE));
         }
     }
-    for ((content_id, latest, n), role) in contents.iter().zip(roles) {
+    // Per content and per (bucket, content), packed in one argument each: thousands of
+    // arguments a call cost the client and Redis more per argument than their bytes
+    // (docs/benchmarks.md, "The Redis call's contents packed"). The JSON of each content's
+    // latest event follows as an argument of its own (empty where the call does not write
+    // its content:last).
+    let mut packed = Vec::with_capacity(contents.len() * 64);
+    for ((content_id, latest, n), role) in contents.iter().zip(&roles) {
         let e = events[*latest];
-        args.int(*content_id);
-        args.int(latest + 1);
+        put_short_text(
+            &mut packed,
+            itoa::Buffer::new().format(*content_id).as_bytes(),
+        );
+        packed.extend_from_slice(&(*latest as i32 + 1).to_be_bytes());
+        packed.extend_from_slice(&(*n as i64).to_be_bytes());
+        let count = u8::from(role.contains('c'));
+        let last = role.contains('l');
+        packed.push(count | u8::from(last) << 1);
         // The latest event only where this call writes its content:last.
+        if last {
+            let mut ts = Vec::with_capacity(32);
+            write_sortable_ts(&mut ts, e.event_ts_us);
+            put_short_text(&mut packed, &ts);
+            put_short_text(
+                &mut packed,
+                itoa::Buffer::new().format(e.event_id).as_bytes(),
+            );
+        } else {
+            packed.extend_from_slice(&[0, 0]);
+        }
+    }
+    args.value(Value::Bytes(packed.into()));
+    let mut packed = Vec::with_capacity(pairs.len() * 16);
+    for (b, c, n) in pairs {
+        packed.extend_from_slice(&(b as i32).to_be_bytes());
+        packed.extend_from_slice(&(c as i32).to_be_bytes());
+        packed.extend_from_slice(&(n as i64).to_be_bytes());
+    }
+    args.value(Value::Bytes(packed.into()));
+    for ((_, latest, _), role) in contents.iter().zip(&roles) {
         if role.contains('l') {
-            args.write(|out| write_sortable_ts(out, e.event_ts_us));
-            args.int(e.event_id);
-            args.write(|out| e.write_json(out));
+            args.write(|out| events[*latest].write_json(out));
         } else {
             args.text("");
-            args.text("");
-            args.text("");
         }
-        args.int(*n);
-        args.text(role);
-    }
-    for (b, c, n) in pairs {
-        args.int(b);
-        args.int(c);
-        args.int(n);
     }
     args.value(Value::Bytes(id_runs(events).into()));
     args.value(Value::Bytes(blob.into()));
     args.hours(ctx.hours);
     args.finish()
+}
+
+/// `text` preceded by its length in one byte, as `struct.unpack`'s `Bc0` reads it (ids and
+/// times: at most 27 bytes).
+fn put_short_text(out: &mut Vec<u8>, text: &[u8]) {
+    debug_assert!(text.len() <= 255);
+    out.push(text.len() as u8);
+    out.extend_from_slice(text);
 }
 
 /// A script call's arguments as they are built: the text of every argument in one buffer,
@@ -1500,6 +1531,30 @@ mod tests {
         }
     }
 
+    /// The packed contents argument, as apply_batch.lua reads it: (content_id, index of the
+    /// latest event, events, what the call does, event_ts, event_id).
+    fn unpack_contents(b: &[u8]) -> Vec<(String, i32, i64, u8, String, String)> {
+        let mut at = 0;
+        let text = |b: &[u8], at: &mut usize| {
+            let n = b[*at] as usize;
+            let t = String::from_utf8(b[*at + 1..*at + 1 + n].to_vec()).unwrap();
+            *at += 1 + n;
+            t
+        };
+        let mut out = Vec::new();
+        while at < b.len() {
+            let id = text(b, &mut at);
+            let latest = i32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+            let n = i64::from_be_bytes(b[at + 4..at + 12].try_into().unwrap());
+            let does = b[at + 12];
+            at += 13;
+            let ts = text(b, &mut at);
+            let event_id = text(b, &mut at);
+            out.push((id, latest, n, does, ts, event_id));
+        }
+        out
+    }
+
     #[test]
     fn arguments_aggregate_per_content_and_minute() {
         let now = 1_767_882_112_000_000; // 14:21:52
@@ -1536,16 +1591,52 @@ mod tests {
         assert_eq!(a[16], "202601081421"); // window starts at the current minute
         assert_eq!(a[25], "202601081412"); // and ends 9 minutes before
 
-        // Content 7: its latest event is event 3 (index 3), 3 events.
-        assert_eq!(&a[26..30], ["7", "3", "2026-01-08T14:21:51.000000Z", "3"]);
-        assert!(a[30].starts_with("{\"event_id\":3,"));
-        assert_eq!(&a[31..33], ["3", "cl"]);
-        assert_eq!(&a[33..36], ["8", "2", "2026-01-08T14:21:52.000000Z"]);
-        assert_eq!(&a[38..40], ["1", "cl"]);
+        // Per content, packed: content 7's latest event is event 3 (index 3), 3 events, its
+        // count and content:last written here; content 8's is event 2, 1 event.
+        let Value::Bytes(contents) = &args[26] else {
+            panic!("contents")
+        };
+        assert_eq!(
+            unpack_contents(contents),
+            [
+                (
+                    "7".into(),
+                    3,
+                    3,
+                    3,
+                    "2026-01-08T14:21:51.000000Z".into(),
+                    "3".into()
+                ),
+                (
+                    "8".into(),
+                    2,
+                    1,
+                    3,
+                    "2026-01-08T14:21:52.000000Z".into(),
+                    "2".into()
+                ),
+            ]
+        );
         // (bucket, content, events): 14:11 × 7, 14:21 × 8, 14:21 × 7.
-        assert_eq!(&a[40..49], ["1", "1", "1", "2", "2", "1", "2", "1", "1"]);
+        let Value::Bytes(pairs) = &args[27] else {
+            panic!("pairs")
+        };
+        let pairs: Vec<(i32, i32, i64)> = pairs
+            .chunks(16)
+            .map(|c| {
+                (
+                    i32::from_be_bytes(c[..4].try_into().unwrap()),
+                    i32::from_be_bytes(c[4..8].try_into().unwrap()),
+                    i64::from_be_bytes(c[8..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(pairs, [(1, 1, 1), (2, 2, 1), (2, 1, 1)]);
+        // Each content's latest event's JSON.
+        assert!(a[28].starts_with("{\"event_id\":3,"));
+        assert!(a[29].starts_with("{\"event_id\":2,"));
         // Runs: 1..=3 and 5.
-        let Value::Bytes(runs) = &args[49] else {
+        let Value::Bytes(runs) = &args[30] else {
             panic!("runs")
         };
         let mut want = Vec::new();
@@ -1554,7 +1645,7 @@ mod tests {
             want.extend_from_slice(&len.to_be_bytes());
         }
         assert_eq!(runs.to_vec(), want);
-        let Value::Bytes(blob) = &args[50] else {
+        let Value::Bytes(blob) = &args[31] else {
             panic!("blob")
         };
         let per_event: Vec<(i64, i32, i32, u32)> = blob
@@ -1572,8 +1663,8 @@ mod tests {
             per_event,
             [(1, 1, 1, 0), (2, 2, 2, 1), (3, 1, 2, 2), (5, 1, 0, 3)]
         );
-        assert_eq!(&a[51..], ["1", "2026010814", "0", "0"]);
-        assert_eq!(args.len(), 55);
+        assert_eq!(&a[32..], ["1", "2026010814", "0", "0"]);
+        assert_eq!(args.len(), 36);
         // Without the per-event part: the same arguments, that one empty.
         let lean_ctx = CallContext {
             per_event: false,
@@ -1582,7 +1673,7 @@ mod tests {
         let lean = script_args("p:", &lean_ctx, &refs, now);
         assert_eq!(lean.len(), args.len());
         for (k, (l, a)) in lean.iter().zip(&args).enumerate() {
-            if k == 50 {
+            if k == 31 {
                 assert_eq!(l, &Value::Bytes(Vec::new().into()));
             } else {
                 assert_eq!(l, a, "argument {k}");
@@ -1594,7 +1685,7 @@ mod tests {
         }
         let refs: Vec<&EnrichedEvent> = events.iter().collect();
         let backfill = script_args("p:", &lean_ctx, &refs, now);
-        let Value::Bytes(blob) = &backfill[50] else {
+        let Value::Bytes(blob) = &backfill[31] else {
             panic!("blob")
         };
         assert_eq!(blob.len(), 4 * 28);
