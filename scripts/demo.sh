@@ -7,6 +7,9 @@
 #
 # DEMO_RATE (default 1000 events/s) and DEMO_SECONDS (default 15) shape the load;
 # ENGAGEMENT_CDC_BIN runs that binary instead of building target/release/engagement-cdc.
+# The ports are engagement-cdc.toml's; STACK_PG_PORT, STACK_REDIS_PORT, STACK_CH_HTTP_PORT,
+# STACK_CH_TCP_PORT (as for scripts/stack.sh), DEMO_API_PORT and DEMO_SERVER_PORT move
+# them, and the engine is told through its ENGAGEMENT_CDC__… variables.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,9 +18,18 @@ STACK="$ROOT/.stack"
 BIN="${ENGAGEMENT_CDC_BIN:-$ROOT/target/release/engagement-cdc}"
 RATE="${DEMO_RATE:-1000}"
 SECONDS_="${DEMO_SECONDS:-15}"
-PSQL=(psql -h 127.0.0.1 -p 55432 -U postgres -d engagement -Atq)
-CH=(clickhouse-client --port 59000 -q)
-REDIS=(redis-cli -p 56379)
+export STACK_PG_PORT="${STACK_PG_PORT:-55432}" STACK_REDIS_PORT="${STACK_REDIS_PORT:-56379}"
+export STACK_CH_HTTP_PORT="${STACK_CH_HTTP_PORT:-58123}" STACK_CH_TCP_PORT="${STACK_CH_TCP_PORT:-59000}"
+API_PORT="${DEMO_API_PORT:-58000}"
+SERVER_PORT="${DEMO_SERVER_PORT:-59187}"
+export ENGAGEMENT_CDC__POSTGRES__URL="postgres://postgres@127.0.0.1:$STACK_PG_PORT/engagement"
+export ENGAGEMENT_CDC__CLICKHOUSE__URL="http://127.0.0.1:$STACK_CH_HTTP_PORT"
+export ENGAGEMENT_CDC__REDIS__URL="redis://127.0.0.1:$STACK_REDIS_PORT"
+export ENGAGEMENT_CDC__HTTP__URL="http://127.0.0.1:$API_PORT/events"
+export ENGAGEMENT_CDC__SERVER__LISTEN="127.0.0.1:$SERVER_PORT"
+PSQL=(psql -h 127.0.0.1 -p "$STACK_PG_PORT" -U postgres -d engagement -Atq)
+CH=(clickhouse-client --port "$STACK_CH_TCP_PORT" -q)
+REDIS=(redis-cli -p "$STACK_REDIS_PORT")
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -64,10 +76,10 @@ fi
 echo "== mock API"
 mkdir -p "$STACK"
 if ! pid_alive "$STACK/mock-api.pid"; then
-  nohup "$BIN" mock-api --listen 127.0.0.1:58000 >"$STACK/mock-api.log" 2>&1 &
+  nohup "$BIN" mock-api --listen "127.0.0.1:$API_PORT" >"$STACK/mock-api.log" 2>&1 &
   echo $! >"$STACK/mock-api.pid"
 fi
-wait_until 20 "the mock API" curl -sf http://127.0.0.1:58000/stats
+wait_until 20 "the mock API" curl -sf "http://127.0.0.1:$API_PORT/stats"
 
 echo "== setup"
 "$BIN" setup
@@ -77,8 +89,8 @@ if ! pid_alive "$STACK/engine.pid"; then
   nohup "$BIN" run >"$STACK/engine.log" 2>&1 &
   echo $! >"$STACK/engine.pid"
 fi
-wait_until 30 "the engine to stream (see .stack/engine.log)" curl -sf http://127.0.0.1:59187/readyz
-echo "mock API on :58000 (log .stack/mock-api.log), engine on :59187 (log .stack/engine.log)"
+wait_until 30 "the engine to stream (see .stack/engine.log)" curl -sf "http://127.0.0.1:$SERVER_PORT/readyz"
+echo "mock API on :$API_PORT (log .stack/mock-api.log), engine on :$SERVER_PORT (log .stack/engine.log)"
 
 redis_total() {
   local sum=0 v
@@ -87,7 +99,7 @@ redis_total() {
   done
   echo "$sum"
 }
-api_unique() { curl -sf http://127.0.0.1:58000/stats | sed -E 's/.*"unique_event_ids":([0-9]+).*/\1/'; }
+api_unique() { curl -sf "http://127.0.0.1:$API_PORT/stats" | sed -E 's/.*"unique_event_ids":([0-9]+).*/\1/'; }
 echo "== load: $RATE events/s for ${SECONDS_}s"
 PG_BEFORE="$("${PSQL[@]}" -c 'SELECT count(*) FROM engagement_events')"
 API_BEFORE="$(api_unique)"
@@ -117,7 +129,7 @@ echo "== the seed's ClickHouse query (first 10 contents)"
 "${CH[@]}" 'SELECT content_id, avg(engagement_pct) FROM engagement.events_enriched GROUP BY content_id ORDER BY content_id LIMIT 10'
 echo
 echo "== the API's /stats"
-curl -s http://127.0.0.1:58000/stats
+curl -s "http://127.0.0.1:$API_PORT/stats"
 echo
 echo
 echo "== engagement-cdc status"

@@ -192,6 +192,32 @@ impl DemoCopy {
     }
 }
 
+impl DemoCopy {
+    /// The ends of the stack's, the mock API's and the engine's logs (for a failure).
+    fn logs(&self) -> String {
+        let stack = self.dir.join(".stack");
+        [
+            "pg/postgres.log",
+            "pg/initdb.log",
+            "redis/redis.log",
+            "clickhouse/log/clickhouse-server.err.log",
+            "mock-api.log",
+            "engine.log",
+        ]
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(stack.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "--- .stack/{name}:\n{}",
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+    }
+}
+
 impl Drop for DemoCopy {
     fn drop(&mut self) {
         let _ = self.run(60, "demo.sh", &["stop"], &[]);
@@ -200,14 +226,32 @@ impl Drop for DemoCopy {
     }
 }
 
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// README's first command, `scripts/demo.sh`, as a newcomer runs it: the stack comes up, the
 /// mock API and the engine start, events are loaded, and every sink holds every one of them
 /// (the demo itself waits for that and fails if it does not come). The binary is the one
-/// under test (`ENGAGEMENT_CDC_BIN`: no release build). The demo has fixed ports: with a
-/// demo of this working tree still running, `stack.sh up` fails here and says which port.
+/// under test (`ENGAGEMENT_CDC_BIN`: no release build); the ports are free ones rather than
+/// the demo's defaults (`STACK_*_PORT`, `DEMO_*_PORT`), which lie in the range the kernel
+/// hands out to outgoing connections and could be held by one when the test runs.
 #[test]
 fn the_readme_demo_runs_and_every_sink_holds_every_event() {
     let demo = DemoCopy::new();
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < 6 {
+        let p = free_port();
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     let (ok, out) = demo.run(
         600,
         "demo.sh",
@@ -215,9 +259,15 @@ fn the_readme_demo_runs_and_every_sink_holds_every_event() {
         &[
             ("ENGAGEMENT_CDC_BIN", env!("CARGO_BIN_EXE_engagement-cdc")),
             ("DEMO_SECONDS", "3"),
+            ("STACK_PG_PORT", &ports[0]),
+            ("STACK_REDIS_PORT", &ports[1]),
+            ("STACK_CH_HTTP_PORT", &ports[2]),
+            ("STACK_CH_TCP_PORT", &ports[3]),
+            ("DEMO_API_PORT", &ports[4]),
+            ("DEMO_SERVER_PORT", &ports[5]),
         ],
     );
-    assert!(ok, "scripts/demo.sh failed:\n{out}");
+    assert!(ok, "scripts/demo.sh failed:\n{out}\n{}", demo.logs());
     // `== events: Postgres N, ClickHouse N, Redis N`, all equal and not zero.
     let line = out
         .lines()
