@@ -526,11 +526,10 @@ fn put_short_text(out: &mut Vec<u8>, text: &[u8]) {
 }
 
 /// A script call's arguments as they are built: the text of every argument in one buffer,
-/// each argument a slice of it, so that a call's thousands of arguments (seven per content
-/// and three per minute bucket and content) are one allocation rather than one or two
-/// each, and numbers are written by `itoa` rather than through `format!` (the arguments
-/// were a tenth of the engine's CPU while catching up over 1,000 content ids:
-/// docs/benchmarks.md, "The Redis call's arguments in one buffer").
+/// each argument a slice of it, so that a call's arguments (one JSON per content besides
+/// the packed ones) are one allocation rather than one or two each, and numbers are written
+/// by `itoa` rather than through `format!` (docs/benchmarks.md, "The Redis call's arguments
+/// in one buffer").
 struct Args {
     text: Vec<u8>,
     parts: Vec<Part>,
