@@ -49,6 +49,8 @@ install_missing() {
   # The dashboard test drives a headless browser.
   command -v chromium >/dev/null || missing+=(chromium)
   [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
+  # The demo and the readiness checks ask over HTTP.
+  command -v curl >/dev/null || missing+=(curl)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
     die "missing ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}"
