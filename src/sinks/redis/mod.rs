@@ -474,10 +474,9 @@ pub fn script_args(
     let mut packed = Vec::with_capacity(contents.len() * 64);
     for ((content_id, latest, n), role) in contents.iter().zip(&roles) {
         let e = events[*latest];
-        put_short_text(
-            &mut packed,
-            itoa::Buffer::new().format(*content_id).as_bytes(),
-        );
+        put_short_text(&mut packed, |out| {
+            out.extend_from_slice(itoa::Buffer::new().format(*content_id).as_bytes())
+        });
         packed.extend_from_slice(&(*latest as i32 + 1).to_be_bytes());
         packed.extend_from_slice(&(*n as i64).to_be_bytes());
         let count = u8::from(role.contains('c'));
@@ -485,13 +484,10 @@ pub fn script_args(
         packed.push(count | u8::from(last) << 1);
         // The latest event only where this call writes its content:last.
         if last {
-            let mut ts = Vec::with_capacity(32);
-            write_sortable_ts(&mut ts, e.event_ts_us);
-            put_short_text(&mut packed, &ts);
-            put_short_text(
-                &mut packed,
-                itoa::Buffer::new().format(e.event_id).as_bytes(),
-            );
+            put_short_text(&mut packed, |out| write_sortable_ts(out, e.event_ts_us));
+            put_short_text(&mut packed, |out| {
+                out.extend_from_slice(itoa::Buffer::new().format(e.event_id).as_bytes())
+            });
         } else {
             packed.extend_from_slice(&[0, 0]);
         }
@@ -517,12 +513,15 @@ pub fn script_args(
     args.finish()
 }
 
-/// `text` preceded by its length in one byte, as `struct.unpack`'s `Bc0` reads it (ids and
-/// times: at most 27 bytes).
-fn put_short_text(out: &mut Vec<u8>, text: &[u8]) {
-    debug_assert!(text.len() <= 255);
-    out.push(text.len() as u8);
-    out.extend_from_slice(text);
+/// The text `write` appends, preceded by its length in one byte, as `struct.unpack`'s `Bc0`
+/// reads it (ids and times: at most 27 bytes, 35 for a year past 9999).
+fn put_short_text(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.push(0);
+    write(out);
+    let len = out.len() - at - 1;
+    debug_assert!(len <= 255);
+    out[at] = len as u8;
 }
 
 /// A script call's arguments as they are built: the text of every argument in one buffer,
