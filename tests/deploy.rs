@@ -2,9 +2,12 @@
 //! compose file names a real configuration key, and the SQL it mounts is the SQL the tests
 //! apply (`migrations/postgres/`). And README's demo runs.
 
+mod support;
+
 use std::path::Path;
 
 use engagement_cdc::config::{Config, Source};
+use support::{free_port, TestDir};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -139,25 +142,20 @@ fn the_image_runs_as_a_user_with_a_state_volume() {
 }
 
 /// A copy of what README's demo uses (its scripts, the migrations, `engagement-cdc.toml`) in
-/// a directory of its own, so that the demo's stack and state stay out of the working tree;
-/// stopped and removed when dropped, whatever happened.
+/// a test directory of its own, so that the demo's stack and state stay out of the working
+/// tree; stopped when dropped, whatever happened (the directory goes with it).
 struct DemoCopy {
-    dir: std::path::PathBuf,
+    dir: TestDir,
 }
 
 impl DemoCopy {
     fn new() -> DemoCopy {
-        let dir = std::env::temp_dir().join(format!("ecdc-demo-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // Postgres runs as its own user and must reach its data under here.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = TestDir::new("demo");
         for item in ["scripts", "migrations", "engagement-cdc.toml"] {
             let status = std::process::Command::new("cp")
                 .arg("-r")
                 .arg(root().join(item))
-                .arg(&dir)
+                .arg(&dir.path)
                 .status()
                 .unwrap();
             assert!(status.success(), "cannot copy {item}");
@@ -177,10 +175,10 @@ impl DemoCopy {
         let out = std::process::Command::new("timeout")
             .arg(limit.to_string())
             .arg("bash")
-            .arg(self.dir.join("scripts").join(script))
+            .arg(self.dir.path.join("scripts").join(script))
             .args(args)
             .envs(envs.iter().copied())
-            .current_dir(&self.dir)
+            .current_dir(&self.dir.path)
             .output()
             .unwrap();
         let text = format!(
@@ -190,12 +188,10 @@ impl DemoCopy {
         );
         (out.status.success(), text)
     }
-}
 
-impl DemoCopy {
     /// The ends of the stack's, the mock API's and the engine's logs (for a failure).
     fn logs(&self) -> String {
-        let stack = self.dir.join(".stack");
+        let stack = self.dir.path.join(".stack");
         [
             "pg/postgres.log",
             "pg/initdb.log",
@@ -222,36 +218,19 @@ impl Drop for DemoCopy {
     fn drop(&mut self) {
         let _ = self.run(60, "demo.sh", &["stop"], &[]);
         let _ = self.run(60, "stack.sh", &["down"], &[]);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A loopback port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// README's first command, `scripts/demo.sh`, as a newcomer runs it: the stack comes up, the
 /// mock API and the engine start, events are loaded, and every sink holds every one of them
 /// (the demo itself waits for that and fails if it does not come). The binary is the one
-/// under test (`ENGAGEMENT_CDC_BIN`: no release build); the ports are free ones rather than
-/// the demo's defaults (`STACK_*_PORT`, `DEMO_*_PORT`), which lie in the range the kernel
-/// hands out to outgoing connections and could be held by one when the test runs.
+/// under test (`ENGAGEMENT_CDC_BIN`: no release build); the ports are the test support's
+/// (`STACK_*_PORT`, `DEMO_*_PORT`), below the range the kernel hands out to outgoing
+/// connections, where the demo's defaults lie and one could be held when the test runs.
 #[test]
 fn the_readme_demo_runs_and_every_sink_holds_every_event() {
     let demo = DemoCopy::new();
-    let mut ports: Vec<u16> = Vec::new();
-    while ports.len() < 6 {
-        let p = free_port();
-        if !ports.contains(&p) {
-            ports.push(p);
-        }
-    }
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let ports: Vec<String> = (0..6).map(|_| free_port().to_string()).collect();
     let (ok, out) = demo.run(
         600,
         "demo.sh",
